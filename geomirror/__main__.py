@@ -1,0 +1,5 @@
+import sys
+
+from geomirror.cli import main
+
+sys.exit(main())

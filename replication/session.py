@@ -1,0 +1,76 @@
+"""What both ends of a replication session share: the hello, the session key, link measurements."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+BLOCK_PAGES = 16  # resync granularity: 64 KiB blocks
+
+
+def new_nonce() -> bytes:
+    return os.urandom(16)
+
+
+def session_key(primary_nonce: bytes, standby_nonce: bytes) -> bytes:
+    """The checkpoint-frame key of one session, from both sides' nonces (exchanged inside TLS)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"geomirror checkpoint frames v1").derive(primary_nonce + standby_nonce)
+
+
+def compat_mismatch(ours: dict, theirs: dict) -> str | None:
+    """One sentence naming every guest-configuration field that differs, with both values."""
+    keys = sorted(set(ours) | set(theirs))
+    diffs = [f"{k}: ours {ours.get(k)!r}, theirs {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
+    return "incompatible guest configuration (" + "; ".join(diffs) + ")" if diffs else None
+
+
+@dataclass
+class LinkStats:
+    """RTT as an EWMA with variance (TCP's estimator), achieved bandwidth, dirty rate."""
+
+    rtt_ms: float | None = None
+    rtt_var_ms: float = 0.0
+    bandwidth_bps: float | None = None  # bytes per second
+    dirty_bytes_per_s: float | None = None
+    samples: int = 0
+    history: list = field(default_factory=list)
+
+    def add_rtt(self, ms: float) -> None:
+        self.samples += 1
+        if self.rtt_ms is None:
+            self.rtt_ms, self.rtt_var_ms = ms, ms / 2
+        else:
+            self.rtt_var_ms = 0.75 * self.rtt_var_ms + 0.25 * abs(self.rtt_ms - ms)
+            self.rtt_ms = 0.875 * self.rtt_ms + 0.125 * ms
+
+    def add_transfer(self, nbytes: int, seconds: float) -> None:
+        """A checkpoint of `nbytes` took `seconds` from send to ack, RTT included."""
+        rtt = (self.rtt_ms or 0) / 1000
+        t = max(seconds - rtt, 1e-4)
+        if nbytes < 16384:  # too small to say anything about bandwidth
+            return
+        bw = nbytes / t
+        self.bandwidth_bps = bw if self.bandwidth_bps is None else 0.8 * self.bandwidth_bps + 0.2 * bw
+
+    def add_dirty(self, nbytes: int, interval_s: float) -> None:
+        if interval_s <= 0:
+            return
+        r = nbytes / interval_s
+        self.dirty_bytes_per_s = r if self.dirty_bytes_per_s is None else 0.8 * self.dirty_bytes_per_s + 0.2 * r
+
+    def detection_timeout_ms(self, min_ms: float, max_ms: float, heartbeat_ms: float) -> float:
+        """How long silence must last before the peer counts as lost."""
+        base = (self.rtt_ms or 0) + 4 * self.rtt_var_ms + 3 * heartbeat_ms
+        return max(min_ms, min(max_ms, base))
+
+    def as_dict(self) -> dict:
+        return {
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "rtt_var_ms": round(self.rtt_var_ms, 3),
+            "bandwidth_mbit": None if self.bandwidth_bps is None else round(self.bandwidth_bps * 8 / 1e6, 1),
+            "dirty_mb_per_s": None if self.dirty_bytes_per_s is None else round(self.dirty_bytes_per_s / 1e6, 2),
+        }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs everything geomirror needs on a Debian bookworm machine, idempotently:
+# system packages with apt (only those missing), then a virtualenv in .venv with
+# the package and its test dependencies (only when pyproject.toml changed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: geomirror's lab and tests need root (network namespaces, TAP devices); run as root" >&2
+  exit 1
+fi
+
+APT_PACKAGES=(qemu-system-x86 qemu-utils bird2 busybox-static memcached gcc libc6-dev iproute2 procps kmod zstd ca-certificates)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing system packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "setup: system packages present"
+fi
+# BIRD's Debian service would hold the default control socket; the lab runs its own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet bird 2>/dev/null; then
+  systemctl stop bird || true
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating virtualenv .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.geomirror-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing geomirror and its Python dependencies into .venv"
+  piplog=$(mktemp)
+  if ! .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' >"$piplog" 2>&1; then
+    cat "$piplog" >&2; rm -f "$piplog"; echo "setup: pip install failed" >&2; exit 1
+  fi
+  rm -f "$piplog"
+  echo "$want" > "$stamp"
+else
+  echo "setup: Python environment up to date"
+fi

@@ -1,0 +1,98 @@
+"""The standby applies a checkpoint whole or not at all, also when killed mid-apply."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from replication.store import Replica, ReplicaError
+from tests import replica_worker as W
+
+POINTS = ["before-journal-sync", "after-journal", "mid-ram", "after-ram", "after-device-state", "after-meta"]
+
+
+def run_worker(d: Path, upto: int, resync_at: int = 0, crash_at: str = "") -> int:
+    env = dict(os.environ, GEOMIRROR_CRASH_AT=crash_at, PYTHONPATH=str(Path(__file__).parent.parent))
+    p = subprocess.run([sys.executable, "-m", "tests.replica_worker", str(d), str(upto), str(resync_at)],
+                       env=env, cwd=Path(__file__).parent.parent, capture_output=True)
+    return p.returncode
+
+
+def open_replica(d: Path):
+    r = Replica(d, W.PAGES * W.PS)
+    rep = r.open()
+    return r, rep
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("resync", [False, True])
+def test_killed_mid_apply_replica_is_whole_at_n_minus_1_or_n(tmp_path, point, resync):
+    assert run_worker(tmp_path, 3) == 0
+    resync_at = 4 if resync else 0
+    rc = run_worker(tmp_path, 4, resync_at=resync_at, crash_at=point)
+    assert rc == -signal.SIGKILL, f"the worker was meant to die at {point}"
+    r, rep = open_replica(tmp_path)
+    try:
+        assert rep.committed_epoch in (3, 4)
+        # Once the journal is synced the epoch must survive; before it, it must not appear.
+        if point == "before-journal-sync":
+            # the record was written (not fsynced): a process crash keeps it, so either is whole
+            pass
+        elif point != "before-journal-sync":
+            assert rep.committed_epoch == 4, f"journalled epoch 4 lost after a crash at {point}"
+        ram, dev = W.expected(rep.committed_epoch, resync_at=resync_at or None)
+        assert np.array_equal(r.ram, ram), f"replica RAM is a mix after a crash at {point} ({rep})"
+        assert r.device_state() == dev
+        assert rep.recovered in ("clean", "replayed epoch 4", "discarded torn epoch 4")
+    finally:
+        r.close()
+
+
+def test_torn_journal_tail_is_discarded(tmp_path):
+    assert run_worker(tmp_path, 2) == 0
+    rc = run_worker(tmp_path, 3, crash_at="before-journal-sync")
+    assert rc == -signal.SIGKILL
+    j = tmp_path / "journal"
+    data = j.read_bytes()
+    assert data, "the journal record was expected on disk"
+    j.write_bytes(data[: len(data) - 100])  # tear the record
+    r, rep = open_replica(tmp_path)
+    try:
+        assert rep.committed_epoch == 2
+        assert rep.recovered == "discarded torn epoch 3"
+        ram, dev = W.expected(2)
+        assert np.array_equal(r.ram, ram) and r.device_state() == dev
+    finally:
+        r.close()
+    # and the replica carries on from there
+    assert run_worker(tmp_path, 4) == 0
+    r, rep = open_replica(tmp_path)
+    try:
+        assert rep.committed_epoch == 4 and np.array_equal(r.ram, W.expected(4)[0])
+    finally:
+        r.close()
+
+
+def test_stale_epoch_rejected(tmp_path):
+    assert run_worker(tmp_path, 2) == 0
+    r, _ = open_replica(tmp_path)
+    try:
+        pages, data, dev = W.epoch_content(2)
+        with pytest.raises(ReplicaError, match="replayed or stale"):
+            r.commit(2, pages, data, dev)
+        assert r.committed_epoch == 2
+    finally:
+        r.close()
+
+
+def test_state_files_are_private(tmp_path):
+    assert run_worker(tmp_path, 1) == 0
+    assert (tmp_path.stat().st_mode & 0o777) == 0o700
+    for f in ("ram.img", "device.state", "replica.json", "journal"):
+        assert ((tmp_path / f).stat().st_mode & 0o777) == 0o600, f
