@@ -1,0 +1,605 @@
+"""Guest image builder: Debian's cloud kernel plus a busybox/memcached initramfs, cached by content.
+
+The image is `<cache_dir>/<key[:16]>/{vmlinuz,initrd.img,manifest.json}`; the key is a
+sha256 over every input, so a changed input makes a new image and an unchanged one
+is reused. A build happens in a `.build-*` directory beside it and is renamed into
+place whole. The kernel package is fetched with `apt-get download` and unpacked with
+`dpkg -x`; it is never installed on the host.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import ipaddress
+import json
+import lzma
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
+
+import structlog
+
+from geomirror.errors import ImageError
+
+log = structlog.get_logger(__name__)
+
+FORMAT_VERSION = 1
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+# virtio-net and what it needs, in load order (each is a module in Debian's cloud kernel).
+VIRTIO_NET_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+)
+BUSYBOX = Path("/bin/busybox")
+MEMCACHED = Path("/usr/bin/memcached")
+DIRTY_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "dirty.c"
+DEFAULT_CACHE_DIR = Path("/var/cache/geomirror/guest")
+READY_MARKER = "GEOMIRROR-GUEST-READY"
+BUSYBOX_APPLETS = (
+    "sh", "mount", "insmod", "lsmod", "cat", "grep", "ip", "sysctl", "sleep", "mkdir",
+    "ls", "ps", "dmesg", "kill", "free", "uname", "top", "nc",
+)  # fmt: skip
+STEPS = (
+    "resolve kernel",
+    "download",
+    "unpack",
+    "collect modules",
+    "compile gm-dirty",
+    "collect memcached libs",
+    "write initramfs",
+)
+
+INIT_SCRIPT = r"""#!/bin/sh
+# geomirror guest init (PID 1): virtio-net from modules, address from the kernel
+# command line (gm.ip=ADDR/LEN gm.gw=ADDR [gm.dirty=MB:PAGES_PER_S]), memcached on
+# TCP 11211, then the READY line on the console. It never exits.
+export PATH=/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+for m in $(cat /etc/gm-modules); do
+    insmod "/lib/modules/$m.ko" || echo "gm-init: insmod $m failed"
+done
+addr=; gw=; dirty=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        gm.ip=*) addr="${arg#gm.ip=}" ;;
+        gm.gw=*) gw="${arg#gm.gw=}" ;;
+        gm.dirty=*) dirty="${arg#gm.dirty=}" ;;
+    esac
+done
+n=0
+while [ ! -e /sys/class/net/eth0 ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+ip link set lo up
+if [ -z "$addr" ]; then
+    echo "GEOMIRROR-GUEST-ERROR no gm.ip= on the kernel command line"
+elif [ ! -e /sys/class/net/eth0 ]; then
+    echo "GEOMIRROR-GUEST-ERROR no eth0 (virtio-net) appeared"
+else
+    sysctl -q -w net.ipv6.conf.eth0.disable_ipv6=1 >/dev/null 2>&1
+    ip addr add "$addr" dev eth0
+    ip link set eth0 up
+    [ -n "$gw" ] && ip route add default via "$gw" dev eth0
+    memcached -u root -l 0.0.0.0 -p 11211 -U 0 -m 64 -t 1 &
+    mc=$!
+    while ! grep -q ':2BCB 00000000:0000 0A' /proc/net/tcp; do
+        if ! kill -0 "$mc" 2>/dev/null; then echo "GEOMIRROR-GUEST-ERROR memcached exited"; break; fi
+        sleep 0.1
+    done
+    if kill -0 "$mc" 2>/dev/null; then
+        echo "GEOMIRROR-GUEST-READY ip=${addr%/*}"
+        [ -n "$dirty" ] && gm-dirty "${dirty%%:*}" "${dirty#*:}" &
+    fi
+fi
+while :; do sleep 3600; done
+"""
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    key: str
+    kernel_version: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """Everything an image is made from; `image_key` hashes it."""
+
+    kernel_package: str
+    kernel_package_version: str
+    busybox: Path
+    memcached: Path
+    memcached_libs: tuple[Path, ...]
+    init_script: str
+    dirty_source: str
+    modules: tuple[str, ...] = VIRTIO_NET_MODULES
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class KernelTree:
+    vmlinuz: Path
+    release: str
+    modules_dir: Path
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One newc member: `mode` holds the file type bits; a symlink's `data` is its target."""
+
+    path: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def dir(cls, path: str, perm: int = 0o755) -> CpioEntry:
+        return cls(path, stat.S_IFDIR | perm)
+
+    @classmethod
+    def file(cls, path: str, data: bytes, perm: int = 0o644) -> CpioEntry:
+        return cls(path, stat.S_IFREG | perm, data)
+
+    @classmethod
+    def symlink(cls, path: str, target: str) -> CpioEntry:
+        return cls(path, stat.S_IFLNK | 0o777, target.encode())
+
+    @classmethod
+    def chardev(cls, path: str, major: int, minor: int, perm: int = 0o600) -> CpioEntry:
+        return cls(path, stat.S_IFCHR | perm, b"", (major, minor))
+
+
+Downloader = Callable[[str, str, Path], Path]  # (package, version, debs_dir) -> .deb
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def write_newc(entries: Iterable[CpioEntry], out: BinaryIO) -> None:
+    """Write `entries` as a newc ("070701") cpio archive, with mtime 0 and owner root."""
+    seen: set[str] = set()
+    ino = 0
+
+    def member(name: str, mode: int, data: bytes, nlink: int, rdev: tuple[int, int], ino: int) -> None:
+        raw = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(raw), 0)
+        head = b"070701" + b"".join(b"%08X" % f for f in fields) + raw
+        out.write(head + b"\0" * (-len(head) % 4))
+        out.write(data + b"\0" * (-len(data) % 4))
+
+    for e in entries:
+        name = e.path.strip("/")
+        if not name or ".." in name.split("/"):
+            raise ImageError(f"initramfs member path {e.path!r} is not a plain relative path")
+        if name in seen:
+            raise ImageError(f"initramfs member {name!r} is listed twice")
+        if (stat.S_ISDIR(e.mode) or stat.S_ISCHR(e.mode)) and e.data:
+            raise ImageError(f"initramfs member {name!r} is a directory or device but has data")
+        seen.add(name)
+        ino += 1
+        member(name, e.mode, e.data, 2 if stat.S_ISDIR(e.mode) else 1, e.rdev, ino)
+    member("TRAILER!!!", 0, b"", 1, (0, 0), 0)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_digests(inputs: ImageInputs) -> dict:
+    """What the key covers: names and versions as text, files by the sha256 of their bytes."""
+    try:
+        return {
+            "format_version": inputs.format_version,
+            "kernel_package": inputs.kernel_package,
+            "kernel_package_version": inputs.kernel_package_version,
+            "busybox_sha256": _sha256_file(inputs.busybox),
+            "memcached_sha256": _sha256_file(inputs.memcached),
+            "memcached_libs": {str(p): _sha256_file(p) for p in inputs.memcached_libs},
+            "init_sha256": hashlib.sha256(inputs.init_script.encode()).hexdigest(),
+            "dirty_sha256": hashlib.sha256(inputs.dirty_source.encode()).hexdigest(),
+            "modules": list(inputs.modules),
+        }
+    except OSError as e:
+        raise ImageError(f"cannot read image input {e.filename}: {e.strerror}") from e
+
+
+def image_key(inputs: ImageInputs) -> str:
+    """sha256 over the inputs (file inputs by content); same inputs, same key."""
+    canon = json.dumps(input_digests(inputs), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def default_cmdline(ip: str, prefixlen: int, gateway: str, dirty: str | None = None) -> str:
+    """The guest's kernel command line (see the guest contract in docs/architecture.md)."""
+    try:
+        addr = ipaddress.IPv4Interface(f"{ip}/{prefixlen}")
+        gw = ipaddress.IPv4Address(gateway)
+    except ValueError as e:
+        raise ImageError(f"guest address {ip}/{prefixlen} or gateway {gateway} is not valid IPv4: {e}") from e
+    if gw not in addr.network:
+        raise ImageError(f"guest gateway {gw} is not inside the guest network {addr.network}")
+    parts = ["console=ttyS0", "panic=-1", "quiet", f"gm.ip={addr}", f"gm.gw={gw}"]
+    if dirty is not None:
+        m = re.fullmatch(r"(\d+):(\d+)", dirty)
+        if not m or int(m.group(1)) == 0:
+            raise ImageError(f"gm.dirty {dirty!r} is not MB:PAGES_PER_S with MB > 0")
+        parts.append(f"gm.dirty={dirty}")
+    return " ".join(parts)
+
+
+def parse_ldd(text: str) -> list[Path]:
+    """Library paths from `ldd` output, the dynamic loader included; vdso skipped."""
+    libs: list[Path] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if "=>" in line:
+            name, _, rest = line.partition("=>")
+            rest = rest.strip()
+            if rest.startswith("not found"):
+                raise ImageError(f"memcached needs {name.strip()}, which ldd cannot find on this host")
+            target = rest.split(" (")[0].strip()
+            if target.startswith("/"):
+                libs.append(Path(target))
+        elif line.startswith("/"):
+            libs.append(Path(line.split(" (")[0]))
+    return libs
+
+
+# ---------------------------------------------------------------- progress
+
+
+class _Progress:
+    def __init__(self, bar: bool):
+        self.bar = bar
+        self.n = 0
+
+    def step(self, name: str) -> None:
+        self.n += 1
+        log.info("image.step", step=name, n=self.n, of=len(STEPS))
+        if self.bar:
+            done = int(20 * self.n / len(STEPS))
+            sys.stderr.write(f"[{'#' * done}{'.' * (20 - done)}] {self.n}/{len(STEPS)} {name}\n")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- I/O edges
+
+
+def _run(argv: list[str], *, cwd: Path | None = None, what: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise ImageError(f"cannot {what}: the program {argv[0]} is not installed") from e
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def resolve_kernel_package(meta: str = KERNEL_METAPACKAGE) -> tuple[str, str]:
+    """The concrete linux-image package `meta` depends on, and apt's candidate version."""
+    for attempt in (0, 1):
+        deps = _run(["apt-cache", "depends", meta], what=f"ask apt about {meta}")
+        pkg = next(iter(re.findall(r"^\s*Depends:\s*(linux-image-\S+)", deps.stdout, re.M)), None)
+        if pkg:
+            show = _run(["apt-cache", "show", "--no-all-versions", pkg], what=f"ask apt about {pkg}")
+            ver = re.search(r"^Version:\s*(\S+)", show.stdout, re.M)
+            if ver:
+                return pkg, ver.group(1)
+        if attempt == 0:
+            log.info("image.apt_update", reason=f"apt-cache does not know {meta}")
+            upd = _run(["apt-get", "update", "-qq"], what="update apt's package lists")
+            if upd.returncode != 0:
+                raise ImageError(f"apt-get update failed: {_last_line(upd.stderr)}")
+    raise ImageError(f"apt cannot find the kernel package {meta} or the linux-image package it depends on")
+
+
+def shared_libraries(binary: Path) -> tuple[Path, ...]:
+    """Shared libraries `binary` loads (via ldd); empty for a static binary."""
+    res = _run(["ldd", str(binary)], what=f"list the libraries of {binary}")
+    if res.returncode != 0:
+        if "not a dynamic executable" in res.stdout + res.stderr:
+            return ()
+        raise ImageError(f"ldd {binary} failed: {_last_line(res.stderr or res.stdout)}")
+    return tuple(parse_ldd(res.stdout))
+
+
+def _deb_glob(package: str, version: str) -> str:
+    return f"{package}_{version.replace(':', '%3a')}_*.deb"
+
+
+def apt_download(package: str, version: str, debs_dir: Path) -> Path:
+    """The .deb of package=version, from debs_dir if already there, else `apt-get download`."""
+    debs_dir.mkdir(parents=True, exist_ok=True)
+    cached = sorted(debs_dir.glob(_deb_glob(package, version)))
+    if cached:
+        log.info("image.deb_cached", deb=str(cached[0]))
+        return cached[0]
+    part = Path(tempfile.mkdtemp(prefix=".download-", dir=debs_dir))
+    try:
+        res = _run(["apt-get", "download", f"{package}={version}"], cwd=part, what=f"download {package}")
+        got = sorted(part.glob(_deb_glob(package, version)))
+        if res.returncode != 0 or len(got) != 1:
+            raise ImageError(f"apt-get download {package}={version} failed: {_last_line(res.stderr)}")
+        dest = debs_dir / got[0].name
+        os.replace(got[0], dest)
+        log.info("image.deb_downloaded", deb=str(dest), size=dest.stat().st_size)
+        return dest
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def unpack_kernel(deb: Path, dest: Path) -> KernelTree:
+    """`dpkg -x` the kernel package into dest (never installed) and find vmlinuz and the modules."""
+    res = _run(["dpkg", "-x", str(deb), str(dest)], what=f"unpack {deb.name}")
+    if res.returncode != 0:
+        deb.unlink(missing_ok=True)  # likely a torn download: fetch it again next time
+        raise ImageError(f"dpkg -x {deb.name} failed (the cached .deb was removed): {_last_line(res.stderr)}")
+    kernels = sorted((dest / "boot").glob("vmlinuz-*"))
+    releases = sorted(p for p in (dest / "lib" / "modules").glob("*") if p.is_dir())
+    if len(kernels) != 1 or len(releases) != 1:
+        raise ImageError(f"{deb.name} does not hold exactly one boot/vmlinuz-* and one lib/modules/<release>")
+    return KernelTree(vmlinuz=kernels[0], release=releases[0].name, modules_dir=releases[0])
+
+
+def collect_modules(tree: KernelTree, names: Iterable[str]) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """Module bytes (decompressed) in load order, and the names skipped because they are built in."""
+    found: dict[str, Path] = {}
+    for p in tree.modules_dir.rglob("*.ko*"):
+        stem = p.name.split(".ko")[0].replace("-", "_")
+        found.setdefault(stem, p)
+    builtin_file = tree.modules_dir / "modules.builtin"
+    builtin = set()
+    if builtin_file.exists():
+        for line in builtin_file.read_text().splitlines():
+            builtin.add(Path(line.strip()).name.split(".ko")[0].replace("-", "_"))
+    modules: list[tuple[str, bytes]] = []
+    skipped: list[str] = []
+    for name in names:
+        path = found.get(name)
+        if path is None:
+            if name in builtin:
+                log.info("image.module_builtin", module=name, note="built into the kernel; not loaded")
+                skipped.append(name)
+                continue
+            raise ImageError(f"kernel {tree.release} has no module {name} and does not build it in")
+        data = path.read_bytes()
+        if path.name.endswith(".ko.xz"):
+            data = lzma.decompress(data)
+        elif path.name.endswith(".ko.zst"):
+            import zstandard
+
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        elif path.name.endswith(".ko.gz"):
+            data = gzip.decompress(data)
+        elif not path.name.endswith(".ko"):
+            raise ImageError(f"module file {path.name} has a compression this builder cannot read")
+        modules.append((name, data))
+    return modules, skipped
+
+
+def compile_dirty(source: str, work: Path) -> bytes:
+    """Compile gm-dirty statically; ImageError naming the apt packages if the toolchain is missing."""
+    src, out = work / "dirty.c", work / "gm-dirty"
+    src.write_text(source)
+    need = "install the apt packages gcc libc6-dev"
+    if shutil.which("gcc") is None:
+        raise ImageError(f"cannot compile gm-dirty: gcc is not installed; {need}")
+    res = _run(["gcc", "-static", "-O2", "-s", "-o", str(out), str(src)], what="compile gm-dirty")
+    if res.returncode != 0:
+        err = res.stderr
+        if "cannot find -lc" in err or "No such file or directory" in err or "crt1.o" in err:
+            raise ImageError(f"cannot compile gm-dirty: a static C library is missing; {need}")
+        raise ImageError(f"gcc failed to compile gm-dirty: {_last_line(err)}")
+    return out.read_bytes()
+
+
+def initramfs_entries(
+    inputs: ImageInputs, modules: list[tuple[str, bytes]], dirty_binary: bytes
+) -> list[CpioEntry]:
+    """The initramfs members, every directory before what it holds."""
+    files: list[CpioEntry] = [
+        CpioEntry.file("init", inputs.init_script.encode(), 0o755),
+        CpioEntry.file("bin/busybox", inputs.busybox.read_bytes(), 0o755),
+        *(CpioEntry.symlink(f"bin/{a}", "busybox") for a in BUSYBOX_APPLETS),
+        CpioEntry.file("usr/bin/memcached", inputs.memcached.read_bytes(), 0o755),
+        CpioEntry.file("usr/bin/gm-dirty", dirty_binary, 0o755),
+        *(CpioEntry.file(str(p), p.read_bytes(), 0o755) for p in inputs.memcached_libs),
+        *(CpioEntry.file(f"lib/modules/{n}.ko", d) for n, d in modules),
+        CpioEntry.file("etc/gm-modules", "".join(f"{n}\n" for n, _ in modules).encode()),
+        CpioEntry.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+        CpioEntry.file("etc/group", b"root:x:0:\n"),
+        CpioEntry.chardev("dev/console", 5, 1),
+        CpioEntry.chardev("dev/null", 1, 3, 0o666),
+    ]
+    dirs = {"dev", "proc", "sys", "tmp", "root", "run"}
+    for e in files:
+        parts = e.path.strip("/").split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    return [CpioEntry.dir(d) for d in sorted(dirs)] + files
+
+
+# ---------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GEOMIRROR_CACHE_DIR") or DEFAULT_CACHE_DIR)
+
+
+def load_cached(path: Path, key: str) -> GuestImage | None:
+    """The image at `path` if its manifest names `key` and its files have the recorded sizes."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("key") != key:
+            return None
+        for name, meta in manifest["files"].items():
+            if (path / name).stat().st_size != meta["size"]:
+                return None
+        return GuestImage(
+            kernel=path / "vmlinuz",
+            initrd=path / "initrd.img",
+            key=key,
+            kernel_version=manifest["kernel"]["release"],
+            path=path,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _sweep_stale_builds(cache_dir: Path) -> None:
+    """Remove `.build-*` dirs left by builders that died (their pid is gone)."""
+    for d in cache_dir.glob(".build-*"):
+        m = re.match(r"\.build-[0-9a-f]+-(\d+)-", d.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            log.info("image.stale_build_removed", path=str(d))
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_from_inputs(
+    inputs: ImageInputs,
+    cache_dir: Path,
+    *,
+    download: Downloader = apt_download,
+    force: bool = False,
+    progress: _Progress | None = None,
+) -> GuestImage:
+    """Return the cached image for `inputs`, or build it and move it into place whole."""
+    prog = progress or _Progress(False)
+    key = image_key(inputs)
+    final = cache_dir / key[:16]
+    if not force:
+        hit = load_cached(final, key)
+        if hit:
+            log.info("image.cached", key=key[:16], path=str(final))
+            return hit
+    started = time.monotonic()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_builds(cache_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-{os.getpid()}-", dir=cache_dir))
+    try:
+        out, work = tmp / "image", tmp / "work"
+        out.mkdir()
+        work.mkdir()
+        prog.step("download")
+        deb = download(inputs.kernel_package, inputs.kernel_package_version, cache_dir / "debs")
+        prog.step("unpack")
+        tree = unpack_kernel(deb, work / "kernel")
+        prog.step("collect modules")
+        modules, builtin = collect_modules(tree, inputs.modules)
+        prog.step("compile gm-dirty")
+        dirty = compile_dirty(inputs.dirty_source, work)
+        prog.step("collect memcached libs")
+        log.info("image.memcached_libs", libs=[str(p) for p in inputs.memcached_libs])
+        prog.step("write initramfs")
+        with open(out / "initrd.img", "wb") as raw:
+            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
+                write_newc(initramfs_entries(inputs, modules, dirty), gz)
+            raw.flush()
+            os.fsync(raw.fileno())
+        shutil.copyfile(tree.vmlinuz, out / "vmlinuz")
+        files = {n: {"size": (out / n).stat().st_size, "sha256": _sha256_file(out / n)} for n in ("vmlinuz", "initrd.img")}
+        manifest = {
+            "key": key,
+            "build_id": uuid.uuid4().hex,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "inputs": input_digests(inputs),
+            "kernel": {
+                "package": inputs.kernel_package,
+                "version": inputs.kernel_package_version,
+                "release": tree.release,
+            },
+            "modules": [n for n, _ in modules],
+            "modules_builtin": builtin,
+            "files": files,
+        }
+        _write_file(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        if final.exists():
+            os.replace(final, tmp / "replaced")
+        try:
+            os.rename(out, final)
+        except OSError:
+            hit = load_cached(final, key)  # another builder won the race with the same inputs
+            if hit:
+                return hit
+            raise
+        dfd = os.open(cache_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        log.info(
+            "image.built",
+            key=key[:16],
+            path=str(final),
+            kernel=tree.release,
+            vmlinuz_bytes=files["vmlinuz"]["size"],
+            initrd_bytes=files["initrd.img"]["size"],
+            seconds=round(time.monotonic() - started, 2),
+        )
+        return GuestImage(final / "vmlinuz", final / "initrd.img", key, tree.release, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_image(cache_dir: Path | None = None, *, force: bool = False, progress: bool | None = None) -> GuestImage:
+    """Build (or reuse) the guest image from Debian's cloud kernel and this host's busybox/memcached."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    prog = _Progress(sys.stderr.isatty() if progress is None else progress)
+    prog.step("resolve kernel")
+    package, version = resolve_kernel_package()
+    for p, apt in ((BUSYBOX, "busybox-static"), (MEMCACHED, "memcached")):
+        if not p.is_file():
+            raise ImageError(f"{p} is missing; install the apt package {apt}")
+    if not DIRTY_SOURCE.is_file():
+        raise ImageError(f"the gm-dirty source {DIRTY_SOURCE} is missing from the geomirror tree")
+    inputs = ImageInputs(
+        kernel_package=package,
+        kernel_package_version=version,
+        busybox=BUSYBOX,
+        memcached=MEMCACHED,
+        memcached_libs=shared_libraries(MEMCACHED),
+        init_script=INIT_SCRIPT,
+        dirty_source=DIRTY_SOURCE.read_text(),
+    )
+    return build_from_inputs(inputs, cache_dir, force=force, progress=prog)
