@@ -8,6 +8,7 @@ socketpair handed to QEMU with ``getfd``: no temp files, no shell.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import signal
@@ -210,6 +211,15 @@ class Guest:
                 info = await self.qmp.execute("query-migrate")
                 raise GuestError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
 
+    def _send_fd(self, fd: int) -> None:
+        """SCM_RIGHTS over the QMP socket (works under asyncio and uvloop alike)."""
+        sock = self.qmp._writer.transport.get_extra_info("socket")
+        dup = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(sock.fileno()))
+        try:  # closing the duplicate leaves QMP's own socket open
+            dup.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        finally:
+            dup.close()
+
     def _drain_events(self) -> None:
         while not self._events.empty():
             self._events.get_nowait()
@@ -225,7 +235,7 @@ class Guest:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._drain_events()
-            self.qmp.send_fd_scm(theirs.fileno())
+            self._send_fd(theirs.fileno())
             await self.qmp.execute("getfd", {"fdname": "gmstate"})
             theirs.close()
             await self.qmp.execute("migrate", {"uri": "fd:gmstate"})
@@ -249,7 +259,7 @@ class Guest:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._drain_events()
-            self.qmp.send_fd_scm(theirs.fileno())
+            self._send_fd(theirs.fileno())
             await self.qmp.execute("getfd", {"fdname": "gmstate"})
             theirs.close()
             await self.qmp.execute("migrate-incoming", {"uri": "fd:gmstate"})

@@ -94,6 +94,7 @@ class Replica:
         self.committed_epoch = 0
         self.valid = False
         self.compat: dict = {}
+        self.run_id: str = ""
         self._staged: dict[int, np.ndarray] = {}  # page number -> row in _staged_rows
         self._staged_list: list[tuple[np.ndarray, np.ndarray]] = []
         self._journal_fd: int | None = None
@@ -125,6 +126,7 @@ class Replica:
         self.committed_epoch = meta.get("committed_epoch", 0)
         self.valid = meta.get("valid", False)
         self.compat = meta.get("compat", {})
+        self.run_id = meta.get("run_id", "")
         recovered = self._recover()
         self._journal_fd = os.open(self.dir / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         log.info("replica.open", dir=str(self.dir), committed_epoch=self.committed_epoch,
@@ -152,15 +154,20 @@ class Replica:
 
     def _write_meta(self) -> None:
         _atomic_write(self.dir / "replica.json", json.dumps(
-            {"committed_epoch": self.committed_epoch, "valid": self.valid, "compat": self.compat}).encode(),
+            {"committed_epoch": self.committed_epoch, "valid": self.valid, "compat": self.compat,
+             "run_id": self.run_id}).encode(),
             self.fsync)
 
-    def set_compat(self, compat: dict) -> None:
-        """A different guest configuration invalidates the replica (it is not that guest)."""
-        if compat != self.compat:
-            if self.compat:
-                log.warning("replica.compat_changed", old=self.compat, new=compat)
+    def bind(self, compat: dict, run_id: str) -> None:
+        """The replica is of one guest run. Another run (a freshly booted guest) or another
+        guest configuration invalidates it: it is not that guest."""
+        if compat != self.compat or run_id != self.run_id:
+            if self.valid:
+                log.warning("replica.discarded", reason="the primary runs another guest",
+                            old_run=self.run_id, new_run=run_id, committed_epoch=self.committed_epoch,
+                            compat_changed=compat != self.compat)
             self.compat = compat
+            self.run_id = run_id
             self.valid = False
             self.committed_epoch = 0
             self._write_meta()

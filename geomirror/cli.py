@@ -1,0 +1,199 @@
+"""The `geomirror` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from geomirror import logging as gmlog
+from geomirror.errors import GeomirrorError
+
+
+def _loop_run(coro):
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_daemon(args) -> int:
+    from geomirror.config import load_site
+    from geomirror.daemon import SiteDaemon
+
+    cfg = load_site(args.config)
+    _loop_run(SiteDaemon(cfg).run())
+    return 0
+
+
+def cmd_witness(args) -> int:
+    from geomirror.config import load_witness
+    from geomirror import witness, pairing
+
+    cfg = load_witness(args.config)
+    ctx = pairing.server_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+    allowed = set(cfg.witness.sites) if getattr(cfg.witness, "sites", None) else None
+    _loop_run(witness.serve_witness(Path(cfg.witness.state_dir), str(cfg.witness.listen), cfg.witness.port,
+                                    ctx, allowed))
+    return 0
+
+
+def cmd_guest_build(args) -> int:
+    from geomirror.image import build_image
+
+    img = build_image(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    print(f"kernel  {img.kernel}\ninitrd  {img.initrd}\nversion {img.kernel_version}\nkey     {img.key}")
+    return 0
+
+
+def cmd_pair_init(args) -> int:
+    from geomirror import pairing
+
+    files = pairing.create_pair(Path(args.out), args.site, args.witness or ["witness"], force=args.force)
+    print(pairing.copy_instructions(files))
+    return 0
+
+
+def cmd_pair_issue(args) -> int:
+    from geomirror import pairing
+
+    out = pairing.issue_cert(Path(args.ca_dir), args.name, Path(args.out or args.ca_dir))
+    print(f"issued a new certificate for {args.name}: {out}")
+    return 0
+
+
+def _site_client(args):
+    from geomirror.control import ControlClient
+
+    if getattr(args, "config", None):
+        from geomirror.config import load_site
+
+        cfg = load_site(args.config)
+        state_dir, run_dir = Path(cfg.site.state_dir), Path(cfg.site.run_dir)
+        tok = Path(cfg.control.token_file)
+        tok = tok if tok.is_absolute() else state_dir / tok
+    else:
+        from geomirror import lab
+
+        d = lab.LAB_DIR / args.site
+        state_dir = run_dir = d
+        tok = d / "control.token"
+    try:
+        token = tok.read_text().strip()
+    except FileNotFoundError:
+        raise GeomirrorError(f"no control token at {tok}: is the site's daemon running?") from None
+    return ControlClient(token, run_dir / "control.sock")
+
+
+def cmd_promote(args) -> int:
+    r = _loop_run(_site_client(args).call("POST", "/v1/promote", {"force": args.force}, timeout=120))
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+def cmd_fence(args) -> int:
+    r = _loop_run(_site_client(args).call("POST", "/v1/fence", {"reason": "operator"}))
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+def cmd_status(args) -> int:
+    r = _loop_run(_site_client(args).call("GET", "/v1/status"))
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+def cmd_lab(args) -> int:
+    from geomirror import labctl
+
+    return labctl.main(args)
+
+
+def cmd_demo(args) -> int:
+    from geomirror import labctl
+
+    return labctl.demo(args)
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geomirror", description=__doc__)
+    p.add_argument("--netns", help="run inside this network namespace (the lab uses this)")
+    p.add_argument("--log-level", default=None)
+    p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("daemon", help="run a site's service")
+    d.add_argument("--config", required=True)
+    d.set_defaults(func=cmd_daemon)
+
+    w = sub.add_parser("witness", help="run the witness (lease service)")
+    w.add_argument("--config", required=True)
+    w.set_defaults(func=cmd_witness)
+
+    g = sub.add_parser("guest", help="the guest image").add_subparsers(dest="guest_cmd", required=True)
+    gb = g.add_parser("build", help="build (or reuse) the guest kernel + initramfs")
+    gb.add_argument("--cache-dir")
+    gb.add_argument("--force", action="store_true")
+    gb.set_defaults(func=cmd_guest_build)
+
+    pr = sub.add_parser("pair", help="pairing: CA and certificates").add_subparsers(dest="pair_cmd", required=True)
+    pi = pr.add_parser("init", help="create a pair CA and a certificate per site and witness")
+    pi.add_argument("--out", required=True)
+    pi.add_argument("--site", action="append", required=True, help="site name (twice)")
+    pi.add_argument("--witness", action="append")
+    pi.add_argument("--force", action="store_true")
+    pi.set_defaults(func=cmd_pair_init)
+    pis = pr.add_parser("issue", help="issue a new certificate (rotation) under an existing pair CA")
+    pis.add_argument("--ca-dir", required=True)
+    pis.add_argument("--name", required=True)
+    pis.add_argument("--out")
+    pis.set_defaults(func=cmd_pair_issue)
+
+    for name, fn, helptext in (("promote", cmd_promote, "take over the guest at this (standby) site"),
+                               ("fence", cmd_fence, "stop this site releasing output or announcing"),
+                               ("status", cmd_status, "a site's status")):
+        c = sub.add_parser(name, help=helptext)
+        src = c.add_mutually_exclusive_group(required=True)
+        src.add_argument("--config", help="the site's config file")
+        src.add_argument("--lab-site", dest="site", choices=["site-a", "site-b"], help="a lab site")
+        if name == "promote":
+            c.add_argument("--force", action="store_true",
+                           help="take over even without a lease from the witness (the primary must be known dead)")
+        c.set_defaults(func=fn)
+
+    from geomirror import labctl
+
+    labctl.add_parser(sub)
+    dm = sub.add_parser("demo", help="bring the lab up, show a site failover, tear it down")
+    dm.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    gmlog.setup(level=args.log_level, json=True if args.log_json else None)
+    try:
+        if args.netns:
+            from geomirror import netns
+
+            netns.enter(args.netns)
+        return args.func(args) or 0
+    except GeomirrorError as e:
+        print(f"geomirror: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

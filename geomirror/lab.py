@@ -1,0 +1,382 @@
+"""The lab: a simulated two-site world on one machine (DESIGN.md, "The lab").
+
+Every process of a site runs inside that site's namespace, so killing the
+namespace's processes is the loss of the site. Links are veth pairs created
+directly inside the namespaces: nothing is ever added to the root namespace.
+State, logs, pids and sockets live under /run/geomirror-lab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from pyroute2 import NetNS
+
+from geomirror import netns
+from geomirror.errors import LabError
+
+log = structlog.get_logger(__name__)
+
+LAB_DIR = Path(os.environ.get("GEOMIRROR_LAB_DIR", "/run/geomirror-lab"))
+BIRD_CTL = LAB_DIR / "bird.ctl"
+INET, SITE_A, SITE_B, WITNESS, CLIENT = "gm-inet", "gm-site-a", "gm-site-b", "gm-witness", "gm-client"
+WAN = "gm-wan"
+NAMESPACES = [INET, SITE_A, SITE_B, WITNESS, CLIENT, WAN]
+SITES = {"site-a": SITE_A, "site-b": SITE_B}
+SITE_AS = {"site-a": 64501, "site-b": 64502}
+SITE_UPLINK = {"site-a": "198.18.1.2", "site-b": "198.18.2.2"}
+GUEST_PREFIX = "198.51.100.0/24"
+GUEST_ADDR = "198.51.100.10"
+MEMCACHED_PORT = 11211
+
+
+def repo_configs() -> Path:
+    env = os.environ.get("GEOMIRROR_LAB_CONFIGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs" / "lab"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A veth pair: (ns_a, if_a, addr_a) <-> (ns_b, if_b, addr_b)."""
+
+    ns_a: str
+    if_a: str
+    addr_a: str
+    ns_b: str
+    if_b: str
+    addr_b: str
+
+
+LINKS = [
+    Link(INET, "to-a", "198.18.1.1/30", SITE_A, "uplink0", "198.18.1.2/30"),
+    Link(INET, "to-b", "198.18.2.1/30", SITE_B, "uplink0", "198.18.2.2/30"),
+    Link(INET, "to-w", "198.18.3.1/30", WITNESS, "eth0", "198.18.3.2/30"),
+    Link(INET, "to-client", "198.18.10.1/24", CLIENT, "eth0", "198.18.10.2/24"),
+]
+# wan0 at each site is a TAP owned by the WAN emulator in gm-wan (geomirror/wanem.py).
+WAN_ENDS = [(SITE_A, "wan0", "198.18.100.1/30"), (SITE_B, "wan0", "198.18.100.2/30")]
+WAN_CTL = LAB_DIR / "wan.sock"
+DEFAULT_ROUTES = {SITE_A: "198.18.1.1", SITE_B: "198.18.2.1", WITNESS: "198.18.3.1", CLIENT: "198.18.10.1"}
+FORWARDING = [INET, SITE_A, SITE_B]
+
+
+# ---------------------------------------------------------------- processes
+
+def _state_path() -> Path:
+    return LAB_DIR / "lab.json"
+
+
+def load_state() -> dict:
+    try:
+        return json.loads(_state_path().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"pids": {}, "namespaces": [], "routing": "static", "static_site": "site-a"}
+
+
+def save_state(state: dict) -> None:
+    LAB_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = _state_path().with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, _state_path())
+
+
+def _ns_inode(name: str) -> int | None:
+    try:
+        return os.stat(netns.NETNS_DIR / name).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def pids_in_netns(name: str) -> list[int]:
+    """Every process whose network namespace is `name` (found by the namespace's inode)."""
+    ino = _ns_inode(name)
+    if ino is None:
+        return []
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{d}/ns/net").st_ino == ino:
+                out.append(int(d))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return out
+
+
+def kill_pids(pids, sig=signal.SIGKILL) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pids, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if _alive(p)]
+        if left:
+            time.sleep(0.05)
+    return left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def spawn(ns: str, role: str, argv: list[str], env: dict | None = None) -> int:
+    """Start a lab process inside `ns`, its output appended to LAB_DIR/<role>.log."""
+    logf = open(LAB_DIR / f"{role}.log", "ab")
+    try:
+        p = netns.spawn(ns, argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                        start_new_session=True, env=env)
+    finally:
+        logf.close()
+    state = load_state()
+    state["pids"][role] = p.pid
+    save_state(state)
+    log.info("lab.spawn", role=role, netns=ns, pid=p.pid)
+    return p.pid
+
+
+# ---------------------------------------------------------------- network
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (it creates network namespaces and TAP devices); run it as root")
+
+
+def build_network() -> None:
+    state = load_state()
+    for name in NAMESPACES:
+        netns.create(name)
+        state["namespaces"].append(name)
+        save_state(state)
+    handles = {name: NetNS(name) for name in NAMESPACES}
+    try:
+        for name, h in handles.items():
+            h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
+        for ln in LINKS:
+            a, b = handles[ln.ns_a], handles[ln.ns_b]
+            a.link("add", ifname=ln.if_a, kind="veth", peer={"ifname": ln.if_b, "net_ns_fd": ln.ns_b})
+            for h, ifname, addr in ((a, ln.if_a, ln.addr_a), (b, ln.if_b, ln.addr_b)):
+                idx = h.link_lookup(ifname=ifname)[0]
+                ip, plen = addr.split("/")
+                h.addr("add", index=idx, address=ip, prefixlen=int(plen))
+                h.link("set", index=idx, state="up")
+        for name, gw in DEFAULT_ROUTES.items():
+            handles[name].route("add", dst="0.0.0.0/0", gateway=gw)
+    finally:
+        for h in handles.values():
+            h.close()
+    for name in FORWARDING:
+        with netns.inside(name):
+            Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+
+
+def start_wan(python: str = sys.executable, timeout: float = 10.0) -> int:
+    """The WAN emulator; returns when wan0 exists and is up at both sites."""
+    pid = spawn(WAN, "wan", [python, "-m", "geomirror", "--netns", WAN, "lab", "wan-run"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            raise LabError(f"the WAN emulator exited at start; see {LAB_DIR / 'wan.log'}")
+        if WAN_CTL.exists() and all(_has_link(ns, ifn) for ns, ifn, _ in WAN_ENDS):
+            return pid
+        time.sleep(0.05)
+    raise LabError(f"the WAN emulator did not come up in {timeout:.0f}s; see {LAB_DIR / 'wan.log'}")
+
+
+def _has_link(ns: str, ifname: str) -> bool:
+    with NetNS(ns) as h:
+        return bool(h.link_lookup(ifname=ifname))
+
+
+def set_links(ns: str, up: bool, ifnames=("uplink0", "wan0")) -> None:
+    with NetNS(ns) as h:
+        for ifname in ifnames:
+            idx = h.link_lookup(ifname=ifname)
+            if idx:
+                h.link("set", index=idx[0], state="up" if up else "down")
+
+
+# ---------------------------------------------------------------- BIRD
+
+def bird_config(routing: str, static_site: str | None) -> str:
+    """BIRD 2 in gm-inet: AS 64500, both sites as neighbours, best routes to the kernel."""
+    lines = [
+        "router id 198.18.0.1;",
+        'log stderr all;',
+        "protocol device { scan time 2; }",
+        "protocol direct { ipv4; interface \"to-*\"; }",
+        "protocol kernel { ipv4 { import none; export all; }; learn off; }",
+    ]
+    if routing == "static" and static_site:
+        lines.append(f"protocol static lab_static {{ ipv4; route {GUEST_PREFIX} via {SITE_UPLINK[static_site]}; }}")
+    for site, asn in SITE_AS.items():
+        addr = SITE_UPLINK[site]
+        local = addr.rsplit(".", 1)[0] + ".1"
+        lines.append(
+            f"protocol bgp {site.replace('-', '_')} {{ local {local} as 64500; neighbor {addr} as {asn}; "
+            "hold time 6; connect retry time 2; error wait time 1, 5; "
+            "ipv4 { import all; export none; }; graceful restart off; }")
+    return "\n".join(lines) + "\n"
+
+
+def write_bird_config(routing: str, static_site: str | None) -> Path:
+    path = LAB_DIR / "bird.conf"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(bird_config(routing, static_site))
+    os.replace(tmp, path)
+    return path
+
+
+def start_bird(routing: str, static_site: str | None) -> int:
+    conf = write_bird_config(routing, static_site)
+    return spawn(INET, "bird", ["bird", "-f", "-c", str(conf), "-s", str(BIRD_CTL),
+                                "-P", str(LAB_DIR / "bird.pid")])
+
+
+def birdc(*args: str, timeout: float = 5.0) -> str:
+    r = subprocess.run(["birdc", "-s", str(BIRD_CTL), *args], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise LabError(f"birdc {' '.join(args)} failed: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
+
+
+def route_static_to(site: str) -> None:
+    """Until BGP drives it: point the lab's static route for the guest prefix at `site`."""
+    state = load_state()
+    state["static_site"] = site
+    save_state(state)
+    write_bird_config(state.get("routing", "static"), site)
+    birdc("configure")
+
+
+def bird_guest_routes() -> list[dict]:
+    """Routes BIRD has for the guest prefix: [{'via': ..., 'proto': ..., 'as_path': [...], 'best': bool}]."""
+    try:
+        out = birdc("show", "route", "for", GUEST_PREFIX, "all")
+    except (LabError, subprocess.TimeoutExpired):
+        return []
+    return parse_bird_routes(out)
+
+
+def parse_bird_routes(out: str) -> list[dict]:
+    """Parse `birdc show route ... all`: each 'unicast [proto time] [*] ...' line starts a route."""
+    routes: list[dict] = []
+    cur: dict | None = None
+    for line in out.splitlines():
+        s = line.strip()
+        if "unicast [" in s:
+            head = s.split("unicast [", 1)[1]
+            cur = {"proto": head.split()[0], "best": "] * " in s, "via": None, "as_path": []}
+            routes.append(cur)
+        elif cur is not None and s.startswith("via "):
+            cur["via"] = s.split()[1]
+        elif cur is not None and s.startswith("BGP.as_path:"):
+            cur["as_path"] = [int(x) for x in s.split(":", 1)[1].split()]
+    return routes
+
+
+# ---------------------------------------------------------------- up / down
+
+def up(*, routing: str = "static", with_daemons: bool = True, python: str = sys.executable,
+       env: dict | None = None) -> None:
+    """Build the lab. `env` adds environment variables for the site daemons (tests only)."""
+    _require_root()
+    busy = [n for n in NAMESPACES if netns.exists(n)]
+    if busy:  # checked before anything is made, so a refusal leaves nothing behind
+        raise LabError(f"network namespace {busy[0]} already exists: a lab is up or was left behind; "
+                       "run `geomirror lab down` first")
+    if LAB_DIR.exists():  # a new lab starts from nothing (no replica, role or lease of an old one)
+        shutil.rmtree(LAB_DIR)
+    LAB_DIR.mkdir(parents=True, exist_ok=True)
+    os.chmod(LAB_DIR, 0o700)
+    save_state({"pids": {}, "namespaces": [], "routing": routing, "static_site": "site-a"})
+    try:
+        build_network()
+        start_wan(python)
+        start_bird(routing, "site-a")
+        if with_daemons:
+            start_services(python, env)
+    except BaseException:
+        log.error("lab.up_failed", hint="tearing down what was made")
+        down()
+        raise
+
+
+def start_services(python: str = sys.executable, env: dict | None = None) -> None:
+    """PKI, witness and both site daemons (each in its own namespace)."""
+    from geomirror import pairing
+
+    cfg = repo_configs()
+    pki = LAB_DIR / "pki"
+    if not (pki / "ca.pem").exists():
+        pairing.create_pair(pki, ["site-a", "site-b"], ["witness"])
+    gm = [python, "-m", "geomirror"]
+    import importlib.util
+
+    if importlib.util.find_spec("geomirror.witness"):
+        spawn(WITNESS, "witness", [*gm, "witness", "--config", str(cfg / "witness.toml")])
+    site_env = {**os.environ, **env} if env else None
+    for site, ns in SITES.items():
+        spawn(ns, site, [*gm, "daemon", "--config", str(cfg / f"{site}.toml")], env=site_env)
+
+
+def down() -> list[str]:
+    """Idempotent: stop every process the lab made (by pid), remove every namespace."""
+    removed = []
+    state = load_state()
+    pids = [p for p in state.get("pids", {}).values() if isinstance(p, int)]
+    for name in NAMESPACES:
+        pids += pids_in_netns(name)
+    pids = sorted(set(pids) - {os.getpid()})
+    kill_pids(pids, signal.SIGTERM)
+    left = _wait_gone(pids, 3.0)
+    kill_pids(left, signal.SIGKILL)
+    _wait_gone(left, 3.0)
+    for name in NAMESPACES:
+        if netns.exists(name):
+            netns.remove(name)
+            removed.append(name)
+    for p in (BIRD_CTL, LAB_DIR / "bird.pid"):
+        p.unlink(missing_ok=True)
+    save_state({"pids": {}, "namespaces": [], "routing": state.get("routing", "static"), "static_site": None})
+    log.info("lab.down", removed=removed, stopped=len(pids))
+    return removed
+
+
+def crash(site: str) -> list[int]:
+    """The loss of a site: SIGKILL every process in its namespace and take its links down."""
+    ns = SITES[site]
+    pids = pids_in_netns(ns)
+    kill_pids(pids, signal.SIGKILL)
+    _wait_gone(pids, 3.0)
+    set_links(ns, False)
+    log.info("lab.crash", site=site, killed=pids)
+    return pids
+
+
+def partition(up_: bool = False) -> None:
+    """Cut (or heal) the inter-site link wan0 while both sites and the witness stay up."""
+    for ns in (SITE_A, SITE_B):
+        set_links(ns, up_, ("wan0",))

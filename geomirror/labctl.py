@@ -1,0 +1,293 @@
+"""`geomirror lab ...` and `geomirror demo`: drive the lab from the root namespace."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+from geomirror import lab, netns
+from geomirror.control import ControlClient
+from geomirror.errors import LabError
+
+
+# ---------------------------------------------------------------- the client namespace
+
+def client_connect(host: str = lab.GUEST_ADDR, port: int = lab.MEMCACHED_PORT, timeout: float = 5.0,
+                   ns: str = lab.CLIENT) -> socket.socket:
+    """A TCP socket connected from inside gm-client (it stays in that namespace)."""
+    with netns.inside(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.connect((host, port))
+    return s
+
+
+class Memcache:
+    """A minimal memcached text-protocol client over one connection."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.f = sock.makefile("rb")
+
+    def _line(self) -> bytes:
+        line = self.f.readline()
+        if not line:
+            raise ConnectionError("memcached closed the connection")
+        return line.rstrip(b"\r\n")
+
+    def set(self, key: str, value: bytes | str) -> bytes:
+        v = value.encode() if isinstance(value, str) else value
+        self.sock.sendall(b"set %s 0 0 %d\r\n%s\r\n" % (key.encode(), len(v), v))
+        return self._line()
+
+    def get(self, key: str) -> bytes | None:
+        self.sock.sendall(b"get %s\r\n" % key.encode())
+        line = self._line()
+        if line == b"END":
+            return None
+        n = int(line.split()[3])
+        data = self.f.read(n + 2)[:-2]
+        if self._line() != b"END":
+            raise ConnectionError("malformed get reply")
+        return data
+
+    def incr(self, key: str, by: int = 1) -> int:
+        self.sock.sendall(b"incr %s %d\r\n" % (key.encode(), by))
+        line = self._line()
+        if not line.isdigit():
+            raise ConnectionError(f"incr failed: {line!r}")
+        return int(line)
+
+    def version(self) -> bytes:
+        self.sock.sendall(b"version\r\n")
+        return self._line()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- site control
+
+def site_client(site: str) -> ControlClient:
+    d = lab.LAB_DIR / site
+    tok = (d / "control.token").read_text().strip()
+    return ControlClient(tok, d / "control.sock")
+
+
+def site_status(site: str, timeout: float = 5.0) -> dict | None:
+    try:
+        return asyncio.run(site_client(site).call("GET", "/v1/status", timeout=timeout))
+    except Exception:
+        return None
+
+
+def site_call(site: str, method: str, path: str, body: dict | None = None, timeout: float = 60.0) -> dict:
+    return asyncio.run(site_client(site).call(method, path, body, timeout=timeout))
+
+
+def wait_protected(timeout: float = 180.0, site: str = "site-a") -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = site_status(site)
+        if last and last.get("replication", {}).get("state") == "protected" and last.get("committed_epoch", 0) > 0:
+            return last
+        time.sleep(0.5)
+    raise LabError(f"{site} did not reach protected within {timeout:.0f}s (last status: "
+                   f"{json.dumps(last)[:400] if last else 'no answer'}); see {lab.LAB_DIR}/{site}.log")
+
+
+def wait_reachable(timeout: float = 60.0) -> float:
+    t0 = time.monotonic()
+    err = None
+    while time.monotonic() - t0 < timeout:
+        try:
+            mc = Memcache(client_connect(timeout=3))
+            mc.version()
+            mc.close()
+            return time.monotonic() - t0
+        except OSError as e:
+            err = e
+            time.sleep(0.5)
+    raise LabError(f"the guest {lab.GUEST_ADDR}:{lab.MEMCACHED_PORT} is not reachable from {lab.CLIENT}: {err}")
+
+
+def status() -> dict:
+    st = lab.load_state()
+    out = {"namespaces": [n for n in lab.NAMESPACES if netns.exists(n)], "routing": st.get("routing"),
+           "sites": {}}
+    routes = lab.bird_guest_routes() if out["namespaces"] else []
+    out["bird_routes"] = routes
+    if st.get("routing") == "static":
+        out["note"] = (f"the guest prefix is routed to {st.get('static_site')} by a static route in BIRD "
+                       "(BGP announcements are not driving the lab yet)")
+    for site in lab.SITES:
+        s = site_status(site, timeout=3) or {"role": "down"}
+        asn = lab.SITE_AS[site]
+        s["bgp_route_in_bird"] = any(r["as_path"][-1:] == [asn] for r in routes)
+        s["bgp_best_in_bird"] = any(r["best"] and r["as_path"][-1:] == [asn] for r in routes)
+        out["sites"][site] = s
+    return out
+
+
+def print_status(st: dict) -> None:
+    print(f"namespaces: {' '.join(st['namespaces']) or '(none: lab is down)'}")
+    if st.get("note"):
+        print(f"note: {st['note']}")
+    print(f"{'site':8} {'role':10} {'lease':>5} {'epoch':>7} {'interval':>9} {'rtt':>8} {'pause':>8} "
+          f"{'backlog':>7}  bgp")
+    for site, s in st["sites"].items():
+        def f(k, unit=""):
+            v = s.get(k)
+            return "-" if v is None else f"{v}{unit}"
+        print(f"{site:8} {s.get('role', '?'):10} {f('lease_generation'):>5} {f('committed_epoch'):>7} "
+              f"{f('interval_ms', 'ms'):>9} {f('rtt_ms', 'ms'):>8} {f('last_pause_ms', 'ms'):>8} "
+              f"{f('backlog_epochs'):>7}  {'announces' if s.get('bgp_route_in_bird') else '-'}")
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_parser(sub) -> None:
+    lp = sub.add_parser("lab", help="the two-site lab on this machine").add_subparsers(dest="lab_cmd", required=True)
+    up = lp.add_parser("up", help="build the lab; returns when the guest is protected and reachable")
+    up.add_argument("--no-daemons", action="store_true", help="network and BIRD only")
+    lp.add_parser("down", help="remove every namespace and process the lab made (idempotent)")
+    st = lp.add_parser("status", help="per-site role, epochs, interval, RTT, pause, BGP")
+    st.add_argument("--json", action="store_true")
+    cr = lp.add_parser("crash", help="lose a site: SIGKILL its processes, take its links down")
+    cr.add_argument("site", choices=list(lab.SITES))
+    lp.add_parser("partition", help="cut the inter-site WAN link")
+    lp.add_parser("heal", help="restore the inter-site WAN link")
+    rt = lp.add_parser("route", help="point the lab's static route for the guest prefix at a site")
+    rt.add_argument("site", choices=list(lab.SITES))
+    wn = lp.add_parser("wan", help="show or set the lab WAN (user-space emulator between the sites)")
+    wn.add_argument("--rtt", help="round-trip time, e.g. 25ms")
+    wn.add_argument("--jitter", help="per-packet jitter, e.g. 1ms")
+    wn.add_argument("--rate", help="link rate, e.g. 100mbit (0 = unlimited)")
+    wn.add_argument("--loss", help="loss probability, e.g. 0.1%%")
+    lp.add_parser("wan-run", help=argparse.SUPPRESS)
+    for p in lp.choices.values():
+        p.set_defaults(func=lambda a: main(a))
+
+
+def main(args) -> int:
+    c = args.lab_cmd
+    if c == "up":
+        t0 = time.monotonic()
+        lab.up(with_daemons=not args.no_daemons)
+        if not args.no_daemons:
+            try:
+                wait_protected()
+                wait_reachable()
+            except BaseException:
+                lab.down()
+                raise
+        print(f"lab up in {time.monotonic() - t0:.1f}s: guest {lab.GUEST_ADDR} protected and reachable "
+              f"from {lab.CLIENT}")
+    elif c == "down":
+        removed = lab.down()
+        print(f"lab down (removed: {' '.join(removed) or 'nothing'})")
+    elif c == "status":
+        st = status()
+        if args.json:
+            print(json.dumps(st, indent=2))
+        else:
+            print_status(st)
+    elif c == "crash":
+        pids = lab.crash(args.site)
+        print(f"{args.site} lost: killed {len(pids)} processes, links down")
+    elif c == "partition":
+        lab.partition(False)
+        print("WAN partitioned (wan0 down at both sites)")
+    elif c == "heal":
+        lab.partition(True)
+        print("WAN healed")
+    elif c == "wan":
+        print(wan(args.rtt, args.jitter, args.rate, args.loss)["describe"])
+    elif c == "wan-run":
+        from geomirror import wanem
+
+        import uvloop
+
+        uvloop.run(wanem.WanEmulator(lab.WAN_ENDS, lab.WAN_CTL).run())
+    elif c == "route":
+        lab.route_static_to(args.site)
+        print(f"static route for {lab.GUEST_PREFIX} now points at {args.site}")
+    return 0
+
+
+def takeover(site: str = "site-b", timeout: float = 120.0) -> dict:
+    """After the other site is lost: have `site` take over and move the route to it.
+
+    Until automatic takeover drives the lab, this is the operator's `promote --force`
+    plus the lab's static route switch.
+    """
+    rep = site_call(site, "POST", "/v1/promote", {"force": True}, timeout=timeout)
+    lab.route_static_to(site)
+    return rep
+
+
+def wan(rtt=None, jitter=None, rate=None, loss=None) -> dict:
+    from geomirror import wanem
+
+    new = {}
+    if rtt is not None:
+        new["rtt_ms"] = wanem.parse_duration_ms(rtt)
+    if jitter is not None:
+        new["jitter_ms"] = wanem.parse_duration_ms(jitter)
+    if rate is not None:
+        new["rate_bps"] = wanem.parse_rate_bps(rate)
+    if loss is not None:
+        new["loss"] = wanem.parse_loss(loss)
+    if not lab.WAN_CTL.exists():
+        raise LabError("the lab WAN is not running (is the lab up?)")
+    return asyncio.run(wanem.control(lab.WAN_CTL, new))
+
+
+def demo(args) -> int:
+    """The story: lab up, a client counting on one TCP connection, site A lost, site B takes over."""
+    print("== geomirror demo: a two-site failover on this machine ==")
+    lab.down()
+    t0 = time.monotonic()
+    lab.up()
+    try:
+        wait_protected()
+        wait_reachable()
+        print(f"[{time.monotonic() - t0:5.1f}s] lab up; guest protected at site-a, replicating to site-b")
+        print_status(status())
+        mc = Memcache(client_connect())
+        mc.set("counter", "0")
+        mc.set("greeting", "hello from before the failover")
+        last = 0
+        for _ in range(50):
+            last = mc.incr("counter")
+        print(f"[{time.monotonic() - t0:5.1f}s] client: 50 increments on one TCP connection, counter={last}")
+        time.sleep(0.5)
+        lab.crash("site-a")
+        tc = time.monotonic()
+        print(f"[{tc - t0:5.1f}s] site-a lost (all its processes killed, links down)")
+        rep = site_call("site-b", "POST", "/v1/promote", {"force": True}, timeout=120)
+        lab.route_static_to("site-b")
+        print(f"[{time.monotonic() - t0:5.1f}s] site-b resumed the guest from epoch {rep.get('epoch')} "
+              f"in {rep.get('total_ms')} ms")
+        v = mc.incr("counter")
+        print(f"[{time.monotonic() - t0:5.1f}s] client: the same connection continues: counter={v} "
+              f"(expected {last + 1}); greeting={mc.get('greeting')!r}")
+        print(f"client stall across the failover: {time.monotonic() - tc:.2f}s")
+        mc.close()
+        print_status(status())
+        ok = v == last + 1
+        print("demo " + ("OK" if ok else "FAILED"))
+        return 0 if ok else 1
+    finally:
+        if not getattr(args, "keep", False):
+            lab.down()

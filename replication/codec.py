@@ -1,0 +1,181 @@
+"""Checkpoint frames: bytes in, bytes out (no I/O). Layout in docs/wire-format.md.
+
+A frame carries one epoch's pages (XOR against the previous version of each page for
+DELTA, raw for FULL) and the device state, compressed with zstd and sealed with
+AES-256-GCM: the clear header is associated data, the GCM tag is the integrity check
+over all of it, so a torn, truncated, bit-flipped or forged frame never decodes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"GMCK"
+VERSION = 1
+KIND_DELTA = 1
+KIND_FULL = 2
+# magic, version, kind, page_size, epoch, n_pages, index_len, pages_len, dev_len, body_len, nonce
+_HDR = struct.Struct(">4sBBIQIIQIQ12s")
+HEADER_SIZE = _HDR.size
+TAG_SIZE = 16
+MAX_PAGES_BYTES = 64 << 30
+MAX_DEVICE_STATE = 64 << 20
+
+
+class CodecError(Exception):
+    """A frame cannot be decoded."""
+
+
+class TruncatedFrame(CodecError):
+    pass
+
+
+class IntegrityError(CodecError):
+    pass
+
+
+class FrameFormatError(CodecError):
+    pass
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    epoch: int
+    kind: int
+    page_size: int
+    n_pages: int
+    index_len: int
+    pages_len: int
+    dev_len: int
+    body_len: int
+    nonce: bytes
+
+    @property
+    def total_len(self) -> int:
+        return HEADER_SIZE + self.body_len + TAG_SIZE
+
+
+@dataclass(frozen=True)
+class DecodedCheckpoint:
+    header: FrameHeader
+    page_numbers: np.ndarray  # uint64, sorted, unique
+    payload: np.ndarray  # (n, page_size) uint8: XOR deltas (DELTA) or contents (FULL)
+    device_state: bytes
+
+    @property
+    def epoch(self) -> int:
+        return self.header.epoch
+
+    @property
+    def kind(self) -> int:
+        return self.header.kind
+
+
+def peek_header(buf) -> FrameHeader:
+    """Parse and bounds-check the clear header (no key needed)."""
+    if len(buf) < HEADER_SIZE:
+        raise TruncatedFrame(f"frame of {len(buf)} bytes is shorter than its {HEADER_SIZE}-byte header")
+    magic, ver, kind, ps, epoch, n, ilen, plen, dlen, blen, nonce = _HDR.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise FrameFormatError(f"not a checkpoint frame (magic {magic!r})")
+    if ver != VERSION:
+        raise FrameFormatError(f"checkpoint frame version {ver}, this build reads {VERSION}")
+    if kind not in (KIND_DELTA, KIND_FULL):
+        raise FrameFormatError(f"unknown frame kind {kind} (epoch {epoch})")
+    if ps < 64 or ps & (ps - 1) or ps > 1 << 16:
+        raise FrameFormatError(f"bad page size {ps} (epoch {epoch})")
+    if n * ps > MAX_PAGES_BYTES or dlen > MAX_DEVICE_STATE:
+        raise FrameFormatError(f"frame for epoch {epoch} claims {n} pages and {dlen} bytes of device state: "
+                               "over the limits")
+    if blen != ilen + plen + dlen:
+        raise FrameFormatError(f"frame for epoch {epoch}: section lengths do not add up")
+    h = FrameHeader(epoch, kind, ps, n, ilen, plen, dlen, blen, nonce)
+    if len(buf) < h.total_len:
+        raise TruncatedFrame(f"frame for epoch {epoch} is cut off: {len(buf)} of {h.total_len} bytes")
+    if len(buf) > h.total_len:
+        raise FrameFormatError(f"frame for epoch {epoch} has {len(buf) - h.total_len} trailing bytes")
+    return h
+
+
+def _encode_index(pages: np.ndarray) -> bytes:
+    """Sorted page numbers as deltas (u32 each; zstd squeezes runs of 1s to nothing)."""
+    if pages.size == 0:
+        return b""
+    d = np.diff(pages.astype(np.uint64), prepend=np.uint64(0))
+    if d.size and int(d.max()) >= 1 << 32:
+        raise ValueError("page number gap too large")
+    return d.astype(">u4").tobytes()
+
+
+def apply_delta(payload: np.ndarray, old_pages: np.ndarray) -> np.ndarray:
+    """New page contents from a DELTA payload and the old contents."""
+    if payload.shape != old_pages.shape:
+        raise CodecError(f"delta shape {payload.shape} does not match old pages {old_pages.shape}")
+    return np.bitwise_xor(payload, old_pages)
+
+
+class Codec:
+    """Encodes and decodes frames under one key. Reuses its zstd contexts (not thread-safe:
+    one Codec per thread of use)."""
+
+    def __init__(self, key: bytes, level: int = 1):
+        if len(key) != 32:
+            raise ValueError("the frame key must be 32 bytes")
+        self._aead = AESGCM(key)
+        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def encode(self, *, epoch: int, kind: int, page_size: int, page_numbers: np.ndarray,
+               new_pages: np.ndarray, old_pages: np.ndarray | None = None, device_state: bytes = b"") -> bytes:
+        n = int(page_numbers.size)
+        if new_pages.shape != (n, page_size):
+            raise ValueError(f"new_pages has shape {new_pages.shape}, expected {(n, page_size)}")
+        if n > 1 and not np.all(np.diff(page_numbers.astype(np.int64)) > 0):
+            raise ValueError("page numbers must be sorted and unique")
+        if kind == KIND_DELTA:
+            if old_pages is None or old_pages.shape != new_pages.shape:
+                raise ValueError("a DELTA frame needs old_pages of the same shape")
+            data = np.bitwise_xor(new_pages, old_pages)
+        elif kind == KIND_FULL:
+            data = new_pages
+        else:
+            raise ValueError(f"unknown kind {kind}")
+        index = self._cctx.compress(_encode_index(page_numbers))
+        pages = self._cctx.compress(np.ascontiguousarray(data).data) if n else b""
+        dev = self._cctx.compress(device_state) if device_state else b""
+        nonce = os.urandom(12)
+        hdr = _HDR.pack(MAGIC, VERSION, kind, page_size, epoch, n, len(index), len(pages), len(dev),
+                        len(index) + len(pages) + len(dev), nonce)
+        return hdr + self._aead.encrypt(nonce, b"".join((index, pages, dev)), hdr)
+
+    def decode(self, frame) -> DecodedCheckpoint:
+        h = peek_header(frame)
+        mv = memoryview(frame)
+        try:
+            body = self._aead.decrypt(h.nonce, mv[HEADER_SIZE:h.total_len], mv[:HEADER_SIZE])
+        except InvalidTag:
+            raise IntegrityError(f"frame for epoch {h.epoch} failed its integrity check "
+                                 "(wrong key or corrupted)") from None
+        i0, i1, i2 = h.index_len, h.index_len + h.pages_len, h.body_len
+        try:
+            raw_index = self._dctx.decompress(body[:i0], max_output_size=4 * h.n_pages) if i0 else b""
+            raw_pages = (self._dctx.decompress(body[i0:i1], max_output_size=h.n_pages * h.page_size)
+                         if h.pages_len else b"")
+            dev = self._dctx.decompress(body[i1:i2], max_output_size=MAX_DEVICE_STATE) if h.dev_len else b""
+        except zstandard.ZstdError as e:
+            raise FrameFormatError(f"frame for epoch {h.epoch} does not decompress: {e}") from None
+        if len(raw_index) != 4 * h.n_pages or len(raw_pages) != h.n_pages * h.page_size:
+            raise FrameFormatError(f"frame for epoch {h.epoch}: decompressed sizes do not match its header")
+        deltas = np.frombuffer(raw_index, dtype=">u4").astype(np.uint64)
+        if h.n_pages > 1 and not np.all(deltas[1:] > 0):
+            raise FrameFormatError(f"frame for epoch {h.epoch}: page numbers not sorted and unique")
+        numbers = np.cumsum(deltas, dtype=np.uint64) if h.n_pages else np.empty(0, np.uint64)
+        payload = np.frombuffer(raw_pages, dtype=np.uint8).reshape(h.n_pages, h.page_size)
+        return DecodedCheckpoint(h, numbers, payload, dev)

@@ -1,0 +1,336 @@
+"""Primary side: the epoch loop. Pause, capture, resume at once; encode and ship after.
+
+One epoch: stop the vCPUs → seal the gate at N → in parallel, the device state
+(QEMU migration stream, RAM skipped) and the dirty-page scan in a thread → cont.
+Everything else (XOR-delta, zstd, AES-GCM, sending) happens while the guest runs.
+The standby's ack of N releases the gate's frames of epochs <= N.
+
+At most `max_in_flight` checkpoints are unacknowledged; when the link is slower than
+the guest dirties memory, the loop waits, and the pages dirtied meanwhile simply
+merge into the next checkpoint (the scan is against the shadow, not a log), so the
+primary never buffers without bound. After a broken connection it reconnects with
+backoff and resyncs: the standby sends its block hashes, only differing blocks move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+import structlog
+
+from replication import codec as codec_mod
+from replication.capture import Capture
+from replication.gate import Gate
+from replication.qemu import Guest
+from replication.session import BLOCK_PAGES, LinkStats, new_nonce, session_key
+from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
+
+log = structlog.get_logger(__name__)
+_U64 = struct.Struct(">Q")
+_HB = struct.Struct(">QQ")
+
+
+@dataclass
+class PrimaryConfig:
+    site: str
+    compat: dict
+    run_id: str  # one booted guest and its continuation at the other site
+    interval_ms: float = 100.0
+    max_in_flight: int = 2
+    heartbeat_ms: float = 100.0
+    compression_level: int = 1
+    block_pages: int = BLOCK_PAGES
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    pause_ms: float
+    dirty_pages: int
+    dirty_bytes: int
+    wire_bytes: int
+    device_state_bytes: int
+    sent_at: float
+    interval_ms: float
+    acked_at: float | None = None
+
+
+@dataclass
+class PrimaryStatus:
+    state: str = "starting"  # starting | connecting | syncing | protected | disconnected | stopped
+    epoch: int = 0
+    committed_epoch: int = 0
+    last_pause_ms: float = 0.0
+    in_flight: int = 0
+    backlog_epochs: int = 0
+    interval_ms: float = 0.0
+    sync_progress: float = 0.0
+    sessions: int = 0
+    last_sync_bytes: int = 0
+    last_sync_mode: str = ""
+    pauses_ms: list = field(default_factory=list)
+
+
+class Primary:
+    def __init__(self, cfg: PrimaryConfig, guest: Guest, capture: Capture, gate: Gate,
+                 connect: Callable[[], Awaitable[Channel]],
+                 interval_fn: Callable[["Primary", EpochRecord | None], float] | None = None):
+        self.cfg = cfg
+        self.guest = guest
+        self.capture = capture
+        self.gate = gate
+        self._connect = connect
+        self._interval_fn = interval_fn
+        self.link = LinkStats()
+        self.status = PrimaryStatus(interval_ms=cfg.interval_ms)
+        self.records: dict[int, EpochRecord] = {}
+        self.history: list[EpochRecord] = []
+        self._acked = asyncio.Event()
+        self._last_heard = time.monotonic()
+        self._pause_lock = asyncio.Lock()  # one checkpoint at a time (also vs. operator actions)
+        self.on_commit: Callable[[int], None] | None = None
+        self._stop = asyncio.Event()
+        self._hold_checkpoints = asyncio.Event()
+        self._hold_checkpoints.set()
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            self.status.state = "connecting"
+            try:
+                ch = await self._connect()
+            except (OSError, asyncio.TimeoutError, ChannelError) as e:
+                log.info("primary.connect_failed", error=str(e) or type(e).__name__, retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.2
+            try:
+                await self._session(ch)
+            except ChannelError as e:
+                log.warning("primary.session_lost", peer=ch.peer, error=str(e),
+                            committed_epoch=self.status.committed_epoch, epoch=self.status.epoch)
+            except (OSError, asyncio.TimeoutError) as e:
+                log.warning("primary.session_lost", peer=ch.peer, error=str(e) or type(e).__name__)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug or a guest failure: say so, keep trying
+                log.exception("primary.session_failed", peer=ch.peer, error=repr(e))
+                await asyncio.sleep(1.0)
+            finally:
+                ch.close()
+            self.status.state = "disconnected"
+            self.records.clear()
+            self.status.in_flight = 0
+            await asyncio.sleep(0.2)
+        self.status.state = "stopped"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def pause_checkpoints(self, paused: bool) -> None:
+        """Operator/test hook: hold off new checkpoints (e.g. a quiesced client)."""
+        if paused:
+            self._hold_checkpoints.clear()
+        else:
+            self._hold_checkpoints.set()
+
+    # ------------------------------------------------------------ session
+    async def _session(self, ch: Channel) -> None:
+        nonce = new_nonce()
+        await ch.send_json(MsgType.HELLO, {
+            "proto": PROTOCOL_VERSION, "site": self.cfg.site, "compat": self.cfg.compat, "run_id": self.cfg.run_id,
+            "nonce": nonce.hex(), "ram_bytes": self.capture.size})
+        reply = await asyncio.wait_for(ch.recv_json(MsgType.HELLO_REPLY), 30)
+        if reply.get("proto") != PROTOCOL_VERSION:
+            raise ChannelError(f"standby speaks protocol {reply.get('proto')}, we speak {PROTOCOL_VERSION}")
+        hashes = None
+        if reply.get("valid"):
+            mtype, raw = await asyncio.wait_for(ch.recv(), 30)
+            if mtype is not MsgType.HASHES or len(raw) % 16:
+                raise ChannelError(f"standby sent {mtype.name} where its block hashes were expected")
+            hashes = [raw[i:i + 16] for i in range(0, len(raw), 16)]
+        key = session_key(nonce, bytes.fromhex(reply["nonce"]))
+        codec = codec_mod.Codec(key, level=self.cfg.compression_level)
+        self.status.sessions += 1
+        self.status.committed_epoch = max(self.status.committed_epoch, int(reply.get("committed_epoch", 0)))
+        self._last_heard = time.monotonic()
+        reader = asyncio.create_task(self._reader(ch))
+        beater = asyncio.create_task(self._heartbeats(ch))
+        try:
+            await self._sync(ch, codec, hashes)
+            self.status.state = "protected"
+            log.info("primary.protected", peer=ch.peer, epoch=self.status.epoch)
+            await self._epochs(ch, codec, reader)
+        finally:
+            beater.cancel()
+            reader.cancel()
+            for t in (beater, reader):
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    async def _sync(self, ch: Channel, codec, hashes) -> None:
+        """Initial sync (hashes None) or resync: stream every block the standby lacks, guest running."""
+        mode = "resync" if hashes is not None else "initial"
+        self.status.state = "syncing"
+        self.status.last_sync_mode = mode
+        bp = self.cfg.block_pages
+        n_blocks = -(-self.capture.n_pages // bp)
+        await ch.send_json(MsgType.SYNC_BEGIN, {"mode": mode, "blocks": n_blocks, "block_pages": bp})
+        t0 = time.monotonic()
+        sent = sent_blocks = 0
+        next_report = 0.0
+        ps = self.capture.page_size
+        it = self.capture.sync_blocks(bp, hashes)
+        batch_first, batch = None, []
+        for b, (first, pages) in enumerate(it):
+            # Group consecutive blocks into frames of up to 4 MiB to keep per-frame cost low.
+            if batch and (first != batch_first + sum(p.shape[0] for p in batch) or len(batch) >= 64):
+                sent += await self._send_sync(ch, codec, batch_first, batch)
+                batch_first, batch = None, []
+            if not batch:
+                batch_first = first
+            batch.append(pages)
+            sent_blocks += 1
+            frac = (first + pages.shape[0]) / self.capture.n_pages
+            self.status.sync_progress = frac
+            if frac >= next_report:
+                log.info("primary.sync_progress", mode=mode, percent=round(frac * 100),
+                         sent_mb=round(sent / 1e6, 1))
+                next_report += 0.1
+        if batch:
+            sent += await self._send_sync(ch, codec, batch_first, batch)
+        self.status.sync_progress = 1.0
+        self.status.last_sync_bytes = sent
+        log.info("primary.sync_done", mode=mode, blocks_sent=sent_blocks, blocks=n_blocks,
+                 wire_bytes=sent, ram_bytes=self.capture.size, seconds=round(time.monotonic() - t0, 2),
+                 page_size=ps)
+
+    async def _send_sync(self, ch: Channel, codec, first: int, batch: list) -> int:
+        pages = np.concatenate(batch) if len(batch) > 1 else batch[0]
+        numbers = np.arange(first, first + pages.shape[0], dtype=np.uint64)
+        frame = await asyncio.to_thread(
+            codec.encode, epoch=self.status.epoch, kind=codec_mod.KIND_FULL, page_size=self.capture.page_size,
+            page_numbers=numbers, new_pages=pages, old_pages=None, device_state=b"")
+        await ch.send(MsgType.SYNC, frame)
+        return len(frame)
+
+    # ------------------------------------------------------------ epochs
+    async def _epochs(self, ch: Channel, codec, reader: asyncio.Task) -> None:
+        last: EpochRecord | None = None
+        while True:
+            interval = self._interval_fn(self, last) if self._interval_fn else self.cfg.interval_ms
+            self.status.interval_ms = interval
+            await asyncio.sleep(interval / 1000)
+            await self._hold_checkpoints.wait()
+            while self.status.in_flight >= self.cfg.max_in_flight:
+                self.status.backlog_epochs = self.status.in_flight
+                self._acked.clear()
+                try:
+                    await asyncio.wait_for(self._acked.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+                if reader.done():
+                    reader.result()  # raises the channel error
+                    raise ChannelError("reader stopped")
+            self.status.backlog_epochs = 0
+            if reader.done():
+                reader.result()
+                raise ChannelError("reader stopped")
+            rec, frame = await self.checkpoint(codec, interval)
+            rec.sent_at = time.monotonic()
+            await ch.send(MsgType.CHECKPOINT, frame)
+            last = rec
+
+    async def checkpoint(self, codec, interval_ms: float) -> tuple[EpochRecord, bytes]:
+        """Take epoch N: the pause is stop → (device state ∥ dirty scan) → cont."""
+        async with self._pause_lock:
+            n = self.status.epoch + 1
+            t0 = time.perf_counter()
+            await self.guest.stop_vcpus()
+            try:
+                self.gate.seal(n)
+                scan = asyncio.create_task(asyncio.to_thread(self.capture.capture))
+                try:
+                    dev = await self.guest.save_device_state()
+                finally:
+                    dirty = await scan
+            finally:
+                await self.guest.cont()
+            pause_ms = (time.perf_counter() - t0) * 1000
+        self.status.epoch = n
+        self.status.last_pause_ms = pause_ms
+        self.status.pauses_ms.append(pause_ms)
+        del self.status.pauses_ms[:-1000]
+        frame = await asyncio.to_thread(
+            codec.encode, epoch=n, kind=codec_mod.KIND_DELTA, page_size=self.capture.page_size,
+            page_numbers=dirty.page_numbers, new_pages=dirty.new_pages, old_pages=dirty.old_pages,
+            device_state=dev)
+        rec = EpochRecord(n, pause_ms, len(dirty.page_numbers), dirty.nbytes, len(frame), len(dev),
+                          time.monotonic(), interval_ms)
+        self.records[n] = rec
+        self.status.in_flight = len(self.records)
+        self.link.add_dirty(dirty.nbytes, interval_ms / 1000)
+        log.debug("primary.checkpoint", epoch=n, pause_ms=round(pause_ms, 2), dirty_pages=rec.dirty_pages,
+                  wire_bytes=rec.wire_bytes, device_state_bytes=rec.device_state_bytes)
+        return rec, frame
+
+    # ------------------------------------------------------------ incoming
+    async def _reader(self, ch: Channel) -> None:
+        while True:
+            mtype, payload = await ch.recv()
+            self._last_heard = time.monotonic()
+            if mtype is MsgType.ACK:
+                (epoch,) = _U64.unpack(payload)
+                self._on_ack(epoch)
+            elif mtype is MsgType.HEARTBEAT:
+                await ch.send(MsgType.HEARTBEAT_ECHO, payload)
+            elif mtype is MsgType.HEARTBEAT_ECHO:
+                _, sent_ns = _HB.unpack(payload)
+                self.link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
+            else:
+                raise ChannelError(f"standby sent unexpected {mtype.name}")
+
+    def _on_ack(self, epoch: int) -> None:
+        if epoch > self.status.epoch:
+            raise ChannelError(f"standby acknowledged epoch {epoch}, which was never sent "
+                               f"(latest {self.status.epoch})")
+        now = time.monotonic()
+        for e in [e for e in self.records if e <= epoch]:
+            rec = self.records.pop(e)
+            rec.acked_at = now
+            self.link.add_transfer(rec.wire_bytes, now - rec.sent_at)
+            self.history.append(rec)
+        del self.history[:-2000]
+        if epoch > self.status.committed_epoch:
+            self.status.committed_epoch = epoch
+        self.gate.release(epoch)
+        self.status.in_flight = len(self.records)
+        self._acked.set()
+        if self.on_commit:
+            self.on_commit(epoch)
+
+    async def _heartbeats(self, ch: Channel) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            await ch.send(MsgType.HEARTBEAT, _HB.pack(seq, time.monotonic_ns()))
+            await asyncio.sleep(self.cfg.heartbeat_ms / 1000)
+
+    def silence_ms(self) -> float:
+        return (time.monotonic() - self._last_heard) * 1000
+
+    def summary(self) -> dict:
+        s = self.status
+        d = {k: v for k, v in s.__dict__.items() if k != "pauses_ms"}
+        d.update(self.link.as_dict())
+        return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,233 @@
+"""Standby side: verify, journal, apply, acknowledge; and resume the guest from the replica.
+
+A checkpoint is acknowledged only after it is verified (AEAD), journalled, applied
+and recorded (`Replica.commit`). Anything that fails verification, arrives out of
+order (a replayed or stale epoch) or breaks the protocol drops the connection with a
+clear log line and is never applied; the primary reconnects and resyncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from replication import codec as codec_mod
+from replication.qemu import Guest, GuestSpec
+from replication.session import BLOCK_PAGES, LinkStats, compat_mismatch, new_nonce, session_key
+from replication.store import Replica, ReplicaError
+from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
+
+log = structlog.get_logger(__name__)
+_U64 = struct.Struct(">Q")
+_HB = struct.Struct(">QQ")
+
+
+@dataclass
+class StandbyStatus:
+    state: str = "waiting"  # waiting | syncing | replicating | taken_over
+    committed_epoch: int = 0
+    valid: bool = False
+    peer: str | None = None
+    last_apply_ms: float = 0.0
+    rejected_frames: int = 0
+    sessions: int = 0
+
+
+class Standby:
+    def __init__(self, replica: Replica, compat: dict, site: str, heartbeat_ms: float = 100.0,
+                 allowed_peer=None):
+        self.replica = replica
+        self.compat = compat
+        self.site = site
+        self.heartbeat_ms = heartbeat_ms
+        self.allowed_peer = allowed_peer  # callable(channel) -> None, raises on a wrong peer
+        self.link = LinkStats()
+        self.status = StandbyStatus(committed_epoch=replica.committed_epoch, valid=replica.valid)
+        self._lock = asyncio.Lock()
+        self._current: Channel | None = None
+        self._last_heard = time.monotonic()
+        self.accepting = True
+        self.on_commit = None
+        self.on_heard = None
+
+    def silence_ms(self) -> float:
+        return (time.monotonic() - self._last_heard) * 1000
+
+    async def handle(self, ch: Channel) -> None:
+        """One connection from the primary (the transport server calls this)."""
+        if self.allowed_peer is not None:
+            try:
+                self.allowed_peer(ch)
+            except Exception as e:
+                log.warning("standby.peer_refused", peer=ch.peer, error=str(e))
+                return
+        if not self.accepting:
+            await ch.refuse(f"site {self.site} has taken over the guest; it no longer accepts checkpoints")
+            return
+        hello = await asyncio.wait_for(ch.recv_json(MsgType.HELLO), 10)
+        if hello.get("proto") != PROTOCOL_VERSION:
+            msg = f"protocol mismatch: ours {PROTOCOL_VERSION}, theirs {hello.get('proto')!r}"
+            log.error("standby.refused", peer=ch.peer, reason=msg)
+            await ch.refuse(msg)
+            return
+        bad = compat_mismatch(self.compat, hello.get("compat") or {})
+        if bad:
+            log.error("standby.refused", peer=ch.peer, reason=bad)
+            await ch.refuse(bad)
+            return
+        if hello.get("ram_bytes") != self.replica.size:
+            msg = f"guest RAM size mismatch: ours {self.replica.size}, theirs {hello.get('ram_bytes')}"
+            await ch.refuse(msg)
+            return
+        if self._current is not None:
+            log.info("standby.replacing_session", old=self._current.peer, new=ch.peer)
+            self._current.close()
+        self._current = ch
+        async with self._lock:
+            await asyncio.to_thread(self.replica.bind, self.compat, str(hello.get("run_id", "")))
+            valid = self.replica.valid
+            nonce = new_nonce()
+            await ch.send_json(MsgType.HELLO_REPLY, {
+                "proto": PROTOCOL_VERSION, "site": self.site, "nonce": nonce.hex(),
+                "committed_epoch": self.replica.committed_epoch, "valid": valid, "block_pages": BLOCK_PAGES})
+            if valid:
+                hashes = await asyncio.to_thread(self.replica.block_hashes, BLOCK_PAGES)
+                await ch.send(MsgType.HASHES, b"".join(hashes))
+        codec = codec_mod.Codec(session_key(bytes.fromhex(hello["nonce"]), nonce))
+        self.status.sessions += 1
+        self.status.peer = ch.peer
+        log.info("standby.session", peer=ch.peer, committed_epoch=self.replica.committed_epoch, valid=valid)
+        beater = asyncio.create_task(self._heartbeats(ch))
+        try:
+            await self._loop(ch, codec)
+        except (ChannelError, codec_mod.CodecError, ReplicaError) as e:
+            self.status.rejected_frames += isinstance(e, (codec_mod.CodecError, ReplicaError))
+            log.warning("standby.session_ended", peer=ch.peer, error=str(e),
+                        committed_epoch=self.replica.committed_epoch)
+        finally:
+            beater.cancel()
+            if self._current is ch:
+                self._current = None
+                if self.status.state != "taken_over":
+                    self.status.state = "waiting"
+
+    async def _loop(self, ch: Channel, codec) -> None:
+        while True:
+            mtype, payload = await ch.recv()
+            self._last_heard = time.monotonic()
+            if self.on_heard:
+                self.on_heard()
+            if not self.accepting:
+                raise ChannelError("this site has taken over; dropping the replication session")
+            if mtype is MsgType.HEARTBEAT:
+                await ch.send(MsgType.HEARTBEAT_ECHO, payload)
+            elif mtype is MsgType.HEARTBEAT_ECHO:
+                _, sent_ns = _HB.unpack(payload)
+                self.link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
+            elif mtype is MsgType.SYNC_BEGIN:
+                try:
+                    info = json.loads(payload)
+                except ValueError:
+                    raise ChannelError("primary sent a malformed SYNC_BEGIN") from None
+                async with self._lock:
+                    if info.get("mode") == "initial":
+                        await asyncio.to_thread(self.replica.begin_initial_sync)
+                    else:
+                        await asyncio.to_thread(self.replica.begin_resync)
+                self.status.state = "syncing"
+                self.status.valid = self.replica.valid
+                log.info("standby.sync_begin", mode=info.get("mode"), blocks=info.get("blocks"))
+            elif mtype is MsgType.SYNC:
+                async with self._lock:
+                    await asyncio.to_thread(self._apply_sync, codec, payload)
+            elif mtype is MsgType.CHECKPOINT:
+                t0 = time.perf_counter()
+                async with self._lock:
+                    epoch = await asyncio.to_thread(self._apply_checkpoint, codec, payload)
+                self.status.last_apply_ms = (time.perf_counter() - t0) * 1000
+                self.status.committed_epoch = epoch
+                self.status.valid = True
+                self.status.state = "replicating"
+                await ch.send(MsgType.ACK, _U64.pack(epoch))
+                if self.on_commit:
+                    self.on_commit(epoch)
+            else:
+                raise ChannelError(f"primary sent unexpected {mtype.name}")
+
+    def _apply_sync(self, codec, payload: bytes) -> None:
+        d = codec.decode(payload)
+        if d.kind != codec_mod.KIND_FULL:
+            raise ChannelError(f"a SYNC message carried a non-full frame (epoch {d.epoch})")
+        pages = d.page_numbers
+        if pages.size and not np.array_equal(pages, np.arange(int(pages[0]), int(pages[0]) + pages.size)):
+            raise ChannelError("a SYNC frame's pages are not one contiguous run")
+        if pages.size:
+            self.replica.write_block(int(pages[0]), d.payload)
+
+    def _apply_checkpoint(self, codec, payload: bytes) -> int:
+        hdr = codec_mod.peek_header(payload)
+        if hdr.epoch <= self.replica.committed_epoch:
+            raise ReplicaError(f"checkpoint for epoch {hdr.epoch} rejected: epoch {self.replica.committed_epoch} "
+                               "is already committed (a replayed or stale frame)")
+        d = codec.decode(payload)
+        if d.kind != codec_mod.KIND_DELTA:
+            raise ChannelError(f"a CHECKPOINT message carried a non-delta frame (epoch {d.epoch})")
+        old = self.replica.old_pages(d.page_numbers)
+        new = codec_mod.apply_delta(d.payload, old)
+        self.replica.commit(d.epoch, d.page_numbers, new, d.device_state)
+        return d.epoch
+
+    async def _heartbeats(self, ch: Channel) -> None:
+        seq = 0
+        try:
+            while True:
+                seq += 1
+                await ch.send(MsgType.HEARTBEAT, _HB.pack(seq, time.monotonic_ns()))
+                await asyncio.sleep(self.heartbeat_ms / 1000)
+        except (ChannelError, ConnectionError, OSError):
+            pass
+
+    async def stop_accepting(self) -> None:
+        """Before a takeover: no more checkpoints; wait for any apply in progress to finish."""
+        self.accepting = False
+        if self._current is not None:
+            self._current.close()
+        async with self._lock:
+            pass
+
+
+async def start_hot_standby(spec: GuestSpec) -> Guest:
+    """A QEMU waiting in `-incoming defer` on the replica's RAM file: resume costs only the device state."""
+    assert spec.incoming
+    g = Guest(spec)
+    await g.start()
+    return g
+
+
+async def resume(replica: Replica, spec: GuestSpec, hot: Guest | None = None) -> tuple[Guest, dict]:
+    """Resume the guest from the committed replica. Returns the guest and a timing report."""
+    if not replica.valid:
+        raise ReplicaError("the replica is not valid (no committed epoch since the last initial sync); "
+                           "cannot resume")
+    t0 = time.perf_counter()
+    timings = {"epoch": replica.committed_epoch, "hot_standby": hot is not None}
+    guest = hot
+    if guest is None:
+        guest = Guest(spec)
+        await guest.start()
+        timings["qemu_start_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    t1 = time.perf_counter()
+    await guest.load_device_state(replica.device_state())
+    timings["device_state_ms"] = round((time.perf_counter() - t1) * 1000, 1)
+    t2 = time.perf_counter()
+    await guest.cont()
+    timings["cont_ms"] = round((time.perf_counter() - t2) * 1000, 1)
+    timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    log.info("standby.resumed", **timings)
+    return guest, timings

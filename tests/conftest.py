@@ -1,0 +1,55 @@
+"""Shared fixtures. Lab fixtures build the real lab and always tear it down."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def _lab_prereqs() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root"
+    for tool in ("qemu-system-x86_64", "bird", "birdc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (run scripts/setup.sh)"
+    return None
+
+
+def root_netns_snapshot() -> dict:
+    """Links, addresses and routes of the root namespace (to prove the lab never touches it)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ip:
+        links = sorted(l.get_attr("IFLA_IFNAME") for l in ip.get_links())
+        addrs = sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ip.get_addr())
+        routes = sorted(str(r.get_attr("RTA_DST")) + "/" + str(r["dst_len"]) for r in ip.get_routes(table=254))
+    return {"links": links, "addrs": addrs, "routes": routes}
+
+
+@pytest.fixture
+def lab_env():
+    """A clean slate for a lab test, and a guaranteed `lab down` afterwards (also on failure)."""
+    why = _lab_prereqs()
+    if why:
+        pytest.skip(why)
+    from geomirror import lab
+
+    lab.down()
+    before = root_netns_snapshot()
+    yield lab
+    lab.down()
+    after = root_netns_snapshot()
+    assert before == after, f"the root namespace changed: {before} -> {after}"
+
+
+@pytest.fixture
+def lab_up(lab_env):
+    """The full lab: BIRD, witness, both site daemons; the guest protected and reachable."""
+    from geomirror import labctl
+
+    lab_env.up()
+    labctl.wait_protected()
+    labctl.wait_reachable()
+    return lab_env
