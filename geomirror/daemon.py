@@ -202,7 +202,9 @@ class SiteDaemon:
             self.run_id = secrets.token_hex(8)
         pcfg = PrimaryConfig(site=self.name, compat=spec.compat(), run_id=self.run_id, interval_ms=ck.interval_ms,
                              max_in_flight=ck.max_in_flight, heartbeat_ms=self.cfg.heartbeat.interval_ms,
-                             compression_level=ck.compression_level)
+                             compression_level=ck.compression_level,
+                             min_timeout_ms=self.cfg.heartbeat.min_timeout_ms,
+                             max_timeout_ms=self.cfg.heartbeat.max_timeout_ms)
         peer = self.cfg.peer
         ctx = self._ssl_client()
         max_frame = (spec.memory_mb << 20) + (64 << 20)
@@ -238,7 +240,9 @@ class SiteDaemon:
 
         expected = {self.cfg.peer.name}
         self.standby = Standby(self.replica, spec.compat(), self.name, self.cfg.heartbeat.interval_ms,
-                               allowed_peer=lambda ch: pairing.check_peer(ch.ssl_object(), expected))
+                               allowed_peer=lambda ch: pairing.check_peer(ch.ssl_object(), expected),
+                               min_timeout_ms=self.cfg.heartbeat.min_timeout_ms,
+                               max_timeout_ms=self.cfg.heartbeat.max_timeout_ms)
         self.standby.on_commit = self._on_standby_commit
         self._standby_spec = spec
         await self._tap(False)

@@ -46,6 +46,8 @@ class PrimaryConfig:
     heartbeat_ms: float = 100.0
     compression_level: int = 1
     block_pages: int = BLOCK_PAGES
+    min_timeout_ms: float = 600.0
+    max_timeout_ms: float = 5000.0
 
 
 @dataclass
@@ -157,6 +159,7 @@ class Primary:
             if mtype is not MsgType.HASHES or len(raw) % 16:
                 raise ChannelError(f"standby sent {mtype.name} where its block hashes were expected")
             hashes = [raw[i:i + 16] for i in range(0, len(raw), 16)]
+        self._hashes = hashes
         key = session_key(nonce, bytes.fromhex(reply["nonce"]))
         codec = codec_mod.Codec(key, level=self.cfg.compression_level)
         self.status.sessions += 1
@@ -164,19 +167,39 @@ class Primary:
         self._last_heard = time.monotonic()
         reader = asyncio.create_task(self._reader(ch))
         beater = asyncio.create_task(self._heartbeats(ch))
+        work = asyncio.create_task(self._work(ch, codec, reader))
         try:
-            await self._sync(ch, codec, hashes)
-            self.status.state = "protected"
-            log.info("primary.protected", peer=ch.peer, epoch=self.status.epoch)
-            await self._epochs(ch, codec, reader)
+            await self._watchdog(ch, work)
         finally:
-            beater.cancel()
-            reader.cancel()
-            for t in (beater, reader):
+            for t in (beater, reader, work):
+                t.cancel()
+            for t in (beater, reader, work):
                 try:
                     await t
                 except (asyncio.CancelledError, Exception):
                     pass
+
+    async def _work(self, ch: Channel, codec, reader: asyncio.Task) -> None:
+        await self._sync(ch, codec, self._hashes)
+        self.status.state = "protected"
+        log.info("primary.protected", peer=ch.peer, epoch=self.status.epoch)
+        await self._epochs(ch, codec, reader)
+
+    def detection_timeout_ms(self) -> float:
+        c = self.cfg
+        return self.link.detection_timeout_ms(c.min_timeout_ms, c.max_timeout_ms, c.heartbeat_ms)
+
+    async def _watchdog(self, ch: Channel, work: asyncio.Task) -> None:
+        """The session ends when the work fails or the standby falls silent (a dead link
+        only fills socket buffers; TCP alone would wait for minutes)."""
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=self.cfg.heartbeat_ms / 1000)
+            if done:
+                work.result()
+                return
+            if self.status.state != "syncing" and self.silence_ms() > self.detection_timeout_ms():
+                raise ChannelError(f"no word from the standby for {self.silence_ms():.0f} ms "
+                                   f"(timeout {self.detection_timeout_ms():.0f} ms)")
 
     async def _sync(self, ch: Channel, codec, hashes) -> None:
         """Initial sync (hashes None) or resync: stream every block the standby lacks, guest running."""

@@ -41,7 +41,9 @@ class StandbyStatus:
 
 class Standby:
     def __init__(self, replica: Replica, compat: dict, site: str, heartbeat_ms: float = 100.0,
-                 allowed_peer=None):
+                 allowed_peer=None, min_timeout_ms: float = 600.0, max_timeout_ms: float = 5000.0):
+        self.min_timeout_ms = min_timeout_ms
+        self.max_timeout_ms = max_timeout_ms
         self.replica = replica
         self.compat = compat
         self.site = site
@@ -104,8 +106,9 @@ class Standby:
         self.status.peer = ch.peer
         log.info("standby.session", peer=ch.peer, committed_epoch=self.replica.committed_epoch, valid=valid)
         beater = asyncio.create_task(self._heartbeats(ch))
+        self._last_heard = time.monotonic()
         try:
-            await self._loop(ch, codec)
+            await self._watch(ch, asyncio.create_task(self._loop(ch, codec)))
         except (ChannelError, codec_mod.CodecError, ReplicaError) as e:
             self.status.rejected_frames += isinstance(e, (codec_mod.CodecError, ReplicaError))
             log.warning("standby.session_ended", peer=ch.peer, error=str(e),
@@ -159,6 +162,21 @@ class Standby:
                     self.on_commit(epoch)
             else:
                 raise ChannelError(f"primary sent unexpected {mtype.name}")
+
+    def detection_timeout_ms(self) -> float:
+        return self.link.detection_timeout_ms(self.min_timeout_ms, self.max_timeout_ms, self.heartbeat_ms)
+
+    async def _watch(self, ch: Channel, loop_task: asyncio.Task) -> None:
+        try:
+            while True:
+                done, _ = await asyncio.wait({loop_task}, timeout=self.heartbeat_ms / 1000)
+                if done:
+                    return loop_task.result()
+                # a long initial sync is traffic, so silence means the link or the primary is gone
+                if self.silence_ms() > max(self.detection_timeout_ms(), 2000 if self.status.state == "syncing" else 0):
+                    raise ChannelError(f"no word from the primary for {self.silence_ms():.0f} ms")
+        finally:
+            loop_task.cancel()
 
     def _apply_sync(self, codec, payload: bytes) -> None:
         d = codec.decode(payload)
