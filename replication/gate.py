@@ -93,6 +93,8 @@ class UserspaceGate(Gate):
         # Held frames: deque of (epoch, frame). Frames read now are tagged `self._epoch`.
         self._held: deque[tuple[int, bytes]] = deque()
         self._epoch = 0  # epoch the next frame read belongs to
+        self._committed = -1  # newest epoch the standby acknowledged
+        self.allowed = True  # the HA layer's word: this site may release output (holds the lease)
         self._sealed_at: dict[int, float] = {}
         self._server: asyncio.AbstractServer | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -146,8 +148,12 @@ class UserspaceGate(Gate):
 
     def _outbound(self, frame: bytes) -> None:
         mode = self.mode
-        if mode is GateMode.OPEN:
+        if mode is GateMode.OPEN and self.allowed:
             self._to_tap(frame)
+        elif mode is GateMode.OPEN:
+            self._held.append((self._epoch, frame))  # not yet allowed: hold, release on allow()
+            self.stats.frames_held += 1
+            self.stats.bytes_held += len(frame)
         elif mode is GateMode.HOLD:
             if self.stats.bytes_held + len(frame) > self.max_held_bytes:
                 self.stats.frames_dropped += 1  # like a full link: the guest's TCP retransmits
@@ -189,8 +195,19 @@ class UserspaceGate(Gate):
         self._sealed_at[epoch] = time.monotonic()
         self._epoch = epoch + 1
 
+    def allow(self, allowed: bool) -> None:
+        """Release permission from the HA layer. While withheld, acks are recorded, nothing leaves."""
+        self.allowed = allowed
+        if allowed and self.mode is GateMode.OPEN:
+            self._flush()
+        elif allowed and self._committed >= 0:
+            self.release(self._committed)
+
     def release(self, epoch: int) -> None:
         """The standby committed `epoch`: send every held frame of epochs <= epoch, in order."""
+        self._committed = max(self._committed, epoch)
+        if not self.allowed:
+            return
         held = self._held
         while held and held[0][0] <= epoch:
             _, frame = held.popleft()
@@ -214,10 +231,16 @@ class UserspaceGate(Gate):
             self.stats.frames_dropped += len(self._held)
             self._held.clear()
             self.stats.frames_held = self.stats.bytes_held = 0
-        elif mode is GateMode.OPEN and self._held:
+        elif mode is GateMode.OPEN and self._held and self.allowed:
             # Leaving protection (continue-unprotected): what was held goes out in order.
-            self.release(self._held[-1][0])
+            self._flush()
         self.mode = mode
+
+    def _flush(self) -> None:
+        while self._held:
+            _, frame = self._held.popleft()
+            self._to_tap(frame)
+        self.stats.frames_held = self.stats.bytes_held = 0
 
     def open_after_resume(self) -> None:
         """At the standby after takeover: the resumed guest is the only copy; output flows."""

@@ -128,3 +128,21 @@ async def test_open_mode_passes_through(tap_ns, tmp_path):
         w.close()
         await gate.close()
         pkt.close()
+
+
+async def test_release_waits_for_permission(tap_ns, tmp_path):
+    gate, pkt, r, w = await _setup(tap_ns, tmp_path, GateMode.HOLD)
+    try:
+        gate.allow(False)  # e.g. no witness lease yet
+        await send(w, 1, 2)
+        gate.seal(1)
+        gate.release(1)
+        await asyncio.sleep(0.02)
+        assert seen(pkt) == []  # acknowledged, but this site may not release yet
+        gate.allow(True)
+        await asyncio.sleep(0.02)
+        assert seen(pkt) == [1, 2]
+    finally:
+        w.close()
+        await gate.close()
+        pkt.close()
