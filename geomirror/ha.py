@@ -1,0 +1,685 @@
+"""The HA state machine of one site: events in, actions out.
+
+No I/O and no clock reads: time (`now`, seconds of the daemon's monotonic clock) arrives
+in the events, and the daemon carries out the returned actions in order.
+docs/state-machine.md has the states, the transitions and the safety argument.
+The two rules everything rests on:
+
+* a site releases guest output (gate open, prefix announced) only while it holds a
+  witness lease, and closes the gate at `expires_at - fence_margin`, before the
+  witness can grant the lease to anyone else;
+* a site takes over only with a lease whose generation is higher than any it has
+  seen held, so two sites never release output under the same generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from geomirror.errors import GeomirrorError
+
+STARTING = "starting"
+PRIMARY = "primary"
+STANDBY = "standby"
+TAKING_OVER = "taking_over"
+ACTIVE_UNPROTECTED = "active_unprotected"
+FENCED = "fenced"
+STATES = (STARTING, PRIMARY, STANDBY, TAKING_OVER, ACTIVE_UNPROTECTED, FENCED)
+ACTIVE = (PRIMARY, ACTIVE_UNPROTECTED)
+
+
+class HaConfigError(GeomirrorError):
+    """HA timing parameters that cannot be safe together."""
+
+
+@dataclass(frozen=True)
+class HaConfig:
+    site: str
+    heartbeat_interval_ms: float = 100.0
+    min_timeout_ms: float = 600.0
+    max_timeout_ms: float = 5000.0
+    rtt_k: float = 4.0
+    missed_heartbeats: int = 3
+    witness: bool = True
+    lease_ttl_ms: float = 6000.0
+    renew_every_ms: float = 1000.0
+    max_clock_skew_ms: float = 250.0
+
+    def __post_init__(self):
+        if not 0 < self.heartbeat_interval_ms <= self.min_timeout_ms <= self.max_timeout_ms:
+            raise HaConfigError(f"heartbeat timing must satisfy 0 < interval ({self.heartbeat_interval_ms:g} ms) "
+                                f"<= min_timeout ({self.min_timeout_ms:g} ms) <= max_timeout "
+                                f"({self.max_timeout_ms:g} ms)")
+        if self.renew_every_ms <= 0 or self.max_clock_skew_ms < 0:
+            raise HaConfigError("renew_every_ms must be positive and max_clock_skew_ms not negative")
+        if self.witness and self.lease_ttl_ms < self.fence_margin_ms + self.renew_every_ms:
+            raise HaConfigError(
+                f"lease_ttl_ms {self.lease_ttl_ms:g} is too short: a site fences {self.fence_margin_ms:g} ms "
+                f"before expiry (renew {self.renew_every_ms:g} + clock skew {self.max_clock_skew_ms:g} + one "
+                f"heartbeat {self.heartbeat_interval_ms:g}), so it needs at least "
+                f"{self.fence_margin_ms + self.renew_every_ms:g} ms")
+
+    @property
+    def fence_margin_ms(self) -> float:
+        """How long before lease expiry a holder closes its gate: renew interval + clock skew + one tick."""
+        return self.renew_every_ms + self.max_clock_skew_ms + self.heartbeat_interval_ms
+
+    @classmethod
+    def from_site_config(cls, cfg, max_clock_skew_ms: float = 250.0) -> "HaConfig":
+        """From a `geomirror.config.SiteConfig` (duck-typed)."""
+        hb, w = cfg.heartbeat, cfg.witness
+        extra = dict(lease_ttl_ms=w.lease_ttl_ms, renew_every_ms=w.renew_every_ms) if w else {}
+        return cls(site=cfg.site.name, heartbeat_interval_ms=hb.interval_ms, min_timeout_ms=hb.min_timeout_ms,
+                   max_timeout_ms=hb.max_timeout_ms, witness=w is not None, max_clock_skew_ms=max_clock_skew_ms,
+                   **extra)
+
+
+class RttEstimator:
+    """Smoothed RTT and its variance (RFC 6298 gains)."""
+
+    def __init__(self):
+        self.srtt_ms: float | None = None
+        self.rttvar_ms: float = 0.0
+
+    def observe(self, rtt_ms: float) -> None:
+        if self.srtt_ms is None:
+            self.srtt_ms, self.rttvar_ms = rtt_ms, rtt_ms / 2
+        else:
+            self.rttvar_ms = 0.75 * self.rttvar_ms + 0.25 * abs(self.srtt_ms - rtt_ms)
+            self.srtt_ms = 0.875 * self.srtt_ms + 0.125 * rtt_ms
+
+
+def detection_timeout_ms(cfg: HaConfig, rtt: RttEstimator) -> float:
+    """srtt + k·rttvar + a few heartbeat intervals, clamped to [min, max]; max before the first sample."""
+    if rtt.srtt_ms is None:
+        return cfg.max_timeout_ms
+    t = rtt.srtt_ms + cfg.rtt_k * rtt.rttvar_ms + cfg.missed_heartbeats * cfg.heartbeat_interval_ms
+    return min(cfg.max_timeout_ms, max(cfg.min_timeout_ms, t))
+
+
+# ---------------------------------------------------------------- events
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True)
+class HeartbeatReceived:
+    now: float
+    rtt_ms: float
+    peer_generation: int = 0  # the lease generation the peer holds or last held
+
+
+@dataclass(frozen=True)
+class ReplicaCommitted:
+    """Standby side: the local replica committed `epoch` (there is something to resume)."""
+    epoch: int
+
+
+@dataclass(frozen=True)
+class StandbyReady:
+    """Active side: the peer holds a complete replica and acknowledges checkpoints."""
+    epoch: int
+
+
+@dataclass(frozen=True)
+class LeaseGranted:
+    generation: int
+    expires_at: float  # local clock, counted from when the request was sent
+    now: float
+
+
+@dataclass(frozen=True)
+class LeaseRenewed:
+    generation: int
+    expires_at: float
+    now: float
+
+
+@dataclass(frozen=True)
+class LeaseDenied:
+    holder: str | None
+    generation: int
+
+
+@dataclass(frozen=True)
+class LeaseLost:
+    """A renewal was refused: the lease expired or another site holds it."""
+    holder: str | None
+    generation: int
+
+
+@dataclass(frozen=True)
+class WitnessUnreachable:
+    now: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class WitnessReachable:
+    now: float
+
+
+@dataclass(frozen=True)
+class BgpNeighborUp:
+    neighbor: str
+
+
+@dataclass(frozen=True)
+class BgpNeighborDown:
+    neighbor: str
+
+
+@dataclass(frozen=True)
+class PeerRouteSeen:
+    """Whether our upstream still gives us the guest prefix originated by the peer's AS."""
+    originated_by_peer: bool
+
+
+@dataclass(frozen=True)
+class OperatorPromote:
+    now: float
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class OperatorFence:
+    now: float
+
+
+@dataclass(frozen=True)
+class ResumeDone:
+    now: float
+
+
+@dataclass(frozen=True)
+class ResumeFailed:
+    reason: str
+
+
+# ---------------------------------------------------------------- actions
+@dataclass(frozen=True)
+class AcquireLease:
+    pass
+
+
+@dataclass(frozen=True)
+class RenewLease:
+    generation: int
+
+
+@dataclass(frozen=True)
+class ReleaseLease:
+    generation: int
+
+
+@dataclass(frozen=True)
+class ResumeGuest:
+    """Stop acknowledging checkpoints, then resume the guest from the last committed epoch."""
+
+
+@dataclass(frozen=True)
+class StopGuest:
+    pass
+
+
+@dataclass(frozen=True)
+class OpenGate:
+    generation: int | None  # None: forced promotion without a lease
+
+
+@dataclass(frozen=True)
+class CloseGate:
+    pass
+
+
+@dataclass(frozen=True)
+class Announce:
+    generation: int | None
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    pass
+
+
+@dataclass(frozen=True)
+class SetProtection:
+    protected: bool
+
+
+@dataclass(frozen=True)
+class Alarm:
+    message: str
+
+
+@dataclass(frozen=True)
+class Log:
+    event: str
+    fields: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the machine
+class HaMachine:
+    """One site's HA state. `handle(event)` returns the actions to carry out, in order."""
+
+    def __init__(self, role: str, config: HaConfig, generation: int = 0):
+        if role not in (PRIMARY, STANDBY, FENCED):
+            raise HaConfigError(f"initial role {role!r} must be 'primary', 'standby' or 'fenced'")
+        self.config = config
+        self.state = STARTING if role == PRIMARY else role
+        self.generation = generation  # held, or last held, by this site (persist it across restarts)
+        self.seen_generation = generation
+        self.holding = False
+        self.expires_at: float | None = None
+        self.forced = False
+        self.guest_running = role == PRIMARY
+        self.stale = False
+        self.operator_fenced = role == FENCED
+        self.protected = False
+        self.gate_open = False
+        self.rtt = RttEstimator()
+        self.last_heard: float | None = None
+        self.peer_alive = False
+        self.standby_ready = False
+        self.replica_epoch: int | None = None
+        self.witness_reachable: bool | None = None
+        self.peer_route_seen: bool | None = None
+        self.bgp_up: set[str] = set()
+        self.takeover_by: str | None = None  # "peer_lost" | "operator"
+        self.force_pending = False
+        self.resuming = False
+        self.alarms: dict[str, str] = {}
+        self._next_acquire: float | None = None
+        self._last_renew: float | None = None
+        self._out: list = []
+
+    @property
+    def lease_generation(self) -> int:
+        return self.generation
+
+    @property
+    def timeout_ms(self) -> float:
+        return detection_timeout_ms(self.config, self.rtt)
+
+    def handle(self, event) -> list:
+        self._out = []
+        getattr(self, "_on_" + type(event).__name__)(event)
+        return self._out
+
+    def snapshot(self) -> dict:
+        return {"site": self.config.site, "state": self.state, "lease_generation": self.generation,
+                "holding_lease": self.holding, "lease_expires_at": self.expires_at,
+                "seen_generation": self.seen_generation, "forced": self.forced, "stale": self.stale,
+                "gate_open": self.gate_open, "protected": self.protected, "peer_alive": self.peer_alive,
+                "rtt_ms": self.rtt.srtt_ms, "detection_timeout_ms": self.timeout_ms,
+                "witness_reachable": self.witness_reachable, "peer_route_seen": self.peer_route_seen,
+                "bgp_neighbors_up": sorted(self.bgp_up), "replica_epoch": self.replica_epoch,
+                "alarms": dict(self.alarms)}
+
+    # ------------------------------------------------------------ helpers
+    def _emit(self, *actions) -> None:
+        self._out.extend(actions)
+
+    def _goto(self, state: str, why: str) -> None:
+        if state != self.state:
+            self._emit(Log("ha.state", {"from": self.state, "to": state, "why": why}))
+            self.state = state
+
+    def _alarm(self, key: str, message: str) -> None:
+        if self.alarms.get(key) != message:
+            self.alarms[key] = message
+            self._emit(Alarm(message))
+
+    def _clear(self, *keys: str) -> None:
+        for k in keys:
+            self.alarms.pop(k, None)
+
+    def _deadline(self) -> float | None:
+        return None if self.expires_at is None else self.expires_at - self.config.fence_margin_ms / 1000
+
+    def _set_protection(self, protected: bool) -> None:
+        if self.protected != protected:
+            self.protected = protected
+            self._emit(SetProtection(protected))
+
+    def _open(self, why: str) -> None:
+        """Release output: the lease (or a forced promotion) is in hand and the guest runs here."""
+        gen = self.generation if self.holding else None
+        self.gate_open = True
+        self._emit(OpenGate(gen), Announce(gen))
+        self.protected = self.standby_ready and self.peer_alive
+        self._goto(PRIMARY if self.protected else ACTIVE_UNPROTECTED, why)
+        self._emit(SetProtection(self.protected))
+        if not self.bgp_up:
+            self._alarm("bgp", "active but no BGP neighbour is up: the guest prefix reaches nobody")
+
+    def _fence(self, why: str, *, stale: bool = False, release: bool = False, operator: bool = False) -> None:
+        """Stop releasing output and withdraw; `stale`: another site ran the guest since, so stop ours."""
+        self._emit(CloseGate(), Withdraw())
+        if release and self.holding:
+            self._emit(ReleaseLease(self.generation))
+        self.gate_open = self.holding = self.forced = self.resuming = self.force_pending = False
+        self.expires_at, self.takeover_by, self._next_acquire = None, None, None
+        self.protected = False
+        if stale:
+            self.stale = True
+            if self.guest_running:
+                self._emit(StopGuest())
+                self.guest_running = False
+        self._goto(FENCED, why)
+        if operator:
+            self._emit(Log("ha.operator_fence", {"generation": self.generation}))
+        else:
+            self._alarm("fenced", f"{self.config.site} fenced itself: {why}")
+
+    def _hold(self, generation: int, expires_at: float, now: float) -> None:
+        self.holding, self.forced, self.generation, self.expires_at = True, False, generation, expires_at
+        self.seen_generation = max(self.seen_generation, generation)
+        self._last_renew = now
+        self._clear("lease", "witness")
+
+    def _why_not_taking_over(self) -> str | None:
+        peer = "the peer"
+        if not self.config.witness:
+            return (f"{peer} is lost and no witness is configured: automatic takeover is never safe; "
+                    "run `geomirror promote --force` only if the peer site is known dead")
+        if self.replica_epoch is None:
+            return f"{peer} is lost but this site has no committed replica to resume"
+        if self.witness_reachable is False:
+            if self.peer_route_seen:
+                route = ("our upstream still receives the guest prefix originated by the peer's AS, so the "
+                         "peer is probably alive and only cut off from us")
+            elif self.peer_route_seen is False:
+                route = "the peer's route is gone"
+            else:
+                route = "the peer's route is not known"
+            return (f"{peer} is lost and the witness is unreachable ({route}): not taking over without a "
+                    "lease; `geomirror promote --force` only if the peer site is known dead")
+        return None
+
+    def _wants_lease(self) -> bool:
+        if not self.config.witness or self.holding:
+            return False
+        if self.state == STARTING:
+            return True
+        if self.state == TAKING_OVER:
+            return not self.resuming
+        if self.state == STANDBY:
+            return not self.peer_alive and self.replica_epoch is not None and not self.operator_fenced
+        if self.state == FENCED:
+            return self.guest_running and not self.stale and not self.operator_fenced
+        return self.forced  # active without a lease: regularise as soon as the witness answers
+
+    def _maybe_acquire(self, now: float) -> None:
+        if self._wants_lease() and (self._next_acquire is None or now >= self._next_acquire):
+            self._emit(AcquireLease())
+            self._next_acquire = now + self.config.renew_every_ms / 1000
+
+    def _begin_takeover(self, by: str, now: float) -> None:
+        self.takeover_by = by
+        self._goto(TAKING_OVER, "peer lost" if by == "peer_lost" else "operator promote")
+        self._next_acquire = None
+        self._maybe_acquire(now)
+
+    def _force(self, why: str) -> None:
+        """Promotion without a lease (operator --force with the witness unreachable)."""
+        self.forced, self.force_pending = True, False
+        self.generation = max(self.generation, self.seen_generation)
+        self._emit(Log("ha.promote_forced", {"why": why, "generation": self.generation}))
+        self._alarm("forced", f"{self.config.site} promoted WITHOUT a witness lease ({why}): "
+                              "the other site must be dead or fenced")
+        if self.peer_route_seen:
+            self._alarm("forced_route", "forced promotion while the peer's AS still originates the guest prefix")
+        if self.guest_running:
+            self._open("forced promote")
+        else:
+            self.resuming = True
+            self._goto(TAKING_OVER, "forced promote")
+            self._emit(ResumeGuest())
+
+    def _peer_lost(self, now: float) -> None:
+        self.standby_ready = False
+        self._emit(Log("ha.peer_lost", {"timeout_ms": round(self.timeout_ms, 1)}))
+        if self.state in ACTIVE:
+            self._goto(ACTIVE_UNPROTECTED, "standby lost")
+            self._set_protection(False)
+            self._alarm("peer", "the standby stopped answering heartbeats: running unprotected")
+        elif self.state == STANDBY and not self.operator_fenced:
+            why = self._why_not_taking_over()
+            if why is None:
+                self._begin_takeover("peer_lost", now)
+            else:
+                self._alarm("takeover", why)
+
+    # ------------------------------------------------------------ events
+    def _on_Tick(self, e: Tick) -> None:
+        now = e.now
+        if self.last_heard is None:
+            self.last_heard, self.peer_alive = now, True  # grace: as if heard at start
+        if self.state == STARTING and not self.config.witness:
+            self._emit(Log("ha.no_witness", {"why": "no witness configured: running without a lease"}))
+            self._open("started without a witness")
+        if self.holding and now >= self._deadline():
+            self._fence("lease renewal did not get through in time; closing before the lease can expire")
+            return
+        if self.holding and now - self._last_renew >= self.config.renew_every_ms / 1000:
+            self._emit(RenewLease(self.generation))
+            self._last_renew = now
+        if self.peer_alive and (now - self.last_heard) * 1000 > self.timeout_ms:
+            self.peer_alive = False
+            self._peer_lost(now)
+        self._maybe_acquire(now)
+
+    def _on_HeartbeatReceived(self, e: HeartbeatReceived) -> None:
+        self.rtt.observe(e.rtt_ms)
+        self.last_heard = e.now
+        self.seen_generation = max(self.seen_generation, e.peer_generation)
+        if e.peer_generation > self.generation and (self.holding or self.guest_running) and not self.forced:
+            self._fence(f"the peer holds lease generation {e.peer_generation}, newer than ours "
+                        f"({self.generation})", stale=True)
+        if self.forced and self.peer_alive is False:
+            self._alarm("forced_peer", "the peer answers heartbeats while this site runs on a forced "
+                                       "promotion: fence one of the two sites")
+        if not self.peer_alive:
+            self.peer_alive = True
+            self._clear("peer", "takeover")
+            self._emit(Log("ha.peer_back", {"rtt_ms": e.rtt_ms}))
+            if self.state == TAKING_OVER and self.takeover_by == "peer_lost" and not self.holding \
+                    and not self.resuming:
+                self.takeover_by = None
+                self._goto(STANDBY, "peer answers heartbeats again")
+
+    def _on_ReplicaCommitted(self, e: ReplicaCommitted) -> None:
+        self.replica_epoch = max(self.replica_epoch or 0, e.epoch)
+
+    def _on_StandbyReady(self, e: StandbyReady) -> None:
+        self.standby_ready = True
+        self._clear("peer")
+        if self.state == ACTIVE_UNPROTECTED:
+            self._goto(PRIMARY, f"standby has a full replica (epoch {e.epoch})")
+            self._set_protection(True)
+
+    def _on_LeaseGranted(self, e: LeaseGranted) -> None:
+        self.witness_reachable = True
+        g, mine = e.generation, e.generation in (self.generation, self.generation + 1)
+        if e.now >= e.expires_at - self.config.fence_margin_ms / 1000:
+            self._emit(Log("ha.lease_too_late", {"generation": g}))
+            return
+        if self.holding:
+            if g == self.generation:
+                self.expires_at = max(self.expires_at, e.expires_at)
+            return
+        if self.state in (STANDBY, TAKING_OVER) and not self.operator_fenced:
+            if g <= self.seen_generation:
+                self._alarm("lease", f"witness granted generation {g} but generation {self.seen_generation} "
+                                     "was already held: has the witness lost its state? not taking over")
+                return
+            if self.replica_epoch is None:
+                self._emit(ReleaseLease(g))
+                return
+            self._hold(g, e.expires_at, e.now)
+            self.resuming, self.force_pending = True, False
+            self._goto(TAKING_OVER, f"lease generation {g} granted")
+            self._emit(ResumeGuest())
+        elif self.state == STARTING:
+            if self.generation == 0 or mine:
+                self._hold(g, e.expires_at, e.now)
+                self._open(f"lease generation {g} granted")
+            else:
+                self._emit(ReleaseLease(g))
+                self._fence(f"another site held the lease since our generation {self.generation} "
+                            f"(now {g}): this guest must not run", stale=True)
+        elif self.state == FENCED and self._wants_lease():
+            if mine:
+                self._hold(g, e.expires_at, e.now)
+                self._clear("fenced")
+                self._open(f"lease generation {g} granted and no other site held it since")
+            else:
+                self._emit(ReleaseLease(g))
+                self._fence(f"another site held the lease since our generation {self.generation} "
+                            f"(now {g}): our guest is stale", stale=True)
+        elif self.state in ACTIVE and self.forced:
+            self._hold(g, e.expires_at, e.now)
+            self._clear("forced", "forced_route", "forced_peer")
+            self._emit(OpenGate(g), Announce(g))
+        else:
+            self._emit(ReleaseLease(g))
+
+    def _on_LeaseRenewed(self, e: LeaseRenewed) -> None:
+        self.witness_reachable = True
+        self._clear("witness")
+        if self.holding and e.generation == self.generation:
+            self.expires_at = max(self.expires_at, e.expires_at)
+
+    def _on_LeaseDenied(self, e: LeaseDenied) -> None:
+        self.witness_reachable = True
+        self._clear("witness")
+        other = e.holder is not None and e.holder != self.config.site
+        if other:
+            self.seen_generation = max(self.seen_generation, e.generation)
+        if not other:
+            return
+        if self.state == STARTING or (self.state == FENCED and self._wants_lease()) or self.holding or self.forced:
+            self._fence(f"{e.holder} holds the lease at generation {e.generation}", stale=True)
+        elif self.state == STANDBY and self._wants_lease():
+            self.takeover_by = "peer_lost"  # the witness answers: wait for the peer's lease to expire
+            self._goto(TAKING_OVER, f"{e.holder} still holds generation {e.generation}; waiting for expiry")
+            self._clear("takeover")
+        elif self.state == TAKING_OVER and self.takeover_by == "operator":
+            self._alarm("lease", f"promote waits: {e.holder} holds the lease at generation {e.generation}; "
+                                 "fence that site or wait for its lease to expire")
+
+    def _on_LeaseLost(self, e: LeaseLost) -> None:
+        self.witness_reachable = True
+        other = e.holder is not None and e.holder != self.config.site
+        if other:
+            self.seen_generation = max(self.seen_generation, e.generation)
+        if self.holding:
+            self._fence(f"the witness refused to renew generation {self.generation}"
+                        + (f": {e.holder} holds generation {e.generation}" if other else ""), stale=other)
+
+    def _on_WitnessUnreachable(self, e: WitnessUnreachable) -> None:
+        self.witness_reachable = False
+        detail = f" ({e.detail})" if e.detail else ""
+        if self.holding:
+            self._alarm("witness", f"witness unreachable{detail}: fencing at the lease deadline unless a "
+                                   "renewal gets through")
+        elif self.force_pending:
+            self._force("witness unreachable")
+        elif self.state == TAKING_OVER and not self.resuming:
+            by, self.takeover_by = self.takeover_by, None
+            self._goto(STANDBY, "witness unreachable")
+            if by == "operator":
+                self._alarm("takeover", f"promote needs the witness, which is unreachable{detail}: "
+                                        "use --force only if the peer site is known dead")
+            else:
+                self._alarm("takeover", self._why_not_taking_over() or "witness unreachable")
+        elif self.state == STANDBY and not self.peer_alive:
+            self._alarm("takeover", self._why_not_taking_over() or "witness unreachable")
+        else:
+            self._alarm("witness", f"witness unreachable{detail}")
+        self._maybe_acquire(e.now)
+
+    def _on_WitnessReachable(self, e: WitnessReachable) -> None:
+        self.witness_reachable = True
+        self._clear("witness")
+        if self.state == STANDBY and not self.peer_alive and self._why_not_taking_over() is None \
+                and not self.operator_fenced:
+            self._clear("takeover")
+            self._begin_takeover("peer_lost", e.now)
+        else:
+            self._next_acquire = None
+            self._maybe_acquire(e.now)
+
+    def _on_BgpNeighborUp(self, e: BgpNeighborUp) -> None:
+        self.bgp_up.add(e.neighbor)
+        self._clear("bgp")
+
+    def _on_BgpNeighborDown(self, e: BgpNeighborDown) -> None:
+        self.bgp_up.discard(e.neighbor)
+        if not self.bgp_up and self.gate_open:
+            self._alarm("bgp", "active but no BGP neighbour is up: the guest prefix reaches nobody")
+
+    def _on_PeerRouteSeen(self, e: PeerRouteSeen) -> None:
+        self.peer_route_seen = e.originated_by_peer
+        if e.originated_by_peer and self.gate_open:
+            self._alarm("route", "the peer's AS also originates the guest prefix while this site is active")
+        elif not e.originated_by_peer:
+            self._clear("route")
+        if "takeover" in self.alarms and self.state == STANDBY:
+            why = self._why_not_taking_over()
+            if why:
+                self._alarm("takeover", why)
+
+    def _on_OperatorPromote(self, e: OperatorPromote) -> None:
+        self._emit(Log("ha.operator_promote", {"force": e.force, "state": self.state}))
+        no_witness = not self.config.witness or self.witness_reachable is False
+        if self.state in ACTIVE or (self.state == TAKING_OVER and self.holding):
+            return
+        if self.state == FENCED:
+            self.operator_fenced = False
+            if self.stale:
+                self._alarm("promote", "refusing to promote: another site ran the guest after this one, so "
+                                       "this site's copy is stale; rejoin as standby")
+                return
+            if not self.guest_running:
+                self._goto(STANDBY, "operator promote of a fenced standby")
+        if self.state == STANDBY and self.replica_epoch is None:
+            self._alarm("promote", "refusing to promote: this site has no committed replica to resume")
+            return
+        if e.force and no_witness:
+            self._force("operator --force")
+            return
+        if not self.config.witness:
+            self._alarm("promote", "no witness is configured: promote needs --force")
+            return
+        self.force_pending = e.force
+        if self.state == STANDBY or self.state == TAKING_OVER:
+            self._begin_takeover("operator", e.now)
+        else:  # starting, or fenced with the guest still here: same lease rule as a restart
+            self._next_acquire = None
+            self._maybe_acquire(e.now)
+
+    def _on_OperatorFence(self, e: OperatorFence) -> None:
+        self.operator_fenced = True
+        self._fence("operator fence", release=True, operator=True)
+
+    def _on_ResumeDone(self, e: ResumeDone) -> None:
+        self.resuming = False
+        if self.stale:
+            self._emit(StopGuest())
+            return
+        self.guest_running = True
+        if self.holding and e.now >= self._deadline():
+            self._fence("lease deadline passed while resuming")
+        elif self.state == TAKING_OVER and (self.holding or self.forced):
+            self.takeover_by = None
+            self._open("guest resumed")
+        else:
+            self._emit(Log("ha.resumed_while_fenced", {"state": self.state}))
+
+    def _on_ResumeFailed(self, e: ResumeFailed) -> None:
+        self.resuming = False
+        self._alarm("resume", f"resuming the guest failed: {e.reason}")
+        self._fence(f"resume failed: {e.reason}", release=True)
