@@ -41,6 +41,7 @@ class PeerSection:
     listen: ipaddress.IPv4Address
     port: int = 7788
     listen_port: int = 7788
+    asn: int | None = None  # the peer site's AS: its routes for the guest prefix are recognised by it
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,7 @@ def load_site(path) -> SiteConfig:
         raise L.err("peer.name", f"the peer must be another site than this one ({site.name})")
     for k in ("port", "listen_port"):
         _range(L, f"peer.{k}", getattr(peer, k), 1, 65535)
+    _range(L, "peer.asn", peer.asn, 1, 4294967295)
     tls = L.section(TLSSection, L.table(data, "tls"), "tls", {k: L.path_ for k in ("ca", "cert", "key")})
 
     wdata = L.table(data, "witness", required=False)

@@ -1,9 +1,11 @@
-"""One site's service: wires the gate, the guest, replication, the control API (and BGP/HA).
+"""One site's service: wires the gate, the guest, replication, the witness, BGP and the
+HA state machine, and serves the control API.
 
-Roles: ``primary`` runs the guest and checkpoints it to the peer; ``standby`` keeps
-the replica and a hot-standby QEMU; ``active`` runs the guest alone after a takeover;
-``fenced`` releases nothing. The role is persisted in state_dir/role.json so a
-restarted daemon does not forget that it took over or was fenced.
+The HA machine (geomirror/ha.py) decides; this module carries out its actions (lease
+calls, resume, gate, announce/withdraw) and feeds it events (ticks, heartbeats,
+commits, lease answers, BGP changes, operator commands). The role and the lease
+generation are persisted in state_dir/role.json so a restarted daemon neither forgets
+that it took over nor reuses a stale generation.
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ from pathlib import Path
 
 import structlog
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pyroute2 import IPRoute
 
-from geomirror import control
+from geomirror import control, ha
+from replication import transport
 from replication.capture import Capture
 from replication.gate import GateMode, UserspaceGate, open_tap
 from replication.primary import Primary, PrimaryConfig
 from replication.qemu import Guest, GuestSpec, detect_accel
 from replication.standby import Standby, resume, start_hot_standby
 from replication.store import Replica
-from replication import transport
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +60,7 @@ class SiteDaemon:
         self.name = cfg.site.name
         self.state_dir = Path(cfg.site.state_dir)
         self.run_dir = Path(cfg.site.run_dir)
-        self.role = "starting"
+        self.role = "starting"  # what runs here: primary | standby | active | fenced | failed
         self.guest: Guest | None = None
         self.hot: Guest | None = None
         self.gate: UserspaceGate | None = None
@@ -66,14 +68,22 @@ class SiteDaemon:
         self.standby: Standby | None = None
         self.replica: Replica | None = None
         self.capture: Capture | None = None
-        self.lease_generation = 0
+        self.witness = None
+        self.speaker = None
+        self.ha: ha.HaMachine | None = None
         self.run_id = ""
         self.announced = False
+        self.protected = False
+        self.protection_changes = 0
         self.takeover_report: dict | None = None
-        self.events: list[dict] = []
+        self.timeline: list[dict] = []
+        self.alarms: list[str] = []
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
-        self._takeover_lock = asyncio.Lock()
+        self._resumed = asyncio.Event()
+        self._lease_busy = False
+        self._unprotected_task: asyncio.Task | None = None
+        self._t0 = time.monotonic()
         self.metrics_registry = CollectorRegistry()
         self.metrics_registry.register(_Collector(self))
 
@@ -85,15 +95,12 @@ class SiteDaemon:
     def guest_spec(self, *, incoming: bool, ram_path: Path, tag: str) -> GuestSpec:
         g = self.cfg.guest
         kernel, initrd = g.kernel, g.initrd
-        if not kernel:
-            from geomirror.image import build_image
+        from geomirror.image import build_image, default_cmdline
 
+        if not kernel:
             img = build_image(progress=False)
             kernel, initrd = img.kernel, img.initrd
-        from geomirror.image import default_cmdline
-
-        net = g.prefix
-        append = default_cmdline(str(g.address), net.prefixlen, str(g.gateway))
+        append = default_cmdline(str(g.address), g.prefix.prefixlen, str(g.gateway))
         if g.append:
             append += " " + g.append
         accel = detect_accel() if g.accel == "auto" else g.accel
@@ -107,26 +114,32 @@ class SiteDaemon:
         for d in (self.state_dir, self.run_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+        self.cfg.check_files()
         token = control.load_or_create_token(self._token_path())
-        app = control.make_app(self, token)
-        runner = await control.start(app, str(self.cfg.control.listen), self.cfg.control.port,
-                                     self.run_dir / "control.sock")
+        runner = await control.start(control.make_app(self, token), str(self.cfg.control.listen),
+                                     self.cfg.control.port, self.run_dir / "control.sock")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        role = self._load_role() or self.cfg.site.initial_role
-        self._event("daemon.start", role=role)
+        saved = self._load_role()
+        role = saved.get("role") or self.cfg.site.initial_role
+        self.run_id = saved.get("run_id", "")
+        generation = int(saved.get("lease_generation", 0))
+        self._mark("daemon.start", role=role, lease_generation=generation)
+        ha_role = {"active": "primary", "failed": "fenced"}.get(role, role)
+        self.ha = ha.HaMachine(ha_role, ha.HaConfig.from_site_config(self.cfg), generation=generation)
         try:
             await self._start_gate()
-            if role == "primary":
-                await self.start_primary()
-            elif role == "active":
-                await self.start_primary(fresh=False)
-            elif role == "fenced":
-                self.role = "fenced"
+            self._start_witness()
+            await self._start_bgp()
+            if role in ("primary", "active"):
+                await self.start_primary(fresh=role == "primary")
+            elif role in ("fenced", "failed"):
+                self.role = role
                 self.gate.set_mode(GateMode.FENCED)
             else:
                 await self.start_standby()
+            self._tasks.append(asyncio.create_task(self._ha_loop()))
             await self._stop.wait()
         finally:
             await self.shutdown()
@@ -136,26 +149,29 @@ class SiteDaemon:
         p = Path(self.cfg.control.token_file)
         return p if p.is_absolute() else self.state_dir / p
 
-    def _load_role(self) -> str | None:
+    def _load_role(self) -> dict:
         try:
-            return json.loads((self.state_dir / "role.json").read_text())["role"]
-        except (FileNotFoundError, ValueError, KeyError):
-            return None
+            return json.loads((self.state_dir / "role.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
 
-    def _save_role(self, role: str) -> None:
-        self.role = role
+    def _save_role(self, role: str | None = None) -> None:
+        if role:
+            self.role = role
         tmp = self.state_dir / "role.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"role": role, "lease_generation": self.lease_generation, "run_id": self.run_id,
-                       "at": time.time()}, f)
+            json.dump({"role": self.role, "lease_generation": self.ha.generation if self.ha else 0,
+                       "run_id": self.run_id, "at": time.time()}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_dir / "role.json")
 
-    def _event(self, event: str, **fields) -> None:
-        self.events.append({"t": time.time(), "event": event, **fields})
-        del self.events[:-200]
+    def _mark(self, event: str, **fields) -> None:
+        """A timeline entry (also a log line): what happened, when, since the daemon started."""
+        self.timeline.append({"t": round(time.monotonic() - self._t0, 3), "wall": time.time(), "event": event,
+                              **fields})
+        del self.timeline[:-300]
         log.info(event, site=self.name, **fields)
 
     async def _start_gate(self) -> None:
@@ -167,25 +183,64 @@ class SiteDaemon:
                         hint="GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT=1: clients can see state the standby never got")
             mode = GateMode.OPEN
         self.gate = UserspaceGate(self.net_socket, fd, mode=mode)
+        self.gate.allow(False)  # nothing leaves before the HA machine opens the gate (lease in hand)
         await self.gate.start()
 
     async def _tap(self, up: bool) -> None:
         g = self.cfg.guest
         await asyncio.to_thread(configure_tap, TAP_NAME, str(g.gateway), g.prefix.prefixlen, up)
 
+    def _ssl(self, server: bool):
+        from geomirror import pairing
+
+        t = self.cfg.tls
+        return (pairing.server_context if server else pairing.client_context)(t.ca, t.cert, t.key)
+
+    # ------------------------------------------------------------ witness & BGP
+    def _start_witness(self) -> None:
+        w = self.cfg.witness
+        if w is None:
+            return
+        from geomirror.witness import WitnessClient
+
+        self.witness = WitnessClient(str(w.address), w.port, self._ssl(False), server_name=w.name,
+                                     timeout_s=max(0.3, w.renew_every_ms / 1000))
+
+    async def _start_bgp(self) -> None:
+        b = self.cfg.bgp
+        if not b.enabled:
+            return
+        try:
+            from bgp.speaker import Neighbor, Speaker
+        except ImportError as e:  # pragma: no cover
+            log.error("bgp.unavailable", site=self.name, error=str(e))
+            return
+
+        neighbors = [Neighbor(address=str(n.address), peer_as=n.peer_as,
+                              local_address=str(n.local_address) if n.local_address else None,
+                              hold_time=b.hold_time) for n in b.neighbors]
+        self.speaker = Speaker(router_id=str(self.cfg.site.router_id), local_as=self.cfg.site.asn,
+                               neighbors=neighbors, run_dir=self.run_dir / "bgp")
+        self.speaker.on_change = self._on_bgp_change
+        await self.speaker.start()
+
+    def _on_bgp_change(self) -> None:
+        sp = self.speaker
+        now_up = {n for n, st in sp.neighbor_states.items() if st == "up"}
+        for n in now_up - getattr(self, "_bgp_up", set()):
+            self._feed(ha.BgpNeighborUp(n))
+        for n in getattr(self, "_bgp_up", set()) - now_up:
+            self._feed(ha.BgpNeighborDown(n))
+        self._bgp_up = now_up
+        peer_as = self.cfg.peer.asn
+        if peer_as:
+            seen = any(r.as_path and r.as_path[-1] == peer_as
+                       for r in sp.received_routes(str(self.cfg.guest.prefix)))
+            if seen != getattr(self, "_peer_route", None):
+                self._peer_route = seen
+                self._feed(ha.PeerRouteSeen(seen))
+
     # ------------------------------------------------------------ primary
-    def _ssl_client(self):
-        from geomirror import pairing
-
-        t = self.cfg.tls
-        return pairing.client_context(t.ca, t.cert, t.key)
-
-    def _ssl_server(self):
-        from geomirror import pairing
-
-        t = self.cfg.tls
-        return pairing.server_context(t.ca, t.cert, t.key)
-
     async def start_primary(self, fresh: bool = True) -> None:
         ram = self.run_dir / "guest.ram"
         if fresh:
@@ -195,18 +250,25 @@ class SiteDaemon:
         self.guest = Guest(spec)
         await self.guest.start()
         await self.guest.wait_ready()
-        self._event("guest.ready", accel=spec.accel, memory_mb=spec.memory_mb)
-        self.capture = Capture(ram, spec.memory_mb << 20)
-        ck = self.cfg.checkpoint
+        self._mark("guest.ready", accel=spec.accel, memory_mb=spec.memory_mb)
+        self._begin_replication(spec, fresh)
+        self._save_role("primary" if fresh else "active")
+        self._tasks.append(asyncio.create_task(self._watch_guest(self.guest)))
+
+    def _begin_replication(self, spec: GuestSpec, fresh: bool) -> None:
+        """Checkpoint the running guest to the peer (after a takeover: to the old primary, once it
+        comes back as a standby)."""
         if fresh or not self.run_id:
             self.run_id = secrets.token_hex(8)
+        self.capture = Capture(spec.ram_path, spec.memory_mb << 20)
+        ck = self.cfg.checkpoint
         pcfg = PrimaryConfig(site=self.name, compat=spec.compat(), run_id=self.run_id, interval_ms=ck.interval_ms,
                              max_in_flight=ck.max_in_flight, heartbeat_ms=self.cfg.heartbeat.interval_ms,
                              compression_level=ck.compression_level,
                              min_timeout_ms=self.cfg.heartbeat.min_timeout_ms,
                              max_timeout_ms=self.cfg.heartbeat.max_timeout_ms)
         peer = self.cfg.peer
-        ctx = self._ssl_client()
+        ctx = self._ssl(False)
         max_frame = (spec.memory_mb << 20) + (64 << 20)
 
         async def connect():
@@ -214,48 +276,55 @@ class SiteDaemon:
                                            max_frame=max_frame, local_addr=(str(peer.listen), 0))
 
         self.primary = Primary(pcfg, self.guest, self.capture, self.gate, connect)
-        self._save_role("primary")
+        self.primary.generation_fn = lambda: self.ha.generation
+        self.primary.on_heartbeat = lambda gen, rtt: self._feed(ha.HeartbeatReceived(time.monotonic(), rtt, gen))
+        self.primary.on_commit = lambda epoch: self._feed(ha.StandbyReady(epoch))
         self._tasks.append(asyncio.create_task(self.primary.run()))
-        self._tasks.append(asyncio.create_task(self._watch_guest(self.guest)))
 
     async def _watch_guest(self, guest: Guest) -> None:
         rc = await guest.proc.wait()
-        if self._stop.is_set():
+        if self._stop.is_set() or guest is not self.guest:
             return
-        self._event("guest.exited", rc=rc, hint="the guest's QEMU died; this site no longer runs it")
+        self._mark("guest.exited", rc=rc, hint="the guest's QEMU died; this site fences itself and releases "
+                   "the lease so the standby can take over at once")
         if self.primary:
             self.primary.stop()
-        self.gate.set_mode(GateMode.FENCED)
-        self.role = "failed"
+        self._feed(ha.OperatorFence(time.monotonic()))  # close gate, withdraw, release the lease
+        self._save_role("failed")
 
     # ------------------------------------------------------------ standby
     async def start_standby(self) -> None:
         g = self.cfg.guest
         self.replica = Replica(self.state_dir / "replica", g.memory_mb << 20)
         report = await asyncio.to_thread(self.replica.open)
-        self._event("replica.open", committed_epoch=report.committed_epoch, valid=report.valid,
-                    recovered=report.recovered)
+        self._mark("replica.open", committed_epoch=report.committed_epoch, valid=report.valid,
+                   recovered=report.recovered)
         spec = self.guest_spec(incoming=True, ram_path=self.replica.ram_path, tag="standby")
         from geomirror import pairing
 
         expected = {self.cfg.peer.name}
-        self.standby = Standby(self.replica, spec.compat(), self.name, self.cfg.heartbeat.interval_ms,
+        hb = self.cfg.heartbeat
+        self.standby = Standby(self.replica, spec.compat(), self.name, hb.interval_ms,
                                allowed_peer=lambda ch: pairing.check_peer(ch.ssl_object(), expected),
-                               min_timeout_ms=self.cfg.heartbeat.min_timeout_ms,
-                               max_timeout_ms=self.cfg.heartbeat.max_timeout_ms)
+                               min_timeout_ms=hb.min_timeout_ms, max_timeout_ms=hb.max_timeout_ms)
+        self.standby.generation_fn = lambda: self.ha.generation
+        self.standby.on_heartbeat = lambda gen, rtt: self._feed(ha.HeartbeatReceived(time.monotonic(), rtt, gen))
         self.standby.on_commit = self._on_standby_commit
         self._standby_spec = spec
         await self._tap(False)
         peer = self.cfg.peer
         max_frame = (g.memory_mb << 20) + (64 << 20)
         self._server = await transport.serve(str(peer.listen), peer.listen_port, self.standby.handle,
-                                             ssl=self._ssl_server(), max_frame=max_frame)
+                                             ssl=self._ssl(True), max_frame=max_frame)
         self._save_role("standby")
-        self.role = "standby"
         if self.replica.valid:
+            self._feed(ha.ReplicaCommitted(self.replica.committed_epoch))
             self._tasks.append(asyncio.create_task(self._ensure_hot()))
+        if self.witness:
+            self._tasks.append(asyncio.create_task(self._probe_witness()))
 
     def _on_standby_commit(self, epoch: int) -> None:
+        self._feed(ha.ReplicaCommitted(epoch))
         if self.hot is None and not getattr(self, "_hot_starting", False):
             self._hot_starting = True
             self._tasks.append(asyncio.create_task(self._ensure_hot()))
@@ -265,57 +334,221 @@ class SiteDaemon:
         try:
             g = await start_hot_standby(self._standby_spec)
             self.hot = g
-            self._event("standby.hot_ready", pid=g.pid)
+            self._mark("standby.hot_ready", pid=g.pid)
         except Exception as e:
-            self._event("standby.hot_failed", error=str(e))
+            self._mark("standby.hot_failed", error=str(e))
         finally:
             self._hot_starting = False
 
-    # ------------------------------------------------------------ takeover / fence
-    async def promote(self, force: bool = False) -> dict:
-        """Take over the guest from the replica (operator command, or the HA machine's decision)."""
-        async with self._takeover_lock:
-            if self.role != "standby":
-                raise RuntimeError(f"site {self.name} is {self.role}, not standby; nothing to promote")
-            t0 = time.perf_counter()
-            steps = {}
+    async def _probe_witness(self) -> None:
+        """The standby learns whether the witness answers (the primary learns it from renewals)."""
+        from geomirror.witness import WitnessError
+
+        period = self.cfg.witness.renew_every_ms / 1000
+        while self.role == "standby":
+            try:
+                await self.witness.health()
+                self._feed(ha.WitnessReachable(time.monotonic()))
+            except WitnessError as e:
+                self._feed(ha.WitnessUnreachable(time.monotonic(), str(e)))
+            await asyncio.sleep(period)
+
+    # ------------------------------------------------------------ the HA machine
+    async def _ha_loop(self) -> None:
+        period = self.cfg.heartbeat.interval_ms / 1000 / 2
+        while True:
+            self._feed(ha.Tick(time.monotonic()))
+            await asyncio.sleep(period)
+
+    def _feed(self, event) -> None:
+        if self.ha is None:
+            return
+        gen_before = self.ha.generation
+        for action in self.ha.handle(event):
+            self._act(action)
+        if self.ha.generation != gen_before:
+            self._save_role()
+
+    def _act(self, a) -> None:
+        name = type(a).__name__
+        if isinstance(a, ha.Log):
+            if a.event == "ha.state":
+                self._mark("ha.state", **a.fields)
+            else:
+                log.info(a.event, site=self.name, **a.fields)
+        elif isinstance(a, ha.Alarm):
+            self.alarms.append(a.message)
+            del self.alarms[:-50]
+            log.warning("alarm", site=self.name, message=a.message)
+        elif isinstance(a, ha.AcquireLease):
+            self._spawn(self._lease_call("acquire"))
+        elif isinstance(a, ha.RenewLease):
+            self._spawn(self._lease_call("renew", a.generation))
+        elif isinstance(a, ha.ReleaseLease):
+            self._spawn(self._lease_call("release", a.generation))
+        elif isinstance(a, ha.ResumeGuest):
+            self._spawn(self._resume())
+        elif isinstance(a, ha.StopGuest):
+            self._spawn(self._stop_guest())
+        elif isinstance(a, ha.OpenGate):
+            self._mark("gate.open", generation=a.generation)
+            if self.gate.mode is GateMode.FENCED:
+                self.gate.set_mode(GateMode.HOLD if self.primary else GateMode.OPEN)
+            self.gate.allow(True)
+        elif isinstance(a, ha.CloseGate):
+            self._mark("gate.close")
+            self.gate.allow(False)
+            self.gate.set_mode(GateMode.FENCED)
+            if self.role in ("primary", "active"):
+                self._save_role("fenced")
+        elif isinstance(a, ha.Announce):
+            self._spawn(self._announce())
+        elif isinstance(a, ha.Withdraw):
+            self._spawn(self._withdraw())
+        elif isinstance(a, ha.SetProtection):
+            self._set_protection(a.protected)
+        else:  # pragma: no cover - a new action the daemon does not know is a bug
+            log.error("ha.unknown_action", action=name)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.append(t)
+        self._tasks[:] = [x for x in self._tasks if not x.done()]
+
+    async def _lease_call(self, op: str, generation: int | None = None) -> None:
+        from geomirror.witness import WitnessError, WitnessUnreachable
+
+        if self.witness is None:
+            return
+        w = self.cfg.witness
+        guest = self.cfg.guest.name
+        try:
+            if op == "acquire":
+                r = await self.witness.acquire(guest, w.lease_ttl_ms)
+                if r.ok:
+                    self._mark("lease.granted", generation=r.generation)
+                    self._feed(ha.LeaseGranted(r.generation, r.expires_at, time.monotonic()))
+                else:
+                    self._feed(ha.LeaseDenied(r.holder, r.generation))
+            elif op == "renew":
+                r = await self.witness.renew(guest, generation, w.lease_ttl_ms)
+                if r.ok:
+                    self._feed(ha.LeaseRenewed(r.generation, r.expires_at, time.monotonic()))
+                else:
+                    self._feed(ha.LeaseLost(r.holder, r.generation))
+            else:
+                await self.witness.release(guest, generation)
+        except WitnessUnreachable as e:
+            self._feed(ha.WitnessUnreachable(time.monotonic(), str(e)))
+        except WitnessError as e:
+            log.warning("lease.error", site=self.name, op=op, error=str(e))
+
+    def _set_protection(self, protected: bool) -> None:
+        if protected == self.protected:
+            return
+        self.protected = protected
+        self.protection_changes += 1
+        self._mark("protection.entered" if protected else "protection.left")
+        ck = self.cfg.checkpoint
+        if protected:
+            if self._unprotected_task:
+                self._unprotected_task.cancel()
+            if self.primary and self.gate.mode is GateMode.OPEN:
+                self.gate.set_mode(GateMode.HOLD)
+        elif ck.unreachable_policy == "continue-unprotected" and self.primary:
+            self._unprotected_task = asyncio.create_task(self._continue_unprotected(ck.unprotected_grace_ms))
+
+    async def _continue_unprotected(self, grace_ms: int) -> None:
+        await asyncio.sleep(grace_ms / 1000)
+        if not self.protected and self.ha.holding and self.gate.mode is GateMode.HOLD:
+            self._mark("protection.continue_unprotected", grace_ms=grace_ms,
+                       hint="the standby is unreachable; output flows without a replica (policy)")
+            self.gate.set_mode(GateMode.OPEN)
+
+    # ------------------------------------------------------------ takeover
+    async def _resume(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._mark("takeover.resume_begin", epoch=self.replica.committed_epoch if self.replica else None)
             await self.standby.stop_accepting()
             self._server.close()
-            steps["stop_replication_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            hot = self.hot
-            if hot is not None and (hot.proc.returncode is not None):
-                hot = None
-            t1 = time.perf_counter()
+            hot = self.hot if self.hot is not None and self.hot.proc.returncode is None else None
             await self._tap(True)
-            self.gate.open_after_resume()
-            steps["gate_open_ms"] = round((time.perf_counter() - t1) * 1000, 1)
+            self.gate.open_after_resume()  # the only copy now: frames flow once the gate is allowed
             guest, timings = await resume(self.replica, self._standby_spec, hot)
-            steps["resume"] = timings
-            self.guest = guest
-            self.hot = None
+            self.guest, self.hot = guest, None
             self.run_id = self.replica.run_id
+            self.takeover_report = {"epoch": self.replica.committed_epoch, "resume": timings,
+                                    "resume_ms": round((time.perf_counter() - t0) * 1000, 1)}
             self._save_role("active")
             self._tasks.append(asyncio.create_task(self._watch_guest(guest)))
-            steps["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            steps["epoch"] = self.replica.committed_epoch
-            self.takeover_report = steps
-            self._event("takeover.done", **{k: v for k, v in steps.items() if k != "resume"})
-            return steps
+            self._mark("takeover.resumed", **timings)
+            self._feed(ha.ResumeDone(time.monotonic()))
+            self._resumed.set()
+        except Exception as e:
+            log.exception("takeover.resume_failed", site=self.name)
+            self._feed(ha.ResumeFailed(str(e)))
 
-    async def fence(self, reason: str = "operator") -> None:
-        self._event("fence", reason=reason)
-        if self.gate:
-            self.gate.set_mode(GateMode.FENCED)
+    async def _stop_guest(self) -> None:
         if self.primary:
             self.primary.stop()
+        if self.guest:
+            self._mark("guest.stop", reason="another site runs the guest at a newer lease generation")
+            g, self.guest = self.guest, None
+            await g.close()
+
+    async def _announce(self) -> None:
+        if self.speaker is None:
+            return
+        b = self.cfg.bgp
+        try:
+            await self.speaker.announce(str(self.cfg.guest.prefix), med=b.med, communities=b.communities,
+                                        prepend=b.prepend)
+            self.announced = True
+            self._mark("bgp.announced", prefix=str(self.cfg.guest.prefix))
+        except Exception as e:
+            log.error("bgp.announce_failed", site=self.name, error=str(e))
+
+    async def _withdraw(self) -> None:
+        if self.speaker is None or not self.announced:
+            return
+        try:
+            await self.speaker.withdraw(str(self.cfg.guest.prefix))
+            self.announced = False
+            self._mark("bgp.withdrawn", prefix=str(self.cfg.guest.prefix))
+        except Exception as e:
+            log.error("bgp.withdraw_failed", site=self.name, error=str(e))
+
+    # ------------------------------------------------------------ operator
+    async def promote(self, force: bool = False, timeout: float = 60.0) -> dict:
+        if self.role in ("primary", "active"):
+            raise RuntimeError(f"site {self.name} already runs the guest ({self.ha.state})")
+        self._feed(ha.OperatorPromote(time.monotonic(), force))
+        try:
+            await asyncio.wait_for(self._resumed.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"promote did not complete in {timeout:.0f}s: "
+                               + (self.alarms[-1] if self.alarms else f"HA state {self.ha.state}")) from None
+        return {**(self.takeover_report or {}), "state": self.ha.state, "lease_generation": self.ha.generation}
+
+    async def fence(self, reason: str = "operator") -> None:
+        self._mark("fence", reason=reason)
+        self._feed(ha.OperatorFence(time.monotonic()))
         self._save_role("fenced")
 
     async def shutdown(self) -> None:
-        self._event("daemon.stop", role=self.role)
+        self._mark("daemon.stop", role=self.role)
         if self.primary:
             self.primary.stop()
         for t in self._tasks:
             t.cancel()
+        if self.speaker is not None:
+            try:
+                await asyncio.wait_for(self.speaker.stop(withdraw=True), 10)
+            except Exception:
+                pass
+        if self.witness is not None:
+            await self.witness.close()
         for g in (self.guest, self.hot):
             if g is not None:
                 try:
@@ -329,34 +562,43 @@ class SiteDaemon:
 
     # ------------------------------------------------------------ status
     def status(self) -> dict:
+        h = self.ha.snapshot() if self.ha else {}
         s = {
             "site": self.name,
             "role": self.role,
-            "lease_generation": self.lease_generation,
+            "ha_state": h.get("state"),
+            "lease_generation": h.get("lease_generation", 0),
             "committed_epoch": 0,
             "interval_ms": None,
             "rtt_ms": None,
             "last_pause_ms": None,
             "backlog_epochs": 0,
             "bgp_announced": self.announced,
+            "protected": self.protected,
+            "protection_changes": self.protection_changes,
+            "alarms": list(h.get("alarms", {}).values()),
             "gate": None,
+            "ha": h,
         }
         if self.gate:
-            s["gate"] = {"mode": self.gate.mode.value, **self.gate.stats.as_dict()}
+            s["gate"] = {"mode": self.gate.mode.value, "allowed": self.gate.allowed, **self.gate.stats.as_dict()}
         if self.primary:
             p = self.primary.summary()
             s.update(committed_epoch=p["committed_epoch"], interval_ms=p["interval_ms"], rtt_ms=p["rtt_ms"],
                      last_pause_ms=round(p["last_pause_ms"], 2), backlog_epochs=p["backlog_epochs"],
                      replication=p)
-        if self.standby:
+        elif self.standby:
             st = self.standby.status
             s.update(committed_epoch=self.replica.committed_epoch if self.replica else st.committed_epoch,
                      rtt_ms=self.standby.link.as_dict()["rtt_ms"],
                      replication={"state": st.state, "valid": st.valid, "peer": st.peer,
                                   "rejected_frames": st.rejected_frames, "last_apply_ms": round(st.last_apply_ms, 2),
                                   "hot_standby": self.hot is not None})
+        if self.speaker is not None:
+            s["bgp"] = {"neighbors": dict(self.speaker.neighbor_states)}
         if self.takeover_report:
             s["takeover"] = self.takeover_report
+        s["timeline"] = self.timeline[-60:]
         s["guest_pid"] = self.guest.pid if self.guest else None
         return s
 
@@ -377,13 +619,18 @@ class _Collector:
             ("geomirror_interval_ms", "interval_ms", "current checkpoint interval"),
             ("geomirror_rtt_ms", "rtt_ms", "inter-site round-trip time (EWMA)"),
             ("geomirror_backlog_epochs", "backlog_epochs", "checkpoints waiting for acknowledgement"),
+            ("geomirror_lease_generation", "lease_generation", "witness lease generation held or last held"),
         ):
             g = GaugeMetricFamily(name, help_)
             if s.get(key) is not None:
                 g.add_metric([], float(s[key]))
             yield g
+        c = CounterMetricFamily("geomirror_protection_changes", "times this site entered or left protection")
+        c.add_metric([], float(s["protection_changes"]))
+        yield c
         gate = s.get("gate") or {}
-        for k in ("frames_held", "bytes_held", "frames_out", "frames_dropped", "last_release_delay_ms"):
+        for k in ("frames_held", "bytes_held", "frames_out", "frames_dropped", "last_release_delay_ms",
+                  "epochs_released"):
             g = GaugeMetricFamily(f"geomirror_gate_{k}", f"output gate {k.replace('_', ' ')}")
             if k in gate:
                 g.add_metric([], float(gate[k]))

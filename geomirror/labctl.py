@@ -225,14 +225,26 @@ def main(args) -> int:
     return 0
 
 
-def takeover(site: str = "site-b", timeout: float = 120.0) -> dict:
-    """After the other site is lost: have `site` take over and move the route to it.
-
-    Until automatic takeover drives the lab, this is the operator's `promote --force`
-    plus the lab's static route switch.
-    """
-    rep = site_call(site, "POST", "/v1/promote", {"force": True}, timeout=timeout)
-    lab.route_static_to(site)
+def takeover(site: str = "site-b", timeout: float = 60.0, promote: bool = False) -> dict:
+    """After the other site is lost: wait until `site` has taken over on its own (lease, resume,
+    gate, announce) and return its takeover report. `promote=True` asks for it (operator path).
+    While the lab routes the guest prefix statically, the static route follows the takeover."""
+    if promote:
+        rep = site_call(site, "POST", "/v1/promote", {"force": True}, timeout=timeout)
+    else:
+        deadline = time.monotonic() + timeout
+        st = None
+        while time.monotonic() < deadline:
+            st = site_status(site, timeout=3)
+            if st and st.get("role") == "active" and st.get("takeover"):
+                break
+            time.sleep(0.05)
+        else:
+            raise LabError(f"{site} did not take over within {timeout:.0f}s; last status: "
+                           f"{json.dumps({k: (st or {}).get(k) for k in ('role', 'ha_state', 'alarms')})}")
+        rep = {**st["takeover"], "lease_generation": st["lease_generation"]}
+    if lab.load_state().get("routing") == "static":
+        lab.route_static_to(site)
     return rep
 
 
@@ -275,10 +287,9 @@ def demo(args) -> int:
         lab.crash("site-a")
         tc = time.monotonic()
         print(f"[{tc - t0:5.1f}s] site-a lost (all its processes killed, links down)")
-        rep = site_call("site-b", "POST", "/v1/promote", {"force": True}, timeout=120)
-        lab.route_static_to("site-b")
-        print(f"[{time.monotonic() - t0:5.1f}s] site-b resumed the guest from epoch {rep.get('epoch')} "
-              f"in {rep.get('total_ms')} ms")
+        rep = takeover("site-b")
+        print(f"[{time.monotonic() - t0:5.1f}s] site-b took over: lease generation {rep.get('lease_generation')}, "
+              f"resumed epoch {rep.get('epoch')} in {rep['resume']['total_ms']} ms")
         v = mc.incr("counter")
         print(f"[{time.monotonic() - t0:5.1f}s] client: the same connection continues: counter={v} "
               f"(expected {last + 1}); greeting={mc.get('greeting')!r}")

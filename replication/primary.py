@@ -33,7 +33,7 @@ from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgTy
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
-_HB = struct.Struct(">QQ")
+_HB = struct.Struct(">QQQ")  # seq, sender monotonic ns, sender lease generation
 
 
 @dataclass
@@ -97,6 +97,8 @@ class Primary:
         self._last_heard = time.monotonic()
         self._pause_lock = asyncio.Lock()  # one checkpoint at a time (also vs. operator actions)
         self.on_commit: Callable[[int], None] | None = None
+        self.on_heartbeat: Callable[[int, float], None] | None = None  # (peer generation, rtt ms)
+        self.generation_fn: Callable[[], int] = lambda: 0
         self._stop = asyncio.Event()
         self._hold_checkpoints = asyncio.Event()
         self._hold_checkpoints.set()
@@ -317,8 +319,10 @@ class Primary:
                 self._on_ack(epoch)
             elif mtype is MsgType.HEARTBEAT:
                 await ch.send(MsgType.HEARTBEAT_ECHO, payload)
+                if self.on_heartbeat:
+                    self.on_heartbeat(_HB.unpack(payload)[2], self.link.rtt_ms or 0.0)
             elif mtype is MsgType.HEARTBEAT_ECHO:
-                _, sent_ns = _HB.unpack(payload)
+                _, sent_ns, _ = _HB.unpack(payload)
                 self.link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
             else:
                 raise ChannelError(f"standby sent unexpected {mtype.name}")
@@ -346,7 +350,7 @@ class Primary:
         seq = 0
         while True:
             seq += 1
-            await ch.send(MsgType.HEARTBEAT, _HB.pack(seq, time.monotonic_ns()))
+            await ch.send(MsgType.HEARTBEAT, _HB.pack(seq, time.monotonic_ns(), self.generation_fn()))
             await asyncio.sleep(self.cfg.heartbeat_ms / 1000)
 
     def silence_ms(self) -> float:

@@ -25,7 +25,7 @@ from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgTy
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
-_HB = struct.Struct(">QQ")
+_HB = struct.Struct(">QQQ")  # seq, sender monotonic ns, sender lease generation
 
 
 @dataclass
@@ -57,6 +57,8 @@ class Standby:
         self.accepting = True
         self.on_commit = None
         self.on_heard = None
+        self.on_heartbeat = None  # (peer generation, rtt ms)
+        self.generation_fn = lambda: 0
 
     def silence_ms(self) -> float:
         return (time.monotonic() - self._last_heard) * 1000
@@ -130,8 +132,10 @@ class Standby:
                 raise ChannelError("this site has taken over; dropping the replication session")
             if mtype is MsgType.HEARTBEAT:
                 await ch.send(MsgType.HEARTBEAT_ECHO, payload)
+                if self.on_heartbeat:
+                    self.on_heartbeat(_HB.unpack(payload)[2], self.link.rtt_ms or 0.0)
             elif mtype is MsgType.HEARTBEAT_ECHO:
-                _, sent_ns = _HB.unpack(payload)
+                _, sent_ns, _ = _HB.unpack(payload)
                 self.link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
             elif mtype is MsgType.SYNC_BEGIN:
                 try:
@@ -206,7 +210,7 @@ class Standby:
         try:
             while True:
                 seq += 1
-                await ch.send(MsgType.HEARTBEAT, _HB.pack(seq, time.monotonic_ns()))
+                await ch.send(MsgType.HEARTBEAT, _HB.pack(seq, time.monotonic_ns(), self.generation_fn()))
                 await asyncio.sleep(self.heartbeat_ms / 1000)
         except (ChannelError, ConnectionError, OSError):
             pass

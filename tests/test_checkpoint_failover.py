@@ -48,7 +48,7 @@ def test_kill_primary_qemu_resume_at_standby_same_connection(lab_up):
 
     os.kill(a["guest_pid"], signal.SIGKILL)
     t0 = time.monotonic()
-    report = labctl.takeover("site-b")
+    report = labctl.takeover("site-b", promote=True)
     assert report["epoch"] >= epoch
 
     # The same connection: no reset, the counter continues from the last value seen.
@@ -59,7 +59,7 @@ def test_kill_primary_qemu_resume_at_standby_same_connection(lab_up):
     assert mc.incr("counter") == last + 2
     b = labctl.site_status("site-b")
     assert b["role"] == "active"
-    print(f"\nfailover: resumed epoch {report['epoch']} in {report['total_ms']} ms "
+    print(f"\nfailover: resumed epoch {report['epoch']} in {report['resume']['total_ms']} ms "
           f"(hot standby: {report['resume'].get('hot_standby')}), client stall {stall:.2f}s, "
           f"last pause at primary {a['last_pause_ms']} ms")
     mc.close()
