@@ -1,8 +1,9 @@
 """Site and witness configuration: TOML into frozen dataclasses, validated.
 
 Every error is a ConfigError naming the file, the dotted key and what is wrong.
-Unknown keys are errors (with a suggestion). Relative paths resolve against the
-config file's directory. The reference is docs/config.md.
+Unknown keys are errors at every level (with a suggestion). Relative paths resolve
+against the config file's directory; `control.token_file` against `site.state_dir`.
+The reference is docs/config.md.
 """
 
 from __future__ import annotations
@@ -10,16 +11,21 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import stat
 import tomllib
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from geomirror.errors import ConfigError
 
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _COMMUNITY = re.compile(r"^(\d{1,10}):(\d{1,10})$")
+_TOML_POS = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
+MAX_ASN = 4294967295
+# run_dir holds UNIX sockets (e.g. bgp/exabgp.sock, qmp-primary.sock): sun_path is 108 bytes
+MAX_RUN_DIR = 80
 
 
 # ---------------------------------------------------------------- sections
@@ -85,7 +91,7 @@ class GuestSection:
     name: str = "guest"
     memory_mb: int = 128
     vcpus: int = 1
-    kernel: str = ""
+    kernel: str = ""  # "" = the image from `geomirror guest build`; else an absolute path
     initrd: str = ""
     append: str = ""
     machine: str = "pc"
@@ -119,7 +125,7 @@ class HeartbeatSection:
 class ControlSection:
     listen: ipaddress.IPv4Address = ipaddress.IPv4Address("127.0.0.1")
     port: int = 7780
-    token_file: str = "control.token"
+    token_file: Path = Path("control.token")  # resolved against site.state_dir by load_site
 
 
 @dataclass(frozen=True)
@@ -136,10 +142,8 @@ class SiteConfig:
     control: ControlSection = ControlSection()
 
     def check_files(self) -> None:
-        for k in ("ca", "cert", "key"):
-            p = getattr(self.tls, k)
-            if not p.exists():
-                raise ConfigError(self.path, f"tls.{k}", f"file {p} does not exist (run `geomirror pair init`)")
+        """The TLS files exist, the key is private, the certificate names this site and chains to the CA."""
+        _check_tls(self.path, self.tls, self.site.name)
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ class WitnessSection:
     name: str = "witness"
     port: int = 7790
     state_dir: Path = Path("/var/lib/geomirror-witness")
-    sites: tuple[str, ...] = ()
+    sites: tuple[str, ...] = ()  # () = any certificate from the pair CA may hold a lease
 
 
 @dataclass(frozen=True)
@@ -157,8 +161,38 @@ class WitnessConfig:
     witness: WitnessSection
     tls: TLSSection
 
+    def check_files(self) -> None:
+        _check_tls(self.path, self.tls, self.witness.name)
+
+
+def _check_tls(path: Path, tls: TLSSection, name: str) -> None:
+    from geomirror.pairing import PairingError, check_leaf
+
+    for k in ("ca", "cert", "key"):
+        p = getattr(tls, k)
+        if not p.is_file():
+            raise ConfigError(path, f"tls.{k}", f"file {p} does not exist (run `geomirror pair init`)")
+    mode = stat.S_IMODE(tls.key.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(path, "tls.key", f"{tls.key} is readable by others (mode {mode:04o}); chmod 600 it")
+    try:
+        check_leaf(tls.ca, tls.cert, tls.key, name)
+    except PairingError as e:
+        raise ConfigError(path, "tls.cert", str(e)) from None
+
 
 # ---------------------------------------------------------------- the loader
+
+def _tname(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _unknown(L: "_Loader", key: str, name: str, known, what: str = "key") -> ConfigError:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    return L.err(key, f"unknown {what} '{name}'{hint}")
+
 
 class _Loader:
     def __init__(self, path: Path):
@@ -168,59 +202,59 @@ class _Loader:
     def err(self, key: str | None, problem: str) -> ConfigError:
         return ConfigError(self.path, key, problem)
 
-    def table(self, data: Any, key: str, required: bool = True) -> dict | None:
-        v = data.get(key.rsplit(".", 1)[-1]) if isinstance(data, dict) else None
+    def top(self, data: dict, known: set[str]) -> None:
+        for k, v in data.items():
+            if k not in known:
+                raise _unknown(self, k, k, known, "table" if isinstance(v, dict) else "key")
+
+    def table(self, data: dict, key: str, required: bool = True) -> dict | None:
+        v = data.get(key.rsplit(".", 1)[-1])
         if v is None:
             if required:
-                raise self.err(key, "missing table")
+                raise self.err(key, f"missing table [{key}]")
             return None
         if not isinstance(v, dict):
-            raise self.err(key, f"must be a table, not {_tname(v)}")
+            raise self.err(key, f"must be a table ([{key}]), not {_tname(v)}")
         return v
 
-    def section(self, cls, data: dict | None, prefix: str, convert: dict | None = None):
-        """Build dataclass `cls` from `data`, checking keys and types; `convert` maps key -> fn."""
+    def section(self, cls, data: dict | None, prefix: str, convert: dict[str, Callable] | None = None,
+                ranges: dict[str, tuple] | None = None):
+        """Build dataclass `cls` from `data`: unknown keys, types, conversions (key -> fn), ranges."""
         data = data or {}
         convert = convert or {}
         known = {f.name for f in fields(cls)}
         for k in data:
             if k not in known:
-                close = difflib.get_close_matches(k, sorted(known), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
-                raise self.err(f"{prefix}.{k}", f"unknown key '{k}'{hint}")
+                raise _unknown(self, f"{prefix}.{k}", k, known)
         kw = {}
         for f in fields(cls):
+            key = f"{prefix}.{f.name}"
             if f.name not in data:
                 if f.default is MISSING and f.default_factory is MISSING:
-                    raise self.err(f"{prefix}.{f.name}", "missing (required)")
+                    raise self.err(key, "missing (required)")
                 continue
             v = data[f.name]
-            key = f"{prefix}.{f.name}"
             fn = convert.get(f.name)
             try:
                 kw[f.name] = fn(v) if fn else _typed(v, f.type)
-            except ConfigError:
-                raise
             except (ValueError, TypeError) as e:
                 raise self.err(key, str(e)) from None
+            lo_hi = (ranges or {}).get(f.name)
+            if lo_hi and not lo_hi[0] <= kw[f.name] <= lo_hi[1]:
+                raise self.err(key, f"{v} is out of range ({lo_hi[0]}..{lo_hi[1]})")
         return cls(**kw)
 
     def path_(self, v) -> Path:
         if not isinstance(v, str) or not v:
-            raise ValueError(f"must be a non-empty path string, not {_tname(v)}")
+            raise TypeError(f"must be a non-empty path string, not {_tname(v)} ({v!r})")
         p = Path(v)
         return p if p.is_absolute() else (self.base / p)
 
 
-def _tname(v) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "a table"}.get(type(v), type(v).__name__)
-
-
 def _typed(v, t: str):
-    """Check/convert a scalar against the annotation string `t`."""
+    """Check/convert a TOML value against the annotation string `t`."""
     t = str(t)
-    if t in ("str",):
+    if t == "str":
         if not isinstance(v, str):
             raise TypeError(f"must be a string, not {_tname(v)} ({v!r})")
         return v
@@ -238,21 +272,19 @@ def _typed(v, t: str):
         return float(v)
     if "IPv4Address" in t:
         if not isinstance(v, str):
-            raise TypeError(f"must be an IPv4 address string, not {_tname(v)}")
+            raise TypeError(f"must be an IPv4 address string, not {_tname(v)} ({v!r})")
         try:
             return ipaddress.IPv4Address(v)
         except ValueError:
             raise ValueError(f"{v} is not an IPv4 address") from None
     if "IPv4Network" in t:
         if not isinstance(v, str):
-            raise TypeError(f"must be a prefix string like 198.51.100.0/24, not {_tname(v)}")
+            raise TypeError(f"must be a prefix string like 198.51.100.0/24, not {_tname(v)} ({v!r})")
         try:
             return ipaddress.IPv4Network(v)
         except ValueError as e:
             raise ValueError(f"{v} is not an IPv4 prefix ({e})") from None
-    if t == "Path":
-        raise AssertionError("paths are converted explicitly")
-    raise AssertionError(f"no converter for {t}")
+    raise AssertionError(f"no converter for {t}")  # a field without a converter: a bug here
 
 
 def _read(path) -> tuple[Path, dict]:
@@ -261,127 +293,104 @@ def _read(path) -> tuple[Path, dict]:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(path, None, "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, None, "is a directory, not a config file") from None
     except OSError as e:
         raise ConfigError(path, None, f"cannot read: {e.strerror}") from None
     try:
         return path.resolve(), tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(path, None, "not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, None, f"TOML syntax error: {e}") from None
-
-
-def _range(L: _Loader, key: str, v, lo, hi) -> None:
-    if v is not None and not (lo <= v <= hi):
-        raise L.err(key, f"{v} is out of range ({lo}..{hi})")
+        m = _TOML_POS.match(str(e))
+        where = f" at line {m.group(2)}, column {m.group(3)}" if m else ""
+        raise ConfigError(path, None, f"TOML syntax error{where}: {m.group(1) if m else e}") from None
 
 
 def _name(v) -> str:
-    if not isinstance(v, str) or not _NAME.match(v):
+    if not isinstance(v, str):
+        raise TypeError(f"must be a string, not {_tname(v)} ({v!r})")
+    if not NAME_PATTERN.match(v):
         raise ValueError(f"{v!r} is not a valid name (lowercase letters, digits and '-', e.g. site-a)")
     return v
 
 
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def check(v):
+        if not isinstance(v, str):
+            raise TypeError(f"must be a string, not {_tname(v)} ({v!r})")
+        if v not in allowed:
+            raise ValueError(f"{v!r} must be one of {', '.join(allowed)}")
+        return v
+    return check
+
+
+def _communities(v) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+        raise TypeError(f"must be an array of strings like \"64501:100\", not {v!r}")
+    for c in v:
+        m = _COMMUNITY.match(c)
+        if not m or int(m.group(1)) > 65535 or int(m.group(2)) > 65535:
+            raise ValueError(f"{c!r} is not a community (ASN:VALUE, each 0..65535)")
+    return tuple(v)
+
+
+def _mac(v) -> str:
+    if not isinstance(v, str) or not _MAC.match(v.lower()):
+        raise ValueError(f"{v!r} is not a MAC address (like 52:54:00:12:34:56)")
+    if int(v[:2], 16) & 1:
+        raise ValueError(f"{v} is a multicast address; a NIC needs a unicast MAC (first octet even)")
+    return v.lower()
+
+
+PORT = (1, 65535)
+ASN = (1, MAX_ASN)
+SITE_TABLES = {"site", "peer", "tls", "witness", "bgp", "guest", "checkpoint", "heartbeat", "control"}
+
+
 def load_site(path) -> SiteConfig:
+    """Read and validate a site config; raises ConfigError naming file, key and problem."""
     path, data = _read(path)
     L = _Loader(path)
-    top = {"site", "peer", "tls", "witness", "bgp", "guest", "checkpoint", "heartbeat", "control"}
-    for k in data:
-        if k not in top:
-            close = difflib.get_close_matches(k, sorted(top), n=1)
-            raise L.err(k, f"unknown table '{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-
-    def role(v):
-        if v not in ("primary", "standby"):
-            raise ValueError(f"{v!r} must be 'primary' or 'standby'")
-        return v
+    L.top(data, SITE_TABLES)
 
     site = L.section(SiteSection, L.table(data, "site"), "site", {
-        "name": _name, "state_dir": L.path_, "run_dir": L.path_, "initial_role": role})
-    _range(L, "site.asn", site.asn, 1, 4294967295)
-    peer = L.section(PeerSection, L.table(data, "peer"), "peer", {"name": _name})
+        "name": _name, "state_dir": L.path_, "run_dir": L.path_,
+        "initial_role": _choice("primary", "standby")}, {"asn": ASN})
+    if len(str(site.run_dir)) > MAX_RUN_DIR:
+        raise L.err("site.run_dir", f"{site.run_dir} is too long for the UNIX sockets it holds "
+                    f"(at most {MAX_RUN_DIR} characters)")
+
+    peer = L.section(PeerSection, L.table(data, "peer"), "peer", {"name": _name},
+                     {"port": PORT, "listen_port": PORT, "asn": ASN})
     if peer.name == site.name:
         raise L.err("peer.name", f"the peer must be another site than this one ({site.name})")
-    for k in ("port", "listen_port"):
-        _range(L, f"peer.{k}", getattr(peer, k), 1, 65535)
-    _range(L, "peer.asn", peer.asn, 1, 4294967295)
+    if peer.address == peer.listen:
+        raise L.err("peer.address", f"{peer.address} is also peer.listen: the peer's address must be its own")
+    if peer.asn is not None and peer.asn == site.asn:
+        raise L.err("peer.asn", f"{peer.asn} is site.asn too: the peer's routes could not be told from ours "
+                    "(leave peer.asn out when both sites share an AS)")
     tls = L.section(TLSSection, L.table(data, "tls"), "tls", {k: L.path_ for k in ("ca", "cert", "key")})
 
     wdata = L.table(data, "witness", required=False)
-    witness = L.section(WitnessRef, wdata, "witness", {"name": _name}) if wdata is not None else None
-    if witness:
-        _range(L, "witness.port", witness.port, 1, 65535)
+    witness = None
+    if wdata is not None:
+        witness = L.section(WitnessRef, wdata, "witness", {"name": _name},
+                            {"port": PORT, "lease_ttl_ms": (50, 600_000), "renew_every_ms": (10, 600_000)})
+        if witness.name in (site.name, peer.name):
+            raise L.err("witness.name", f"{witness.name!r} is a site's name; the witness needs its own certificate")
         if witness.renew_every_ms * 3 > witness.lease_ttl_ms:
             raise L.err("witness.renew_every_ms", f"{witness.renew_every_ms} ms leaves too little margin: renew "
                         f"at least three times per lease_ttl_ms ({witness.lease_ttl_ms} ms)")
 
-    bdata = dict(L.table(data, "bgp", required=False) or {})
-    raw_neighbors = bdata.pop("neighbor", [])
-    if not isinstance(raw_neighbors, list):
-        raise L.err("bgp.neighbor", "must be an array of tables ([[bgp.neighbor]])")
-    neighbors = []
-    for i, n in enumerate(raw_neighbors):
-        if not isinstance(n, dict):
-            raise L.err(f"bgp.neighbor[{i}]", "must be a table")
-        nb = L.section(Neighbor, n, f"bgp.neighbor[{i}]")
-        _range(L, f"bgp.neighbor[{i}].peer_as", nb.peer_as, 1, 4294967295)
-        neighbors.append(nb)
-
-    def communities(v):
-        if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
-            raise TypeError("must be an array of strings like \"64501:100\"")
-        for c in v:
-            m = _COMMUNITY.match(c)
-            if not m or int(m.group(1)) > 65535 or int(m.group(2)) > 65535:
-                raise ValueError(f"{c!r} is not a community (ASN:VALUE, each 0..65535)")
-        return tuple(v)
-
-    bgp = L.section(BGPSection, bdata, "bgp", {"communities": communities})
-    bgp = BGPSection(**{**bgp.__dict__, "neighbors": tuple(neighbors)})
-    _range(L, "bgp.prepend", bgp.prepend, 0, 8)
-    _range(L, "bgp.med", bgp.med, 0, 4294967295)
-    if bgp.hold_time != 0:
-        _range(L, "bgp.hold_time", bgp.hold_time, 3, 65535)
-    if bgp.enabled and not neighbors:
-        raise L.err("bgp.neighbor", "BGP is enabled but no [[bgp.neighbor]] is configured")
-
-    def mac(v):
-        if not isinstance(v, str) or not _MAC.match(v):
-            raise ValueError(f"{v!r} is not a MAC address (aa:bb:cc:dd:ee:ff, lowercase)")
-        return v
-
-    def accel(v):
-        if v not in ("auto", "kvm", "tcg"):
-            raise ValueError(f"{v!r} must be auto, kvm or tcg")
-        return v
-
-    guest = L.section(GuestSection, L.table(data, "guest"), "guest", {"mac": mac, "accel": accel, "name": _name})
-    for k in ("address", "gateway"):
-        a = getattr(guest, k)
-        if a not in guest.prefix:
-            raise L.err(f"guest.{k}", f"{a} is outside guest.prefix {guest.prefix}")
-        if a in (guest.prefix.network_address, guest.prefix.broadcast_address):
-            raise L.err(f"guest.{k}", f"{a} is the network or broadcast address of {guest.prefix}")
-    if guest.address == guest.gateway:
-        raise L.err("guest.gateway", f"{guest.gateway} is the guest's own address")
-    _range(L, "guest.memory_mb", guest.memory_mb, 16, 65536)
-    _range(L, "guest.vcpus", guest.vcpus, 1, 64)
-    if bool(guest.kernel) != bool(guest.initrd):
-        raise L.err("guest.initrd" if guest.kernel else "guest.kernel",
-                    "kernel and initrd go together (leave both empty for the built image)")
-    if guest.kernel:
-        guest = GuestSection(**{**guest.__dict__, "kernel": str(L.path_(guest.kernel)),
-                                "initrd": str(L.path_(guest.initrd))})
-
-    def policy(v):
-        if v not in ("stall", "continue-unprotected"):
-            raise ValueError(f"{v!r} must be 'stall' or 'continue-unprotected'")
-        return v
+    bgp = _load_bgp(L, L.table(data, "bgp", required=False))
+    guest = _load_guest(L, L.table(data, "guest"))
 
     ck = L.section(CheckpointSection, L.table(data, "checkpoint", required=False), "checkpoint",
-                   {"unreachable_policy": policy})
-    _range(L, "checkpoint.min_interval_ms", ck.min_interval_ms, 1, 60000)
-    _range(L, "checkpoint.max_interval_ms", ck.max_interval_ms, 1, 60000)
+                   {"unreachable_policy": _choice("stall", "continue-unprotected")},
+                   {"interval_ms": (1, 60_000), "min_interval_ms": (1, 60_000), "max_interval_ms": (1, 60_000),
+                    "latency_budget_ms": (1, 600_000), "max_wan_mbit": (0, 1e6), "max_in_flight": (1, 64),
+                    "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000)})
     if ck.min_interval_ms > ck.max_interval_ms:
         raise L.err("checkpoint.min_interval_ms", f"{ck.min_interval_ms:g} is above max_interval_ms "
                     f"{ck.max_interval_ms:g}")
@@ -389,40 +398,122 @@ def load_site(path) -> SiteConfig:
         raise L.err("checkpoint.interval_ms", f"{ck.interval_ms:g} is outside min_interval_ms..max_interval_ms "
                     f"({ck.min_interval_ms:g}..{ck.max_interval_ms:g})")
     if not 0 < ck.max_pause_share < 1:
-        raise L.err("checkpoint.max_pause_share", f"{ck.max_pause_share} must be between 0 and 1")
-    _range(L, "checkpoint.max_in_flight", ck.max_in_flight, 1, 64)
-    _range(L, "checkpoint.compression_level", ck.compression_level, 1, 19)
-    if ck.max_wan_mbit < 0:
-        raise L.err("checkpoint.max_wan_mbit", "must not be negative (0 = unlimited)")
+        raise L.err("checkpoint.max_pause_share", f"{ck.max_pause_share:g} must be between 0 and 1 (exclusive)")
     if ck.unreachable_policy == "continue-unprotected" and witness is None:
         raise L.err("checkpoint.unreachable_policy", "continue-unprotected needs a [witness]: running "
-                    "unprotected is only safe while this site holds the witness lease")
+                    "unprotected is only safe while this site holds the witness lease, otherwise the "
+                    "standby may take over at the same time (split brain)")
 
-    hb = L.section(HeartbeatSection, L.table(data, "heartbeat", required=False), "heartbeat")
+    hb = L.section(HeartbeatSection, L.table(data, "heartbeat", required=False), "heartbeat", None,
+                   {"interval_ms": (1, 60_000), "min_timeout_ms": (1, 600_000), "max_timeout_ms": (1, 600_000)})
     if hb.min_timeout_ms > hb.max_timeout_ms:
-        raise L.err("heartbeat.min_timeout_ms", f"{hb.min_timeout_ms:g} is above max_timeout_ms {hb.max_timeout_ms:g}")
+        raise L.err("heartbeat.min_timeout_ms", f"{hb.min_timeout_ms:g} is above max_timeout_ms "
+                    f"{hb.max_timeout_ms:g}")
     if hb.interval_ms * 2 > hb.min_timeout_ms:
         raise L.err("heartbeat.min_timeout_ms", f"{hb.min_timeout_ms:g} ms is less than two heartbeat intervals "
                     f"({hb.interval_ms:g} ms)")
-    ctl = L.section(ControlSection, L.table(data, "control", required=False), "control")
-    _range(L, "control.port", ctl.port, 1, 65535)
+
+    def token(v) -> Path:
+        if not isinstance(v, str) or not v:
+            raise TypeError(f"must be a non-empty path string, not {_tname(v)} ({v!r})")
+        return Path(v) if Path(v).is_absolute() else site.state_dir / v
+
+    ctl = L.section(ControlSection, L.table(data, "control", required=False), "control",
+                    {"token_file": token}, {"port": PORT})
+    if "token_file" not in (data.get("control") or {}):
+        ctl = replace(ctl, token_file=site.state_dir / ctl.token_file)
     return SiteConfig(path, site, peer, tls, guest, witness, bgp, ck, hb, ctl)
 
 
+def _load_bgp(L: _Loader, data: dict | None) -> BGPSection:
+    data = dict(data or {})
+    raw = data.pop("neighbor", [])
+    if not isinstance(raw, list):
+        raise L.err("bgp.neighbor", "must be an array of tables ([[bgp.neighbor]])")
+    neighbors = []
+    for i, n in enumerate(raw):
+        if not isinstance(n, dict):
+            raise L.err(f"bgp.neighbor[{i}]", f"must be a table, not {_tname(n)}")
+        nb = L.section(Neighbor, n, f"bgp.neighbor[{i}]", None, {"peer_as": ASN})
+        if any(nb.address == o.address for o in neighbors):
+            raise L.err(f"bgp.neighbor[{i}].address", f"{nb.address} is configured twice")
+        neighbors.append(nb)
+    bgp = L.section(BGPSection, data, "bgp", {"communities": _communities},
+                    {"prepend": (0, 8), "med": (0, MAX_ASN), "hold_time": (0, 65535)})
+    if 0 < bgp.hold_time < 3:
+        raise L.err("bgp.hold_time", f"{bgp.hold_time} is not allowed by BGP (0, or 3..65535 seconds)")
+    if bgp.enabled and not neighbors:
+        raise L.err("bgp.neighbor", "BGP is enabled but no [[bgp.neighbor]] is configured")
+    return replace(bgp, neighbors=tuple(neighbors))
+
+
+def _load_guest(L: _Loader, data: dict) -> GuestSection:
+    data = dict(data)
+    disk = data.pop("disk", "")
+    if disk != "":
+        raise L.err("guest.disk", "guest disks are not replicated (checkpoints carry RAM and device state "
+                    "only), so a standby would resume against a stale disk; keep the guest's state in RAM "
+                    "and leave disk empty")
+    g = L.section(GuestSection, data, "guest",
+                  {"mac": _mac, "accel": _choice("auto", "kvm", "tcg"), "name": _name},
+                  {"memory_mb": (16, 65536), "vcpus": (1, 64)})
+    for k in ("address", "gateway"):
+        a = getattr(g, k)
+        if a not in g.prefix:
+            raise L.err(f"guest.{k}", f"{a} is outside guest.prefix {g.prefix}")
+        if g.prefix.prefixlen < 31 and a in (g.prefix.network_address, g.prefix.broadcast_address):
+            raise L.err(f"guest.{k}", f"{a} is the network or broadcast address of {g.prefix}")
+    if g.address == g.gateway:
+        raise L.err("guest.gateway", f"{g.gateway} is the guest's own address (guest.address)")
+    if bool(g.kernel) != bool(g.initrd):
+        raise L.err("guest.initrd" if g.kernel else "guest.kernel",
+                    "kernel and initrd go together (leave both empty for the built image)")
+    if g.kernel:
+        g = replace(g, kernel=str(L.path_(g.kernel)), initrd=str(L.path_(g.initrd)))
+    return g
+
+
 def load_witness(path) -> WitnessConfig:
+    """Read and validate a witness config."""
     path, data = _read(path)
     L = _Loader(path)
-    for k in data:
-        if k not in ("witness", "tls"):
-            raise L.err(k, f"unknown table '{k}'")
+    L.top(data, {"witness", "tls"})
 
     def sites(v):
         if not isinstance(v, list):
-            raise TypeError("must be an array of site names")
-        return tuple(_name(s) for s in v)
+            raise TypeError(f"must be an array of site names, not {_tname(v)} ({v!r})")
+        names = tuple(_name(s) for s in v)
+        if len(set(names)) != len(names):
+            raise ValueError(f"{list(names)} names a site twice")
+        return names
 
     w = L.section(WitnessSection, L.table(data, "witness"), "witness",
-                  {"state_dir": L.path_, "sites": sites, "name": _name})
-    _range(L, "witness.port", w.port, 1, 65535)
+                  {"state_dir": L.path_, "sites": sites, "name": _name}, {"port": PORT})
+    if w.name in w.sites:
+        raise L.err("witness.sites", f"{w.name!r} is the witness's own name")
     tls = L.section(TLSSection, L.table(data, "tls"), "tls", {k: L.path_ for k in ("ca", "cert", "key")})
     return WitnessConfig(path, w, tls)
+
+
+def check(path, files: bool = False) -> str:
+    """Load a site or witness config (told apart by its tables); with `files`, check TLS files too."""
+    _, data = _read(path)
+    cfg = load_site(path) if "site" in data or "witness" not in data else load_witness(path)
+    if files:
+        cfg.check_files()
+    if isinstance(cfg, SiteConfig):
+        return (f"{cfg.path}: site {cfg.site.name} (AS {cfg.site.asn}, {cfg.site.initial_role}), peer "
+                f"{cfg.peer.name} at {cfg.peer.address}:{cfg.peer.port}, guest {cfg.guest.prefix}, witness "
+                f"{cfg.witness.name if cfg.witness else 'none (no automatic takeover)'}")
+    return f"{cfg.path}: witness {cfg.witness.name} on {cfg.witness.listen}:{cfg.witness.port}"
+
+
+if __name__ == "__main__":  # python -m geomirror.config FILE [--files]
+    import sys
+
+    try:
+        print(check(sys.argv[1], "--files" in sys.argv[2:]))
+    except (ConfigError, IndexError) as e:
+        print(e if isinstance(e, ConfigError) else "usage: python -m geomirror.config FILE [--files]",
+              file=sys.stderr)
+        sys.exit(2)

@@ -595,7 +595,8 @@ class SiteDaemon:
                                   "rejected_frames": st.rejected_frames, "last_apply_ms": round(st.last_apply_ms, 2),
                                   "hot_standby": self.hot is not None})
         if self.speaker is not None:
-            s["bgp"] = {"neighbors": dict(self.speaker.neighbor_states)}
+            s["bgp"] = {"neighbors": dict(self.speaker.neighbor_states), "exabgp_pid": self.speaker.pid,
+                        "exabgp_restarts": self.speaker.restarts}
         if self.takeover_report:
             s["takeover"] = self.takeover_report
         s["timeline"] = self.timeline[-60:]

@@ -44,6 +44,12 @@ class HaConfig:
     lease_ttl_ms: float = 6000.0
     renew_every_ms: float = 1000.0
     max_clock_skew_ms: float = 250.0
+    # A protected primary (its standby heartbeats and acknowledges) keeps running through a
+    # witness outage instead of fencing at the lease deadline. Safe because of output commit:
+    # its output leaves only on the standby's acks, and a standby that acks is not active (it
+    # stops acking before it resumes), while without a witness it cannot get a lease to resume.
+    # It fences as soon as the standby is lost while the lease is lapsed.
+    ride_through_witness_outage: bool = True
 
     def __post_init__(self):
         if not 0 < self.heartbeat_interval_ms <= self.min_timeout_ms <= self.max_timeout_ms:
@@ -290,6 +296,7 @@ class HaMachine:
         self.force_pending = False
         self.resuming = False
         self.alarms: dict[str, str] = {}
+        self.lapsed = False  # the lease ran out during a witness outage while protected (ride-through)
         self._next_acquire: float | None = None
         self._last_renew: float | None = None
         self._out: list = []
@@ -315,7 +322,7 @@ class HaMachine:
                 "rtt_ms": self.rtt.srtt_ms, "detection_timeout_ms": self.timeout_ms,
                 "witness_reachable": self.witness_reachable, "peer_route_seen": self.peer_route_seen,
                 "bgp_neighbors_up": sorted(self.bgp_up), "replica_epoch": self.replica_epoch,
-                "alarms": dict(self.alarms)}
+                "lease_lapsed": self.lapsed, "alarms": dict(self.alarms)}
 
     # ------------------------------------------------------------ helpers
     def _emit(self, *actions) -> None:
@@ -360,6 +367,7 @@ class HaMachine:
         if release and self.holding:
             self._emit(ReleaseLease(self.generation))
         self.gate_open = self.holding = self.forced = self.resuming = self.force_pending = False
+        self.lapsed = False
         self.expires_at, self.takeover_by, self._next_acquire = None, None, None
         self.protected = False
         if stale:
@@ -409,7 +417,7 @@ class HaMachine:
             return not self.peer_alive and self.replica_epoch is not None and not self.operator_fenced
         if self.state == FENCED:
             return self.guest_running and not self.stale and not self.operator_fenced
-        return self.forced  # active without a lease: regularise as soon as the witness answers
+        return self.forced or self.lapsed  # active without a lease: regularise when the witness answers
 
     def _maybe_acquire(self, now: float) -> None:
         if self._wants_lease() and (self._next_acquire is None or now >= self._next_acquire):
@@ -441,7 +449,9 @@ class HaMachine:
     def _peer_lost(self, now: float) -> None:
         self.standby_ready = False
         self._emit(Log("ha.peer_lost", {"timeout_ms": round(self.timeout_ms, 1)}))
-        if self.state in ACTIVE:
+        if self.state in ACTIVE and self.lapsed:
+            self._fence("the standby is lost while the lease is lapsed (witness unreachable): no authority left")
+        elif self.state in ACTIVE:
             self._goto(ACTIVE_UNPROTECTED, "standby lost")
             self._set_protection(False)
             self._alarm("peer", "the standby stopped answering heartbeats: running unprotected")
@@ -461,8 +471,16 @@ class HaMachine:
             self._emit(Log("ha.no_witness", {"why": "no witness configured: running without a lease"}))
             self._open("started without a witness")
         if self.holding and now >= self._deadline():
-            self._fence("lease renewal did not get through in time; closing before the lease can expire")
-            return
+            if (self.config.ride_through_witness_outage and self.witness_reachable is False
+                    and self.state == PRIMARY and self.protected and self.peer_alive and self.standby_ready):
+                self.holding, self.lapsed, self.expires_at = False, True, None
+                self._next_acquire = None
+                self._emit(Log("ha.lease_lapsed", {"generation": self.generation}))
+                self._alarm("witness", "witness unreachable: the lease lapsed; running on, protected (output "
+                                       "leaves only on the standby's acks), re-acquiring when the witness is back")
+            else:
+                self._fence("lease renewal did not get through in time; closing before the lease can expire")
+                return
         if self.holding and now - self._last_renew >= self.config.renew_every_ms / 1000:
             self._emit(RenewLease(self.generation))
             self._last_renew = now
@@ -539,6 +557,15 @@ class HaMachine:
                 self._emit(ReleaseLease(g))
                 self._fence(f"another site held the lease since our generation {self.generation} "
                             f"(now {g}): our guest is stale", stale=True)
+        elif self.state in ACTIVE and self.lapsed:
+            self.lapsed = False
+            if mine:
+                self._hold(g, e.expires_at, e.now)
+                self._emit(Log("ha.lease_regained", {"generation": g}))
+                self.generation = g
+            else:
+                self._emit(ReleaseLease(g))
+                self._fence(f"another site held the lease while ours was lapsed (now {g})", stale=True)
         elif self.state in ACTIVE and self.forced:
             self._hold(g, e.expires_at, e.now)
             self._clear("forced", "forced_route", "forced_peer")
@@ -560,7 +587,8 @@ class HaMachine:
             self.seen_generation = max(self.seen_generation, e.generation)
         if not other:
             return
-        if self.state == STARTING or (self.state == FENCED and self._wants_lease()) or self.holding or self.forced:
+        if self.state == STARTING or (self.state == FENCED and self._wants_lease()) or self.holding or self.forced \
+                or self.lapsed:
             self._fence(f"{e.holder} holds the lease at generation {e.generation}", stale=True)
         elif self.state == STANDBY and self._wants_lease():
             self.takeover_by = "peer_lost"  # the witness answers: wait for the peer's lease to expire

@@ -237,7 +237,7 @@ def bird_config(routing: str, static_site: str | None) -> str:
         lines.append(
             f"protocol bgp {site.replace('-', '_')} {{ local {local} as 64500; neighbor {addr} as {asn}; "
             "hold time 6; connect retry time 2; error wait time 1, 5; "
-            "ipv4 { import all; export none; }; graceful restart off; }")
+            f"ipv4 {{ import all; export where net = {GUEST_PREFIX}; }}; graceful restart off; }}")
     return "\n".join(lines) + "\n"
 
 
@@ -299,7 +299,7 @@ def parse_bird_routes(out: str) -> list[dict]:
 
 # ---------------------------------------------------------------- up / down
 
-def up(*, routing: str = "static", with_daemons: bool = True, python: str = sys.executable,
+def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
        env: dict | None = None) -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only)."""
     _require_root()
@@ -315,7 +315,7 @@ def up(*, routing: str = "static", with_daemons: bool = True, python: str = sys.
     try:
         build_network()
         start_wan(python)
-        start_bird(routing, "site-a")
+        start_bird(routing, "site-a" if routing == "static" else None)
         if with_daemons:
             start_services(python, env)
     except BaseException:

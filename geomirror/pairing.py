@@ -1,9 +1,9 @@
 """Pairing: a pair CA, one certificate per site and witness, and the TLS contexts.
 
 A site trusts the pair CA only (never the system CAs) and accepts a peer only if its
-certificate chains to that CA *and* names the expected peer. Rotating a site's
-certificate needs no restart of the peer: issue a new one under the same CA
-(`geomirror pair issue`), install it, restart that site's daemon.
+certificate chains to that CA *and* names the expected peer. Because the peer trusts
+the CA and not the leaf, a site's certificate is rotated by issuing a new one under
+the same CA (`issue_cert`); the peer needs no change. See docs/config.md.
 """
 
 from __future__ import annotations
@@ -12,41 +12,59 @@ import datetime as dt
 import os
 import secrets
 import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from geomirror.config import NAME_PATTERN
 from geomirror.errors import GeomirrorError
 
 
 class PairingError(GeomirrorError):
-    pass
+    """Pair files cannot be created, read or used."""
 
 
 class PeerRejected(GeomirrorError):
-    """A TLS peer presented a certificate for the wrong name."""
+    """A TLS peer presented a certificate (from the pair CA) for a name we do not expect."""
 
 
 @dataclass(frozen=True)
 class PairFiles:
     dir: Path
     ca: Path
-    certs: dict  # name -> (cert path, key path)
+    certs: dict[str, tuple[Path, Path]]  # name -> (cert path, key path)
 
+
+# ---------------------------------------------------------------- files
 
 def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write `data` to `path` with mode 0600, atomically (temp file, fsync, rename, fsync dir)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        os.close(dfd)
+
+
+def _private_dir(d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
 
 
 def _key_pem(key) -> bytes:
@@ -54,11 +72,18 @@ def _key_pem(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def _now():
+def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _issue(name: str, ca_cert, ca_key, valid_days: int):
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise PairingError(f"{name!r} is not a valid name (lowercase letters, digits and '-', e.g. site-a)")
+
+
+# ---------------------------------------------------------------- certificates
+
+def _issue(name: str, ca_cert: x509.Certificate, ca_key, valid_days: int):
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -69,76 +94,145 @@ def _issue(name: str, ca_cert, ca_key, valid_days: int):
             .not_valid_after(_now() + dt.timedelta(days=valid_days))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     return cert, key
 
 
-def create_pair(out_dir: Path, sites: list[str], witnesses: list[str] = ("witness",), *,
-                valid_days: int = 825, force: bool = False) -> PairFiles:
-    out_dir = Path(out_dir)
-    if len(set(sites)) != 2:
-        raise PairingError(f"a pair is two distinct sites, got {sites}")
-    if (out_dir / "ca.pem").exists() and not force:
-        raise PairingError(f"{out_dir / 'ca.pem'} already exists: refusing to replace a pair CA "
-                           "(use --force, then redistribute every certificate)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(out_dir, 0o700)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
+def _new_ca(valid_days: int):
+    key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"geomirror pair CA {secrets.token_hex(4)}")])
-    ca = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(_now() - dt.timedelta(minutes=5))
-          .not_valid_after(_now() + dt.timedelta(days=valid_days * 2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - dt.timedelta(minutes=5))
+            .not_valid_after(_now() + dt.timedelta(days=valid_days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def _write_leaf(out_dir: Path, name: str, ca, ca_key, valid_days: int) -> tuple[Path, Path]:
+    cert, key = _issue(name, ca, ca_key, valid_days)
+    cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
+    _write_private(key_path, _key_pem(key))
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def create_pair(out_dir, sites: list[str], witnesses: list[str] = ("witness",), *,
+                valid_days: int = 825, force: bool = False) -> PairFiles:
+    """A pair CA (ca.pem, ca.key) and `<name>.pem`/`<name>.key` for each site and witness in `out_dir`.
+
+    The CA is valid twice as long as the leaves so that leaves can be re-issued under it.
+    Refuses to replace an existing CA unless `force` (every certificate must then be redistributed).
+    """
+    out_dir = Path(out_dir)
+    sites, witnesses = list(sites), list(witnesses)
+    for n in (*sites, *witnesses):
+        _check_name(n)
+    if len(sites) != 2 or sites[0] == sites[1]:
+        raise PairingError(f"a pair is two distinct sites, got {sites}")
+    if len(set(sites + witnesses)) != len(sites) + len(witnesses):
+        raise PairingError(f"names must be distinct: sites {sites}, witnesses {witnesses}")
+    if valid_days < 1:
+        raise PairingError(f"valid_days must be at least 1, got {valid_days}")
+    existing = [p for p in (out_dir / "ca.pem", out_dir / "ca.key") if p.exists()]
+    if existing and not force:
+        raise PairingError(f"{existing[0]} already exists: refusing to replace a pair CA "
+                           "(use --force, then redistribute every certificate)")
+    _private_dir(out_dir)
+    ca, ca_key = _new_ca(valid_days * 2)
     _write_private(out_dir / "ca.key", _key_pem(ca_key))
     _write_private(out_dir / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
-    certs = {}
-    for name in [*sites, *witnesses]:
-        certs[name] = _write_leaf(out_dir, name, ca, ca_key, valid_days)
+    certs = {name: _write_leaf(out_dir, name, ca, ca_key, valid_days) for name in (*sites, *witnesses)}
     return PairFiles(out_dir, out_dir / "ca.pem", certs)
 
 
-def _write_leaf(out_dir: Path, name: str, ca, ca_key, valid_days: int):
-    cert, key = _issue(name, ca, ca_key, valid_days)
-    _write_private(out_dir / f"{name}.key", _key_pem(key))
-    _write_private(out_dir / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM))
-    return out_dir / f"{name}.pem", out_dir / f"{name}.key"
+def issue_cert(ca_dir, name: str, out_dir=None, valid_days: int = 825) -> Path:
+    """A new certificate and key for `name` under the existing pair CA in `ca_dir` (rotation).
 
-
-def issue_cert(ca_dir: Path, name: str, out_dir: Path | None = None, valid_days: int = 825) -> Path:
-    """A new certificate for `name` under an existing pair CA (rotation)."""
+    Writes `<out_dir>/<name>.pem` and `<name>.key` (out_dir defaults to ca_dir); returns the cert path.
+    """
+    _check_name(name)
     ca_dir = Path(ca_dir)
     try:
         ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
         ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     except FileNotFoundError as e:
         raise PairingError(f"no pair CA in {ca_dir}: {e.filename} is missing") from None
-    out = Path(out_dir or ca_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    except ValueError as e:
+        raise PairingError(f"cannot read the pair CA in {ca_dir}: {e}") from None
+    if ca.public_key() != ca_key.public_key():
+        raise PairingError(f"{ca_dir / 'ca.key'} is not the key of {ca_dir / 'ca.pem'}")
+    left = (ca.not_valid_after_utc - _now()).days
+    if left < valid_days:
+        valid_days = max(1, left)  # a leaf cannot outlive its CA
+    out = Path(out_dir) if out_dir else ca_dir
+    _private_dir(out)
     return _write_leaf(out, name, ca, ca_key, valid_days)[0]
 
 
+def check_leaf(ca, cert, key, name: str) -> None:
+    """`cert` is for `name`, issued by the CA in `ca`, currently valid, and `key` is its key."""
+    try:
+        ca_cert = x509.load_pem_x509_certificate(Path(ca).read_bytes())
+        leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+        leaf_key = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as e:
+        raise PairingError(f"cannot read TLS files ({ca}, {cert}, {key}): {e}") from None
+    names = _cert_names(leaf)
+    if name not in names:
+        raise PairingError(f"{cert} is a certificate for {', '.join(names) or 'no name'}, not {name!r}")
+    try:
+        leaf.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise PairingError(f"{cert} was not issued by the pair CA in {ca}") from None
+    now = _now()
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise PairingError(f"{cert} is valid only from {leaf.not_valid_before_utc:%Y-%m-%d} to "
+                           f"{leaf.not_valid_after_utc:%Y-%m-%d} (issue a new one: `geomirror pair issue`)")
+    if leaf.public_key() != leaf_key.public_key():
+        raise PairingError(f"{key} is not the key of {cert}")
+
+
+def _cert_names(cert: x509.Certificate) -> list[str]:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+    except x509.ExtensionNotFound:
+        return [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
 def copy_instructions(files: PairFiles) -> str:
-    lines = [f"pair created in {files.dir} (keep ca.key offline; it issues new certificates)"]
+    """Which files go to which host."""
+    lines = [f"pair created in {files.dir}; keep ca.key offline (it issues certificates) and copy:"]
     for name, (cert, key) in files.certs.items():
-        lines.append(f"  to {name}: {files.ca.name} {cert.name} {key.name}  (install with mode 0600)")
+        lines.append(f"  to {name}: {files.ca} {cert} {key}")
+    lines.append("install them with mode 0600 in a 0700 directory and point [tls] ca/cert/key at them")
     return "\n".join(lines)
 
 
-def _base(ca: Path, cert: Path, key: Path, purpose) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose == "server" else ssl.PROTOCOL_TLS_CLIENT)
+# ---------------------------------------------------------------- TLS
+
+def _context(ca, cert, key, protocol) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)  # no system CAs: only the pair CA is loaded below
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    for p in (ca, cert, key):
+        if not Path(p).is_file():
+            raise PairingError(f"TLS file {p} does not exist (run `geomirror pair init`)")
     try:
         ctx.load_cert_chain(str(cert), str(key))
         ctx.load_verify_locations(cafile=str(ca))
-    except FileNotFoundError as e:
-        raise PairingError(f"TLS file {e.filename} does not exist (run `geomirror pair init`)") from None
     except ssl.SSLError as e:
         raise PairingError(f"cannot load TLS files {cert} / {key} / {ca}: {e.reason or e}") from None
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -146,18 +240,20 @@ def _base(ca: Path, cert: Path, key: Path, purpose) -> ssl.SSLContext:
 
 
 def server_context(ca, cert, key) -> ssl.SSLContext:
-    """Requires a client certificate from the pair CA (the name is checked with check_peer)."""
-    return _base(Path(ca), Path(cert), Path(key), "server")
+    """TLS 1.3; requires a client certificate from the pair CA (check its name with `check_peer`)."""
+    return _context(ca, cert, key, ssl.PROTOCOL_TLS_SERVER)
 
 
 def client_context(ca, cert, key) -> ssl.SSLContext:
-    """Checks the server's certificate against the pair CA and server_hostname (the peer's name)."""
-    ctx = _base(Path(ca), Path(cert), Path(key), "client")
+    """TLS 1.3; the server's certificate must come from the pair CA and match `server_hostname`
+    (pass the peer's name), checked against its SAN."""
+    ctx = _context(ca, cert, key, ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = True
     return ctx
 
 
 def peer_name(ssl_object) -> str | None:
+    """The name in the peer's (verified) certificate: its first SAN DNS name, else its CN."""
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     if not cert:
         return None
@@ -172,7 +268,14 @@ def peer_name(ssl_object) -> str | None:
 
 
 def check_peer(ssl_object, allowed: set[str]) -> str:
+    """The peer's name if it is in `allowed`; else PeerRejected naming what was presented and expected."""
+    expected = " or ".join(sorted(allowed)) or "(nobody)"
     name = peer_name(ssl_object)
+    if name is None:
+        raise PeerRejected(f"peer presented no certificate, expected {expected}")
     if name not in allowed:
-        raise PeerRejected(f"peer presented a certificate for {name!r}, expected {' or '.join(sorted(allowed))}")
+        cert = ssl_object.getpeercert()
+        subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+        raise PeerRejected(f"peer presented a certificate for {name!r}, expected {expected} "
+                           f"(subject {subject}, serial {cert.get('serialNumber', '?')})")
     return name

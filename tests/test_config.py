@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
 from pathlib import Path
 
 import pytest
 
+from geomirror import pairing
 from geomirror.config import load_site, load_witness
 from geomirror.errors import ConfigError
 
@@ -13,71 +17,192 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BASE = (CONFIGS / "lab" / "site-a.toml").read_text()
 
 
-def test_lab_and_example_configs_load():
+def test_lab_configs_follow_the_lab_table():
     a = load_site(CONFIGS / "lab" / "site-a.toml")
     b = load_site(CONFIGS / "lab" / "site-b.toml")
-    assert (a.site.asn, b.site.asn) == (64501, 64502)
-    assert a.peer.name == "site-b" and str(b.peer.address) == "198.18.100.1"
-    assert str(a.guest.prefix) == "198.51.100.0/24" and a.site.initial_role == "primary"
-    assert load_witness(CONFIGS / "lab" / "witness.toml").witness.port == 7790
+    ip = ipaddress.IPv4Address
+    assert (a.site.asn, str(a.site.router_id), a.site.initial_role) == (64501, "198.18.1.2", "primary")
+    assert (b.site.asn, str(b.site.router_id), b.site.initial_role) == (64502, "198.18.2.2", "standby")
+    assert (a.peer.name, a.peer.address, a.peer.listen) == ("site-b", ip("198.18.100.2"), ip("198.18.100.1"))
+    assert (b.peer.name, b.peer.address, b.peer.listen) == ("site-a", ip("198.18.100.1"), ip("198.18.100.2"))
+    assert [(n.address, n.peer_as) for n in a.bgp.neighbors] == [(ip("198.18.1.1"), 64500)]
+    assert [(n.address, n.peer_as) for n in b.bgp.neighbors] == [(ip("198.18.2.1"), 64500)]
+    for cfg, site in ((a, "site-a"), (b, "site-b")):
+        assert (cfg.witness.address, cfg.witness.port) == (ip("198.18.3.2"), 7790)
+        g = cfg.guest
+        assert (str(g.prefix), str(g.address), str(g.gateway), g.memory_mb) == (
+            "198.51.100.0/24", "198.51.100.10", "198.51.100.1", 128)
+        assert cfg.site.state_dir == cfg.site.run_dir == Path("/run/geomirror-lab") / site
+        assert cfg.tls.cert == Path(f"/run/geomirror-lab/pki/{site}.pem")
+        assert cfg.control.token_file == Path("/run/geomirror-lab") / site / "control.token"
+    w = load_witness(CONFIGS / "lab" / "witness.toml")
+    assert (w.witness.listen, w.witness.port, w.witness.sites) == (ip("198.18.3.2"), 7790, ("site-a", "site-b"))
+    assert w.witness.state_dir == Path("/run/geomirror-lab/witness")
+
+
+def test_example_configs_load_and_resolve_relative_paths():
     ex = load_site(CONFIGS / "example-site.toml")
-    assert ex.bgp.neighbors
-    load_witness(CONFIGS / "example-witness.toml")
+    assert ex.bgp.neighbors and ex.bgp.communities == ("65010:100",)
+    assert ex.tls.ca == CONFIGS / "pki" / "ca.pem"
+    assert ex.control.token_file == Path("/var/lib/geomirror/control.token")
+    w = load_witness(CONFIGS / "example-witness.toml")
+    assert w.witness.sites == ("fra1", "ams1") and w.tls.key == CONFIGS / "pki" / "witness.key"
 
 
-def edit(old: str, new: str) -> str:
-    assert old in BASE, old
-    return BASE.replace(old, new, 1)
+def edit(old: str, new: str, text: str = BASE) -> str:
+    """Replace the first line matching `old` (a regex; `N` stands for any number) with `new`."""
+    pattern = "^" + re.escape(old).replace("N", r"[0-9.]+") + "$"
+    out, n = re.subn(pattern, new.replace("\\", "\\\\"), text, count=1, flags=re.M)
+    assert n == 1, old
+    return out
 
 
-BAD = [
-    (edit("interval_ms = 50", "intervall_ms = 50"), "checkpoint.intervall_ms", "did you mean 'interval_ms'"),
-    (edit('address = "198.51.100.10"', 'address = "198.51.101.10"'), "guest.address",
-     "198.51.101.10 is outside guest.prefix 198.51.100.0/24"),
-    (edit('address = "198.51.100.10"', 'address = "198.51.100.300"'), "guest.address", "not an IPv4 address"),
-    (edit('gateway = "198.51.100.1"', 'gateway = "198.51.100.10"'), "guest.gateway", "the guest's own address"),
-    (edit("asn = 64501", "asn = 0"), "site.asn", "out of range"),
-    (edit("asn = 64501", 'asn = "64501"'), "site.asn", "must be an integer, not a string"),
-    (edit("min_interval_ms = 20", "min_interval_ms = 900"), "checkpoint.min_interval_ms", "above max_interval_ms"),
-    (edit('unreachable_policy = "stall"', 'unreachable_policy = "continue-unprotected"').replace(
-        "[witness]", "[witness_disabled]"), "witness_disabled", "unknown table"),
-    (edit('name = "site-b"', 'name = "site-a"'), "peer.name", "another site"),
-    (edit("[guest]", "[guest\n"), None, "TOML syntax error"),
-    (edit("memory_mb = 128", "memory_mb = 8"), "guest.memory_mb", "out of range"),
-    (edit('communities = []' if 'communities = []' in BASE else "hold_time = 6",
-          'hold_time = 6\ncommunities = ["64501:x"]'), "bgp.communities", "is not a community"),
-]
+def without_witness(text: str) -> str:
+    return text[:text.index("[witness]")] + text[text.index("[bgp]"):]
 
 
-@pytest.mark.parametrize("text,key,problem", BAD)
+BAD = {
+    "unknown key": (edit("interval_ms = N", "intervall_ms = 50"), "checkpoint.intervall_ms",
+                    "unknown key 'intervall_ms' (did you mean 'interval_ms'?)"),
+    "unknown key in a neighbour": (edit("peer_as = 64500", "peer_asn = 64500"), "bgp.neighbor[0].peer_asn",
+                                   "did you mean 'peer_as'"),
+    "unknown table": (edit("[heartbeat]", "[heartbeats]"), "heartbeats", "unknown table 'heartbeats' (did you "
+                      "mean 'heartbeat'?)"),
+    "int where a string belongs": (edit('name = "pbx"', "name = 5"), "guest.name",
+                                   "must be a string, not an integer (5)"),
+    "string where an int belongs": (edit("asn = 64501", 'asn = "64501"'), "site.asn",
+                                    "must be an integer, not a string ('64501')"),
+    "bad address": (edit('address = "198.51.100.10"', 'address = "198.51.100.300"'), "guest.address",
+                    "198.51.100.300 is not an IPv4 address"),
+    "address outside prefix": (edit('address = "198.51.100.10"', 'address = "198.51.101.10"'), "guest.address",
+                               "198.51.101.10 is outside guest.prefix 198.51.100.0/24"),
+    "gateway is the address": (edit('gateway = "198.51.100.1"', 'gateway = "198.51.100.10"'), "guest.gateway",
+                               "198.51.100.10 is the guest's own address"),
+    "gateway is broadcast": (edit('gateway = "198.51.100.1"', 'gateway = "198.51.100.255"'), "guest.gateway",
+                             "network or broadcast address"),
+    "bad ASN": (edit("asn = 64501", "asn = 0"), "site.asn", "0 is out of range (1..4294967295)"),
+    "ASN too large": (edit("peer_as = 64500", "peer_as = 4294967296"), "bgp.neighbor[0].peer_as",
+                      "out of range"),
+    "min above max": (edit("min_interval_ms = N", "min_interval_ms = 59999"), "checkpoint.min_interval_ms",
+                      "59999 is above max_interval_ms"),
+    "interval outside bounds": (edit("interval_ms = N", "interval_ms = 1"), "checkpoint.interval_ms",
+                                "1 is outside min_interval_ms..max_interval_ms"),
+    "heartbeat timeout too short": (edit("min_timeout_ms = N", "min_timeout_ms = 1"),
+                                    "heartbeat.min_timeout_ms", "less than two heartbeat intervals"),
+    "continue-unprotected without witness": (
+        without_witness(edit('unreachable_policy = "stall"', 'unreachable_policy = "continue-unprotected"')),
+        "checkpoint.unreachable_policy", "continue-unprotected needs a [witness]"),
+    "peer is ourselves": (edit('name = "site-b"', 'name = "site-a"'), "peer.name", "another site"),
+    "peer ASN is ours": (edit("asn = 64502", "asn = 64501"), "peer.asn", "is site.asn too"),
+    "bad role": (edit('initial_role = "primary"', 'initial_role = "master"'), "site.initial_role",
+                 "'master' must be one of primary, standby"),
+    "bad name": (edit('name = "site-a"', 'name = "Site_A"'), "site.name", "is not a valid name"),
+    "memory too small": (edit("memory_mb = N", "memory_mb = 8"), "guest.memory_mb", "8 is out of range"),
+    "bad community": (edit("hold_time = N", 'hold_time = 6\ncommunities = ["64501:x"]'), "bgp.communities",
+                      "'64501:x' is not a community"),
+    "hold time 2": (edit("hold_time = N", "hold_time = 2"), "bgp.hold_time", "0, or 3..65535"),
+    "bgp without neighbours": (BASE[:BASE.index("[[bgp.neighbor]]")] + BASE[BASE.index("[guest]"):],
+                               "bgp.neighbor", "no [[bgp.neighbor]]"),
+    "renew too rare": (edit("renew_every_ms = N", "renew_every_ms = 600000"), "witness.renew_every_ms",
+                       "renew at least three times per lease_ttl_ms"),
+    "kernel without initrd": (edit('memory_mb = N', 'memory_mb = 128\nkernel = "vmlinuz"'), "guest.initrd",
+                              "kernel and initrd go together"),
+    "disk": (edit('memory_mb = N', 'memory_mb = 128\ndisk = "pbx.qcow2"'), "guest.disk", "not replicated"),
+    "multicast mac": (edit('memory_mb = N', 'memory_mb = 128\nmac = "53:54:00:12:34:56"'), "guest.mac",
+                      "multicast"),
+    "pause share": (edit("max_in_flight = N", "max_in_flight = 2\nmax_pause_share = 1.0"),
+                    "checkpoint.max_pause_share", "between 0 and 1"),
+    "table is a value": ("control = 5\n" + BASE[:BASE.index("[control]")], "control", "must be a table"),
+    "missing table": (BASE[:BASE.index("[guest]")] + BASE[BASE.index("[checkpoint]"):], "guest",
+                      "missing table [guest]"),
+    "missing key": (edit('router_id = "198.18.1.2"', ""), "site.router_id", "missing (required)"),
+    "TOML syntax error": (edit("[guest]", "[guest"), None, "TOML syntax error at line"),
+}
+
+
+@pytest.mark.parametrize("text,key,problem", BAD.values(), ids=BAD.keys())
 def test_bad_configs_name_file_key_and_problem(tmp_path, text, key, problem):
     p = tmp_path / "bad-site.toml"
     p.write_text(text)
     with pytest.raises(ConfigError) as e:
         load_site(p)
     msg = str(e.value)
-    assert "bad-site.toml" in msg
+    assert msg.startswith(f"{p}: "), msg
     if key:
-        assert key in msg, msg
+        assert e.value.key == key, msg
+        assert f": {key}: " in msg, msg
     assert problem in msg, msg
 
 
-def test_continue_unprotected_needs_a_witness(tmp_path):
-    text = BASE.replace('unreachable_policy = "stall"', 'unreachable_policy = "continue-unprotected"')
-    start = text.index("[witness]")
-    end = text.index("[bgp]")
+def test_toml_line_number_is_the_real_line(tmp_path):
+    lines = BASE.splitlines()
+    n = lines.index("[guest]")
+    lines[n] = "[guest"
     p = tmp_path / "s.toml"
-    p.write_text(text[:start] + text[end:])
-    with pytest.raises(ConfigError, match="checkpoint.unreachable_policy: continue-unprotected needs a"):
+    p.write_text("\n".join(lines))
+    with pytest.raises(ConfigError, match=f"at line {n + 1}, column"):
         load_site(p)
 
 
-def test_missing_file(tmp_path):
+def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(ConfigError, match="nope.toml: no such file"):
         load_site(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_witness(tmp_path)
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe[site]")
+    with pytest.raises(ConfigError, match="bin.toml: not UTF-8"):
+        load_site(tmp_path / "bin.toml")
+
+
+def test_bad_witness_configs(tmp_path):
+    base = (CONFIGS / "lab" / "witness.toml").read_text()
+    p = tmp_path / "w.toml"
+    for old, new, expected in [
+        ('port = 7790', 'prot = 7790', "witness.prot: unknown key 'prot' (did you mean 'port'?)"),
+        ('sites = ["site-a", "site-b"]', 'sites = ["site-a", "site-a"]', "witness.sites: ['site-a', 'site-a']"),
+        ('sites = ["site-a", "site-b"]', 'sites = "site-a"', "witness.sites: must be an array"),
+        ('listen = "198.18.3.2"', 'listen = "198.18.3"', "witness.listen: 198.18.3 is not an IPv4 address"),
+    ]:
+        p.write_text(edit(old, new, base))
+        with pytest.raises(ConfigError) as e:
+            load_witness(p)
+        assert str(e.value).startswith(f"{p}: {expected}"), str(e.value)
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path):
     p = tmp_path / "s.toml"
-    p.write_text(BASE.replace('"/run/geomirror-lab/pki/ca.pem"', '"pki/ca.pem"'))
-    assert load_site(p).tls.ca == tmp_path / "pki" / "ca.pem"
+    text = BASE.replace('"/run/geomirror-lab/pki/ca.pem"', '"pki/ca.pem"')
+    text = text.replace('state_dir = "/run/geomirror-lab/site-a"', 'state_dir = "state"')
+    text = text.replace("port = 7780", 'port = 7780\ntoken_file = "tok"')
+    cfg = load_site(p.write_text(text) and p)
+    assert cfg.tls.ca == tmp_path / "pki" / "ca.pem"
+    assert cfg.site.state_dir == tmp_path / "state"
+    assert cfg.control.token_file == tmp_path / "state" / "tok"
+
+
+def test_check_files_against_a_real_pair(tmp_path):
+    pki = tmp_path / "pki"
+    pairing.create_pair(pki, ["site-a", "site-b"], ["witness"])
+    other = pairing.create_pair(tmp_path / "other", ["site-a", "site-b"], [])
+    p = tmp_path / "s.toml"
+
+    def cfg(ca="ca.pem", cert="site-a.pem", key="site-a.key"):
+        text = BASE
+        for k, v in (("ca", ca), ("cert", cert), ("key", key)):
+            old = {"ca": "ca.pem", "cert": "site-a.pem", "key": "site-a.key"}[k]
+            text = text.replace(f'{k} = "/run/geomirror-lab/pki/{old}"', f'{k} = "{v}"')
+        p.write_text(text)
+        return load_site(p)
+
+    cfg(f"{pki}/ca.pem", f"{pki}/site-a.pem", f"{pki}/site-a.key").check_files()
+    with pytest.raises(ConfigError, match=r"tls.cert: .*site-b.pem is a certificate for site-b, not 'site-a'"):
+        cfg(f"{pki}/ca.pem", f"{pki}/site-b.pem", f"{pki}/site-b.key").check_files()
+    with pytest.raises(ConfigError, match="tls.cert: .* was not issued by the pair CA"):
+        cfg(f"{pki}/ca.pem", f"{other.dir}/site-a.pem", f"{other.dir}/site-a.key").check_files()
+    with pytest.raises(ConfigError, match="tls.cert: .*site-b.key is not the key of"):
+        cfg(f"{pki}/ca.pem", f"{pki}/site-a.pem", f"{pki}/site-b.key").check_files()
+    with pytest.raises(ConfigError, match="tls.ca: file .*/missing.pem does not exist"):
+        cfg(f"{pki}/missing.pem", f"{pki}/site-a.pem", f"{pki}/site-a.key").check_files()
+    os.chmod(pki / "site-a.key", 0o644)
+    with pytest.raises(ConfigError, match=r"tls.key: .* is readable by others \(mode 0644\); chmod 600 it"):
+        cfg(f"{pki}/ca.pem", f"{pki}/site-a.pem", f"{pki}/site-a.key").check_files()

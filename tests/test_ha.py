@@ -21,7 +21,10 @@ from geomirror.ha import (ACTIVE_UNPROTECTED, FENCED, PRIMARY, STANDBY, STARTING
 from geomirror.witness import LeaseTable
 
 CFG = dict(heartbeat_interval_ms=50, min_timeout_ms=300, max_timeout_ms=1000, lease_ttl_ms=1000,
-           renew_every_ms=200, max_clock_skew_ms=50)
+           renew_every_ms=200, max_clock_skew_ms=50,
+           # the strict rule (fence at the lease deadline) is what the two-site model proves without
+           # output commit; the ride-through has its own directed tests below
+           ride_through_witness_outage=False)
 TTL_S = CFG["lease_ttl_ms"] / 1000
 
 
@@ -540,3 +543,61 @@ def test_without_a_witness_the_primary_runs_and_the_standby_never_takes_over_alo
     assert ResumeGuest not in types(out) and "--force" in alarms(out)
     out = b.handle(OperatorPromote(2.2, force=True))
     assert ResumeGuest in types(out)
+
+
+def _protected_primary(**kw):
+    m = HaMachine("primary", cfg(**kw))
+    m.handle(Tick(0.0))
+    m.handle(LeaseGranted(1, 1.0, 0.0))
+    m.handle(HeartbeatReceived(0.01, 20.0, 0))
+    m.handle(StandbyReady(5))
+    assert m.state == PRIMARY and m.gate_open and m.protected
+    return m
+
+
+def _run(m, t0, t1, step=0.05, heartbeats=True):
+    out, t = [], t0
+    while t < t1:
+        t += step
+        if heartbeats:
+            out += m.handle(HeartbeatReceived(t, 20.0, 0))
+        out += m.handle(Tick(t))
+    return out, t
+
+
+def test_witness_down_while_protected_rides_through_then_regains_the_lease():
+    m = _protected_primary(ride_through_witness_outage=True)
+    m.handle(WitnessUnreachable(0.1))
+    out, t = _run(m, 0.1, 3.0)
+    assert m.state == PRIMARY and m.gate_open and m.lapsed, "a protected primary keeps running"
+    assert not any(isinstance(a, CloseGate) for a in out)
+    assert any(isinstance(a, Alarm) and "lease lapsed" in a.message for a in out)
+    out = m.handle(WitnessReachable(t)) + m.handle(Tick(t + 0.3))
+    assert any(isinstance(a, AcquireLease) for a in out)
+    m.handle(LeaseGranted(2, t + 1.3, t + 0.3))
+    assert m.holding and not m.lapsed and m.lease_generation == 2 and m.gate_open
+
+
+def test_lapsed_primary_fences_when_the_standby_is_lost():
+    m = _protected_primary(ride_through_witness_outage=True)
+    m.handle(WitnessUnreachable(0.1))
+    _, t = _run(m, 0.1, 2.0)
+    assert m.lapsed
+    out, t = _run(m, t, t + 2.0, heartbeats=False)
+    assert m.state == FENCED and not m.gate_open
+    assert any(isinstance(a, CloseGate) for a in out) and any(isinstance(a, Withdraw) for a in out)
+
+
+def test_lapsed_primary_fences_if_another_site_got_the_lease():
+    m = _protected_primary(ride_through_witness_outage=True)
+    m.handle(WitnessUnreachable(0.1))
+    _, t = _run(m, 0.1, 2.0)
+    m.handle(LeaseGranted(3, t + 1.0, t))  # generation 2 went to someone else meanwhile
+    assert m.state == FENCED and not m.gate_open
+
+
+def test_strict_mode_fences_at_the_deadline_even_when_protected():
+    m = _protected_primary(ride_through_witness_outage=False)
+    m.handle(WitnessUnreachable(0.1))
+    _run(m, 0.1, 3.0)
+    assert m.state == FENCED
