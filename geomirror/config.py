@@ -195,9 +195,9 @@ def _unknown(L: "_Loader", key: str, name: str, known, what: str = "key") -> Con
 
 
 class _Loader:
-    def __init__(self, path: Path):
-        self.path = path
-        self.base = path.parent
+    def __init__(self, path, resolved: Path):
+        self.path = path  # as the operator named it, for messages
+        self.base = resolved.parent
 
     def err(self, key: str | None, problem: str) -> ConfigError:
         return ConfigError(self.path, key, problem)
@@ -218,16 +218,21 @@ class _Loader:
         return v
 
     def section(self, cls, data: dict | None, prefix: str, convert: dict[str, Callable] | None = None,
-                ranges: dict[str, tuple] | None = None):
-        """Build dataclass `cls` from `data`: unknown keys, types, conversions (key -> fn), ranges."""
+                ranges: dict[str, tuple] | None = None, *, file_keys: dict[str, str] | None = None):
+        """Build dataclass `cls` from `data`: unknown keys, types, conversions (key -> fn), ranges.
+
+        `file_keys` maps fields the caller fills itself to the key that spells them in the file.
+        """
         data = data or {}
         convert = convert or {}
-        known = {f.name for f in fields(cls)}
+        file_keys = file_keys or {}
+        own = [f for f in fields(cls) if f.name not in file_keys]
+        known = {f.name for f in own} | set(file_keys.values())
         for k in data:
             if k not in known:
                 raise _unknown(self, f"{prefix}.{k}", k, known)
         kw = {}
-        for f in fields(cls):
+        for f in own:
             key = f"{prefix}.{f.name}"
             if f.name not in data:
                 if f.default is MISSING and f.default_factory is MISSING:
@@ -350,8 +355,8 @@ SITE_TABLES = {"site", "peer", "tls", "witness", "bgp", "guest", "checkpoint", "
 
 def load_site(path) -> SiteConfig:
     """Read and validate a site config; raises ConfigError naming file, key and problem."""
-    path, data = _read(path)
-    L = _Loader(path)
+    resolved, data = _read(path)
+    L = _Loader(path, resolved)
     L.top(data, SITE_TABLES)
 
     site = L.section(SiteSection, L.table(data, "site"), "site", {
@@ -422,7 +427,19 @@ def load_site(path) -> SiteConfig:
                     {"token_file": token}, {"port": PORT})
     if "token_file" not in (data.get("control") or {}):
         ctl = replace(ctl, token_file=site.state_dir / ctl.token_file)
-    return SiteConfig(path, site, peer, tls, guest, witness, bgp, ck, hb, ctl)
+    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl)
+    _check_ha_timing(L, cfg)
+    return cfg
+
+
+def _check_ha_timing(L: _Loader, cfg: SiteConfig) -> None:
+    """The HA state machine's own timing rule (lease long enough to fence before it expires)."""
+    from geomirror.ha import HaConfig, HaConfigError
+
+    try:
+        HaConfig.from_site_config(cfg)
+    except HaConfigError as e:
+        raise L.err("witness.lease_ttl_ms" if cfg.witness else "heartbeat", str(e)) from None
 
 
 def _load_bgp(L: _Loader, data: dict | None) -> BGPSection:
@@ -439,7 +456,8 @@ def _load_bgp(L: _Loader, data: dict | None) -> BGPSection:
             raise L.err(f"bgp.neighbor[{i}].address", f"{nb.address} is configured twice")
         neighbors.append(nb)
     bgp = L.section(BGPSection, data, "bgp", {"communities": _communities},
-                    {"prepend": (0, 8), "med": (0, MAX_ASN), "hold_time": (0, 65535)})
+                    {"prepend": (0, 8), "med": (0, MAX_ASN), "hold_time": (0, 65535)},
+                    file_keys={"neighbors": "neighbor"})
     if 0 < bgp.hold_time < 3:
         raise L.err("bgp.hold_time", f"{bgp.hold_time} is not allowed by BGP (0, or 3..65535 seconds)")
     if bgp.enabled and not neighbors:
@@ -475,8 +493,8 @@ def _load_guest(L: _Loader, data: dict) -> GuestSection:
 
 def load_witness(path) -> WitnessConfig:
     """Read and validate a witness config."""
-    path, data = _read(path)
-    L = _Loader(path)
+    resolved, data = _read(path)
+    L = _Loader(path, resolved)
     L.top(data, {"witness", "tls"})
 
     def sites(v):
@@ -492,7 +510,7 @@ def load_witness(path) -> WitnessConfig:
     if w.name in w.sites:
         raise L.err("witness.sites", f"{w.name!r} is the witness's own name")
     tls = L.section(TLSSection, L.table(data, "tls"), "tls", {k: L.path_ for k in ("ca", "cert", "key")})
-    return WitnessConfig(path, w, tls)
+    return WitnessConfig(resolved, w, tls)
 
 
 def check(path, files: bool = False) -> str:

@@ -62,6 +62,14 @@ def make_app(daemon, token: str) -> web.Application:
         await daemon.fence(reason=str(body.get("reason", "operator")))
         return web.json_response(daemon.status())
 
+    async def checkpoint(request: web.Request):
+        body = await _json(request)
+        try:
+            r = daemon.set_checkpoint(body.get("adaptive"), body.get("interval_ms"))
+        except (ValueError, AttributeError) as e:
+            return web.json_response({"error": str(e)}, status=409)
+        return web.json_response(r)
+
     async def metrics(_):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return web.Response(body=generate_latest(daemon.metrics_registry),
@@ -73,6 +81,7 @@ def make_app(daemon, token: str) -> web.Application:
         web.get("/v1/status", status),
         web.post("/v1/promote", promote),
         web.post("/v1/fence", fence),
+        web.post("/v1/checkpoint", checkpoint),
         web.get("/metrics", metrics),
     ])
     return app

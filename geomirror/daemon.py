@@ -275,11 +275,54 @@ class SiteDaemon:
             return await transport.connect(str(peer.address), peer.port, ssl=ctx, server_hostname=peer.name,
                                            max_frame=max_frame, local_addr=(str(peer.listen), 0))
 
-        self.primary = Primary(pcfg, self.guest, self.capture, self.gate, connect)
+        from replication.pacer import Pacer, PacerPolicy
+
+        self.pacer_policy = PacerPolicy(
+            min_interval_ms=ck.min_interval_ms, max_interval_ms=ck.max_interval_ms,
+            latency_budget_ms=ck.latency_budget_ms, max_pause_share=ck.max_pause_share,
+            max_wan_bytes_per_s=ck.max_wan_mbit * 1e6 / 8, max_in_flight=ck.max_in_flight)
+        self.pacer = Pacer(self.pacer_policy, ck.interval_ms)
+        self.adaptive = ck.adaptive
+        self.fixed_interval_ms = ck.interval_ms
+        self.primary = Primary(pcfg, self.guest, self.capture, self.gate, connect, interval_fn=self._next_interval)
         self.primary.generation_fn = lambda: self.ha.generation
         self.primary.on_heartbeat = lambda gen, rtt: self._feed(ha.HeartbeatReceived(time.monotonic(), rtt, gen))
         self.primary.on_commit = lambda epoch: self._feed(ha.StandbyReady(epoch))
         self._tasks.append(asyncio.create_task(self.primary.run()))
+
+    def _next_interval(self, primary: Primary, rec) -> float:
+        """The pacer's interval (or the fixed one), fed with what the last epoch measured."""
+        if not self.adaptive:
+            return self.fixed_interval_ms
+        if rec is None:
+            return self.pacer.interval_ms
+        from replication.pacer import EpochSample
+
+        link = primary.link
+        before = self.pacer.last.reason if self.pacer.last else None
+        d = self.pacer.update(EpochSample(
+            interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
+            wire_bytes=rec.wire_bytes, rtt_ms=link.rtt_ms or 0.0, rtt_var_ms=link.rtt_var_ms,
+            bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=primary.status.in_flight))
+        if d.reason != before:
+            log.info("pacer.reason", site=self.name, interval_ms=round(d.interval_ms, 1),
+                     target_ms=round(d.target_ms, 1), reason=d.reason)
+        if d.infeasible:
+            self.alarms.append(d.infeasible)
+            log.warning("pacer.budget_infeasible", site=self.name, message=d.infeasible)
+        return d.interval_ms
+
+    def set_checkpoint(self, adaptive: bool | None = None, interval_ms: float | None = None) -> dict:
+        """Operator tuning at run time: adaptive pacing, or a fixed interval."""
+        if interval_ms is not None:
+            p = self.cfg.checkpoint
+            if not p.min_interval_ms <= interval_ms <= p.max_interval_ms:
+                raise ValueError(f"interval {interval_ms} ms is outside {p.min_interval_ms:g}..{p.max_interval_ms:g}")
+            self.fixed_interval_ms = float(interval_ms)
+        if adaptive is not None:
+            self.adaptive = bool(adaptive)
+        self._mark("checkpoint.policy", adaptive=self.adaptive, fixed_interval_ms=self.fixed_interval_ms)
+        return {"adaptive": self.adaptive, "fixed_interval_ms": self.fixed_interval_ms}
 
     async def _watch_guest(self, guest: Guest) -> None:
         rc = await guest.proc.wait()
@@ -584,9 +627,17 @@ class SiteDaemon:
             s["gate"] = {"mode": self.gate.mode.value, "allowed": self.gate.allowed, **self.gate.stats.as_dict()}
         if self.primary:
             p = self.primary.summary()
-            s.update(committed_epoch=p["committed_epoch"], interval_ms=p["interval_ms"], rtt_ms=p["rtt_ms"],
+            s.update(committed_epoch=p["committed_epoch"], interval_ms=round(p["interval_ms"], 1), rtt_ms=p["rtt_ms"],
                      last_pause_ms=round(p["last_pause_ms"], 2), backlog_epochs=p["backlog_epochs"],
                      replication=p)
+            d = self.pacer.last
+            pol = self.pacer_policy
+            s["pacer"] = {"adaptive": self.adaptive, "interval_ms": round(p["interval_ms"], 1),
+                          "reason": (d.reason if d else "initial") if self.adaptive else "fixed by the operator",
+                          "expected_latency_ms": round(d.expected_latency_ms, 1) if d else None,
+                          "budgets": {"latency_ms": pol.latency_budget_ms, "max_pause_share": pol.max_pause_share,
+                                      "max_wan_mbit": pol.max_wan_bytes_per_s * 8 / 1e6,
+                                      "interval_ms": [pol.min_interval_ms, pol.max_interval_ms]}}
         elif self.standby:
             st = self.standby.status
             s.update(committed_epoch=self.replica.committed_epoch if self.replica else st.committed_epoch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -300,7 +301,7 @@ def parse_bird_routes(out: str) -> list[dict]:
 # ---------------------------------------------------------------- up / down
 
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
-       env: dict | None = None) -> None:
+       env: dict | None = None, guest_append: str = "") -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only)."""
     _require_root()
     busy = [n for n in NAMESPACES if netns.exists(n)]
@@ -317,18 +318,33 @@ def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.exe
         start_wan(python)
         start_bird(routing, "site-a" if routing == "static" else None)
         if with_daemons:
-            start_services(python, env)
+            start_services(python, env, guest_append)
     except BaseException:
         log.error("lab.up_failed", hint="tearing down what was made")
         down()
         raise
 
 
-def start_services(python: str = sys.executable, env: dict | None = None) -> None:
-    """PKI, witness and both site daemons (each in its own namespace)."""
+def start_services(python: str = sys.executable, env: dict | None = None, guest_append: str = "") -> None:
+    """PKI, witness and both site daemons (each in its own namespace).
+
+    `guest_append` adds to the guest's kernel command line (e.g. gm.dirty=16:2000, a
+    memory-writing workload for benchmarks): the site configs are copied into the lab dir.
+    """
     from geomirror import pairing
 
     cfg = repo_configs()
+    if guest_append:
+        if not re.fullmatch(r"[A-Za-z0-9_.=:, -]+", guest_append):
+            raise LabError(f"guest_append {guest_append!r} has unexpected characters")
+        copy = LAB_DIR / "configs"
+        copy.mkdir(exist_ok=True)
+        for name in ("site-a.toml", "site-b.toml", "witness.toml"):
+            text = (cfg / name).read_text()
+            if name.startswith("site"):
+                text = text.replace("[guest]\n", f'[guest]\nappend = "{guest_append}"\n', 1)
+            (copy / name).write_text(text)
+        cfg = copy
     pki = LAB_DIR / "pki"
     if not (pki / "ca.pem").exists():
         pairing.create_pair(pki, ["site-a", "site-b"], ["witness"])

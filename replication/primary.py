@@ -76,6 +76,7 @@ class PrimaryStatus:
     sessions: int = 0
     last_sync_bytes: int = 0
     last_sync_mode: str = ""
+    pause_total_ms: float = 0.0
     pauses_ms: list = field(default_factory=list)
 
 
@@ -294,6 +295,7 @@ class Primary:
             pause_ms = (time.perf_counter() - t0) * 1000
         self.status.epoch = n
         self.status.last_pause_ms = pause_ms
+        self.status.pause_total_ms += pause_ms
         self.status.pauses_ms.append(pause_ms)
         del self.status.pauses_ms[:-1000]
         frame = await asyncio.to_thread(

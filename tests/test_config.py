@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geomirror import pairing
 from geomirror.config import load_site, load_witness
@@ -57,6 +61,15 @@ def edit(old: str, new: str, text: str = BASE) -> str:
     return out
 
 
+def put(table: str, key: str, value: str, text: str = BASE) -> str:
+    """Set `key = value` in `[table]`, replacing the line if the key is there, else adding it."""
+    start = text.index(f"\n[{table}]\n") + len(table) + 4
+    end = text.find("\n[", start)
+    end = len(text) if end < 0 else end + 1
+    body, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text[start:end], count=1, flags=re.M)
+    return text[:start] + (body if n else f"{key} = {value}\n" + body) + text[end:]
+
+
 def without_witness(text: str) -> str:
     return text[:text.index("[witness]")] + text[text.index("[bgp]"):]
 
@@ -66,6 +79,8 @@ BAD = {
                     "unknown key 'intervall_ms' (did you mean 'interval_ms'?)"),
     "unknown key in a neighbour": (edit("peer_as = 64500", "peer_asn = 64500"), "bgp.neighbor[0].peer_asn",
                                    "did you mean 'peer_as'"),
+    "neighbour spelt british": (edit("[[bgp.neighbor]]", "[[bgp.neighbour]]"), "bgp.neighbour",
+                                "unknown key 'neighbour' (did you mean 'neighbor'?)"),
     "unknown table": (edit("[heartbeat]", "[heartbeats]"), "heartbeats", "unknown table 'heartbeats' (did you "
                       "mean 'heartbeat'?)"),
     "int where a string belongs": (edit('name = "pbx"', "name = 5"), "guest.name",
@@ -83,11 +98,11 @@ BAD = {
     "bad ASN": (edit("asn = 64501", "asn = 0"), "site.asn", "0 is out of range (1..4294967295)"),
     "ASN too large": (edit("peer_as = 64500", "peer_as = 4294967296"), "bgp.neighbor[0].peer_as",
                       "out of range"),
-    "min above max": (edit("min_interval_ms = N", "min_interval_ms = 59999"), "checkpoint.min_interval_ms",
+    "min above max": (put("checkpoint", "min_interval_ms", "59999"), "checkpoint.min_interval_ms",
                       "59999 is above max_interval_ms"),
-    "interval outside bounds": (edit("interval_ms = N", "interval_ms = 1"), "checkpoint.interval_ms",
+    "interval outside bounds": (put("checkpoint", "interval_ms", "1"), "checkpoint.interval_ms",
                                 "1 is outside min_interval_ms..max_interval_ms"),
-    "heartbeat timeout too short": (edit("min_timeout_ms = N", "min_timeout_ms = 1"),
+    "heartbeat timeout too short": (put("heartbeat", "min_timeout_ms", "1"),
                                     "heartbeat.min_timeout_ms", "less than two heartbeat intervals"),
     "continue-unprotected without witness": (
         without_witness(edit('unreachable_policy = "stall"', 'unreachable_policy = "continue-unprotected"')),
@@ -97,20 +112,22 @@ BAD = {
     "bad role": (edit('initial_role = "primary"', 'initial_role = "master"'), "site.initial_role",
                  "'master' must be one of primary, standby"),
     "bad name": (edit('name = "site-a"', 'name = "Site_A"'), "site.name", "is not a valid name"),
-    "memory too small": (edit("memory_mb = N", "memory_mb = 8"), "guest.memory_mb", "8 is out of range"),
-    "bad community": (edit("hold_time = N", 'hold_time = 6\ncommunities = ["64501:x"]'), "bgp.communities",
+    "memory too small": (put("guest", "memory_mb", "8"), "guest.memory_mb", "8 is out of range"),
+    "bad community": (put("bgp", "communities", '["64501:x"]'), "bgp.communities",
                       "'64501:x' is not a community"),
-    "hold time 2": (edit("hold_time = N", "hold_time = 2"), "bgp.hold_time", "0, or 3..65535"),
+    "hold time 2": (put("bgp", "hold_time", "2"), "bgp.hold_time", "0, or 3..65535"),
     "bgp without neighbours": (BASE[:BASE.index("[[bgp.neighbor]]")] + BASE[BASE.index("[guest]"):],
                                "bgp.neighbor", "no [[bgp.neighbor]]"),
-    "renew too rare": (edit("renew_every_ms = N", "renew_every_ms = 600000"), "witness.renew_every_ms",
+    "renew too rare": (put("witness", "renew_every_ms", "600000"), "witness.renew_every_ms",
                        "renew at least three times per lease_ttl_ms"),
-    "kernel without initrd": (edit('memory_mb = N', 'memory_mb = 128\nkernel = "vmlinuz"'), "guest.initrd",
+    "lease too short to fence": (put("witness", "renew_every_ms", "300", put("witness", "lease_ttl_ms", "900")),
+                                 "witness.lease_ttl_ms", "lease_ttl_ms 900 is too short: a site fences"),
+    "kernel without initrd": (put("guest", "kernel", '"vmlinuz"'), "guest.initrd",
                               "kernel and initrd go together"),
-    "disk": (edit('memory_mb = N', 'memory_mb = 128\ndisk = "pbx.qcow2"'), "guest.disk", "not replicated"),
-    "multicast mac": (edit('memory_mb = N', 'memory_mb = 128\nmac = "53:54:00:12:34:56"'), "guest.mac",
+    "disk": (put("guest", "disk", '"pbx.qcow2"'), "guest.disk", "not replicated"),
+    "multicast mac": (put("guest", "mac", '"53:54:00:12:34:56"'), "guest.mac",
                       "multicast"),
-    "pause share": (edit("max_in_flight = N", "max_in_flight = 2\nmax_pause_share = 1.0"),
+    "pause share": (put("checkpoint", "max_pause_share", "1.0"),
                     "checkpoint.max_pause_share", "between 0 and 1"),
     "table is a value": ("control = 5\n" + BASE[:BASE.index("[control]")], "control", "must be a table"),
     "missing table": (BASE[:BASE.index("[guest]")] + BASE[BASE.index("[checkpoint]"):], "guest",
@@ -206,3 +223,26 @@ def test_check_files_against_a_real_pair(tmp_path):
     os.chmod(pki / "site-a.key", 0o644)
     with pytest.raises(ConfigError, match=r"tls.key: .* is readable by others \(mode 0644\); chmod 600 it"):
         cfg(f"{pki}/ca.pem", f"{pki}/site-a.pem", f"{pki}/site-a.key").check_files()
+
+
+VALUES = st.one_of(
+    st.integers(-2**63, 2**63 - 1).map(str), st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.booleans().map(lambda b: str(b).lower()), st.text(max_size=20).map(json.dumps),
+    st.sampled_from(['"198.51.100.0/24"', '"198.51.100.10"', '"::1"', '"-1"', '[]', '[1, 2]', '["a:b"]',
+                     '{ x = 1 }', '"52:54:00:00:00:01"', '"continue-unprotected"', '""', '"/"']))
+LINES = [i for i, line in enumerate(BASE.splitlines()) if " = " in line and not line.startswith("#")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(LINES), VALUES), min_size=1, max_size=3))
+def test_any_value_anywhere_gives_a_config_or_a_config_error(changes):
+    lines = BASE.splitlines()
+    for i, value in changes:
+        lines[i] = lines[i].split(" = ", 1)[0] + " = " + value
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "fuzzed.toml"
+        p.write_text("\n".join(lines))
+        try:
+            load_site(p)
+        except ConfigError as e:
+            assert str(e).startswith(f"{p}: "), str(e)
