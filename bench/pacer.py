@@ -83,6 +83,7 @@ def main() -> int:
     lab.up(env={"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}, guest_append=DIRTY)
     try:
         labctl.wait_protected()
+        labctl.wait_reachable()
         lab.crash("site-b")
         time.sleep(3)
         base = load(a.seconds, a.clients)
@@ -92,6 +93,7 @@ def main() -> int:
         lab.up(guest_append=DIRTY)
         try:
             labctl.wait_protected()
+            labctl.wait_reachable()
             labctl.wan(rtt=f"{rtt}ms", rate="100mbit")
             for name, body in (("adaptive", {"adaptive": True}), ("fixed 25ms", {"adaptive": False, "interval_ms": 25}),
                                ("fixed 100ms", {"adaptive": False, "interval_ms": 100})):

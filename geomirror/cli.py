@@ -38,10 +38,19 @@ def cmd_witness(args) -> int:
     from geomirror import witness, pairing
 
     cfg = load_witness(args.config)
+    if hasattr(cfg, "check_files"):
+        cfg.check_files()
     ctx = pairing.server_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
     allowed = set(cfg.witness.sites) if getattr(cfg.witness, "sites", None) else None
     _loop_run(witness.serve_witness(Path(cfg.witness.state_dir), str(cfg.witness.listen), cfg.witness.port,
                                     ctx, allowed))
+    return 0
+
+
+def cmd_config_check(args) -> int:
+    from geomirror import config
+
+    print(config.check(args.file, files=args.files))
     return 0
 
 
@@ -138,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("witness", help="run the witness (lease service)")
     w.add_argument("--config", required=True)
     w.set_defaults(func=cmd_witness)
+
+    cc = sub.add_parser("config", help="configuration").add_subparsers(dest="config_cmd", required=True)
+    ck = cc.add_parser("check", help="validate a site or witness config file")
+    ck.add_argument("file")
+    ck.add_argument("--files", action="store_true", help="also check the TLS files it names")
+    ck.set_defaults(func=cmd_config_check)
 
     g = sub.add_parser("guest", help="the guest image").add_subparsers(dest="guest_cmd", required=True)
     gb = g.add_parser("build", help="build (or reuse) the guest kernel + initramfs")

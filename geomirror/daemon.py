@@ -177,7 +177,8 @@ class SiteDaemon:
     async def _start_gate(self) -> None:
         fd = open_tap(TAP_NAME)
         mode = GateMode.HOLD
-        if os.environ.get("GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT") == "1":
+        self.unsafe_no_output_commit = os.environ.get("GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT") == "1"
+        if self.unsafe_no_output_commit:
             # Only for proving that the torture test has teeth: output leaves before the ack.
             log.warning("gate.output_commit_disabled", site=self.name,
                         hint="GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT=1: clients can see state the standby never got")
@@ -436,7 +437,8 @@ class SiteDaemon:
         elif isinstance(a, ha.OpenGate):
             self._mark("gate.open", generation=a.generation)
             if self.gate.mode is GateMode.FENCED:
-                self.gate.set_mode(GateMode.HOLD if self.primary else GateMode.OPEN)
+                hold = self.primary is not None and not self.unsafe_no_output_commit
+                self.gate.set_mode(GateMode.HOLD if hold else GateMode.OPEN)
             self.gate.allow(True)
         elif isinstance(a, ha.CloseGate):
             self._mark("gate.close")
@@ -496,7 +498,7 @@ class SiteDaemon:
         if protected:
             if self._unprotected_task:
                 self._unprotected_task.cancel()
-            if self.primary and self.gate.mode is GateMode.OPEN:
+            if self.primary and self.gate.mode is GateMode.OPEN and not self.unsafe_no_output_commit:
                 self.gate.set_mode(GateMode.HOLD)
         elif ck.unreachable_policy == "continue-unprotected" and self.primary:
             self._unprotected_task = asyncio.create_task(self._continue_unprotected(ck.unprotected_grace_ms))

@@ -197,8 +197,11 @@ def main(args) -> int:
             except BaseException:
                 lab.down()
                 raise
-        print(f"lab up in {time.monotonic() - t0:.1f}s: guest {lab.GUEST_ADDR} protected and reachable "
-              f"from {lab.CLIENT}")
+        if args.no_daemons:
+            print(f"lab network up in {time.monotonic() - t0:.1f}s (BIRD and the WAN emulator; no site daemons)")
+        else:
+            print(f"lab up in {time.monotonic() - t0:.1f}s: guest {lab.GUEST_ADDR} protected and reachable "
+                  f"from {lab.CLIENT}")
     elif c == "down":
         removed = lab.down()
         print(f"lab down (removed: {' '.join(removed) or 'nothing'})")

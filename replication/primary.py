@@ -319,6 +319,8 @@ class Primary:
             if mtype is MsgType.ACK:
                 (epoch,) = _U64.unpack(payload)
                 self._on_ack(epoch)
+            elif mtype in (MsgType.HEARTBEAT, MsgType.HEARTBEAT_ECHO) and len(payload) != _HB.size:
+                raise ChannelError(f"malformed {mtype.name} ({len(payload)} bytes)")
             elif mtype is MsgType.HEARTBEAT:
                 await ch.send(MsgType.HEARTBEAT_ECHO, payload)
                 if self.on_heartbeat:

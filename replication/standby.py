@@ -130,6 +130,8 @@ class Standby:
                 self.on_heard()
             if not self.accepting:
                 raise ChannelError("this site has taken over; dropping the replication session")
+            if mtype in (MsgType.HEARTBEAT, MsgType.HEARTBEAT_ECHO) and len(payload) != _HB.size:
+                raise ChannelError(f"malformed {mtype.name} ({len(payload)} bytes)")
             if mtype is MsgType.HEARTBEAT:
                 await ch.send(MsgType.HEARTBEAT_ECHO, payload)
                 if self.on_heartbeat:
