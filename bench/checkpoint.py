@@ -60,6 +60,7 @@ async def bench_size(mb: int, epochs: int, interval_ms: float, dirty: str, workd
         cap.capture()  # the "initial sync": shadow = RAM
         codec = codec_mod.Codec(os.urandom(32), level=1)
         pauses, dev_ms, dev_bytes, dirty_b, wire_b, enc_s = [], [], [], [], [], []
+        prev_dev = None
         for n in range(1, epochs + 1):
             await asyncio.sleep(interval_ms / 1000)
             t0 = time.perf_counter()
@@ -74,7 +75,8 @@ async def bench_size(mb: int, epochs: int, interval_ms: float, dirty: str, workd
             t2 = time.perf_counter()
             frame = codec.encode(epoch=n, kind=codec_mod.KIND_DELTA, page_size=4096,
                                  page_numbers=ds.page_numbers, new_pages=ds.new_pages, old_pages=ds.old_pages,
-                                 device_state=dev)
+                                 device_state=dev, device_base=prev_dev)
+            prev_dev = dev
             enc_s.append(time.perf_counter() - t2)
             dev_bytes.append(len(dev))
             dirty_b.append(ds.nbytes + len(dev))

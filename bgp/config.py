@@ -131,6 +131,7 @@ def exabgp_env(run_dir: Path) -> dict[str, str]:
         "exabgp.log.level": "INFO",
         "exabgp.log.packets": "false",
         "exabgp.log.routes": "false",
+        "exabgp.log.statistics": "false",  # else a line per keepalive
         "exabgp.log.configuration": "false",
         "exabgp.tcp.bind": "",
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ipaddress
 import json
 import os
 import signal
@@ -425,12 +426,14 @@ class Speaker:
         Remembered and re-applied after ExaBGP restarts; raises SpeakerError on error/timeout."""
         cmd = announce_command(prefix, local_as=self.local_as if local_as is None else local_as, med=med,
                                communities=communities, prepend=prepend, family=self.family)
+        prefix = str(ipaddress.ip_network(prefix))
         self._desired[prefix] = cmd
         await self._command(cmd)
         log.info("bgp.announce", prefix=prefix, med=med, communities=list(communities), prepend=prepend)
 
     async def withdraw(self, prefix: str) -> None:
         cmd = withdraw_command(prefix, family=self.family)
+        prefix = str(ipaddress.ip_network(prefix))
         self._desired.pop(prefix, None)
         await self._command(cmd)
         log.info("bgp.withdraw", prefix=prefix)

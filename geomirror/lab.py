@@ -301,7 +301,7 @@ def parse_bird_routes(out: str) -> list[dict]:
 # ---------------------------------------------------------------- up / down
 
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
-       env: dict | None = None, guest_append: str = "") -> None:
+       env: dict | None = None, guest_append: str = "", config_edits: dict | None = None) -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only)."""
     _require_root()
     busy = [n for n in NAMESPACES if netns.exists(n)]
@@ -318,31 +318,38 @@ def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.exe
         start_wan(python)
         start_bird(routing, "site-a" if routing == "static" else None)
         if with_daemons:
-            start_services(python, env, guest_append)
+            start_services(python, env, guest_append, config_edits)
     except BaseException:
         log.error("lab.up_failed", hint="tearing down what was made")
         down()
         raise
 
 
-def start_services(python: str = sys.executable, env: dict | None = None, guest_append: str = "") -> None:
+def start_services(python: str = sys.executable, env: dict | None = None, guest_append: str = "",
+                   config_edits: dict | None = None) -> None:
     """PKI, witness and both site daemons (each in its own namespace).
 
     `guest_append` adds to the guest's kernel command line (e.g. gm.dirty=16:2000, a
-    memory-writing workload for benchmarks): the site configs are copied into the lab dir.
+    memory-writing workload for benchmarks); `config_edits` replaces text in both site configs
+    (tests: e.g. another unreachable_policy). Either way the configs are copied into the lab dir.
     """
     from geomirror import pairing
 
     cfg = repo_configs()
-    if guest_append:
-        if not re.fullmatch(r"[A-Za-z0-9_.=:, -]+", guest_append):
+    if guest_append or config_edits:
+        if guest_append and not re.fullmatch(r"[A-Za-z0-9_.=:, -]+", guest_append):
             raise LabError(f"guest_append {guest_append!r} has unexpected characters")
         copy = LAB_DIR / "configs"
         copy.mkdir(exist_ok=True)
         for name in ("site-a.toml", "site-b.toml", "witness.toml"):
             text = (cfg / name).read_text()
-            if name.startswith("site"):
+            if name.startswith("site") and guest_append:
                 text = text.replace("[guest]\n", f'[guest]\nappend = "{guest_append}"\n', 1)
+            for old, new in (config_edits or {}).items():
+                if name.startswith("site"):
+                    if old not in text:
+                        raise LabError(f"config edit: {old!r} is not in {name}")
+                    text = text.replace(old, new)
             (copy / name).write_text(text)
         cfg = copy
     pki = LAB_DIR / "pki"

@@ -8,6 +8,7 @@ over all of it, so a torn, truncated, bit-flipped or forged frame never decodes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ MAGIC = b"GMCK"
 VERSION = 1
 KIND_DELTA = 1
 KIND_FULL = 2
+DEV_DELTA = 0x80  # flag in the kind byte: the device state is XOR against the previous epoch's
+_DEV_HASH = 8  # blake2b-64 of the full device state, checked after undoing the XOR
 # magic, version, kind, page_size, epoch, n_pages, index_len, pages_len, dev_len, body_len, nonce
 _HDR = struct.Struct(">4sBBIQIIQIQ12s")
 HEADER_SIZE = _HDR.size
@@ -56,6 +59,7 @@ class FrameHeader:
     dev_len: int
     body_len: int
     nonce: bytes
+    dev_delta: bool = False
 
     @property
     def total_len(self) -> int:
@@ -77,6 +81,20 @@ class DecodedCheckpoint:
     def kind(self) -> int:
         return self.header.kind
 
+    def device_state_from(self, base: bytes) -> bytes:
+        """The full device state: as sent, or (DEV_DELTA) rebuilt from the previous epoch's."""
+        if not self.header.dev_delta:
+            return self.device_state
+        want, delta = self.device_state[:_DEV_HASH], self.device_state[_DEV_HASH:]
+        if len(base) != len(delta):
+            raise CodecError(f"epoch {self.epoch}: device-state delta of {len(delta)} bytes does not fit the "
+                             f"previous device state of {len(base)} bytes")
+        full = np.bitwise_xor(np.frombuffer(delta, np.uint8), np.frombuffer(base, np.uint8)).tobytes()
+        if hashlib.blake2b(full, digest_size=_DEV_HASH).digest() != want:
+            raise IntegrityError(f"epoch {self.epoch}: device state rebuilt from the previous epoch's does not "
+                                 "match (the standby's previous device state differs from the primary's)")
+        return full
+
 
 def peek_header(buf) -> FrameHeader:
     """Parse and bounds-check the clear header (no key needed)."""
@@ -87,6 +105,8 @@ def peek_header(buf) -> FrameHeader:
         raise FrameFormatError(f"not a checkpoint frame (magic {magic!r})")
     if ver != VERSION:
         raise FrameFormatError(f"checkpoint frame version {ver}, this build reads {VERSION}")
+    dev_delta = bool(kind & DEV_DELTA)
+    kind &= ~DEV_DELTA
     if kind not in (KIND_DELTA, KIND_FULL):
         raise FrameFormatError(f"unknown frame kind {kind} (epoch {epoch})")
     if ps < 64 or ps & (ps - 1) or ps > 1 << 16:
@@ -96,7 +116,7 @@ def peek_header(buf) -> FrameHeader:
                                "over the limits")
     if blen != ilen + plen + dlen:
         raise FrameFormatError(f"frame for epoch {epoch}: section lengths do not add up")
-    h = FrameHeader(epoch, kind, ps, n, ilen, plen, dlen, blen, nonce)
+    h = FrameHeader(epoch, kind, ps, n, ilen, plen, dlen, blen, nonce, dev_delta)
     if len(buf) < h.total_len:
         raise TruncatedFrame(f"frame for epoch {epoch} is cut off: {len(buf)} of {h.total_len} bytes")
     if len(buf) > h.total_len:
@@ -133,7 +153,10 @@ class Codec:
         self._dctx = zstandard.ZstdDecompressor()
 
     def encode(self, *, epoch: int, kind: int, page_size: int, page_numbers: np.ndarray,
-               new_pages: np.ndarray, old_pages: np.ndarray | None = None, device_state: bytes = b"") -> bytes:
+               new_pages: np.ndarray, old_pages: np.ndarray | None = None, device_state: bytes = b"",
+               device_base: bytes | None = None) -> bytes:
+        """`device_base`: the previous epoch's device state the receiver holds; when given (and of
+        the same length) only the XOR goes on the wire, with a hash of the full state."""
         n = int(page_numbers.size)
         if new_pages.shape != (n, page_size):
             raise ValueError(f"new_pages has shape {new_pages.shape}, expected {(n, page_size)}")
@@ -149,9 +172,14 @@ class Codec:
             raise ValueError(f"unknown kind {kind}")
         index = self._cctx.compress(_encode_index(page_numbers))
         pages = self._cctx.compress(np.ascontiguousarray(data).data) if n else b""
+        flag = 0
+        if device_state and device_base is not None and len(device_base) == len(device_state):
+            x = np.bitwise_xor(np.frombuffer(device_state, np.uint8), np.frombuffer(device_base, np.uint8))
+            device_state = hashlib.blake2b(device_state, digest_size=_DEV_HASH).digest() + x.tobytes()
+            flag = DEV_DELTA
         dev = self._cctx.compress(device_state) if device_state else b""
         nonce = os.urandom(12)
-        hdr = _HDR.pack(MAGIC, VERSION, kind, page_size, epoch, n, len(index), len(pages), len(dev),
+        hdr = _HDR.pack(MAGIC, VERSION, kind | flag, page_size, epoch, n, len(index), len(pages), len(dev),
                         len(index) + len(pages) + len(dev), nonce)
         return hdr + self._aead.encrypt(nonce, b"".join((index, pages, dev)), hdr)
 

@@ -163,6 +163,7 @@ class Primary:
                 raise ChannelError(f"standby sent {mtype.name} where its block hashes were expected")
             hashes = [raw[i:i + 16] for i in range(0, len(raw), 16)]
         self._hashes = hashes
+        self._prev_dev = None  # a session starts with a full device state; then XOR against the last
         key = session_key(nonce, bytes.fromhex(reply["nonce"]))
         codec = codec_mod.Codec(key, level=self.cfg.compression_level)
         self.status.sessions += 1
@@ -301,7 +302,8 @@ class Primary:
         frame = await asyncio.to_thread(
             codec.encode, epoch=n, kind=codec_mod.KIND_DELTA, page_size=self.capture.page_size,
             page_numbers=dirty.page_numbers, new_pages=dirty.new_pages, old_pages=dirty.old_pages,
-            device_state=dev)
+            device_state=dev, device_base=getattr(self, "_prev_dev", None))
+        self._prev_dev = dev
         rec = EpochRecord(n, pause_ms, len(dirty.page_numbers), dirty.nbytes, len(frame), len(dev),
                           time.monotonic(), interval_ms)
         self.records[n] = rec

@@ -204,7 +204,8 @@ class Standby:
             raise ChannelError(f"a CHECKPOINT message carried a non-delta frame (epoch {d.epoch})")
         old = self.replica.old_pages(d.page_numbers)
         new = codec_mod.apply_delta(d.payload, old)
-        self.replica.commit(d.epoch, d.page_numbers, new, d.device_state)
+        base = self.replica.device_state() if d.header.dev_delta else b""
+        self.replica.commit(d.epoch, d.page_numbers, new, d.device_state_from(base))
         return d.epoch
 
     async def _heartbeats(self, ch: Channel) -> None:

@@ -94,3 +94,21 @@ def test_delta_of_mostly_unchanged_pages_compresses_well():
     frame = Codec(KEY).encode(epoch=1, kind=KIND_DELTA, page_size=4096, page_numbers=np.arange(256, dtype=np.uint64),
                               new_pages=new, old_pages=old)
     assert len(frame) < new.nbytes / 20
+
+
+@given(st.binary(min_size=1, max_size=2000), st.data())
+def test_device_state_delta_round_trip_and_wrong_base_detected(base, data):
+    new = bytearray(base)
+    for i in data.draw(st.lists(st.integers(0, len(base) - 1), max_size=5)):
+        new[i] ^= 0x5A
+    new = bytes(new)
+    c = Codec(KEY)
+    frame = c.encode(epoch=3, kind=KIND_DELTA, page_size=PS, page_numbers=np.empty(0, np.uint64),
+                     new_pages=np.empty((0, PS), np.uint8), old_pages=np.empty((0, PS), np.uint8),
+                     device_state=new, device_base=base)
+    d = c.decode(frame)
+    assert d.header.dev_delta
+    assert d.device_state_from(base) == new
+    wrong = bytes([base[0] ^ 1]) + base[1:]
+    with pytest.raises(IntegrityError):
+        d.device_state_from(wrong)
