@@ -12,7 +12,6 @@ over the unprotected guest, pause share, WAN bytes/s, checkpoints/s.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import threading
 import time

@@ -6,9 +6,7 @@ import argparse
 import asyncio
 import json
 import socket
-import sys
 import time
-from pathlib import Path
 
 from geomirror import lab, netns
 from geomirror.control import ControlClient

@@ -28,12 +28,12 @@ from replication import codec as codec_mod
 from replication.capture import Capture
 from replication.gate import Gate
 from replication.qemu import Guest
-from replication.session import BLOCK_PAGES, LinkStats, new_nonce, session_key
+from replication.session import (BLOCK_PAGES, LinkStats, new_nonce, on_heartbeat_message, send_heartbeats,
+                                 session_key)
 from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
-_HB = struct.Struct(">QQQ")  # seq, sender monotonic ns, sender lease generation
 
 
 @dataclass
@@ -321,15 +321,8 @@ class Primary:
             if mtype is MsgType.ACK:
                 (epoch,) = _U64.unpack(payload)
                 self._on_ack(epoch)
-            elif mtype in (MsgType.HEARTBEAT, MsgType.HEARTBEAT_ECHO) and len(payload) != _HB.size:
-                raise ChannelError(f"malformed {mtype.name} ({len(payload)} bytes)")
-            elif mtype is MsgType.HEARTBEAT:
-                await ch.send(MsgType.HEARTBEAT_ECHO, payload)
-                if self.on_heartbeat:
-                    self.on_heartbeat(_HB.unpack(payload)[2], self.link.rtt_ms or 0.0)
-            elif mtype is MsgType.HEARTBEAT_ECHO:
-                _, sent_ns, _ = _HB.unpack(payload)
-                self.link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
+            elif await on_heartbeat_message(ch, mtype, payload, self.link, self.on_heartbeat):
+                pass
             else:
                 raise ChannelError(f"standby sent unexpected {mtype.name}")
 
@@ -353,11 +346,7 @@ class Primary:
             self.on_commit(epoch)
 
     async def _heartbeats(self, ch: Channel) -> None:
-        seq = 0
-        while True:
-            seq += 1
-            await ch.send(MsgType.HEARTBEAT, _HB.pack(seq, time.monotonic_ns(), self.generation_fn()))
-            await asyncio.sleep(self.cfg.heartbeat_ms / 1000)
+        await send_heartbeats(ch, self.cfg.heartbeat_ms / 1000, self.generation_fn)
 
     def silence_ms(self) -> float:
         return (time.monotonic() - self._last_heard) * 1000

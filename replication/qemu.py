@@ -230,23 +230,25 @@ class Guest:
     async def cont(self) -> None:
         await self.qmp.execute("cont")
 
-    async def save_device_state(self, timeout: float = 10.0) -> bytes:
-        """With the vCPUs stopped: the device state as a migration stream (RAM skipped)."""
+    async def _migration(self, command: str, feed: bytes | None, timeout: float) -> bytes:
+        """Run `migrate` or `migrate-incoming` over a socketpair handed to QEMU with getfd;
+        read the stream (migrate) or write `feed` into it (migrate-incoming)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._drain_events()
             self._send_fd(theirs.fileno())
             await self.qmp.execute("getfd", {"fdname": "gmstate"})
             theirs.close()
-            await self.qmp.execute("migrate", {"uri": "fd:gmstate"})
+            await self.qmp.execute(command, {"uri": "fd:gmstate"})
             loop = asyncio.get_running_loop()
             ours.setblocking(False)
             chunks = []
-            while True:
-                b = await loop.sock_recv(ours, 1 << 20)
-                if not b:
-                    break
-                chunks.append(b)
+            if feed is None:
+                while b := await loop.sock_recv(ours, 1 << 20):
+                    chunks.append(b)
+            else:
+                await loop.sock_sendall(ours, feed)
+                ours.shutdown(socket.SHUT_WR)
             await self._wait_migration(timeout)
             return b"".join(chunks)
         finally:
@@ -254,24 +256,13 @@ class Guest:
             if theirs.fileno() >= 0:
                 theirs.close()
 
+    async def save_device_state(self, timeout: float = 10.0) -> bytes:
+        """With the vCPUs stopped: the device state as a migration stream (RAM skipped)."""
+        return await self._migration("migrate", None, timeout)
+
     async def load_device_state(self, state: bytes, timeout: float = 30.0) -> None:
         """For a QEMU started with `incoming`: feed the saved device state."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._drain_events()
-            self._send_fd(theirs.fileno())
-            await self.qmp.execute("getfd", {"fdname": "gmstate"})
-            theirs.close()
-            await self.qmp.execute("migrate-incoming", {"uri": "fd:gmstate"})
-            loop = asyncio.get_running_loop()
-            ours.setblocking(False)
-            await loop.sock_sendall(ours, state)
-            ours.shutdown(socket.SHUT_WR)
-            await self._wait_migration(timeout)
-        finally:
-            ours.close()
-            if theirs.fileno() >= 0:
-                theirs.close()
+        await self._migration("migrate-incoming", state, timeout)
 
     async def status(self) -> str:
         return (await self.qmp.execute("query-status"))["status"]

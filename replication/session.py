@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import struct
+import time
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 BLOCK_PAGES = 16  # resync granularity: 64 KiB blocks
+HEARTBEAT = struct.Struct(">QQQ")  # seq, sender's monotonic ns, sender's lease generation
 
 
 def new_nonce() -> bytes:
@@ -74,3 +78,30 @@ class LinkStats:
             "bandwidth_mbit": None if self.bandwidth_bps is None else round(self.bandwidth_bps * 8 / 1e6, 1),
             "dirty_mb_per_s": None if self.dirty_bytes_per_s is None else round(self.dirty_bytes_per_s / 1e6, 2),
         }
+
+
+async def on_heartbeat_message(ch, mtype, payload: bytes, link: LinkStats, on_heartbeat) -> bool:
+    """Both ends: echo a HEARTBEAT (and report the peer's generation), time an ECHO.
+    Returns False for other messages. A heartbeat of the wrong size is a protocol error."""
+    from replication.transport import ChannelError, MsgType
+
+    if mtype not in (MsgType.HEARTBEAT, MsgType.HEARTBEAT_ECHO):
+        return False
+    if len(payload) != HEARTBEAT.size:
+        raise ChannelError(f"malformed {mtype.name} ({len(payload)} bytes)")
+    _, sent_ns, generation = HEARTBEAT.unpack(payload)
+    if mtype is MsgType.HEARTBEAT:
+        await ch.send(MsgType.HEARTBEAT_ECHO, payload)
+        if on_heartbeat:
+            on_heartbeat(generation, link.rtt_ms or 0.0)
+    else:
+        link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
+    return True
+
+
+async def send_heartbeats(ch, period_s: float, generation_fn) -> None:
+    seq = 0
+    while True:
+        seq += 1
+        await ch.send_heartbeat(HEARTBEAT.pack(seq, time.monotonic_ns(), generation_fn()))
+        await asyncio.sleep(period_s)

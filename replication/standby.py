@@ -19,13 +19,13 @@ import structlog
 
 from replication import codec as codec_mod
 from replication.qemu import Guest, GuestSpec
-from replication.session import BLOCK_PAGES, LinkStats, compat_mismatch, new_nonce, session_key
+from replication.session import (BLOCK_PAGES, LinkStats, compat_mismatch, new_nonce, on_heartbeat_message,
+                                 send_heartbeats, session_key)
 from replication.store import Replica, ReplicaError
 from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
-_HB = struct.Struct(">QQQ")  # seq, sender monotonic ns, sender lease generation
 
 
 @dataclass
@@ -130,15 +130,8 @@ class Standby:
                 self.on_heard()
             if not self.accepting:
                 raise ChannelError("this site has taken over; dropping the replication session")
-            if mtype in (MsgType.HEARTBEAT, MsgType.HEARTBEAT_ECHO) and len(payload) != _HB.size:
-                raise ChannelError(f"malformed {mtype.name} ({len(payload)} bytes)")
-            if mtype is MsgType.HEARTBEAT:
-                await ch.send(MsgType.HEARTBEAT_ECHO, payload)
-                if self.on_heartbeat:
-                    self.on_heartbeat(_HB.unpack(payload)[2], self.link.rtt_ms or 0.0)
-            elif mtype is MsgType.HEARTBEAT_ECHO:
-                _, sent_ns, _ = _HB.unpack(payload)
-                self.link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
+            if await on_heartbeat_message(ch, mtype, payload, self.link, self.on_heartbeat):
+                pass
             elif mtype is MsgType.SYNC_BEGIN:
                 try:
                     info = json.loads(payload)
@@ -209,12 +202,8 @@ class Standby:
         return d.epoch
 
     async def _heartbeats(self, ch: Channel) -> None:
-        seq = 0
         try:
-            while True:
-                seq += 1
-                await ch.send(MsgType.HEARTBEAT, _HB.pack(seq, time.monotonic_ns(), self.generation_fn()))
-                await asyncio.sleep(self.heartbeat_ms / 1000)
+            await send_heartbeats(ch, self.heartbeat_ms / 1000, self.generation_fn)
         except (ChannelError, ConnectionError, OSError):
             pass
 

@@ -68,6 +68,9 @@ class Channel:
             self.bytes_sent += _HDR.size + len(payload)
             await self.writer.drain()
 
+    async def send_heartbeat(self, payload: bytes) -> None:
+        await self.send(MsgType.HEARTBEAT, payload)
+
     async def send_json(self, mtype: MsgType, obj) -> None:
         await self.send(mtype, json.dumps(obj).encode())
 

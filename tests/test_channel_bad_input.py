@@ -8,7 +8,6 @@ checkpoints committed again.
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import struct
 
