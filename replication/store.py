@@ -101,6 +101,7 @@ class Replica:
         self._map: mmap.mmap | None = None
         self.ram: np.ndarray | None = None
         self.syncing_initial = False
+        self._device_state: bytes | None = None  # the committed device state, cached
 
     @property
     def ram_path(self) -> Path:
@@ -318,6 +319,7 @@ class Replica:
                     self._map.flush()
                 _crash_point("after-ram")
                 _atomic_write(self.device_state_path, dev, self.fsync)
+                self._device_state = bytes(dev)
                 _crash_point("after-device-state")
                 self.committed_epoch = epoch
                 self.valid = True
@@ -325,7 +327,9 @@ class Replica:
                 _crash_point("after-meta")
 
     def device_state(self) -> bytes:
-        return self.device_state_path.read_bytes()
+        if self._device_state is None:
+            self._device_state = self.device_state_path.read_bytes()
+        return self._device_state
 
     def block_hashes(self, block_pages: int) -> list[bytes]:
         flat = self.ram.reshape(-1)
