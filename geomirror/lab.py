@@ -312,6 +312,12 @@ def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.exe
         shutil.rmtree(LAB_DIR)
     LAB_DIR.mkdir(parents=True, exist_ok=True)
     os.chmod(LAB_DIR, 0o700)
+    if with_daemons:
+        # The site namespaces have no way to the package mirror: build (or find in the cache)
+        # the guest image here, on the host's network, before any daemon needs it.
+        from geomirror.image import build_image
+
+        build_image()
     save_state({"pids": {}, "namespaces": [], "routing": routing, "static_site": "site-a"})
     try:
         build_network()

@@ -24,6 +24,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import structlog
 
+from replication.progress import Progress
 from replication import codec as codec_mod
 from replication.capture import Capture
 from replication.gate import Gate
@@ -215,27 +216,31 @@ class Primary:
         await ch.send_json(MsgType.SYNC_BEGIN, {"mode": mode, "blocks": n_blocks, "block_pages": bp})
         t0 = time.monotonic()
         sent = sent_blocks = 0
-        next_report = 0.0
         ps = self.capture.page_size
+        bar = Progress(f"{mode} sync to {ch.peer}", self.capture.n_pages, event="primary.sync_progress",
+                       mode=mode, peer=ch.peer)
         it = self.capture.sync_blocks(bp, hashes)
         batch_first, batch = None, []
-        for b, (first, pages) in enumerate(it):
-            # Group consecutive blocks into frames of up to 4 MiB to keep per-frame cost low.
-            if batch and (first != batch_first + sum(p.shape[0] for p in batch) or len(batch) >= 64):
+        try:
+            for b, (first, pages) in enumerate(it):
+                # Group consecutive blocks into frames of up to 4 MiB to keep per-frame cost low.
+                if batch and (first != batch_first + sum(p.shape[0] for p in batch) or len(batch) >= 64):
+                    sent += await self._send_sync(ch, codec, batch_first, batch)
+                    batch_first, batch = None, []
+                if not batch:
+                    batch_first = first
+                batch.append(pages)
+                sent_blocks += 1
+                done = first + pages.shape[0]
+                self.status.sync_progress = done / self.capture.n_pages
+                bar.update(done, sent)
+            if batch:
                 sent += await self._send_sync(ch, codec, batch_first, batch)
-                batch_first, batch = None, []
-            if not batch:
-                batch_first = first
-            batch.append(pages)
-            sent_blocks += 1
-            frac = (first + pages.shape[0]) / self.capture.n_pages
-            self.status.sync_progress = frac
-            if frac >= next_report:
-                log.info("primary.sync_progress", mode=mode, percent=round(frac * 100),
-                         sent_mb=round(sent / 1e6, 1))
-                next_report += 0.1
-        if batch:
-            sent += await self._send_sync(ch, codec, batch_first, batch)
+        except BaseException:
+            bar.abandon()
+            raise
+        bar.nbytes = sent
+        bar.finish(blocks_sent=sent_blocks, blocks=n_blocks)
         self.status.sync_progress = 1.0
         self.status.last_sync_bytes = sent
         log.info("primary.sync_done", mode=mode, blocks_sent=sent_blocks, blocks=n_blocks,

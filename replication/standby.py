@@ -18,6 +18,7 @@ import numpy as np
 import structlog
 
 from replication import codec as codec_mod
+from replication.progress import Progress
 from replication.qemu import Guest, GuestSpec
 from replication.session import (BLOCK_PAGES, LinkStats, compat_mismatch, new_nonce, on_heartbeat_message,
                                  send_heartbeats, session_key)
@@ -53,6 +54,7 @@ class Standby:
         self.status = StandbyStatus(committed_epoch=replica.committed_epoch, valid=replica.valid)
         self._lock = asyncio.Lock()
         self._current: Channel | None = None
+        self._bar: Progress | None = None
         self._last_heard = time.monotonic()
         self.accepting = True
         self.on_commit = None
@@ -123,6 +125,14 @@ class Standby:
                     self.status.state = "waiting"
 
     async def _loop(self, ch: Channel, codec) -> None:
+        try:
+            await self._messages(ch, codec)
+        finally:
+            if self._bar is not None:
+                self._bar.abandon()
+                self._bar = None
+
+    async def _messages(self, ch: Channel, codec) -> None:
         while True:
             mtype, payload = await ch.recv()
             self._last_heard = time.monotonic()
@@ -145,10 +155,18 @@ class Standby:
                 self.status.state = "syncing"
                 self.status.valid = self.replica.valid
                 log.info("standby.sync_begin", mode=info.get("mode"), blocks=info.get("blocks"))
+                pages = int(info.get("blocks") or 0) * int(info.get("block_pages") or 1)
+                self._bar = Progress(f"{info.get('mode')} sync from {ch.peer}", pages,
+                                     event="standby.sync_progress", mode=info.get("mode"), peer=ch.peer)
             elif mtype is MsgType.SYNC:
                 async with self._lock:
-                    await asyncio.to_thread(self._apply_sync, codec, payload)
+                    end = await asyncio.to_thread(self._apply_sync, codec, payload)
+                if self._bar is not None:
+                    self._bar.update(end, self._bar.nbytes + len(payload))
             elif mtype is MsgType.CHECKPOINT:
+                if self._bar is not None:  # the first checkpoint after a sync ends it
+                    self._bar.finish()
+                    self._bar = None
                 t0 = time.perf_counter()
                 async with self._lock:
                     epoch = await asyncio.to_thread(self._apply_checkpoint, codec, payload)
@@ -186,6 +204,8 @@ class Standby:
             raise ChannelError("a SYNC frame's pages are not one contiguous run")
         if pages.size:
             self.replica.write_block(int(pages[0]), d.payload)
+            return int(pages[-1]) + 1
+        return 0
 
     def _apply_checkpoint(self, codec, payload: bytes) -> int:
         hdr = codec_mod.peek_header(payload)
