@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def _site_client(args):
         token = tok.read_text().strip()
     except FileNotFoundError:
         raise GeomirrorError(f"no control token at {tok}: is the site's daemon running?") from None
+    except PermissionError:
+        raise GeomirrorError(f"cannot read the control token {tok}: it is readable only by the service's "
+                             "user (root); run this as root") from None
     return ControlClient(token, run_dir / "control.sock")
 
 
@@ -193,9 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_ROOT_REASONS = {
+    "daemon": "the site daemon needs root: it creates the guest's TAP device and runs ExaBGP",
+    "lab": "the lab needs root: it creates network namespaces and TAP devices",
+    "demo": "the demo needs root: it builds the lab's network namespaces and TAP devices",
+}
+
+
+def _root_refusal(args) -> str | None:
+    """One sentence when this command cannot work without root, before it touches anything."""
+    if os.geteuid() == 0:
+        return None
+    if args.netns:
+        return f"--netns {args.netns} needs root: only root can enter a network namespace; run it as root"
+    reason = _ROOT_REASONS.get(args.cmd)
+    return f"{reason}; run it as root" if reason else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     gmlog.setup(level=args.log_level, json=True if args.log_json else None)
+    refusal = _root_refusal(args)
+    if refusal:
+        print(f"geomirror: {refusal}", file=sys.stderr)
+        return 2
     try:
         if args.netns:
             from geomirror import netns
