@@ -40,10 +40,11 @@ def cmd_witness(args) -> int:
     cfg = load_witness(args.config)
     if hasattr(cfg, "check_files"):
         cfg.check_files()
-    ctx = pairing.server_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+    ident = pairing.TlsIdentity(cfg.tls.ca, cfg.tls.cert, cfg.tls.key, cfg.witness.name,
+                                scratch_dir=Path(cfg.witness.state_dir))
     allowed = set(cfg.witness.sites) if getattr(cfg.witness, "sites", None) else None
     _loop_run(witness.serve_witness(Path(cfg.witness.state_dir), str(cfg.witness.listen), cfg.witness.port,
-                                    ctx, allowed))
+                                    ident.server, allowed, identity=ident))
     return 0
 
 
@@ -116,6 +117,13 @@ def cmd_fence(args) -> int:
     return 0
 
 
+def cmd_reload_tls(args) -> int:
+    r = _loop_run(_site_client(args).call("POST", "/v1/reload-tls"))
+    print(f"{r['name']} now presents certificate serial {r['serial']} (was {r['previous_serial']}), "
+          f"valid until {r['not_after']}")
+    return 0
+
+
 def cmd_status(args) -> int:
     r = _loop_run(_site_client(args).call("GET", "/v1/status"))
     print(json.dumps(r, indent=2))
@@ -178,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, helptext in (("promote", cmd_promote, "take over the guest at this (standby) site"),
                                ("fence", cmd_fence, "stop this site releasing output or announcing"),
-                               ("status", cmd_status, "a site's status")):
+                               ("status", cmd_status, "a site's status"),
+                               ("reload-tls", cmd_reload_tls,
+                                "take up a rotated certificate now (it is also picked up within 5 s)")):
         c = sub.add_parser(name, help=helptext)
         src = c.add_mutually_exclusive_group(required=True)
         src.add_argument("--config", help="the site's config file")

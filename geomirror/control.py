@@ -1,4 +1,4 @@
-"""The control API of a site: status, promote, fence, metrics. Bearer token on every call
+"""The control API of a site: status, promote, fence, checkpoint policy, TLS reload, metrics. Bearer token on every call
 but /healthz. Served on TCP (127.0.0.1 by default) and on a UNIX socket (0600)."""
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ def make_app(daemon, token: str) -> web.Application:
             return web.json_response({"error": str(e)}, status=409)
         return web.json_response(r)
 
+    async def reload_tls(_):
+        try:
+            return web.json_response(daemon.reload_tls(reason="operator"))
+        except Exception as e:
+            return web.json_response({"error": str(e)}, status=409)
+
     async def metrics(_):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return web.Response(body=generate_latest(daemon.metrics_registry),
@@ -82,6 +88,7 @@ def make_app(daemon, token: str) -> web.Application:
         web.post("/v1/promote", promote),
         web.post("/v1/fence", fence),
         web.post("/v1/checkpoint", checkpoint),
+        web.post("/v1/reload-tls", reload_tls),
         web.get("/metrics", metrics),
     ])
     return app

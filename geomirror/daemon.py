@@ -115,12 +115,17 @@ class SiteDaemon:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         self.cfg.check_files()
+        from geomirror import pairing
+
+        t = self.cfg.tls
+        self.tls = pairing.TlsIdentity(t.ca, t.cert, t.key, self.name, scratch_dir=self.run_dir)
         token = control.load_or_create_token(self._token_path())
         runner = await control.start(control.make_app(self, token), str(self.cfg.control.listen),
                                      self.cfg.control.port, self.run_dir / "control.sock")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload_tls(reason="SIGHUP"))
         saved = self._load_role()
         role = saved.get("role") or self.cfg.site.initial_role
         self.run_id = saved.get("run_id", "")
@@ -140,6 +145,7 @@ class SiteDaemon:
             else:
                 await self.start_standby()
             self._tasks.append(asyncio.create_task(self._ha_loop()))
+            self._tasks.append(asyncio.create_task(self._watch_tls()))
             await self._stop.wait()
         finally:
             await self.shutdown()
@@ -192,10 +198,35 @@ class SiteDaemon:
         await asyncio.to_thread(configure_tap, TAP_NAME, str(g.gateway), g.prefix.prefixlen, up)
 
     def _ssl(self, server: bool):
-        from geomirror import pairing
+        """The TLS context for new connections; the same object across certificate reloads."""
+        return self.tls.server if server else self.tls.client
 
-        t = self.cfg.tls
-        return (pairing.server_context if server else pairing.client_context)(t.ca, t.cert, t.key)
+    def reload_tls(self, reason: str = "operator") -> dict:
+        """Take up a rotated certificate: new connections (to the peer, from the peer, to the
+        witness) present it; established ones carry on, so protection never stops."""
+        from geomirror.pairing import PairingError
+
+        try:
+            info = self.tls.reload()
+        except PairingError as e:
+            log.error("tls.reload_refused", site=self.name, reason=reason, error=str(e),
+                      serial=self.tls.serial, hint="still presenting the previous certificate")
+            raise
+        self._mark("tls.reloaded", reason=reason, serial=info["serial"], previous_serial=info["previous_serial"],
+                   not_after=info["not_after"])
+        return info
+
+    async def _watch_tls(self, every_s: float = 5.0) -> None:
+        """Reload the certificate when its files change (a rotation needs no signal)."""
+        from geomirror.pairing import PairingError
+
+        while True:
+            await asyncio.sleep(every_s)
+            if self.tls.changed():
+                try:
+                    self.reload_tls(reason="files changed")
+                except PairingError:
+                    pass  # logged; retried when the files change again
 
     # ------------------------------------------------------------ witness & BGP
     def _start_witness(self) -> None:
@@ -623,6 +654,7 @@ class SiteDaemon:
             "protection_changes": self.protection_changes,
             "alarms": list(h.get("alarms", {}).values()),
             "gate": None,
+            "tls": self.tls.info() if getattr(self, "tls", None) else None,
             "ha": h,
         }
         if self.gate:
@@ -645,6 +677,7 @@ class SiteDaemon:
             s.update(committed_epoch=self.replica.committed_epoch if self.replica else st.committed_epoch,
                      rtt_ms=self.standby.link.as_dict()["rtt_ms"],
                      replication={"state": st.state, "valid": st.valid, "peer": st.peer,
+                                  "peer_cert_serial": st.peer_cert_serial,
                                   "rejected_frames": st.rejected_frames, "last_apply_ms": round(st.last_apply_ms, 2),
                                   "hot_standby": self.hot is not None})
         if self.speaker is not None:

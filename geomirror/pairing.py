@@ -12,7 +12,9 @@ import datetime as dt
 import os
 import secrets
 import ssl
+import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,10 +187,21 @@ def issue_cert(ca_dir, name: str, out_dir=None, valid_days: int = 825) -> Path:
 def check_leaf(ca, cert, key, name: str) -> None:
     """`cert` is for `name`, issued by the CA in `ca`, currently valid, and `key` is its key."""
     try:
-        ca_cert = x509.load_pem_x509_certificate(Path(ca).read_bytes())
-        leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
-        leaf_key = serialization.load_pem_private_key(Path(key).read_bytes(), None)
-    except (OSError, ValueError, TypeError) as e:
+        data = Path(ca).read_bytes(), Path(cert).read_bytes(), Path(key).read_bytes()
+    except OSError as e:
+        raise PairingError(f"cannot read TLS files ({ca}, {cert}, {key}): {e}") from None
+    check_leaf_pem(*data, name, labels=(ca, cert, key))
+
+
+def check_leaf_pem(ca_pem: bytes, cert_pem: bytes, key_pem: bytes, name: str, labels=("ca", "cert", "key")):
+    """`check_leaf` on file contents (read once, so what is checked is what gets loaded).
+    Returns the leaf certificate."""
+    ca, cert, key = labels
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_pem)
+        leaf = x509.load_pem_x509_certificate(cert_pem)
+        leaf_key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError) as e:
         raise PairingError(f"cannot read TLS files ({ca}, {cert}, {key}): {e}") from None
     names = _cert_names(leaf)
     if name not in names:
@@ -203,6 +216,111 @@ def check_leaf(ca, cert, key, name: str) -> None:
                            f"{leaf.not_valid_after_utc:%Y-%m-%d} (issue a new one: `geomirror pair issue`)")
     if leaf.public_key() != leaf_key.public_key():
         raise PairingError(f"{key} is not the key of {cert}")
+    return leaf
+
+
+class TlsIdentity:
+    """This host's TLS identity: one server and one client context, reloaded *in place* when
+    the certificate or key file changes (or on request).
+
+    OpenSSL takes the certificate of a context at each new handshake, so after a reload new
+    connections present the new certificate while established ones carry on untouched:
+    rotating a certificate stops nothing. A reload checks the new files first (name, CA,
+    validity, key match, key mode 0600) and keeps the old identity if they fail, so a
+    half-copied pair of files is refused, not half loaded.
+    """
+
+    def __init__(self, ca, cert, key, name: str, scratch_dir=None):
+        self.ca, self.cert, self.key, self.name = Path(ca), Path(cert), Path(key), name
+        self.scratch_dir = scratch_dir  # a private directory for the moment a reload needs a file
+        self.server = server_context(ca, cert, key)
+        self.client = client_context(ca, cert, key)
+        self.reloads = 0
+        self.loaded_at = time.time()
+        self._leaf = check_leaf_pem(self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes(), name,
+                                    labels=(self.ca, self.cert, self.key))
+        self._stamp = self.stamp()
+
+    def stamp(self) -> tuple:
+        """What identifies the current file contents cheaply (checked every few seconds)."""
+        out = []
+        for p in (self.cert, self.key):
+            try:
+                st = p.stat()
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def changed(self) -> bool:
+        return self.stamp() != self._stamp
+
+    def reload(self) -> dict:
+        """Load the files as they are now; PairingError (identity unchanged) if they don't pass."""
+        stamp = self.stamp()
+        self._stamp = stamp  # a refused pair is not retried until the files change again
+        try:
+            ca_pem, cert_pem, key_pem = self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
+            mode = stat.S_IMODE(self.key.stat().st_mode)
+        except OSError as e:
+            raise PairingError(f"cannot read TLS files ({self.cert}, {self.key}): {e}") from None
+        if mode & 0o077:
+            raise PairingError(f"{self.key} is readable by others (mode {mode:04o}); chmod 600 it")
+        leaf = check_leaf_pem(ca_pem, cert_pem, key_pem, self.name, labels=(self.ca, self.cert, self.key))
+        # Load from one private snapshot of what was checked (the files may change meanwhile).
+        fd, tmp = tempfile.mkstemp(prefix=".tls-reload-", suffix=".pem", dir=self.scratch_dir)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(cert_pem.rstrip(b"\n") + b"\n" + key_pem)
+            for ctx in (self.server, self.client):
+                try:
+                    ctx.load_cert_chain(tmp)
+                except ssl.SSLError as e:
+                    raise PairingError(f"cannot load {self.cert} / {self.key}: {e.reason or e}") from None
+        finally:
+            os.unlink(tmp)
+        old = self.serial
+        self._leaf = leaf
+        self.reloads += 1
+        self.loaded_at = time.time()
+        return {**self.info(), "previous_serial": old}
+
+    @property
+    def serial(self) -> str:
+        h = f"{self._leaf.serial_number:X}"
+        return "0" + h if len(h) % 2 else h  # as OpenSSL prints it (whole bytes)
+
+    def info(self) -> dict:
+        return {"name": self.name, "serial": self.serial, "cert": str(self.cert),
+                "not_after": self._leaf.not_valid_after_utc.isoformat(), "reloads": self.reloads,
+                "loaded_at": self.loaded_at}
+
+
+async def watch_identity(identity: "TlsIdentity", every_s: float = 5.0, log=None) -> None:
+    """Reload `identity` whenever its files change (for services without a timeline of
+    their own, such as the witness). Runs until cancelled."""
+    import asyncio
+
+    while True:
+        await asyncio.sleep(every_s)
+        if identity.changed():
+            reload_logged(identity, "files changed", log)
+
+
+def reload_logged(identity: "TlsIdentity", reason: str, log=None) -> dict | None:
+    if log is None:
+        import structlog
+
+        log = structlog.get_logger(__name__)
+    try:
+        info = identity.reload()
+    except PairingError as e:
+        log.error("tls.reload_refused", name=identity.name, reason=reason, error=str(e), serial=identity.serial,
+                  hint="still presenting the previous certificate")
+        return None
+    log.info("tls.reloaded", name=identity.name, reason=reason, serial=info["serial"],
+             previous_serial=info["previous_serial"], not_after=info["not_after"])
+    return info
 
 
 def _cert_names(cert: x509.Certificate) -> list[str]:

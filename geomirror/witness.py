@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import signal
 import ssl
 import time
 from dataclasses import asdict, dataclass
@@ -322,13 +323,24 @@ class WitnessServer:
 
 
 async def serve_witness(state_dir, host: str, port: int, ssl_context: ssl.SSLContext,
-                        allowed_sites: set[str] | None = None) -> None:
-    """Run the witness until cancelled."""
+                        allowed_sites: set[str] | None = None, identity=None) -> None:
+    """Run the witness until cancelled. With `identity` (a pairing.TlsIdentity whose server
+    context is `ssl_context`), a rotated certificate is taken up when its files change or on
+    SIGHUP, without dropping a lease."""
     server = WitnessServer(state_dir, host, port, ssl_context, allowed_sites)
     await server.start()
+    watcher = None
+    if identity is not None:
+        from geomirror import pairing
+
+        watcher = asyncio.create_task(pairing.watch_identity(identity, log=log))
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: pairing.reload_logged(identity, "SIGHUP", log))
     try:
         await asyncio.Future()
     finally:
+        if watcher:
+            watcher.cancel()
         await server.stop()
         log.info("witness.stopped")
 

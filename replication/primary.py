@@ -75,6 +75,7 @@ class PrimaryStatus:
     interval_ms: float = 0.0
     sync_progress: float = 0.0
     sessions: int = 0
+    peer_cert_serial: str | None = None
     last_sync_bytes: int = 0
     last_sync_mode: str = ""
     pause_total_ms: float = 0.0
@@ -168,6 +169,7 @@ class Primary:
         key = session_key(nonce, bytes.fromhex(reply["nonce"]))
         codec = codec_mod.Codec(key, level=self.cfg.compression_level)
         self.status.sessions += 1
+        self.status.peer_cert_serial = ch.peer_cert_serial()
         self.status.committed_epoch = max(self.status.committed_epoch, int(reply.get("committed_epoch", 0)))
         self._last_heard = time.monotonic()
         reader = asyncio.create_task(self._reader(ch))

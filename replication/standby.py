@@ -35,6 +35,7 @@ class StandbyStatus:
     committed_epoch: int = 0
     valid: bool = False
     peer: str | None = None
+    peer_cert_serial: str | None = None
     last_apply_ms: float = 0.0
     rejected_frames: int = 0
     sessions: int = 0
@@ -108,6 +109,7 @@ class Standby:
         codec = codec_mod.Codec(session_key(bytes.fromhex(hello["nonce"]), nonce))
         self.status.sessions += 1
         self.status.peer = ch.peer
+        self.status.peer_cert_serial = ch.peer_cert_serial()
         log.info("standby.session", peer=ch.peer, committed_epoch=self.replica.committed_epoch, valid=valid)
         beater = asyncio.create_task(self._heartbeats(ch))
         self._last_heard = time.monotonic()

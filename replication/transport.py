@@ -126,6 +126,12 @@ class Channel:
     def ssl_object(self):
         return self.writer.get_extra_info("ssl_object")
 
+    def peer_cert_serial(self) -> str | None:
+        """The serial (hex) of the certificate the peer presented on this connection, if TLS."""
+        obj = self.ssl_object()
+        cert = obj.getpeercert() if obj is not None else None
+        return cert.get("serialNumber") if cert else None
+
 
 def _json(payload: bytes):
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import subprocess
 import sys
@@ -171,3 +172,92 @@ def test_pair_cli(tmp_path):
     again = subprocess.run([sys.executable, "-m", "geomirror", "pair", "init", "--out", str(tmp_path / "p"),
                             "--site", "east", "--site", "west"], capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def _install(src_cert, src_key, dst_cert, dst_key, *, key_first=False):
+    """Copy a rotated pair over the files a service was started with (as an operator would)."""
+    steps = [(src_key, dst_key), (src_cert, dst_cert)] if key_first else [(src_cert, dst_cert), (src_key, dst_key)]
+    for src, dst in steps:
+        dst.write_bytes(src.read_bytes())
+
+
+def _serial(ssl_object) -> str:
+    return ssl_object.getpeercert()["serialNumber"]
+
+
+async def test_reload_in_place_keeps_established_connections_and_new_ones_see_the_new_cert(tmp_path):
+    files = pairing.create_pair(tmp_path / "pki", ["site-a", "site-b"], [])
+    ident = pairing.TlsIdentity(files.ca, *files.certs["site-b"], "site-b", scratch_dir=tmp_path)
+    client = pairing.client_context(files.ca, *files.certs["site-a"])
+    old_serial = ident.serial
+
+    async def echo(reader, writer):
+        while data := await reader.read(100):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=ident.server)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="site-b")
+        assert _serial(w1.get_extra_info("ssl_object")) == old_serial
+        assert not ident.changed()
+        new_cert = pairing.issue_cert(tmp_path / "pki", "site-b", tmp_path / "rotated")
+        _install(new_cert, tmp_path / "rotated" / "site-b.key", *files.certs["site-b"])
+        assert ident.changed()
+        info = ident.reload()
+        assert info["previous_serial"] == old_serial and info["serial"] != old_serial and info["reloads"] == 1
+        # the established connection carries on, on the old certificate
+        w1.write(b"still here")
+        assert await r1.readexactly(10) == b"still here"
+        # a new connection gets the new certificate, from the same context object
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="site-b")
+        assert _serial(w2.get_extra_info("ssl_object")) == info["serial"]
+        # and the client side of an identity reloads the same way
+        cl = pairing.TlsIdentity(files.ca, *files.certs["site-a"], "site-a", scratch_dir=tmp_path)
+        before = cl.serial
+        c2 = pairing.issue_cert(tmp_path / "pki", "site-a", tmp_path / "rot-a")
+        _install(c2, tmp_path / "rot-a" / "site-a.key", *files.certs["site-a"])
+        assert cl.reload()["serial"] != before
+        seen = await handshake(pairing.server_context(files.ca, *files.certs["site-b"]), cl.client,
+                               name="site-b", allowed={"site-a"})
+        assert seen["peer"] == "site-a"
+        for w in (w1, w2):
+            w.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not list(tmp_path.glob(".tls-reload-*")), "the reload snapshot is removed"
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("other-name", "is a certificate for site-a, not 'site-b'"),
+    ("half-copied", "is not the key of"),
+    ("other-ca", "was not issued by the pair CA"),
+    ("open-key", "is readable by others (mode 0644)"),
+])
+def test_a_bad_rotation_is_refused_and_the_old_identity_stays(tmp_path, bad, problem):
+    files = pairing.create_pair(tmp_path / "pki", ["site-a", "site-b"], [])
+    cert, key = files.certs["site-b"]
+    ident = pairing.TlsIdentity(files.ca, cert, key, "site-b", scratch_dir=tmp_path)
+    old = ident.serial
+    if bad == "other-name":
+        _install(*files.certs["site-a"], cert, key)
+    elif bad == "half-copied":  # the new certificate is there, its key not yet
+        new = pairing.issue_cert(tmp_path / "pki", "site-b", tmp_path / "rotated")
+        cert.write_bytes(new.read_bytes())
+    elif bad == "other-ca":
+        other = pairing.create_pair(tmp_path / "other", ["site-a", "site-b"], [])
+        _install(*other.certs["site-b"], cert, key)
+    else:
+        key.chmod(0o644)
+    with pytest.raises(pairing.PairingError, match=re.escape(problem)):
+        ident.reload()
+    assert ident.serial == old and ident.reloads == 0
+    assert not ident.changed(), "a refused pair is not retried until the files change again"
+    if bad == "half-copied":  # the key arrives: the next change loads the pair
+        (tmp_path / "rotated" / "site-b.key").chmod(0o600)
+        key.write_bytes((tmp_path / "rotated" / "site-b.key").read_bytes())
+        assert ident.changed()
+        assert ident.reload()["serial"] != old
