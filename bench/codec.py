@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 
-from replication.codec import KIND_DELTA, Codec, apply_delta  # noqa: E402
+from replication.codec import KIND_DELTA, Codec  # noqa: E402
 
 
 def ram_image(mb: int, rng) -> np.ndarray:
@@ -55,7 +55,7 @@ def main() -> int:
     codec = Codec(os.urandom(32), level=1)
     enc_t, frame = best(lambda: codec.encode(epoch=1, kind=KIND_DELTA, page_size=4096, page_numbers=pages,
                                              new_pages=new, old_pages=old, device_state=os.urandom(1) * 400_000))
-    dec_t, d = best(lambda: apply_delta(codec.decode(frame).payload, old))
+    dec_t, d = best(lambda: codec.decode(frame).new_pages(old))
     assert np.array_equal(d, new)
     z = zstandard.ZstdCompressor(level=1)
     z_t, zb = best(lambda: z.compress(new.data))

@@ -218,7 +218,7 @@ class Standby:
         if d.kind != codec_mod.KIND_DELTA:
             raise ChannelError(f"a CHECKPOINT message carried a non-delta frame (epoch {d.epoch})")
         old = self.replica.old_pages(d.page_numbers)
-        new = codec_mod.apply_delta(d.payload, old)
+        new = d.new_pages(old)
         base = self.replica.device_state() if d.header.dev_delta else b""
         self.replica.commit(d.epoch, d.page_numbers, new, d.device_state_from(base))
         return d.epoch

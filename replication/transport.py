@@ -18,7 +18,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: checkpoint frames v2 (per-page raw/XOR)
 _HDR = struct.Struct(">BI")
 DEFAULT_MAX_FRAME = 64 << 20
 
