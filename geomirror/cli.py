@@ -117,6 +117,14 @@ def cmd_fence(args) -> int:
     return 0
 
 
+def cmd_rejoin(args) -> int:
+    from geomirror.config import load_site
+    from geomirror.daemon import rejoin
+
+    print(rejoin(load_site(args.config), seed=not args.no_seed))
+    return 0
+
+
 def cmd_reload_tls(args) -> int:
     r = _loop_run(_site_client(args).call("POST", "/v1/reload-tls"))
     print(f"{r['name']} now presents certificate serial {r['serial']} (was {r['previous_serial']}), "
@@ -198,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="take over even without a lease from the witness (the primary must be known dead)")
         c.set_defaults(func=fn)
 
+    rj = sub.add_parser("rejoin", help="after a takeover: make this (stopped) site start as the standby of its "
+                                       "peer, seeded from its last copy of the guest's RAM")
+    rj.add_argument("--config", required=True, help="the site's config file")
+    rj.add_argument("--no-seed", action="store_true", help="discard the old RAM image: full initial sync")
+    rj.set_defaults(func=cmd_rejoin)
+
     from geomirror import labctl
 
     labctl.add_parser(sub)
@@ -211,6 +225,7 @@ _ROOT_REASONS = {
     "daemon": "the site daemon needs root: it creates the guest's TAP device and runs ExaBGP",
     "lab": "the lab needs root: it creates network namespaces and TAP devices",
     "demo": "the demo needs root: it builds the lab's network namespaces and TAP devices",
+    "rejoin": "rejoin needs root: a site's state is readable only by its service",
 }
 
 

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pyroute2 import IPRoute
 
 from geomirror import control, ha
+from geomirror.errors import GeomirrorError
 from replication import transport
 from replication.capture import Capture
 from replication.gate import GateMode, UserspaceGate, open_tap
@@ -52,6 +53,78 @@ def configure_tap(name: str, gateway: str, prefixlen: int, up: bool) -> None:
             ip.link("set", index=idx, state="down")
             if gateway in have:
                 ip.addr("del", index=idx, address=gateway, prefixlen=prefixlen)
+
+
+def rejoin(cfg, *, seed: bool = True, progress: bool | None = None) -> str:
+    """Make a site that lost the guest (crashed, fenced, or taken over from) start next time as
+    the standby of its peer, which now runs the guest. Offline: the daemon must be stopped.
+
+    Its last RAM image of the guest (run_dir/guest.ram, if it survived) seeds the replica, so
+    the resync sends only the blocks that changed since the takeover; without it, a full
+    initial sync. Returns what was done, as a sentence."""
+    import socket as _socket
+
+    from replication.progress import Progress
+
+    state_dir, run_dir = Path(cfg.site.state_dir), Path(cfg.site.run_dir)
+    ctl = run_dir / "control.sock"
+    if ctl.exists():
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            s.connect(str(ctl))
+            raise RejoinError(f"the daemon of {cfg.site.name} is running ({ctl} answers): stop it first")
+        except OSError:
+            pass  # a stale socket of a dead daemon
+        finally:
+            s.close()
+    try:
+        saved = json.loads((state_dir / "role.json").read_text())
+    except FileNotFoundError:
+        saved = {}
+    except ValueError as e:
+        raise RejoinError(f"{state_dir / 'role.json'} is not valid JSON ({e}); remove it to start afresh") from None
+    role = saved.get("role") or cfg.site.initial_role
+    if role == "standby":
+        return f"{cfg.site.name} is already a standby; nothing to do"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    run_id = saved.get("run_id", "")
+    size = cfg.guest.memory_mb << 20
+    source = run_dir / "guest.ram"
+    how = "it will take a full initial sync"
+    if seed and run_id and source.exists() and source.stat().st_size == size:
+        spec = SiteDaemon(cfg).guest_spec(incoming=True, ram_path=state_dir / "replica" / "ram.img", tag="standby")
+        replica = Replica(state_dir / "replica", size)
+        replica.open()
+        bar = Progress(f"seeding the replica from {source}", size, event="rejoin.seed_progress", bar=progress)
+        try:
+            replica.seed(source, spec.compat(), run_id, progress=lambda n: bar.update(n, n))
+        except BaseException:
+            bar.abandon()
+            raise
+        finally:
+            replica.close()
+        bar.finish()
+        source.unlink()
+        how = (f"its replica is seeded from its last RAM image ({size >> 20} MB), so the resync sends only "
+               "the blocks that changed since")
+    elif seed and source.exists():
+        how += f" ({source} is not a RAM image of this guest run)"
+    tmp = state_dir / "role.json.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"role": "standby", "lease_generation": int(saved.get("lease_generation", 0)), "run_id": run_id,
+                   "at": time.time(), "rejoined_from": role}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state_dir / "role.json")
+    log.info("rejoin", site=cfg.site.name, was=role, seeded="seeded" in how)
+    return (f"{cfg.site.name} (was {role}) will start as the standby of {cfg.peer.name}; {how}. "
+            "Start its daemon.")
+
+
+class RejoinError(GeomirrorError):
+    """The site cannot be turned into a standby now."""
 
 
 class SiteDaemon:
@@ -318,6 +391,7 @@ class SiteDaemon:
         self.fixed_interval_ms = ck.interval_ms
         self.primary = Primary(pcfg, self.guest, self.capture, self.gate, connect, interval_fn=self._next_interval)
         self.primary.generation_fn = lambda: self.ha.generation
+        self.primary.hold_on_protect = not self.unsafe_no_output_commit
         self.primary.on_heartbeat = lambda gen, rtt: self._feed(ha.HeartbeatReceived(time.monotonic(), rtt, gen))
         self.primary.on_commit = lambda epoch: self._feed(ha.StandbyReady(epoch))
         self._tasks.append(asyncio.create_task(self.primary.run()))
@@ -561,6 +635,11 @@ class SiteDaemon:
             self._mark("takeover.resumed", **timings)
             self._feed(ha.ResumeDone(time.monotonic()))
             self._resumed.set()
+            # Reprotect: checkpoint the resumed guest to the old primary as soon as it comes
+            # back as a standby (`geomirror rejoin`); until then this site runs unprotected.
+            self._begin_replication(self._standby_spec, fresh=False)
+            self._mark("reprotect.waiting", peer=self.cfg.peer.name,
+                       hint=f"run `geomirror rejoin` at {self.cfg.peer.name}, then start its daemon")
         except Exception as e:
             log.exception("takeover.resume_failed", site=self.name)
             self._feed(ha.ResumeFailed(str(e)))

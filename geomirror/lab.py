@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -212,11 +213,17 @@ def _has_link(ns: str, ifname: str) -> bool:
 
 
 def set_links(ns: str, up: bool, ifnames=("uplink0", "wan0")) -> None:
+    """Links down (a lost site, a cut WAN) or up again; the kernel drops the routes through a
+    link that goes down, so bringing it up puts the namespace's default route back."""
     with NetNS(ns) as h:
         for ifname in ifnames:
             idx = h.link_lookup(ifname=ifname)
             if idx:
                 h.link("set", index=idx[0], state="up" if up else "down")
+        gw = DEFAULT_ROUTES.get(ns)
+        if up and gw and not any(r.get_attr("RTA_DST") is None and r["dst_len"] == 0
+                                 for r in h.get_routes(family=socket.AF_INET, table=254)):
+            h.route("add", dst="0.0.0.0/0", gateway=gw)
 
 
 # ---------------------------------------------------------------- BIRD
@@ -367,8 +374,31 @@ def start_services(python: str = sys.executable, env: dict | None = None, guest_
     if importlib.util.find_spec("geomirror.witness"):
         spawn(WITNESS, "witness", [*gm, "witness", "--config", str(cfg / "witness.toml")])
     site_env = {**os.environ, **env} if env else None
+    state = load_state()
+    state["config_dir"], state["python"] = str(cfg), python
+    save_state(state)
     for site, ns in SITES.items():
         spawn(ns, site, [*gm, "daemon", "--config", str(cfg / f"{site}.toml")], env=site_env)
+
+
+def revive(site: str, rejoin: bool = True) -> str:
+    """Bring a lost site back: links up, (rejoin: make it the standby of the site that took
+    over, seeded from its last RAM image), and its daemon started again. Returns what rejoin said."""
+    from geomirror.config import load_site
+    from geomirror.daemon import rejoin as do_rejoin
+
+    state = load_state()
+    cfg_dir = Path(state.get("config_dir") or repo_configs())
+    python = state.get("python") or sys.executable
+    ns = SITES[site]
+    left = pids_in_netns(ns)
+    if left:
+        raise LabError(f"{site} still has processes ({left}): crash it first")
+    said = do_rejoin(load_site(cfg_dir / f"{site}.toml"), progress=False) if rejoin else ""
+    set_links(ns, True)
+    spawn(ns, site, [python, "-m", "geomirror", "daemon", "--config", str(cfg_dir / f"{site}.toml")])
+    log.info("lab.revive", site=site, rejoin=rejoin, said=said)
+    return said
 
 
 def down() -> list[str]:

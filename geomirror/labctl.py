@@ -169,6 +169,8 @@ def add_parser(sub) -> None:
     st.add_argument("--json", action="store_true")
     cr = lp.add_parser("crash", help="lose a site: SIGKILL its processes, take its links down")
     cr.add_argument("site", choices=list(lab.SITES))
+    rv = lp.add_parser("revive", help="bring a lost site back as the standby of the site that took over")
+    rv.add_argument("site", choices=list(lab.SITES))
     lp.add_parser("partition", help="cut the inter-site WAN link")
     lp.add_parser("heal", help="restore the inter-site WAN link")
     rt = lp.add_parser("route", help="point the lab's static route for the guest prefix at a site")
@@ -212,6 +214,9 @@ def main(args) -> int:
     elif c == "crash":
         pids = lab.crash(args.site)
         print(f"{args.site} lost: killed {len(pids)} processes, links down")
+    elif c == "revive":
+        print(lab.revive(args.site))
+        print(f"{args.site}'s daemon started; `geomirror lab status` shows protection resume")
     elif c == "partition":
         lab.partition(False)
         print("WAN partitioned (wan0 down at both sites)")
@@ -318,6 +323,24 @@ def demo(args) -> int:
                 break
             time.sleep(0.05)
         time.sleep(2)
+        t_revive = time.time()
+        print(f"[{time.monotonic() - t0:5.1f}s] site-a comes back: `geomirror rejoin` -> "
+              + lab.revive("site-a"))
+        reprotected = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            b = site_status("site-b") or {}
+            if b.get("protected") and b.get("ha_state") == "primary":
+                reprotected = b
+                break
+            time.sleep(0.1)
+        if reprotected:
+            rep = reprotected.get("replication", {})
+            ram_mb = round((rep.get("ram_bytes") or 128 << 20) / (1 << 20))
+            print(f"[{time.monotonic() - t0:5.1f}s] site-b is protected again by site-a, "
+                  f"{time.time() - t_revive:.1f}s after site-a's daemon started: {rep.get('last_sync_mode')} sent "
+                  f"{rep.get('last_sync_bytes', 0) / 1e6:.2f} MB for a {ram_mb} MB guest")
+        time.sleep(2)
         stop.set()
         th.join(30)
         vals = [v for _, v in replies]
@@ -338,8 +361,9 @@ def demo(args) -> int:
               f"longest stall {stall:.2f}s; greeting still {mc.get('greeting')!r}")
         mc.close()
         print_status(status())
-        print("demo " + ("OK" if ok and flipped else "FAILED"))
-        return 0 if ok and flipped else 1
+        good = ok and flipped and reprotected
+        print("demo " + ("OK" if good else "FAILED"))
+        return 0 if good else 1
     finally:
         if not getattr(args, "keep", False):
             lab.down()

@@ -11,10 +11,24 @@ import structlog
 _configured = False
 
 
+class _Stderr:
+    """Whatever sys.stderr is at the time of writing (a test harness, a daemon that
+    redirects it): a logger never holds on to a stream that has since been closed."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def setup(level: str | None = None, json: bool | None = None, stream=None) -> None:
     """Configure structlog and the stdlib root logger. Safe to call more than once."""
     global _configured
-    stream = stream or sys.stderr
+    stream = stream or _Stderr()
     if json is None:
         env = os.environ.get("GEOMIRROR_LOG_FORMAT")
         json = (env == "json") if env else not stream.isatty()

@@ -27,7 +27,7 @@ import structlog
 from replication.progress import Progress
 from replication import codec as codec_mod
 from replication.capture import Capture
-from replication.gate import Gate
+from replication.gate import Gate, GateMode
 from replication.qemu import Guest
 from replication.session import (BLOCK_PAGES, LinkStats, new_nonce, on_heartbeat_message, send_heartbeats,
                                  session_key)
@@ -76,6 +76,7 @@ class PrimaryStatus:
     sync_progress: float = 0.0
     sessions: int = 0
     peer_cert_serial: str | None = None
+    ram_bytes: int = 0
     last_sync_bytes: int = 0
     last_sync_mode: str = ""
     pause_total_ms: float = 0.0
@@ -93,7 +94,7 @@ class Primary:
         self._connect = connect
         self._interval_fn = interval_fn
         self.link = LinkStats()
-        self.status = PrimaryStatus(interval_ms=cfg.interval_ms)
+        self.status = PrimaryStatus(interval_ms=cfg.interval_ms, ram_bytes=capture.size)
         self.records: dict[int, EpochRecord] = {}
         self.history: list[EpochRecord] = []
         self._acked = asyncio.Event()
@@ -105,6 +106,12 @@ class Primary:
         self._stop = asyncio.Event()
         self._hold_checkpoints = asyncio.Event()
         self._hold_checkpoints.set()
+        # Output commit starts with the first epoch of a session, not with its first ack: a gate
+        # left open (a site that took over and runs unprotected, or continue-unprotected) holds
+        # from the first seal, so nothing released can be newer than what the standby will ack.
+        # Off only for the unsafe no-output-commit switch.
+        self.hold_on_protect = True
+        self._holding_for_session = False
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -133,6 +140,13 @@ class Primary:
                 await asyncio.sleep(1.0)
             finally:
                 ch.close()
+                if self._holding_for_session:
+                    # No epoch of this session was acknowledged: no protection was promised, so
+                    # go back to running open, as before the session (nothing is lost: this is
+                    # the only copy).
+                    self._holding_for_session = False
+                    self.gate.set_mode(GateMode.OPEN)
+                    log.info("primary.output_commit_abandoned", peer=ch.peer)
             self.status.state = "disconnected"
             self.records.clear()
             self.status.in_flight = 0
@@ -159,7 +173,7 @@ class Primary:
         if reply.get("proto") != PROTOCOL_VERSION:
             raise ChannelError(f"standby speaks protocol {reply.get('proto')}, we speak {PROTOCOL_VERSION}")
         hashes = None
-        if reply.get("valid"):
+        if reply.get("valid") or reply.get("hashes"):  # a replica, or a seeded one: resync by block hashes
             mtype, raw = await asyncio.wait_for(ch.recv(), 30)
             if mtype is not MsgType.HASHES or len(raw) % 16:
                 raise ChannelError(f"standby sent {mtype.name} where its block hashes were expected")
@@ -188,6 +202,11 @@ class Primary:
 
     async def _work(self, ch: Channel, codec, reader: asyncio.Task) -> None:
         await self._sync(ch, codec, self._hashes)
+        if self.hold_on_protect and self.gate.mode is GateMode.OPEN:
+            self.gate.set_mode(GateMode.HOLD)
+            self._holding_for_session = True
+            log.info("primary.output_commit_begins", peer=ch.peer,
+                     hint="the gate holds output from the first epoch on")
         self.status.state = "protected"
         log.info("primary.protected", peer=ch.peer, epoch=self.status.epoch)
         await self._epochs(ch, codec, reader)
@@ -337,6 +356,7 @@ class Primary:
         if epoch > self.status.epoch:
             raise ChannelError(f"standby acknowledged epoch {epoch}, which was never sent "
                                f"(latest {self.status.epoch})")
+        self._holding_for_session = False  # protected now: losing the standby is the HA layer's to handle
         now = time.monotonic()
         for e in [e for e in self.records if e <= epoch]:
             rec = self.records.pop(e)

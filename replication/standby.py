@@ -99,11 +99,13 @@ class Standby:
         async with self._lock:
             await asyncio.to_thread(self.replica.bind, self.compat, str(hello.get("run_id", "")))
             valid = self.replica.valid
+            base = self.replica.resync_base
             nonce = new_nonce()
             await ch.send_json(MsgType.HELLO_REPLY, {
                 "proto": PROTOCOL_VERSION, "site": self.site, "nonce": nonce.hex(),
-                "committed_epoch": self.replica.committed_epoch, "valid": valid, "block_pages": BLOCK_PAGES})
-            if valid:
+                "committed_epoch": self.replica.committed_epoch, "valid": valid, "hashes": base,
+                "block_pages": BLOCK_PAGES})
+            if base:
                 hashes = await asyncio.to_thread(self.replica.block_hashes, BLOCK_PAGES)
                 await ch.send(MsgType.HASHES, b"".join(hashes))
         codec = codec_mod.Codec(session_key(bytes.fromhex(hello["nonce"]), nonce))

@@ -101,6 +101,10 @@ class Replica:
         self._map: mmap.mmap | None = None
         self.ram: np.ndarray | None = None
         self.syncing_initial = False
+        # A seeded replica holds the RAM of a former run of this guest (a site rejoining after
+        # a takeover): not resumable, but a base for a block-hash resync, so rejoining sends
+        # only what changed since. `valid` stays False until the first committed epoch.
+        self.seeded = False
         self._device_state: bytes | None = None  # the committed device state, cached
 
     @property
@@ -128,6 +132,7 @@ class Replica:
         self.valid = meta.get("valid", False)
         self.compat = meta.get("compat", {})
         self.run_id = meta.get("run_id", "")
+        self.seeded = bool(meta.get("seeded", False))
         recovered = self._recover()
         self._journal_fd = os.open(self.dir / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         log.info("replica.open", dir=str(self.dir), committed_epoch=self.committed_epoch,
@@ -156,7 +161,7 @@ class Replica:
     def _write_meta(self) -> None:
         _atomic_write(self.dir / "replica.json", json.dumps(
             {"committed_epoch": self.committed_epoch, "valid": self.valid, "compat": self.compat,
-             "run_id": self.run_id}).encode(),
+             "run_id": self.run_id, "seeded": self.seeded}).encode(),
             self.fsync)
 
     def bind(self, compat: dict, run_id: str) -> None:
@@ -167,11 +172,49 @@ class Replica:
                 log.warning("replica.discarded", reason="the primary runs another guest",
                             old_run=self.run_id, new_run=run_id, committed_epoch=self.committed_epoch,
                             compat_changed=compat != self.compat)
+            if self.seeded:
+                log.warning("replica.seed_discarded", reason="the primary runs another guest",
+                            old_run=self.run_id, new_run=run_id)
             self.compat = compat
             self.run_id = run_id
             self.valid = False
+            self.seeded = False
             self.committed_epoch = 0
             self._write_meta()
+
+    @property
+    def resync_base(self) -> bool:
+        """Worth offering block hashes: a valid replica, or one seeded from a former run."""
+        return self.valid or self.seeded
+
+    def seed(self, ram_file: Path, compat: dict, run_id: str, progress=None) -> int:
+        """Fill ram.img from `ram_file` (this site's RAM of the same guest run, e.g. from when
+        it was the primary) and mark the replica seeded: not resumable, but the next sync is
+        a resync that sends only the blocks that differ. Returns the bytes copied."""
+        if os.path.getsize(ram_file) != self.size:
+            raise ReplicaError(f"cannot seed from {ram_file}: {os.path.getsize(ram_file)} bytes, the guest has "
+                               f"{self.size}")
+        self.valid = False
+        self.committed_epoch = 0
+        self.seeded = False
+        self._write_meta()  # not a base while the copy is under way
+        chunk = 8 << 20
+        done = 0
+        with open(ram_file, "rb") as f:
+            flat = self.ram.reshape(-1)
+            while done < self.size:
+                n = f.readinto(memoryview(flat[done:done + chunk]))
+                if not n:
+                    raise ReplicaError(f"{ram_file} ended after {done} bytes")
+                done += n
+                if progress:
+                    progress(done)
+        if self.fsync:
+            self._map.flush()
+        self.compat, self.run_id, self.seeded = compat, run_id, True
+        self._write_meta()
+        log.info("replica.seeded", source=str(ram_file), bytes=done, run_id=run_id)
+        return done
 
     # ----------------------------------------------------------- journal
     @staticmethod

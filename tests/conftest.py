@@ -28,8 +28,27 @@ def root_netns_snapshot() -> dict:
     return {"links": links, "addrs": addrs, "routes": routes}
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def _print_lab_logs(lines: int = 40) -> None:
+    """On a failed lab test: the end of every lab log, so a CI failure can be read."""
+    from geomirror import lab
+
+    for name in ("site-a.log", "site-b.log", "witness.log", "wan.log", "bird.log"):
+        p = lab.LAB_DIR / name
+        if p.exists():
+            tail = p.read_text(errors="replace").splitlines()[-lines:]
+            print(f"\n----- {p} (last {len(tail)} lines) -----")
+            print("\n".join(tail))
+
+
 @pytest.fixture
-def lab_env():
+def lab_env(request):
     """A clean slate for a lab test, and a guaranteed `lab down` afterwards (also on failure)."""
     why = _lab_prereqs()
     if why:
@@ -39,6 +58,9 @@ def lab_env():
     lab.down()
     before = root_netns_snapshot()
     yield lab
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        _print_lab_logs()
     lab.down()
     after = root_netns_snapshot()
     assert before == after, f"the root namespace changed: {before} -> {after}"

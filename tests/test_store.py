@@ -96,3 +96,42 @@ def test_state_files_are_private(tmp_path):
     assert (tmp_path.stat().st_mode & 0o777) == 0o700
     for f in ("ram.img", "device.state", "replica.json", "journal"):
         assert ((tmp_path / f).stat().st_mode & 0o777) == 0o600, f
+
+
+def test_seeded_replica_offers_hashes_but_is_not_resumable(tmp_path):
+    from replication.standby import resume
+
+    size = W.PAGES * W.PS
+    src = tmp_path / "old-guest.ram"
+    data = np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8)
+    src.write_bytes(data.tobytes())
+    r = Replica(tmp_path / "rep", size)
+    r.open()
+    seen = []
+    assert r.seed(src, {"qemu": "7.2"}, "run-1", progress=seen.append) == size
+    assert seen[-1] == size
+    assert r.seeded and r.resync_base and not r.valid and r.committed_epoch == 0
+    assert np.array_equal(r.ram.reshape(-1), data)
+    hashes = r.block_hashes(4)
+    r.close()
+    # persisted; the same run keeps it as a resync base
+    r, rep = Replica(tmp_path / "rep", size), None
+    rep = r.open()
+    assert r.seeded and not rep.valid and r.block_hashes(4) == hashes
+    r.bind({"qemu": "7.2"}, "run-1")
+    assert r.resync_base
+    with pytest.raises(ReplicaError, match="not valid"):
+        import asyncio
+
+        asyncio.run(resume(r, None))
+    # another run of the guest: the seed is not that guest
+    r.bind({"qemu": "7.2"}, "run-2")
+    assert not r.seeded and not r.resync_base
+    r.close()
+    bad = tmp_path / "short.ram"
+    bad.write_bytes(b"x" * 4096)
+    r = Replica(tmp_path / "rep2", size)
+    r.open()
+    with pytest.raises(ReplicaError, match="cannot seed from .*short.ram: 4096 bytes"):
+        r.seed(bad, {}, "run-1")
+    r.close()
