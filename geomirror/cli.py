@@ -125,6 +125,15 @@ def cmd_rejoin(args) -> int:
     return 0
 
 
+def cmd_switchover(args) -> int:
+    r = _loop_run(_site_client(args).call("POST", "/v1/switchover", {"timeout_s": args.timeout},
+                                          timeout=args.timeout + 60))
+    print(f"the guest moved from {r['from']} to {r['to']} at epoch {r['final_epoch']}: paused after "
+          f"{r['paused_at_ms']} ms, {r['to']} held the lease at {r['peer_holds_lease_at_ms']} ms, "
+          f"{r['from']} is its standby since {r['standby_at_ms']} ms")
+    return 0
+
+
 def cmd_reload_tls(args) -> int:
     r = _loop_run(_site_client(args).call("POST", "/v1/reload-tls"))
     print(f"{r['name']} now presents certificate serial {r['serial']} (was {r['previous_serial']}), "
@@ -195,12 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("promote", cmd_promote, "take over the guest at this (standby) site"),
                                ("fence", cmd_fence, "stop this site releasing output or announcing"),
                                ("status", cmd_status, "a site's status"),
+                               ("switchover", cmd_switchover,
+                                "planned move of the guest to the peer, losing nothing (run at the primary)"),
                                ("reload-tls", cmd_reload_tls,
                                 "take up a rotated certificate now (it is also picked up within 5 s)")):
         c = sub.add_parser(name, help=helptext)
         src = c.add_mutually_exclusive_group(required=True)
         src.add_argument("--config", help="the site's config file")
         src.add_argument("--lab-site", dest="site", choices=["site-a", "site-b"], help="a lab site")
+        if name == "switchover":
+            c.add_argument("--timeout", type=float, default=15.0,
+                           help="seconds the peer has to take over before the guest runs on here")
         if name == "promote":
             c.add_argument("--force", action="store_true",
                            help="take over even without a lease from the witness (the primary must be known dead)")

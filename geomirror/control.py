@@ -1,4 +1,5 @@
-"""The control API of a site: status, promote, fence, checkpoint policy, TLS reload, metrics. Bearer token on every call
+"""The control API of a site: status, promote, fence, switchover, checkpoint policy, TLS reload,
+metrics. Bearer token on every call
 but /healthz. Served on TCP (127.0.0.1 by default) and on a UNIX socket (0600)."""
 
 from __future__ import annotations
@@ -70,11 +71,31 @@ def make_app(daemon, token: str) -> web.Application:
             return web.json_response({"error": str(e)}, status=409)
         return web.json_response(r)
 
+    async def switchover(request: web.Request):
+        body = await _json(request)
+        try:
+            report = await daemon.switchover(timeout=float(body.get("timeout_s", 15.0)))
+        except Exception as e:
+            return web.json_response({"error": str(e)}, status=409)
+        return web.json_response(report)
+
     async def reload_tls(_):
         try:
             return web.json_response(daemon.reload_tls(reason="operator"))
         except Exception as e:
             return web.json_response({"error": str(e)}, status=409)
+
+    async def tasks(_):
+        """Where every asyncio task of the daemon is waiting (for support: a stuck daemon)."""
+        import asyncio
+        import io
+
+        out = []
+        for t in asyncio.all_tasks():
+            buf = io.StringIO()
+            t.print_stack(limit=12, file=buf)
+            out.append({"name": t.get_name(), "done": t.done(), "stack": buf.getvalue()})
+        return web.json_response({"tasks": out})
 
     async def metrics(_):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -89,7 +110,9 @@ def make_app(daemon, token: str) -> web.Application:
         web.post("/v1/fence", fence),
         web.post("/v1/checkpoint", checkpoint),
         web.post("/v1/reload-tls", reload_tls),
+        web.post("/v1/switchover", switchover),
         web.get("/metrics", metrics),
+        web.get("/v1/debug/tasks", tasks),
     ])
     return app
 

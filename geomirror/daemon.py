@@ -171,8 +171,9 @@ class SiteDaemon:
         from geomirror.image import build_image, default_cmdline
 
         if not kernel:
-            img = build_image(progress=False)
-            kernel, initrd = img.kernel, img.initrd
+            if getattr(self, "_image", None) is None:  # resolved once per daemon (it asks apt)
+                self._image = build_image(progress=False)
+            kernel, initrd = self._image.kernel, self._image.initrd
         append = default_cmdline(str(g.address), g.prefix.prefixlen, str(g.gateway))
         if g.append:
             append += " " + g.append
@@ -390,11 +391,16 @@ class SiteDaemon:
         self.adaptive = ck.adaptive
         self.fixed_interval_ms = ck.interval_ms
         self.primary = Primary(pcfg, self.guest, self.capture, self.gate, connect, interval_fn=self._next_interval)
+        # Epoch numbers only grow at a site, across primaries: the gate tags held frames with
+        # them, and a replica (here or at the peer) rejects anything not after its committed one.
+        self.primary.status.epoch = max(self.gate.current_epoch,
+                                        self.replica.committed_epoch if self.replica else 0)
         self.primary.generation_fn = lambda: self.ha.generation
         self.primary.hold_on_protect = not self.unsafe_no_output_commit
         self.primary.on_heartbeat = lambda gen, rtt: self._feed(ha.HeartbeatReceived(time.monotonic(), rtt, gen))
         self.primary.on_commit = lambda epoch: self._feed(ha.StandbyReady(epoch))
-        self._tasks.append(asyncio.create_task(self.primary.run()))
+        self._primary_task = asyncio.create_task(self.primary.run())
+        self._tasks.append(self._primary_task)
 
     def _next_interval(self, primary: Primary, rec) -> float:
         """The pacer's interval (or the fixed one), fed with what the last epoch measured."""
@@ -410,7 +416,11 @@ class SiteDaemon:
             interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
             wire_bytes=rec.wire_bytes, rtt_ms=link.rtt_ms or 0.0, rtt_var_ms=link.rtt_var_ms,
             bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=primary.status.in_flight))
-        if d.reason != before:
+        now = time.monotonic()
+        if d.reason != before and now - getattr(self, "_pacer_logged", 0.0) >= 10.0:
+            # at most one line per 10 s: near a boundary the reason may flip every few epochs
+            # (the status output always shows the current one)
+            self._pacer_logged = now
             log.info("pacer.reason", site=self.name, interval_ms=round(d.interval_ms, 1),
                      target_ms=round(d.target_ms, 1), reason=d.reason)
         if d.infeasible:
@@ -459,6 +469,7 @@ class SiteDaemon:
         self.standby.generation_fn = lambda: self.ha.generation
         self.standby.on_heartbeat = lambda gen, rtt: self._feed(ha.HeartbeatReceived(time.monotonic(), rtt, gen))
         self.standby.on_commit = self._on_standby_commit
+        self.standby.on_switchover = self._on_switchover
         self._standby_spec = spec
         await self._tap(False)
         peer = self.cfg.peer
@@ -685,6 +696,129 @@ class SiteDaemon:
             raise RuntimeError(f"promote did not complete in {timeout:.0f}s: "
                                + (self.alarms[-1] if self.alarms else f"HA state {self.ha.state}")) from None
         return {**(self.takeover_report or {}), "state": self.ha.state, "lease_generation": self.ha.generation}
+
+    # ------------------------------------------------------------ planned switchover
+    def _on_switchover(self, epoch: int) -> None:
+        """The primary handed the guest over at `epoch` (committed here): take over now, by
+        the ordinary rules (a lease at a higher generation; the primary has released it)."""
+        self._mark("switchover.takeover", epoch=epoch, peer=self.cfg.peer.name)
+        self._feed(ha.OperatorPromote(time.monotonic(), False))
+
+    async def switchover(self, timeout: float = 15.0) -> dict:
+        """Planned move of the guest to the peer (a site-evacuation drill), losing nothing:
+
+        1. the last epoch is taken with the guest left paused, and committed by the peer;
+        2. this site fences (gate closed, prefix withdrawn, lease released);
+        3. the peer is told; it takes the lease at the next generation, resumes from that
+           epoch (its hot standby), opens and announces;
+        4. once the witness shows the peer holding the lease, this site stops its guest and
+           becomes the peer's standby, its replica seeded from the paused guest's RAM, so
+           the reverse resync sends next to nothing and protection resumes at once.
+        If the peer has not taken the lease within `timeout`, the guest runs on here."""
+        from geomirror.witness import WitnessError
+
+        if self.primary is None or self.ha is None or self.ha.state != ha.PRIMARY or not self.protected:
+            raise RuntimeError(f"switchover needs a protected primary; {self.name} is "
+                               f"{self.ha.state if self.ha else self.role}")
+        if self.witness is None:
+            raise RuntimeError("switchover needs the witness: the peer takes the lease over")
+        peer, guest = self.cfg.peer.name, self.cfg.guest.name
+        t0 = time.monotonic()
+        report: dict = {"from": self.name, "to": peer}
+        self._mark("switchover.begin", to=peer)
+        epoch = await self.primary.handover(timeout=min(timeout, 10.0))
+        report["final_epoch"] = epoch
+        report["paused_at_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        gen = self.ha.generation
+        self._feed(ha.OperatorFence(time.monotonic()))
+        try:
+            await self.witness.release(guest, gen)
+        except WitnessError as e:
+            log.warning("switchover.release_failed", site=self.name, error=str(e))
+        report["fenced_at_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        try:
+            await self.primary.announce_switchover(epoch)
+        except Exception as e:
+            await self._abort_switchover(f"cannot tell {peer}: {e}")
+            raise RuntimeError(f"switchover aborted: cannot tell {peer} ({e}); the guest runs on here") from None
+        deadline = time.monotonic() + timeout
+        holder = None
+        while time.monotonic() < deadline:
+            try:
+                st = await self.witness.get(guest)
+                holder = st.get("holder")
+                if holder == peer and int(st.get("generation", 0)) > gen and st.get("valid", True):
+                    break
+            except WitnessError:
+                pass
+            await asyncio.sleep(0.05)
+        else:
+            await self._abort_switchover(f"{peer} did not take the lease within {timeout:g}s (holder {holder})")
+            raise RuntimeError(f"switchover aborted: {peer} did not take over within {timeout:g}s; "
+                               "the guest runs on here")
+        report["peer_holds_lease_at_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        self._mark("switchover.handed_over", to=peer, epoch=epoch, ms=report["peer_holds_lease_at_ms"])
+        await self._demote_to_standby(f"switchover to {peer}")
+        report["standby_at_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        self._mark("switchover.done", **report)
+        return report
+
+    async def _abort_switchover(self, why: str) -> None:
+        self._mark("switchover.aborted", why=why)
+        self._feed(ha.OperatorPromote(time.monotonic(), False))  # re-acquire: reopens if nobody held it since
+        await self.primary.abort_handover()
+
+    async def _demote_to_standby(self, reason: str) -> None:
+        """This site no longer runs the guest (another site does, at a newer generation):
+        stop it and become the other site's standby, seeded from the guest's last RAM."""
+        self._mark("demote.begin", reason=reason)
+        spec_ram = self.capture.path if self.capture is not None else self.run_dir / "guest.ram"
+        if self.primary:
+            self.primary.stop()
+        task = getattr(self, "_primary_task", None)
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.primary, self._primary_task = None, None
+        guest, self.guest = self.guest, None
+        if guest is not None:
+            await guest.close()
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        self.gate.allow(False)
+        self.gate.set_mode(GateMode.FENCED)
+        if self.replica is not None:  # from before a takeover: its files are the guest's RAM now
+            self.replica.close()
+            self.replica = None
+        size = self.cfg.guest.memory_mb << 20
+        source = Path(spec_ram)
+        if source.exists() and source.stat().st_size == size and self.run_id:
+            compat = self.guest_spec(incoming=True, ram_path=self.state_dir / "replica" / "ram.img",
+                                     tag="standby").compat()
+            replica = Replica(self.state_dir / "replica", size)
+
+            def seed():
+                replica.open()
+                try:
+                    replica.seed(source, compat, self.run_id)
+                finally:
+                    replica.close()
+
+            await asyncio.to_thread(seed)
+            if source.parent == self.run_dir:
+                source.unlink(missing_ok=True)
+        self.protected = False
+        self.ha = ha.HaMachine("standby", ha.HaConfig.from_site_config(self.cfg), generation=self.ha.generation)
+        self._bgp_up, self._peer_route = set(), None
+        if self.speaker is not None:
+            self._on_bgp_change()  # the new machine learns what BGP looks like now
+        self._resumed.clear()
+        await self.start_standby()
+        self._mark("demote.done", role=self.role)
 
     async def fence(self, reason: str = "operator") -> None:
         self._mark("fence", reason=reason)

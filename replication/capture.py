@@ -42,6 +42,7 @@ class Capture:
     def __init__(self, ram_path: Path, size: int, page_size: int = PAGE_SIZE):
         if size % page_size:
             raise ValueError(f"RAM size {size} is not a multiple of the page size {page_size}")
+        self.path = Path(ram_path)
         self.page_size = page_size
         self.size = size
         self.n_pages = size // page_size

@@ -112,6 +112,9 @@ class Primary:
         # Off only for the unsafe no-output-commit switch.
         self.hold_on_protect = True
         self._holding_for_session = False
+        self._ch: Channel | None = None  # the current session (for a planned switchover)
+        self._codec = None
+        self._frozen = False  # a handover paused the guest: no epoch may `cont` it
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -140,6 +143,8 @@ class Primary:
                 await asyncio.sleep(1.0)
             finally:
                 ch.close()
+                if self._ch is ch:
+                    self._ch = self._codec = None
                 if self._holding_for_session:
                     # No epoch of this session was acknowledged: no protection was promised, so
                     # go back to running open, as before the session (nothing is lost: this is
@@ -182,6 +187,7 @@ class Primary:
         self._prev_dev = None  # a session starts with a full device state; then XOR against the last
         key = session_key(nonce, bytes.fromhex(reply["nonce"]))
         codec = codec_mod.Codec(key, level=self.cfg.compression_level)
+        self._ch, self._codec = ch, codec
         self.status.sessions += 1
         self.status.peer_cert_serial = ch.peer_cert_serial()
         self.status.committed_epoch = max(self.status.committed_epoch, int(reply.get("committed_epoch", 0)))
@@ -299,14 +305,65 @@ class Primary:
             if reader.done():
                 reader.result()
                 raise ChannelError("reader stopped")
-            rec, frame = await self.checkpoint(codec, interval)
+            taken = await self.checkpoint(codec, interval)
+            if taken is None:  # a handover froze the guest meanwhile
+                continue
+            rec, frame = taken
             rec.sent_at = time.monotonic()
             await ch.send(MsgType.CHECKPOINT, frame)
             last = rec
 
-    async def checkpoint(self, codec, interval_ms: float) -> tuple[EpochRecord, bytes]:
-        """Take epoch N: the pause is stop → (device state ∥ dirty scan) → cont."""
+    # ------------------------------------------------------------ planned switchover
+    async def handover(self, timeout: float = 10.0) -> int:
+        """Planned switchover, step 1: take a last epoch with the vCPUs left stopped and wait
+        until the standby has committed it. Returns that epoch. The guest stays paused: the
+        caller fences this site, tells the standby (`announce_switchover`) and then stops
+        the guest, or gives up (`abort_handover`)."""
+        ch, codec = self._ch, self._codec
+        if ch is None or self.status.state != "protected":
+            raise ChannelError(f"no protected session to hand over on (replication is {self.status.state})")
+        self._hold_checkpoints.clear()
+        try:
+            taken = await self.checkpoint(codec, self.status.interval_ms, final=True)
+            rec, frame = taken
+            rec.sent_at = time.monotonic()
+            await ch.send(MsgType.CHECKPOINT, frame)
+            deadline = time.monotonic() + timeout
+            while self.status.committed_epoch < rec.epoch:
+                if time.monotonic() > deadline or self._ch is not ch:
+                    raise ChannelError(f"the standby did not commit the final epoch {rec.epoch} "
+                                       f"within {timeout:g}s")
+                self._acked.clear()
+                try:
+                    await asyncio.wait_for(self._acked.wait(), 0.1)
+                except asyncio.TimeoutError:
+                    pass
+        except BaseException:
+            await self.abort_handover()
+            raise
+        log.info("primary.handover_ready", epoch=rec.epoch, peer=ch.peer)
+        return rec.epoch
+
+    async def announce_switchover(self, epoch: int) -> None:
+        """Step 2: tell the standby to take over from `epoch` (which it has committed)."""
+        if self._ch is None:
+            raise ChannelError("the session to the standby is gone")
+        await self._ch.send(MsgType.SWITCHOVER, _U64.pack(epoch))
+
+    async def abort_handover(self) -> None:
+        """The switchover did not happen: run the guest again and take epochs as before."""
+        if self._frozen:
+            self._frozen = False
+            await self.guest.cont()
+            log.warning("primary.handover_aborted", epoch=self.status.epoch)
+        self._hold_checkpoints.set()
+
+    async def checkpoint(self, codec, interval_ms: float, final: bool = False) -> tuple[EpochRecord, bytes] | None:
+        """Take epoch N: the pause is stop → (device state ∥ dirty scan) → cont. `final`
+        (a handover): leave the vCPUs stopped. None if a handover froze the guest."""
         async with self._pause_lock:
+            if self._frozen:
+                return None
             n = self.status.epoch + 1
             t0 = time.perf_counter()
             await self.guest.stop_vcpus()
@@ -318,7 +375,10 @@ class Primary:
                 finally:
                     dirty = await scan
             finally:
-                await self.guest.cont()
+                if final:
+                    self._frozen = True
+                else:
+                    await self.guest.cont()
             pause_ms = (time.perf_counter() - t0) * 1000
         self.status.epoch = n
         self.status.last_pause_ms = pause_ms

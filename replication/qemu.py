@@ -224,11 +224,20 @@ class Guest:
         while not self._events.empty():
             self._events.get_nowait()
 
+    async def _execute(self, command: str, args: dict | None = None, timeout: float = 5.0):
+        """A QMP command with a deadline: a QEMU that stops answering must not stall the
+        checkpoint loop forever (the session fails instead, and resyncs)."""
+        try:
+            return await asyncio.wait_for(self.qmp.execute(command, args), timeout)
+        except asyncio.TimeoutError:
+            raise GuestError(f"QEMU of guest {self.spec.name} did not answer {command} within {timeout:g}s") \
+                from None
+
     async def stop_vcpus(self) -> None:
-        await self.qmp.execute("stop")
+        await self._execute("stop")
 
     async def cont(self) -> None:
-        await self.qmp.execute("cont")
+        await self._execute("cont")
 
     async def _migration(self, command: str, feed: bytes | None, timeout: float) -> bytes:
         """Run `migrate` or `migrate-incoming` over a socketpair handed to QEMU with getfd;
@@ -237,19 +246,28 @@ class Guest:
         try:
             self._drain_events()
             self._send_fd(theirs.fileno())
-            await self.qmp.execute("getfd", {"fdname": "gmstate"})
+            await self._execute("getfd", {"fdname": "gmstate"})
             theirs.close()
-            await self.qmp.execute(command, {"uri": "fd:gmstate"})
+            await self._execute(command, {"uri": "fd:gmstate"})
             loop = asyncio.get_running_loop()
             ours.setblocking(False)
             chunks = []
-            if feed is None:
-                while b := await loop.sock_recv(ours, 1 << 20):
-                    chunks.append(b)
-            else:
-                await loop.sock_sendall(ours, feed)
-                ours.shutdown(socket.SHUT_WR)
-            await self._wait_migration(timeout)
+            deadline = time.monotonic() + timeout
+
+            async def stream():
+                if feed is None:
+                    while b := await loop.sock_recv(ours, 1 << 20):
+                        chunks.append(b)
+                else:
+                    await loop.sock_sendall(ours, feed)
+                    ours.shutdown(socket.SHUT_WR)
+
+            try:
+                await asyncio.wait_for(stream(), timeout)
+            except asyncio.TimeoutError:
+                raise GuestError(f"the {command} stream of guest {self.spec.name} did not end within "
+                                 f"{timeout:g}s ({sum(map(len, chunks))} bytes read)") from None
+            await self._wait_migration(max(0.5, deadline - time.monotonic()))
             return b"".join(chunks)
         finally:
             ours.close()

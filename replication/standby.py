@@ -59,6 +59,7 @@ class Standby:
         self._last_heard = time.monotonic()
         self.accepting = True
         self.on_commit = None
+        self.on_switchover = None  # callable(epoch): the primary hands the guest over (planned)
         self.on_heard = None
         self.on_heartbeat = None  # (peer generation, rtt ms)
         self.generation_fn = lambda: 0
@@ -181,6 +182,15 @@ class Standby:
                 await ch.send(MsgType.ACK, _U64.pack(epoch))
                 if self.on_commit:
                     self.on_commit(epoch)
+            elif mtype is MsgType.SWITCHOVER and len(payload) == _U64.size:
+                (epoch,) = _U64.unpack(payload)
+                if epoch != self.replica.committed_epoch or not self.replica.valid:
+                    log.warning("standby.switchover_refused", epoch=epoch,
+                                committed_epoch=self.replica.committed_epoch,
+                                reason="the primary's final epoch is not the one committed here")
+                elif self.on_switchover:
+                    log.info("standby.switchover", epoch=epoch, peer=ch.peer)
+                    self.on_switchover(epoch)
             else:
                 raise ChannelError(f"primary sent unexpected {mtype.name}")
 

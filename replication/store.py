@@ -200,6 +200,8 @@ class Replica:
         self._write_meta()  # not a base while the copy is under way
         chunk = 8 << 20
         done = 0
+        if os.path.samefile(ram_file, self.ram_path):  # the guest ran on this very file
+            done = self.size
         with open(ram_file, "rb") as f:
             flat = self.ram.reshape(-1)
             while done < self.size:

@@ -34,6 +34,7 @@ class MsgType(enum.IntEnum):
     ACK = 8  # u64 committed epoch
     HEARTBEAT = 9  # u64 seq, u64 sender monotonic ns
     HEARTBEAT_ECHO = 10  # the same, echoed
+    SWITCHOVER = 11  # u64 epoch: primary -> standby, "take over from this epoch" (planned switchover)
 
 
 class ChannelError(Exception):
