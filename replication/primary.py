@@ -77,6 +77,7 @@ class PrimaryStatus:
     sessions: int = 0
     peer_cert_serial: str | None = None
     ram_bytes: int = 0
+    guest_restarts: int = 0  # times the guest watch found the guest stopped and resumed it
     last_sync_bytes: int = 0
     last_sync_mode: str = ""
     pause_total_ms: float = 0.0
@@ -118,6 +119,35 @@ class Primary:
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
+        watch = asyncio.create_task(self._guest_watch())
+        try:
+            await self._run_sessions()
+        finally:
+            watch.cancel()
+
+    async def _guest_watch(self, every_s: float = 1.0) -> None:
+        """Safety net: the guest must be running whenever no checkpoint (or handover) holds it.
+        A vCPU stop that escaped its `cont` (say, an outgoing migration that completed after
+        the session gave up on it) would otherwise freeze the guest for good."""
+        while True:
+            await asyncio.sleep(every_s)
+            async with self._pause_lock:
+                if self._frozen:
+                    continue
+                try:
+                    st = await self.guest.status()
+                except Exception:
+                    continue
+                if st in ("paused", "postmigrate", "finish-migrate"):
+                    self.status.guest_restarts += 1
+                    log.warning("primary.guest_found_stopped", status=st, restarts=self.status.guest_restarts,
+                                hint="no checkpoint holds it: resuming the guest")
+                    try:
+                        await self.guest.cont()
+                    except Exception as e:
+                        log.error("primary.guest_cont_failed", error=str(e))
+
+    async def _run_sessions(self) -> None:
         backoff = 0.2
         while not self._stop.is_set():
             self.status.state = "connecting"

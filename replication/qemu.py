@@ -243,11 +243,13 @@ class Guest:
         """Run `migrate` or `migrate-incoming` over a socketpair handed to QEMU with getfd;
         read the stream (migrate) or write `feed` into it (migrate-incoming)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        started = completed = False
         try:
             self._drain_events()
             self._send_fd(theirs.fileno())
             await self._execute("getfd", {"fdname": "gmstate"})
             theirs.close()
+            started = True
             await self._execute(command, {"uri": "fd:gmstate"})
             loop = asyncio.get_running_loop()
             ours.setblocking(False)
@@ -268,11 +270,31 @@ class Guest:
                 raise GuestError(f"the {command} stream of guest {self.spec.name} did not end within "
                                  f"{timeout:g}s ({sum(map(len, chunks))} bytes read)") from None
             await self._wait_migration(max(0.5, deadline - time.monotonic()))
+            completed = True
             return b"".join(chunks)
         finally:
             ours.close()
             if theirs.fileno() >= 0:
                 theirs.close()
+            if started and not completed and command == "migrate":
+                # An outgoing migration we gave up on (error, timeout, cancelled session) must
+                # not complete later: QEMU stops the VM when a migration completes, and nobody
+                # would `cont` it again. Cancel it and wait until QEMU has let go of it.
+                await self._settle_migration()
+
+    async def _settle_migration(self, timeout: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            await asyncio.wait_for(self.qmp.execute("migrate_cancel"), timeout)
+            while time.monotonic() < deadline:
+                info = await asyncio.wait_for(self.qmp.execute("query-migrate"), timeout)
+                if info.get("status") not in ("setup", "active", "cancelling", "pre-switchover", "device",
+                                              "wait-unplug"):
+                    return
+                await asyncio.sleep(0.01)
+            log.warning("qemu.migration_not_settled", guest=self.spec.name)
+        except Exception as e:  # best effort: the caller's `cont` and the guest watch follow
+            log.warning("qemu.migration_cancel_failed", guest=self.spec.name, error=str(e) or type(e).__name__)
 
     async def save_device_state(self, timeout: float = 10.0) -> bytes:
         """With the vCPUs stopped: the device state as a migration stream (RAM skipped)."""
@@ -283,7 +305,7 @@ class Guest:
         await self._migration("migrate-incoming", state, timeout)
 
     async def status(self) -> str:
-        return (await self.qmp.execute("query-status"))["status"]
+        return (await self._execute("query-status"))["status"]
 
     def kill(self) -> None:
         """SIGKILL the QEMU process (the crash case)."""
