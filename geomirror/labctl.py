@@ -348,14 +348,17 @@ def demo(args) -> int:
         stall = max((b[0] - a[0] for a, b in zip(replies, replies[1:])), default=0)
         b = site_status("site-b") or {}
         print("\ntimeline (seconds after site-a was lost):")
-        print(f"  {0.0:6.2f}  site-a lost")
+        lines = [(0.0, "site-a lost")]
         for e in b.get("timeline", []):
             if e["wall"] >= t_crash - 0.5 and e["event"] in ("ha.state", "lease.granted", "takeover.resumed",
                                                                "gate.open", "bgp.announced"):
                 extra = {k: v for k, v in e.items() if k not in ("t", "wall", "event", "site")}
-                print(f"  {e['wall'] - t_crash:6.2f}  site-b {e['event']} {json.dumps(extra)}")
+                lines.append((e["wall"] - t_crash, f"site-b {e['event']} {json.dumps(extra)}"))
         if flipped:
-            print(f"  {flipped - t_crash:6.2f}  BIRD's best route for 198.51.100.0/24 now via AS 64502 (site-b)")
+            lines.append((flipped - t_crash, "BIRD's best route for 198.51.100.0/24 now via AS 64502 (site-b)"))
+        lines.append((t_revive - t_crash, "site-a back: rejoined as the standby of site-b, daemon started"))
+        for t, text in sorted(lines, key=lambda x: x[0]):
+            print(f"  {t:6.2f}  {text}")
         print(f"\nclient: {len(vals)} increments on the same connection, "
               f"{'strictly consecutive' if ok else 'NOT consecutive: ' + str(err[:1])}; last value {vals[-1] if vals else None}; "
               f"longest stall {stall:.2f}s; greeting still {mc.get('greeting')!r}")
