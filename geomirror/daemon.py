@@ -726,7 +726,23 @@ class SiteDaemon:
         t0 = time.monotonic()
         report: dict = {"from": self.name, "to": peer}
         self._mark("switchover.begin", to=peer)
-        epoch = await self.primary.handover(timeout=min(timeout, 10.0))
+        from replication.qemu import GuestError
+        from replication.transport import ChannelError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                epoch = await self.primary.handover(timeout=min(timeout, 10.0))
+                break
+            except (ChannelError, GuestError) as e:
+                # The replication session broke under us (the guest runs on, nothing was handed
+                # over): wait for protection to come back and try again while time allows.
+                self._mark("switchover.retry", error=str(e))
+                while time.monotonic() < deadline and not (self.protected and self.primary.status.state
+                                                           == "protected"):
+                    await asyncio.sleep(0.1)
+                if time.monotonic() >= deadline or self.primary is None:
+                    raise RuntimeError(f"switchover aborted: {e}; the guest runs on here") from None
         report["final_epoch"] = epoch
         report["paused_at_ms"] = round((time.monotonic() - t0) * 1000, 1)
         gen = self.ha.generation

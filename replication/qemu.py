@@ -224,7 +224,7 @@ class Guest:
         while not self._events.empty():
             self._events.get_nowait()
 
-    async def _execute(self, command: str, args: dict | None = None, timeout: float = 5.0):
+    async def _execute(self, command: str, args: dict | None = None, timeout: float = 2.0):
         """A QMP command with a deadline: a QEMU that stops answering must not stall the
         checkpoint loop forever (the session fails instead, and resyncs)."""
         try:
