@@ -80,10 +80,11 @@ def make_app(daemon, token: str) -> web.Application:
         return web.json_response(report)
 
     async def reload_tls(_):
-        try:
-            return web.json_response(daemon.reload_tls(reason="operator"))
-        except Exception as e:
-            return web.json_response({"error": str(e)}, status=409)
+        info = daemon.reload_tls(reason="operator")
+        if info is None:
+            return web.json_response({"error": "the certificate files were refused (see the log line "
+                                               "tls.reload_refused); still presenting the previous one"}, status=409)
+        return web.json_response(info)
 
     async def tasks(_):
         """Where every asyncio task of the daemon is waiting (for support: a stuck daemon)."""

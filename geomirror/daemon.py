@@ -92,35 +92,38 @@ def rejoin(cfg, *, seed: bool = True, progress: bool | None = None) -> str:
     size = cfg.guest.memory_mb << 20
     source = run_dir / "guest.ram"
     how = "it will take a full initial sync"
-    if seed and run_id and source.exists() and source.stat().st_size == size:
-        spec = SiteDaemon(cfg).guest_spec(incoming=True, ram_path=state_dir / "replica" / "ram.img", tag="standby")
-        replica = Replica(state_dir / "replica", size)
-        replica.open()
+    if seed and source.exists():
+        site = SiteDaemon(cfg)
+        site.run_id = run_id
         bar = Progress(f"seeding the replica from {source}", size, event="rejoin.seed_progress", bar=progress)
         try:
-            replica.seed(source, spec.compat(), run_id, progress=lambda n: bar.update(n, n))
+            seeded = site.seed_replica(source, progress=lambda n: bar.update(n, n))
         except BaseException:
             bar.abandon()
             raise
-        finally:
-            replica.close()
-        bar.finish()
-        source.unlink()
-        how = (f"its replica is seeded from its last RAM image ({size >> 20} MB), so the resync sends only "
-               "the blocks that changed since")
-    elif seed and source.exists():
-        how += f" ({source} is not a RAM image of this guest run)"
-    tmp = state_dir / "role.json.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"role": "standby", "lease_generation": int(saved.get("lease_generation", 0)), "run_id": run_id,
-                   "at": time.time(), "rejoined_from": role}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_dir / "role.json")
+        if seeded:
+            bar.finish()
+            how = (f"its replica is seeded from its last RAM image ({size >> 20} MB), so the resync sends only "
+                   "the blocks that changed since")
+        else:
+            bar.abandon()
+            how += f" ({source} is not a RAM image of this guest run)"
+    write_role(state_dir, "standby", int(saved.get("lease_generation", 0)), run_id, rejoined_from=role)
     log.info("rejoin", site=cfg.site.name, was=role, seeded="seeded" in how)
     return (f"{cfg.site.name} (was {role}) will start as the standby of {cfg.peer.name}; {how}. "
             "Start its daemon.")
+
+
+def write_role(state_dir: Path, role: str, lease_generation: int, run_id: str, **extra) -> None:
+    """state_dir/role.json, atomically and durably (0600): what this site runs after a restart."""
+    tmp = state_dir / "role.json.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"role": role, "lease_generation": lease_generation, "run_id": run_id, "at": time.time(),
+                   **extra}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state_dir / "role.json")
 
 
 class RejoinError(GeomirrorError):
@@ -238,14 +241,25 @@ class SiteDaemon:
     def _save_role(self, role: str | None = None) -> None:
         if role:
             self.role = role
-        tmp = self.state_dir / "role.json.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"role": self.role, "lease_generation": self.ha.generation if self.ha else 0,
-                       "run_id": self.run_id, "at": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_dir / "role.json")
+        write_role(self.state_dir, self.role, self.ha.generation if self.ha else 0, self.run_id)
+
+    def seed_replica(self, source: Path, progress=None) -> bool:
+        """Seed this site's replica from `source`, a RAM image of the current guest run (blocking;
+        the daemon runs it in a thread). False if `source` is no such image."""
+        size = self.cfg.guest.memory_mb << 20
+        if not (self.run_id and source.exists() and source.stat().st_size == size):
+            return False
+        compat = self.guest_spec(incoming=True, ram_path=self.state_dir / "replica" / "ram.img",
+                                 tag="standby").compat()
+        replica = Replica(self.state_dir / "replica", size)
+        replica.open()
+        try:
+            replica.seed(source, compat, self.run_id, progress=progress)
+        finally:
+            replica.close()
+        if source.parent == self.run_dir:  # a former primary's RAM file: stale from now on
+            source.unlink(missing_ok=True)
+        return True
 
     def _mark(self, event: str, **fields) -> None:
         """A timeline entry (also a log line): what happened, when, since the daemon started."""
@@ -275,32 +289,20 @@ class SiteDaemon:
         """The TLS context for new connections; the same object across certificate reloads."""
         return self.tls.server if server else self.tls.client
 
-    def reload_tls(self, reason: str = "operator") -> dict:
+    def reload_tls(self, reason: str = "operator") -> dict | None:
         """Take up a rotated certificate: new connections (to the peer, from the peer, to the
-        witness) present it; established ones carry on, so protection never stops."""
-        from geomirror.pairing import PairingError
+        witness) present it; established ones carry on, so protection never stops. None if the
+        new files are refused (logged; the previous certificate stays)."""
+        from geomirror import pairing
 
-        try:
-            info = self.tls.reload()
-        except PairingError as e:
-            log.error("tls.reload_refused", site=self.name, reason=reason, error=str(e),
-                      serial=self.tls.serial, hint="still presenting the previous certificate")
-            raise
-        self._mark("tls.reloaded", reason=reason, serial=info["serial"], previous_serial=info["previous_serial"],
-                   not_after=info["not_after"])
-        return info
+        return pairing.reload_logged(self.tls, reason, log, on_reload=lambda info: self._mark(
+            "tls.reloaded", reason=reason, serial=info["serial"], previous_serial=info["previous_serial"],
+            not_after=info["not_after"]))
 
     async def _watch_tls(self, every_s: float = 5.0) -> None:
-        """Reload the certificate when its files change (a rotation needs no signal)."""
-        from geomirror.pairing import PairingError
+        from geomirror import pairing
 
-        while True:
-            await asyncio.sleep(every_s)
-            if self.tls.changed():
-                try:
-                    self.reload_tls(reason="files changed")
-                except PairingError:
-                    pass  # logged; retried when the files change again
+        await pairing.watch_identity(self.tls, lambda: self.reload_tls("files changed"), every_s)
 
     # ------------------------------------------------------------ witness & BGP
     def _start_witness(self) -> None:
@@ -810,23 +812,7 @@ class SiteDaemon:
         if self.replica is not None:  # from before a takeover: its files are the guest's RAM now
             self.replica.close()
             self.replica = None
-        size = self.cfg.guest.memory_mb << 20
-        source = Path(spec_ram)
-        if source.exists() and source.stat().st_size == size and self.run_id:
-            compat = self.guest_spec(incoming=True, ram_path=self.state_dir / "replica" / "ram.img",
-                                     tag="standby").compat()
-            replica = Replica(self.state_dir / "replica", size)
-
-            def seed():
-                replica.open()
-                try:
-                    replica.seed(source, compat, self.run_id)
-                finally:
-                    replica.close()
-
-            await asyncio.to_thread(seed)
-            if source.parent == self.run_dir:
-                source.unlink(missing_ok=True)
+        await asyncio.to_thread(self.seed_replica, Path(spec_ram))
         self.protected = False
         self.ha = ha.HaMachine("standby", ha.HaConfig.from_site_config(self.cfg), generation=self.ha.generation)
         self._bgp_up, self._peer_route = set(), None

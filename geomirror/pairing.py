@@ -184,6 +184,13 @@ def issue_cert(ca_dir, name: str, out_dir=None, valid_days: int = 825) -> Path:
     return _write_leaf(out, name, ca, ca_key, valid_days)[0]
 
 
+def serial_hex(cert: x509.Certificate) -> str:
+    """A certificate's serial as OpenSSL prints it (upper-case hex, whole bytes): the form
+    `getpeercert()` gives, so ours and the peer's compare directly."""
+    h = f"{cert.serial_number:X}"
+    return "0" + h if len(h) % 2 else h
+
+
 def check_leaf(ca, cert, key, name: str) -> None:
     """`cert` is for `name`, issued by the CA in `ca`, currently valid, and `key` is its key."""
     try:
@@ -287,8 +294,7 @@ class TlsIdentity:
 
     @property
     def serial(self) -> str:
-        h = f"{self._leaf.serial_number:X}"
-        return "0" + h if len(h) % 2 else h  # as OpenSSL prints it (whole bytes)
+        return serial_hex(self._leaf)
 
     def info(self) -> dict:
         return {"name": self.name, "serial": self.serial, "cert": str(self.cert),
@@ -296,18 +302,20 @@ class TlsIdentity:
                 "loaded_at": self.loaded_at}
 
 
-async def watch_identity(identity: "TlsIdentity", every_s: float = 5.0, log=None) -> None:
-    """Reload `identity` whenever its files change (for services without a timeline of
-    their own, such as the witness). Runs until cancelled."""
+async def watch_identity(identity: "TlsIdentity", reload, every_s: float = 5.0) -> None:
+    """Call `reload()` whenever `identity`'s files change (a rotation needs no signal). Runs
+    until cancelled; `reload` logs and swallows a refusal (it is retried on the next change)."""
     import asyncio
 
     while True:
         await asyncio.sleep(every_s)
         if identity.changed():
-            reload_logged(identity, "files changed", log)
+            reload()
 
 
-def reload_logged(identity: "TlsIdentity", reason: str, log=None) -> dict | None:
+def reload_logged(identity: "TlsIdentity", reason: str, log=None, on_reload=None) -> dict | None:
+    """Reload `identity`, logging the outcome; None (old identity kept) if the files are refused.
+    `on_reload(info)` replaces the success log line (the daemon puts it on its timeline)."""
     if log is None:
         import structlog
 
@@ -318,8 +326,11 @@ def reload_logged(identity: "TlsIdentity", reason: str, log=None) -> dict | None
         log.error("tls.reload_refused", name=identity.name, reason=reason, error=str(e), serial=identity.serial,
                   hint="still presenting the previous certificate")
         return None
-    log.info("tls.reloaded", name=identity.name, reason=reason, serial=info["serial"],
-             previous_serial=info["previous_serial"], not_after=info["not_after"])
+    if on_reload is not None:
+        on_reload(info)
+    else:
+        log.info("tls.reloaded", name=identity.name, reason=reason, serial=info["serial"],
+                 previous_serial=info["previous_serial"], not_after=info["not_after"])
     return info
 
 

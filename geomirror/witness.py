@@ -333,7 +333,8 @@ async def serve_witness(state_dir, host: str, port: int, ssl_context: ssl.SSLCon
     if identity is not None:
         from geomirror import pairing
 
-        watcher = asyncio.create_task(pairing.watch_identity(identity, log=log))
+        watcher = asyncio.create_task(pairing.watch_identity(
+            identity, lambda: pairing.reload_logged(identity, "files changed", log)))
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, lambda: pairing.reload_logged(identity, "SIGHUP", log))
     try:

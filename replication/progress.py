@@ -107,5 +107,5 @@ class Progress:
         if self._finished:
             return
         self._finished = True
-        if self.bar:
+        if self.bar and self._drawn_at >= 0:  # only a line that was started needs ending
             self._draw(" (interrupted)\n")

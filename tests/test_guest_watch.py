@@ -1,12 +1,10 @@
 """A real QEMU guest, left stopped the way an interrupted checkpoint can leave it (an
 outgoing migration that completed with nobody to `cont` afterwards: runstate
-postmigrate), is found and resumed by the primary's guest watch; and an abandoned
-device-state save never stops the guest behind the primary's back."""
+postmigrate), is found and resumed by the primary's guest watch."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 
 import pytest
@@ -15,7 +13,7 @@ from geomirror.image import build_image, default_cmdline
 from replication.capture import Capture
 from replication.gate import Gate
 from replication.primary import Primary, PrimaryConfig
-from replication.qemu import Guest, GuestError, GuestSpec
+from replication.qemu import Guest, GuestSpec
 
 pytestmark = pytest.mark.lab
 
@@ -68,16 +66,3 @@ async def test_guest_left_in_postmigrate_is_resumed_by_the_watch(guest):
     finally:
         watch.cancel()
         cap.close()
-
-
-async def test_an_abandoned_device_state_save_does_not_stop_the_guest_later(guest):
-    for delay in (0.0, 0.001, 0.003, 0.006):
-        await guest.stop_vcpus()
-        t = asyncio.create_task(guest.save_device_state())
-        await asyncio.sleep(delay)
-        t.cancel()
-        with contextlib.suppress(asyncio.CancelledError, GuestError):
-            await t
-        await guest.cont()
-        await asyncio.sleep(0.3)
-        assert await guest.status() == "running", f"guest stopped after a save abandoned at {delay * 1000:g} ms"

@@ -27,9 +27,7 @@ def rotate(site: str) -> str:
     (pki / f"{site}.pem").write_bytes(cert.read_bytes())
     from cryptography import x509
 
-    n = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
-    h = f"{n:X}"
-    return "0" + h if len(h) % 2 else h
+    return pairing.serial_hex(x509.load_pem_x509_certificate(cert.read_bytes()))
 
 
 def test_certificate_rotation_never_stops_protection(lab_up):
