@@ -24,6 +24,8 @@ import structlog
 
 from bgp.config import Neighbor, announce_command, exabgp_env, render_exabgp_config, withdraw_command
 
+from gmbase.errors import GeomirrorError
+
 __all__ = ["Neighbor", "Speaker", "SpeakerError", "ReceivedRoute"]
 
 log = structlog.get_logger(__name__)
@@ -35,7 +37,7 @@ LOG_KEEP_BYTES = 4 << 20
 _LOST = object()  # put in an ack queue when the relay connection goes away
 
 
-class SpeakerError(Exception):
+class SpeakerError(GeomirrorError):
     """ExaBGP refused a command, did not answer in time, or cannot be started."""
 
 

@@ -25,6 +25,7 @@ from pyroute2 import IPRoute
 
 from geomirror import control, ha
 from geomirror.errors import GeomirrorError
+from gmbase.files import atomic_write
 from replication import transport
 from replication.capture import Capture
 from replication.gate import GateMode, UserspaceGate, open_tap
@@ -116,14 +117,8 @@ def rejoin(cfg, *, seed: bool = True, progress: bool | None = None) -> str:
 
 def write_role(state_dir: Path, role: str, lease_generation: int, run_id: str, **extra) -> None:
     """state_dir/role.json, atomically and durably (0600): what this site runs after a restart."""
-    tmp = state_dir / "role.json.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"role": role, "lease_generation": lease_generation, "run_id": run_id, "at": time.time(),
-                   **extra}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_dir / "role.json")
+    atomic_write(state_dir / "role.json", json.dumps({"role": role, "lease_generation": lease_generation,
+                                                     "run_id": run_id, "at": time.time(), **extra}))
 
 
 class RejoinError(GeomirrorError):

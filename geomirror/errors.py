@@ -1,8 +1,11 @@
-"""Errors an operator sees. Each carries one clear sentence naming what is wrong."""
+"""Errors an operator sees. Each carries one clear sentence naming what is wrong.
 
+The root, `GeomirrorError`, lives in `gmbase` so that `replication` and `bgp` derive
+their errors from it too without importing `geomirror`."""
 
-class GeomirrorError(Exception):
-    """Base class: the message is shown to the operator as is."""
+from gmbase.errors import GeomirrorError
+
+__all__ = ["GeomirrorError", "ConfigError", "LabError", "ImageError", "Refused"]
 
 
 class ConfigError(GeomirrorError):
@@ -14,6 +17,10 @@ class ConfigError(GeomirrorError):
         self.problem = problem
         where = f"{self.path}: {key}" if key else self.path
         super().__init__(f"{where}: {problem}")
+
+
+class Refused(GeomirrorError):
+    """An operator command refused in the site's present state (the control API answers 409)."""
 
 
 class LabError(GeomirrorError):

@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from geomirror.config import NAME_PATTERN
 from geomirror.errors import GeomirrorError
+from gmbase.files import atomic_write
 
 
 class PairingError(GeomirrorError):
@@ -44,25 +45,6 @@ class PairFiles:
 
 
 # ---------------------------------------------------------------- files
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600, atomically (temp file, fsync, rename, fsync dir)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
 
 def _private_dir(d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
@@ -126,8 +108,8 @@ def _new_ca(valid_days: int):
 def _write_leaf(out_dir: Path, name: str, ca, ca_key, valid_days: int) -> tuple[Path, Path]:
     cert, key = _issue(name, ca, ca_key, valid_days)
     cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
-    _write_private(key_path, _key_pem(key))
-    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(key_path, _key_pem(key))
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
 
@@ -154,8 +136,8 @@ def create_pair(out_dir, sites: list[str], witnesses: list[str] = ("witness",), 
                            "(use --force, then redistribute every certificate)")
     _private_dir(out_dir)
     ca, ca_key = _new_ca(valid_days * 2)
-    _write_private(out_dir / "ca.key", _key_pem(ca_key))
-    _write_private(out_dir / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
+    atomic_write(out_dir / "ca.key", _key_pem(ca_key))
+    atomic_write(out_dir / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
     certs = {name: _write_leaf(out_dir, name, ca, ca_key, valid_days) for name in (*sites, *witnesses)}
     return PairFiles(out_dir, out_dir / "ca.pem", certs)
 

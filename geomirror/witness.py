@@ -25,6 +25,7 @@ import structlog
 from aiohttp import web
 
 from geomirror.errors import GeomirrorError
+from gmbase.files import atomic_write
 
 log = structlog.get_logger(__name__)
 
@@ -144,21 +145,8 @@ def load_state(path: Path, now: float) -> LeaseTable:
 
 
 def write_state(path: Path, data: dict) -> None:
-    """Write temp, fsync, rename, fsync the directory; mode 0600."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Durably, atomically, mode 0600."""
+    atomic_write(path, json.dumps(data, sort_keys=True))
 
 
 # ---------------------------------------------------------------- server

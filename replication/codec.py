@@ -18,6 +18,8 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gmbase.errors import GeomirrorError
+
 MAGIC = b"GMCK"
 VERSION = 2  # 2: per-page XOR-or-raw choice in DELTA frames
 KIND_DELTA = 1
@@ -32,7 +34,7 @@ MAX_PAGES_BYTES = 64 << 30
 MAX_DEVICE_STATE = 64 << 20
 
 
-class CodecError(Exception):
+class CodecError(GeomirrorError):
     """A frame cannot be decoded."""
 
 

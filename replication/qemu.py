@@ -21,13 +21,15 @@ from pathlib import Path
 import structlog
 from qemu.qmp import QMPClient
 
+from gmbase.errors import GeomirrorError
+
 log = structlog.get_logger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
 READY_MARK = b"GEOMIRROR-GUEST-READY"
 
 
-class GuestError(Exception):
+class GuestError(GeomirrorError):
     """The guest could not be started, driven or checkpointed."""
 
 

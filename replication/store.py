@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from gmbase.errors import GeomirrorError
+from gmbase.files import atomic_write, fsync_dir
+
 log = structlog.get_logger(__name__)
 
 PAGE_SIZE = 4096
@@ -42,7 +45,7 @@ REC_BLOCK, REC_COMMIT = 1, 2
 _SUM = 32
 
 
-class ReplicaError(Exception):
+class ReplicaError(GeomirrorError):
     """The replica cannot take this checkpoint (wrong epoch, wrong size, not synced)."""
 
 
@@ -62,26 +65,6 @@ class OpenReport:
     recovered: str  # "clean", "replayed epoch N", "discarded torn epoch N"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class Replica:
@@ -159,10 +142,10 @@ class Replica:
             return {}
 
     def _write_meta(self) -> None:
-        _atomic_write(self.dir / "replica.json", json.dumps(
+        atomic_write(self.dir / "replica.json", json.dumps(
             {"committed_epoch": self.committed_epoch, "valid": self.valid, "compat": self.compat,
              "run_id": self.run_id, "seeded": self.seeded}).encode(),
-            self.fsync)
+            fsync=self.fsync)
 
     def bind(self, compat: dict, run_id: str) -> None:
         """The replica is of one guest run. Another run (a freshly booted guest) or another
@@ -363,7 +346,7 @@ class Replica:
                 if self.fsync:
                     self._map.flush()
                 _crash_point("after-ram")
-                _atomic_write(self.device_state_path, dev, self.fsync)
+                atomic_write(self.device_state_path, dev, fsync=self.fsync)
                 self._device_state = bytes(dev)
                 _crash_point("after-device-state")
                 self.committed_epoch = epoch

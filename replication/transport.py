@@ -16,6 +16,8 @@ import struct
 
 import structlog
 
+from gmbase.errors import GeomirrorError
+
 log = structlog.get_logger(__name__)
 
 PROTOCOL_VERSION = 2  # 2: checkpoint frames v2 (per-page raw/XOR)
@@ -37,7 +39,7 @@ class MsgType(enum.IntEnum):
     SWITCHOVER = 11  # u64 epoch: primary -> standby, "take over from this epoch" (planned switchover)
 
 
-class ChannelError(Exception):
+class ChannelError(GeomirrorError):
     """The peer sent something that breaks the protocol, or the stream broke."""
 
 
