@@ -26,7 +26,7 @@ def _loop_run(coro):
 
 def cmd_daemon(args) -> int:
     from geomirror.config import load_site
-    from geomirror.daemon import SiteDaemon
+    from geomirror.site.daemon import SiteDaemon
 
     cfg = load_site(args.config)
     _loop_run(SiteDaemon(cfg).run())
@@ -119,7 +119,7 @@ def cmd_fence(args) -> int:
 
 def cmd_rejoin(args) -> int:
     from geomirror.config import load_site
-    from geomirror.daemon import rejoin
+    from geomirror.site.rejoin import rejoin
 
     print(rejoin(load_site(args.config), seed=not args.no_seed))
     return 0

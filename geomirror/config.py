@@ -9,6 +9,7 @@ The reference is docs/config.md.
 from __future__ import annotations
 
 import difflib
+import sys
 import ipaddress
 import re
 import stat
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from geomirror.errors import ConfigError
+from geomirror.ha import HaConfig, HaConfigError
+from geomirror.pairing import NAME_PATTERN, PairingError, check_leaf
 
-NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _COMMUNITY = re.compile(r"^(\d{1,10}):(\d{1,10})$")
 _TOML_POS = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
@@ -166,8 +168,6 @@ class WitnessConfig:
 
 
 def _check_tls(path: Path, tls: TLSSection, name: str) -> None:
-    from geomirror.pairing import PairingError, check_leaf
-
     for k in ("ca", "cert", "key"):
         p = getattr(tls, k)
         if not p.is_file():
@@ -434,8 +434,6 @@ def load_site(path) -> SiteConfig:
 
 def _check_ha_timing(L: _Loader, cfg: SiteConfig) -> None:
     """The HA state machine's own timing rule (lease long enough to fence before it expires)."""
-    from geomirror.ha import HaConfig, HaConfigError
-
     try:
         HaConfig.from_site_config(cfg)
     except HaConfigError as e:
@@ -527,8 +525,6 @@ def check(path, files: bool = False) -> str:
 
 
 if __name__ == "__main__":  # python -m geomirror.config FILE [--files]
-    import sys
-
     try:
         print(check(sys.argv[1], "--files" in sys.argv[2:]))
     except (ConfigError, IndexError) as e:

@@ -14,18 +14,45 @@ The two rules everything rests on:
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from geomirror.errors import GeomirrorError
+from replication.session import detection_timeout_ms
 
-STARTING = "starting"
-PRIMARY = "primary"
-STANDBY = "standby"
-TAKING_OVER = "taking_over"
-ACTIVE_UNPROTECTED = "active_unprotected"
-FENCED = "fenced"
-STATES = (STARTING, PRIMARY, STANDBY, TAKING_OVER, ACTIVE_UNPROTECTED, FENCED)
-ACTIVE = (PRIMARY, ACTIVE_UNPROTECTED)
+
+class Role(str, enum.Enum):
+    """What a site holds, persisted in role.json: the one word for "this site runs the guest"."""
+
+    PRIMARY = "primary"  # the guest runs here (booted here, or taken over)
+    STANDBY = "standby"  # this site holds the replica
+    FENCED = "fenced"  # neither: taken over from, operator-fenced, or its guest died
+
+
+class HaState(str, enum.Enum):
+    """The HA machine's state. "active" means releasing output under the lease."""
+
+    STARTING = "starting"  # the guest runs here; asking the witness for the lease
+    ACTIVE_PROTECTED = "active_protected"  # releasing output, the standby commits every epoch
+    ACTIVE_UNPROTECTED = "active_unprotected"  # releasing output, no standby in sync
+    STANDBY = "standby"
+    TAKING_OVER = "taking_over"  # lease asked for or held, resuming the guest here
+    HANDING_OVER = "handing_over"  # planned switchover: fenced here, the peer takes the lease
+    FENCED = "fenced"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STARTING = HaState.STARTING
+ACTIVE_PROTECTED = HaState.ACTIVE_PROTECTED
+ACTIVE_UNPROTECTED = HaState.ACTIVE_UNPROTECTED
+STANDBY = HaState.STANDBY
+TAKING_OVER = HaState.TAKING_OVER
+HANDING_OVER = HaState.HANDING_OVER
+FENCED = HaState.FENCED
+STATES = tuple(HaState)
+ACTIVE = (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED)
 
 
 class HaConfigError(GeomirrorError):
@@ -80,29 +107,6 @@ class HaConfig:
                    **extra)
 
 
-class RttEstimator:
-    """Smoothed RTT and its variance (RFC 6298 gains)."""
-
-    def __init__(self):
-        self.srtt_ms: float | None = None
-        self.rttvar_ms: float = 0.0
-
-    def observe(self, rtt_ms: float) -> None:
-        if self.srtt_ms is None:
-            self.srtt_ms, self.rttvar_ms = rtt_ms, rtt_ms / 2
-        else:
-            self.rttvar_ms = 0.75 * self.rttvar_ms + 0.25 * abs(self.srtt_ms - rtt_ms)
-            self.srtt_ms = 0.875 * self.srtt_ms + 0.125 * rtt_ms
-
-
-def detection_timeout_ms(cfg: HaConfig, rtt: RttEstimator) -> float:
-    """srtt + k·rttvar + a few heartbeat intervals, clamped to [min, max]; max before the first sample."""
-    if rtt.srtt_ms is None:
-        return cfg.max_timeout_ms
-    t = rtt.srtt_ms + cfg.rtt_k * rtt.rttvar_ms + cfg.missed_heartbeats * cfg.heartbeat_interval_ms
-    return min(cfg.max_timeout_ms, max(cfg.min_timeout_ms, t))
-
-
 # ---------------------------------------------------------------- events
 @dataclass(frozen=True)
 class Tick:
@@ -111,9 +115,12 @@ class Tick:
 
 @dataclass(frozen=True)
 class HeartbeatReceived:
+    """A heartbeat from the peer, with the link's smoothed RTT and its variance (the one estimator,
+    `replication.session.LinkStats`; the machine does not smooth again)."""
     now: float
-    rtt_ms: float
+    rtt_ms: float | None
     peer_generation: int = 0  # the lease generation the peer holds or last held
+    rtt_var_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,29 @@ class OperatorFence:
 
 
 @dataclass(frozen=True)
+class HandoverPrepared:
+    """Planned switchover: the last epoch is committed by the peer with the guest paused here.
+    Fence now (gate closed, prefix withdrawn) and release the lease once, for the peer to take."""
+    now: float
+    epoch: int
+
+
+@dataclass(frozen=True)
+class HandoverAborted:
+    """The peer did not take over: take the lease back (nobody held it since) and run on here."""
+    now: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class BecameStandby:
+    """This site stopped its guest and holds a replica of the peer's (after a switchover, or a
+    rejoin after the peer took the lease): act as the standby from now on."""
+    now: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class ResumeDone:
     now: float
 
@@ -269,22 +299,25 @@ class Log:
 class HaMachine:
     """One site's HA state. `handle(event)` returns the actions to carry out, in order."""
 
-    def __init__(self, role: str, config: HaConfig, generation: int = 0):
-        if role not in (PRIMARY, STANDBY, FENCED):
-            raise HaConfigError(f"initial role {role!r} must be 'primary', 'standby' or 'fenced'")
+    def __init__(self, role: Role | str, config: HaConfig, generation: int = 0):
+        try:
+            role = Role(role)
+        except ValueError:
+            raise HaConfigError(f"initial role {role!r} must be 'primary', 'standby' or 'fenced'") from None
         self.config = config
-        self.state = STARTING if role == PRIMARY else role
+        self.state: HaState = {Role.PRIMARY: STARTING, Role.STANDBY: STANDBY, Role.FENCED: FENCED}[role]
         self.generation = generation  # held, or last held, by this site (persist it across restarts)
         self.seen_generation = generation
         self.holding = False
         self.expires_at: float | None = None
         self.forced = False
-        self.guest_running = role == PRIMARY
+        self.guest_running = role is Role.PRIMARY
         self.stale = False
-        self.operator_fenced = role == FENCED
+        self.operator_fenced = role is Role.FENCED
         self.protected = False
         self.gate_open = False
-        self.rtt = RttEstimator()
+        self.rtt_ms: float | None = None  # the link's smoothed RTT, as measured by the replication session
+        self.rtt_var_ms = 0.0
         self.last_heard: float | None = None
         self.peer_alive = False
         self.standby_ready = False
@@ -307,7 +340,9 @@ class HaMachine:
 
     @property
     def timeout_ms(self) -> float:
-        return detection_timeout_ms(self.config, self.rtt)
+        c = self.config
+        return detection_timeout_ms(self.rtt_ms, self.rtt_var_ms, c.heartbeat_interval_ms, c.min_timeout_ms,
+                                    c.max_timeout_ms, k=c.rtt_k, missed=c.missed_heartbeats)
 
     def handle(self, event) -> list:
         self._out = []
@@ -315,11 +350,11 @@ class HaMachine:
         return self._out
 
     def snapshot(self) -> dict:
-        return {"site": self.config.site, "state": self.state, "lease_generation": self.generation,
+        return {"site": self.config.site, "state": self.state.value, "lease_generation": self.generation,
                 "holding_lease": self.holding, "lease_expires_at": self.expires_at,
                 "seen_generation": self.seen_generation, "forced": self.forced, "stale": self.stale,
                 "gate_open": self.gate_open, "protected": self.protected, "peer_alive": self.peer_alive,
-                "rtt_ms": self.rtt.srtt_ms, "detection_timeout_ms": self.timeout_ms,
+                "rtt_ms": self.rtt_ms, "detection_timeout_ms": self.timeout_ms,
                 "witness_reachable": self.witness_reachable, "peer_route_seen": self.peer_route_seen,
                 "bgp_neighbors_up": sorted(self.bgp_up), "replica_epoch": self.replica_epoch,
                 "lease_lapsed": self.lapsed, "alarms": dict(self.alarms)}
@@ -328,9 +363,9 @@ class HaMachine:
     def _emit(self, *actions) -> None:
         self._out.extend(actions)
 
-    def _goto(self, state: str, why: str) -> None:
+    def _goto(self, state: HaState, why: str) -> None:
         if state != self.state:
-            self._emit(Log("ha.state", {"from": self.state, "to": state, "why": why}))
+            self._emit(Log("ha.state", {"from": self.state.value, "to": state.value, "why": why}))
             self.state = state
 
     def _alarm(self, key: str, message: str) -> None:
@@ -356,7 +391,7 @@ class HaMachine:
         self.gate_open = True
         self._emit(OpenGate(gen), Announce(gen))
         self.protected = self.standby_ready and self.peer_alive
-        self._goto(PRIMARY if self.protected else ACTIVE_UNPROTECTED, why)
+        self._goto(ACTIVE_PROTECTED if self.protected else ACTIVE_UNPROTECTED, why)
         self._emit(SetProtection(self.protected))
         if not self.bgp_up:
             self._alarm("bgp", "active but no BGP neighbour is up: the guest prefix reaches nobody")
@@ -472,7 +507,7 @@ class HaMachine:
             self._open("started without a witness")
         if self.holding and now >= self._deadline():
             if (self.config.ride_through_witness_outage and self.witness_reachable is False
-                    and self.state == PRIMARY and self.protected and self.peer_alive and self.standby_ready):
+                    and self.state == ACTIVE_PROTECTED and self.protected and self.peer_alive and self.standby_ready):
                 self.holding, self.lapsed, self.expires_at = False, True, None
                 self._next_acquire = None
                 self._emit(Log("ha.lease_lapsed", {"generation": self.generation}))
@@ -490,10 +525,12 @@ class HaMachine:
         self._maybe_acquire(now)
 
     def _on_HeartbeatReceived(self, e: HeartbeatReceived) -> None:
-        self.rtt.observe(e.rtt_ms)
+        if e.rtt_ms is not None:
+            self.rtt_ms, self.rtt_var_ms = e.rtt_ms, e.rtt_var_ms
         self.last_heard = e.now
         self.seen_generation = max(self.seen_generation, e.peer_generation)
-        if e.peer_generation > self.generation and (self.holding or self.guest_running) and not self.forced:
+        if e.peer_generation > self.generation and (self.holding or self.guest_running) and not self.forced \
+                and self.state is not HANDING_OVER:  # a handover expects the peer's newer lease
             self._fence(f"the peer holds lease generation {e.peer_generation}, newer than ours "
                         f"({self.generation})", stale=True)
         if self.forced and self.peer_alive is False:
@@ -515,7 +552,7 @@ class HaMachine:
         self.standby_ready = True
         self._clear("peer")
         if self.state == ACTIVE_UNPROTECTED:
-            self._goto(PRIMARY, f"standby has a full replica (epoch {e.epoch})")
+            self._goto(ACTIVE_PROTECTED, f"standby has a full replica (epoch {e.epoch})")
             self._set_protection(True)
 
     def _on_LeaseGranted(self, e: LeaseGranted) -> None:
@@ -692,6 +729,33 @@ class HaMachine:
     def _on_OperatorFence(self, e: OperatorFence) -> None:
         self.operator_fenced = True
         self._fence("operator fence", release=True, operator=True)
+
+    def _on_HandoverPrepared(self, e: HandoverPrepared) -> None:
+        if self.state not in ACTIVE or not self.holding:
+            self._emit(Log("ha.handover_refused", {"state": self.state.value, "holding": self.holding}))
+            return
+        self._emit(CloseGate(), Withdraw(), ReleaseLease(self.generation))
+        self.gate_open = self.holding = self.protected = self.lapsed = False
+        self.expires_at, self._next_acquire = None, None
+        self._goto(HANDING_OVER, f"planned switchover at epoch {e.epoch}: the peer takes the lease")
+
+    def _on_HandoverAborted(self, e: HandoverAborted) -> None:
+        if self.state is not HANDING_OVER:
+            return
+        self._emit(Log("ha.handover_aborted", {"reason": e.reason}))
+        self._goto(FENCED, f"handover aborted ({e.reason}); taking the lease back")
+        self._next_acquire = None
+        self._maybe_acquire(e.now)
+
+    def _on_BecameStandby(self, e: BecameStandby) -> None:
+        if self.gate_open or self.holding:  # never demote a site that releases output: fence first
+            self._fence(f"becoming the standby ({e.reason})", release=True)
+        self.guest_running = self.stale = self.operator_fenced = self.forced = False
+        self.resuming = self.force_pending = self.lapsed = self.standby_ready = False
+        self.replica_epoch, self.takeover_by, self._next_acquire = None, None, None
+        self._clear("fenced", "promote", "resume", "forced", "forced_route", "forced_peer")
+        self._set_protection(False)
+        self._goto(STANDBY, e.reason)
 
     def _on_ResumeDone(self, e: ResumeDone) -> None:
         self.resuming = False

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 import structlog
+import zstandard
 
 from geomirror.errors import ImageError
 
@@ -395,8 +396,6 @@ def collect_modules(tree: KernelTree, names: Iterable[str]) -> tuple[list[tuple[
         if path.name.endswith(".ko.xz"):
             data = lzma.decompress(data)
         elif path.name.endswith(".ko.zst"):
-            import zstandard
-
             data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
         elif path.name.endswith(".ko.gz"):
             data = gzip.decompress(data)

@@ -385,7 +385,7 @@ def revive(site: str, rejoin: bool = True) -> str:
     """Bring a lost site back: links up, (rejoin: make it the standby of the site that took
     over, seeded from its last RAM image), and its daemon started again. Returns what rejoin said."""
     from geomirror.config import load_site
-    from geomirror.daemon import rejoin as do_rejoin
+    from geomirror.site.rejoin import rejoin as do_rejoin
 
     state = load_state()
     cfg_dir = Path(state.get("config_dir") or repo_configs())

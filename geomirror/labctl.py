@@ -248,7 +248,7 @@ def takeover(site: str = "site-b", timeout: float = 60.0, promote: bool = False)
         st = None
         while time.monotonic() < deadline:
             st = site_status(site, timeout=3)
-            if st and st.get("role") == "active" and st.get("takeover"):
+            if st and st.get("role") == "primary" and st.get("takeover"):
                 break
             time.sleep(0.05)
         else:
@@ -330,7 +330,7 @@ def demo(args) -> int:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             b = site_status("site-b") or {}
-            if b.get("protected") and b.get("ha_state") == "primary":
+            if b.get("protected") and b.get("ha_state") == "active_protected":
                 reprotected = b
                 break
             time.sleep(0.1)

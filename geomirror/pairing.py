@@ -8,8 +8,10 @@ the same CA (`issue_cert`); the peer needs no change. See docs/config.md.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
+import re
 import secrets
 import ssl
 import stat
@@ -23,10 +25,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+import structlog
 
-from geomirror.config import NAME_PATTERN
 from geomirror.errors import GeomirrorError
 from gmbase.files import atomic_write
+
+# A site or witness name: a DNS label (it is the certificates' common name and SAN).
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class PairingError(GeomirrorError):
@@ -287,8 +292,6 @@ class TlsIdentity:
 async def watch_identity(identity: "TlsIdentity", reload, every_s: float = 5.0) -> None:
     """Call `reload()` whenever `identity`'s files change (a rotation needs no signal). Runs
     until cancelled; `reload` logs and swallows a refusal (it is retried on the next change)."""
-    import asyncio
-
     while True:
         await asyncio.sleep(every_s)
         if identity.changed():
@@ -299,8 +302,6 @@ def reload_logged(identity: "TlsIdentity", reason: str, log=None, on_reload=None
     """Reload `identity`, logging the outcome; None (old identity kept) if the files are refused.
     `on_reload(info)` replaces the success log line (the daemon puts it on its timeline)."""
     if log is None:
-        import structlog
-
         log = structlog.get_logger(__name__)
     try:
         info = identity.reload()

@@ -27,7 +27,7 @@ import structlog
 from replication.progress import Progress
 from replication import codec as codec_mod
 from replication.capture import Capture
-from replication.gate import Gate, GateMode
+from replication.gate import Gate
 from replication.qemu import Guest
 from replication.session import (BLOCK_PAGES, LinkStats, new_nonce, on_heartbeat_message, send_heartbeats,
                                  session_key)
@@ -102,17 +102,20 @@ class Primary:
         self._last_heard = time.monotonic()
         self._pause_lock = asyncio.Lock()  # one checkpoint at a time (also vs. operator actions)
         self.on_commit: Callable[[int], None] | None = None
-        self.on_heartbeat: Callable[[int, float], None] | None = None  # (peer generation, rtt ms)
+        self.on_heartbeat: Callable[[int, LinkStats], None] | None = None  # (peer generation, the link)
         self.generation_fn: Callable[[], int] = lambda: 0
         self._stop = asyncio.Event()
         self._hold_checkpoints = asyncio.Event()
         self._hold_checkpoints.set()
-        # Output commit starts with the first epoch of a session, not with its first ack: a gate
-        # left open (a site that took over and runs unprotected, or continue-unprotected) holds
-        # from the first seal, so nothing released can be newer than what the standby will ack.
-        # Off only for the unsafe no-output-commit switch.
-        self.hold_on_protect = True
-        self._holding_for_session = False
+        # Output commit starts with the first epoch of a session, not with its first ack: the
+        # owner of the gate's mode (the site's gate policy) is told before the first seal, so a
+        # gate left open (a site that took over and runs unprotected, or continue-unprotected)
+        # holds from then on and nothing released can be newer than what the standby will ack.
+        # When the session ends it is told whether any epoch was acknowledged.
+        self.on_session_commits: Callable[[], None] | None = None
+        self.on_session_ended: Callable[[bool], None] | None = None
+        self._session_committing = False
+        self._session_acked = False
         self._ch: Channel | None = None  # the current session (for a planned switchover)
         self._codec = None
         self._frozen = False  # a handover paused the guest: no epoch may `cont` it
@@ -175,13 +178,13 @@ class Primary:
                 ch.close()
                 if self._ch is ch:
                     self._ch = self._codec = None
-                if self._holding_for_session:
-                    # No epoch of this session was acknowledged: no protection was promised, so
-                    # go back to running open, as before the session (nothing is lost: this is
-                    # the only copy).
-                    self._holding_for_session = False
-                    self.gate.set_mode(GateMode.OPEN)
-                    log.info("primary.output_commit_abandoned", peer=ch.peer)
+                if self._session_committing:
+                    self._session_committing = False
+                    if not self._session_acked:
+                        log.info("primary.output_commit_abandoned", peer=ch.peer,
+                                 hint="no epoch of this session was acknowledged")
+                    if self.on_session_ended:
+                        self.on_session_ended(self._session_acked)
             self.status.state = "disconnected"
             self.records.clear()
             self.status.in_flight = 0
@@ -238,11 +241,10 @@ class Primary:
 
     async def _work(self, ch: Channel, codec, reader: asyncio.Task) -> None:
         await self._sync(ch, codec, self._hashes)
-        if self.hold_on_protect and self.gate.mode is GateMode.OPEN:
-            self.gate.set_mode(GateMode.HOLD)
-            self._holding_for_session = True
-            log.info("primary.output_commit_begins", peer=ch.peer,
-                     hint="the gate holds output from the first epoch on")
+        self._session_committing, self._session_acked = True, False
+        if self.on_session_commits:
+            self.on_session_commits()
+        log.info("primary.output_commit_begins", peer=ch.peer, hint="output waits for acks from the first epoch on")
         self.status.state = "protected"
         log.info("primary.protected", peer=ch.peer, epoch=self.status.epoch)
         await self._epochs(ch, codec, reader)
@@ -446,7 +448,7 @@ class Primary:
         if epoch > self.status.epoch:
             raise ChannelError(f"standby acknowledged epoch {epoch}, which was never sent "
                                f"(latest {self.status.epoch})")
-        self._holding_for_session = False  # protected now: losing the standby is the HA layer's to handle
+        self._session_acked = True  # protected now: losing the standby is the HA layer's to handle
         now = time.monotonic()
         for e in [e for e in self.records if e <= epoch]:
             rec = self.records.pop(e)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from replication.transport import ChannelError, MsgType
+
 BLOCK_PAGES = 16  # resync granularity: 64 KiB blocks
 HEARTBEAT = struct.Struct(">QQQ")  # seq, sender's monotonic ns, sender's lease generation
 
@@ -30,6 +32,16 @@ def compat_mismatch(ours: dict, theirs: dict) -> str | None:
     keys = sorted(set(ours) | set(theirs))
     diffs = [f"{k}: ours {ours.get(k)!r}, theirs {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
     return "incompatible guest configuration (" + "; ".join(diffs) + ")" if diffs else None
+
+
+def detection_timeout_ms(srtt_ms: float | None, rttvar_ms: float, heartbeat_ms: float, min_ms: float,
+                         max_ms: float, *, k: float = 4.0, missed: int = 3) -> float:
+    """How long silence must last before the peer counts as lost: srtt + k·rttvar + `missed`
+    heartbeat intervals, clamped to [min, max]; the maximum before the first RTT sample.
+    The one formula: both ends of a session and the HA machine use it."""
+    if srtt_ms is None:
+        return max_ms
+    return max(min_ms, min(max_ms, srtt_ms + k * rttvar_ms + missed * heartbeat_ms))
 
 
 @dataclass
@@ -68,8 +80,7 @@ class LinkStats:
 
     def detection_timeout_ms(self, min_ms: float, max_ms: float, heartbeat_ms: float) -> float:
         """How long silence must last before the peer counts as lost."""
-        base = (self.rtt_ms or 0) + 4 * self.rtt_var_ms + 3 * heartbeat_ms
-        return max(min_ms, min(max_ms, base))
+        return detection_timeout_ms(self.rtt_ms, self.rtt_var_ms, heartbeat_ms, min_ms, max_ms)
 
     def as_dict(self) -> dict:
         return {
@@ -81,10 +92,8 @@ class LinkStats:
 
 
 async def on_heartbeat_message(ch, mtype, payload: bytes, link: LinkStats, on_heartbeat) -> bool:
-    """Both ends: echo a HEARTBEAT (and report the peer's generation), time an ECHO.
+    """Both ends: echo a HEARTBEAT (and report the peer's generation and the link), time an ECHO.
     Returns False for other messages. A heartbeat of the wrong size is a protocol error."""
-    from replication.transport import ChannelError, MsgType
-
     if mtype not in (MsgType.HEARTBEAT, MsgType.HEARTBEAT_ECHO):
         return False
     if len(payload) != HEARTBEAT.size:
@@ -93,7 +102,7 @@ async def on_heartbeat_message(ch, mtype, payload: bytes, link: LinkStats, on_he
     if mtype is MsgType.HEARTBEAT:
         await ch.send(MsgType.HEARTBEAT_ECHO, payload)
         if on_heartbeat:
-            on_heartbeat(generation, link.rtt_ms or 0.0)
+            on_heartbeat(generation, link)
     else:
         link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
     return True

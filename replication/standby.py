@@ -61,7 +61,7 @@ class Standby:
         self.on_commit = None
         self.on_switchover = None  # callable(epoch): the primary hands the guest over (planned)
         self.on_heard = None
-        self.on_heartbeat = None  # (peer generation, rtt ms)
+        self.on_heartbeat = None  # (peer generation, LinkStats)
         self.generation_fn = lambda: 0
 
     def silence_ms(self) -> float:

@@ -86,7 +86,7 @@ def test_site_loss_bgp_flips_and_the_session_survives(lab_up):
           f"(resume {resumed['total_ms']} ms from the hot standby), announce -> route installed in BIRD "
           f"{max(0.0, t_route - announced['wall']):.2f}s, client's longest stall {res.longest_stall_s:.2f}s, "
           f"{len(res.incrs)} consecutive incr replies")
-    assert b["role"] == "active" and b["lease_generation"] == 2
+    assert b["role"] == "primary" and b["lease_generation"] == 2
 
 
 def test_partition_no_takeover_never_two_announcing(lab_up):
@@ -136,7 +136,7 @@ def test_witness_down_nothing_changes_then_site_loss_needs_promote(lab_up):
     _kill_witness()
     time.sleep(5)  # well past the 2 s lease
     a = labctl.site_status("site-a")
-    assert a["role"] == "primary" and a["ha_state"] == "primary" and a["gate"]["allowed"], a["ha_state"]
+    assert a["role"] == "primary" and a["ha_state"] == "active_protected" and a["gate"]["allowed"], a["ha_state"]
     assert any("witness unreachable" in m for m in a["alarms"]), a["alarms"]
     assert best_origin() == AS_A
     ops_before = c.res.ops

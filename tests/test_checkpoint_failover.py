@@ -58,7 +58,7 @@ def test_kill_primary_qemu_resume_at_standby_same_connection(lab_up):
         assert mc.get(k) == v, f"{k} lost after failover"
     assert mc.incr("counter") == last + 2
     b = labctl.site_status("site-b")
-    assert b["role"] == "active"
+    assert b["role"] == "primary"
     print(f"\nfailover: resumed epoch {report['epoch']} in {report['resume']['total_ms']} ms "
           f"(hot standby: {report['resume'].get('hot_standby')}), client stall {stall:.2f}s, "
           f"last pause at primary {a['last_pause_ms']} ms")

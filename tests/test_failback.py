@@ -30,7 +30,7 @@ def test_lost_taken_over_rejoined_and_failed_back_on_one_connection(lab_up):
     t0 = time.monotonic()
     said = lab.revive("site-a")
     assert "seeded from its last RAM image" in said, said
-    b = wait_for(lambda: (s := labctl.site_status("site-b")) and s["protected"] and s["ha_state"] == "primary"
+    b = wait_for(lambda: (s := labctl.site_status("site-b")) and s["protected"] and s["ha_state"] == "active_protected"
                  and s, 180, "site B to be protected by the rejoined site A")
     reprotect_s = time.monotonic() - t0
     rep = b["replication"]

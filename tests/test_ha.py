@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from geomirror import ha
-from geomirror.ha import (ACTIVE_UNPROTECTED, FENCED, PRIMARY, STANDBY, STARTING, TAKING_OVER, AcquireLease,
+from geomirror.ha import (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED, FENCED, STANDBY, STARTING, TAKING_OVER, AcquireLease,
                           Alarm, Announce, BgpNeighborUp, CloseGate, HaConfig, HaConfigError, HaMachine,
                           HeartbeatReceived, LeaseDenied, LeaseGranted, LeaseLost, LeaseRenewed, OpenGate,
                           OperatorFence, OperatorPromote, PeerRouteSeen, ReleaseLease, RenewLease,
@@ -50,7 +50,7 @@ def active_primary(now=0.0):
     assert m.state == ACTIVE_UNPROTECTED
     m.handle(HeartbeatReceived(now, 20.0))
     out = m.handle(StandbyReady(1))
-    assert m.state == PRIMARY and SetProtection(True) in out
+    assert m.state == ACTIVE_PROTECTED and SetProtection(True) in out
     return m
 
 
@@ -63,19 +63,25 @@ def standby_with_replica(now=0.0, peer_generation=1):
 
 
 def test_detection_timeout_follows_rtt_and_is_clamped():
-    c = cfg(min_timeout_ms=300, max_timeout_ms=1000)
-    rtt = ha.RttEstimator()
-    assert ha.detection_timeout_ms(c, rtt) == 1000, "no sample yet: the conservative maximum"
-    for _ in range(50):
-        rtt.observe(10.0)
-    assert ha.detection_timeout_ms(c, rtt) == 300, "a fast, steady link is clamped to the minimum"
-    for sample in (10.0, 200.0) * 20:
-        rtt.observe(sample)
-    jittery = ha.detection_timeout_ms(c, rtt)
-    assert jittery > rtt.srtt_ms + 3 * 50 and jittery <= 1000, "variance widens the timeout"
-    for _ in range(50):
-        rtt.observe(5000.0)
-    assert ha.detection_timeout_ms(c, rtt) == 1000
+    """The machine takes the link's smoothed RTT as measured (one estimator: LinkStats) and
+    applies the one formula; it does not smooth again."""
+    from replication.session import LinkStats
+
+    m = HaMachine("standby", cfg(min_timeout_ms=300, max_timeout_ms=1000))
+    link = LinkStats()
+
+    def timeout_after(samples) -> float:
+        for x in samples:
+            link.add_rtt(x)
+        m.handle(HeartbeatReceived(0.0, link.rtt_ms, 0, link.rtt_var_ms))
+        return m.timeout_ms
+
+    assert m.timeout_ms == 1000, "no sample yet: the conservative maximum"
+    assert timeout_after([10.0] * 50) == 300, "a fast, steady link is clamped to the minimum"
+    jittery = timeout_after((10.0, 200.0) * 20)
+    assert jittery > link.rtt_ms + 3 * 50 and jittery <= 1000, "variance widens the timeout"
+    assert m.rtt_ms == link.rtt_ms, "the machine uses the link's estimate as is"
+    assert timeout_after([5000.0] * 50) == 1000
 
 
 def test_config_rejects_a_ttl_that_leaves_no_room_to_renew():
@@ -91,7 +97,7 @@ def test_primary_renews_every_interval_and_fences_before_expiry_when_renewals_fa
     assert types(m.handle(Tick(0.2))) == [RenewLease]
     m.handle(LeaseRenewed(1, 0.2 + TTL_S, 0.21))
     out = m.handle(WitnessUnreachable(0.3, "timeout"))
-    assert m.state == PRIMARY and CloseGate not in types(out) and "fencing at the lease deadline" in alarms(out)
+    assert m.state == ACTIVE_PROTECTED and CloseGate not in types(out) and "fencing at the lease deadline" in alarms(out)
     deadline = 0.2 + TTL_S - m.config.fence_margin_ms / 1000
     assert deadline < 0.2 + TTL_S - (CFG["renew_every_ms"] + CFG["max_clock_skew_ms"]) / 1000 + 1e-9
     t = 0.25
@@ -375,9 +381,9 @@ class TwoSites(RuleBasedStateMachine):
             if heartbeats and self.wan_up and a.alive and b.alive:
                 self.feed(a, HeartbeatReceived(a.now(self.t), 20.0, b.m.generation))
                 self.feed(b, HeartbeatReceived(b.now(self.t), 20.0, a.m.generation))
-                if a.m.state in (PRIMARY, ACTIVE_UNPROTECTED) and b.m.state == STANDBY:
+                if a.m.state in (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED) and b.m.state == STANDBY:
                     self.feed(a, StandbyReady(1))
-                if b.m.state in (PRIMARY, ACTIVE_UNPROTECTED) and a.m.state == STANDBY:
+                if b.m.state in (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED) and a.m.state == STANDBY:
                     self.feed(b, StandbyReady(1))
             self.check()
 
@@ -466,7 +472,7 @@ class TwoSites(RuleBasedStateMachine):
         if old.alive:
             return
         st_ = old.m.state
-        role = "primary" if st_ in (PRIMARY, ACTIVE_UNPROTECTED, STARTING) else "fenced" if st_ == FENCED else "standby"
+        role = "primary" if st_ in (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED, STARTING) else "fenced" if st_ == FENCED else "standby"
         new = Site(name, role, old.rate, old.offset, generation=old.m.generation)
         new.requests = old.requests
         self.sites[name] = new
@@ -505,7 +511,7 @@ def _world():
 def test_wan_partition_with_the_witness_reachable_keeps_one_active_site():
     w = _world()
     w.advance(20, 30, heartbeats=True, lease_io=True)
-    assert w.sites["site-a"].gate == 1 and w.sites["site-a"].m.state == PRIMARY
+    assert w.sites["site-a"].gate == 1 and w.sites["site-a"].m.state == ACTIVE_PROTECTED
     w.wan(False)
     for _ in range(5):
         w.advance(40, 30, heartbeats=False, lease_io=True)  # ~6 s, each step checks the invariants
@@ -551,7 +557,7 @@ def _protected_primary(**kw):
     m.handle(LeaseGranted(1, 1.0, 0.0))
     m.handle(HeartbeatReceived(0.01, 20.0, 0))
     m.handle(StandbyReady(5))
-    assert m.state == PRIMARY and m.gate_open and m.protected
+    assert m.state == ACTIVE_PROTECTED and m.gate_open and m.protected
     return m
 
 
@@ -569,7 +575,7 @@ def test_witness_down_while_protected_rides_through_then_regains_the_lease():
     m = _protected_primary(ride_through_witness_outage=True)
     m.handle(WitnessUnreachable(0.1))
     out, t = _run(m, 0.1, 3.0)
-    assert m.state == PRIMARY and m.gate_open and m.lapsed, "a protected primary keeps running"
+    assert m.state == ACTIVE_PROTECTED and m.gate_open and m.lapsed, "a protected primary keeps running"
     assert not any(isinstance(a, CloseGate) for a in out)
     assert any(isinstance(a, Alarm) and "lease lapsed" in a.message for a in out)
     out = m.handle(WitnessReachable(t)) + m.handle(Tick(t + 0.3))

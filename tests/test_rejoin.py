@@ -11,7 +11,7 @@ import pytest
 
 from geomirror import cli
 from geomirror.config import load_site
-from geomirror.daemon import RejoinError, rejoin
+from geomirror.site.rejoin import RejoinError, rejoin
 from replication.store import Replica
 
 LAB_A = __import__("pathlib").Path(__file__).parent.parent / "configs" / "lab" / "site-a.toml"

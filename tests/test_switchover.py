@@ -24,7 +24,7 @@ def switchover(frm: str, to: str, as_to: int) -> dict:
     assert f"the guest moved from {frm} to {to} at epoch" in out.stdout
     wait_for(lambda: best_origin() == as_to, 30, f"BIRD's best route to come from {to}")
     routed = time.monotonic() - t0
-    st = wait_for(lambda: (s := labctl.site_status(to)) and s["protected"] and s["ha_state"] == "primary" and s,
+    st = wait_for(lambda: (s := labctl.site_status(to)) and s["protected"] and s["ha_state"] == "active_protected" and s,
                   120, f"{to} to be protected by {frm}")
     reprotected = time.monotonic() - t0
     old = labctl.site_status(frm)

@@ -1,0 +1,338 @@
+"""One site's service: lifecycle, the HA machine, the jobs, the operator's entry points.
+
+The HA machine (geomirror/ha.py) decides; `Effects` carries out its actions; the jobs
+(`PrimarySide`, `StandbySide`, `Switchover`) do the work and report back as events
+through the `SiteContext`. This class only wires them and owns what lives as long as the
+daemon: the machine, the task registry, the gate and its policy, the lease client, the
+BGP speaker and role.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from bgp.speaker import Neighbor, Speaker
+from geomirror import control, ha, pairing
+from geomirror.errors import Refused
+from geomirror.site.context import SiteContext, Tasks, Timeline
+from geomirror.site.effects import Effects
+from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePolicy
+from geomirror.site.guest_spec import GuestSpecs
+from geomirror.site.host import TAP_NAME
+from geomirror.site.primary_side import PrimarySide
+from geomirror.site.role import RoleState, RoleStore
+from geomirror.site.standby_side import StandbySide, seed_replica
+from geomirror.site.status import LoopLag, SiteStatus, StatusCollector
+from geomirror.site.switchover import Switchover, on_peer_handover
+from geomirror.witness import WitnessClient
+from replication.gate import GateMode, UserspaceGate, open_tap
+
+log = structlog.get_logger(__name__)
+Role = ha.Role
+
+
+class SiteDaemon:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.name = cfg.site.name
+        self.timeline = Timeline(self.name)
+        self.tasks = Tasks(self.name)
+        self.roles = RoleStore(cfg.site.state_dir, cfg.site.initial_role)
+        self.role = RoleState(Role(cfg.site.initial_role))
+        self.ha: ha.HaMachine | None = None
+        self.ctx: SiteContext | None = None
+        self.gatectl: GateController | None = None
+        self.specs: GuestSpecs | None = None
+        self.effects: Effects | None = None
+        self.primary_side: PrimarySide | None = None
+        self.standby_side: StandbySide | None = None
+        self.switchover_job: Switchover | None = None
+        self.witness: WitnessClient | None = None
+        self.speaker: Speaker | None = None
+        self.tls: pairing.TlsIdentity | None = None
+        self.takeover_report: dict | None = None
+        self.unsafe_no_output_commit = os.environ.get("GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT") == "1"
+        self.loop_lag = LoopLag()
+        self._bgp_up: set[str] = set()
+        self._peer_route: bool | None = None
+        self._stop = asyncio.Event()
+        self._resumed = asyncio.Event()
+        self.metrics_registry = CollectorRegistry()
+        self.metrics_registry.register(StatusCollector(self.site_status))
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        cfg = self.cfg
+        for d in (cfg.site.state_dir, cfg.site.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+        cfg.check_files()
+        self.role = self.roles.load()  # a corrupt role.json refuses the start, before anything runs
+        t = cfg.tls
+        self.tls = pairing.TlsIdentity(t.ca, t.cert, t.key, self.name, scratch_dir=cfg.site.run_dir)
+        token = control.load_or_create_token(self._token_path())
+        runner = await control.start(control.make_app(self, token), str(cfg.control.listen), cfg.control.port,
+                                     cfg.site.run_dir / "control.sock")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload_tls(reason="SIGHUP"))
+        try:
+            await self._start()
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+            await runner.cleanup()
+
+    async def _start(self) -> None:
+        cfg, role = self.cfg, self.role
+        self.timeline.mark("daemon.start", role=role.role.value, lease_generation=role.lease_generation)
+        self.ha = ha.HaMachine(role.role, ha.HaConfig.from_site_config(cfg), generation=role.lease_generation)
+        gate = UserspaceGate(cfg.site.run_dir / "guest-net.sock", open_tap(TAP_NAME), mode=GateMode.FENCED)
+        self.ctx = SiteContext(cfg, self.tls, gate, self.feed, lambda: self.ha.generation, self.timeline,
+                               self.tasks, self.unsafe_no_output_commit)
+        if self.unsafe_no_output_commit:
+            log.warning("gate.output_commit_disabled", site=self.name,
+                        hint="GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT=1: clients can see state the standby never got")
+        ck = cfg.checkpoint
+        self.gatectl = GateController(gate, GateInputs(
+            ha_state=self.ha.state, policy=UnreachablePolicy(ck.unreachable_policy),
+            grace_ms=ck.unprotected_grace_ms, unsafe=self.unsafe_no_output_commit))
+        await gate.start()
+        self.specs = GuestSpecs(cfg, cfg.site.run_dir, self.ctx.net_socket)
+        if cfg.witness is not None:
+            w = cfg.witness
+            self.witness = WitnessClient(str(w.address), w.port, self.tls.client, server_name=w.name,
+                                         timeout_s=max(0.3, w.renew_every_ms / 1000))
+        await self._start_bgp()
+        self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self)
+        self.switchover_job = Switchover(self.ctx, self.witness, lambda: self._primary(),
+                                         lambda: self.ha.state, self._demote)
+        if role.role is Role.PRIMARY:
+            await self._boot_primary()
+        elif role.role is Role.STANDBY:
+            await self._start_standby()
+        self.tasks.spawn(self._ha_loop(), "ha.loop")
+        self.tasks.spawn(pairing.watch_identity(self.tls, lambda: self.reload_tls("files changed")), "tls.watch")
+        self.tasks.spawn(self.loop_lag.run(), "loop_lag")
+
+    def _token_path(self):
+        p = self.cfg.control.token_file
+        return p if p.is_absolute() else self.cfg.site.state_dir / p
+
+    def _save_role(self, role: Role | None = None, reason: str = "", **changes) -> None:
+        fields = {"lease_generation": self.ha.generation if self.ha else self.role.lease_generation, **changes}
+        if role is not None:
+            fields["role"] = role
+        if reason:
+            fields["reason"] = reason
+        self.role = self.roles.save(RoleState(**{**self.role.__dict__, **fields}))
+
+    def _primary(self):
+        return self.primary_side.primary if self.primary_side else None
+
+    async def _boot_primary(self) -> None:
+        self.primary_side = PrimarySide(self.ctx, self.specs, self.gatectl, self._guest_exited)
+        await self.primary_side.boot(self.role.run_id if self.role.guest else "")
+        self._save_role(Role.PRIMARY, "booted the guest", run_id=self.primary_side.run_id)
+
+    async def _start_standby(self) -> None:
+        self.standby_side = StandbySide(self.ctx, self.specs, self.witness)
+        await self.standby_side.start()
+        self.standby_side.set_switchover_handler(lambda epoch: on_peer_handover(self.ctx, epoch))
+        self._save_role(Role.STANDBY)
+
+    async def _start_bgp(self) -> None:
+        b = self.cfg.bgp
+        if not b.enabled:
+            return
+        neighbors = [Neighbor(address=str(n.address), peer_as=n.peer_as,
+                              local_address=str(n.local_address) if n.local_address else None,
+                              hold_time=b.hold_time) for n in b.neighbors]
+        self.speaker = Speaker(router_id=str(self.cfg.site.router_id), local_as=self.cfg.site.asn,
+                               neighbors=neighbors, run_dir=self.cfg.site.run_dir / "bgp")
+        self.speaker.on_change = self._on_bgp_change
+        await self.speaker.start()
+
+    def _on_bgp_change(self) -> None:
+        sp = self.speaker
+        now_up = {n for n, st in sp.neighbor_states.items() if st == "up"}
+        for n in now_up - self._bgp_up:
+            self.feed(ha.BgpNeighborUp(n))
+        for n in self._bgp_up - now_up:
+            self.feed(ha.BgpNeighborDown(n))
+        self._bgp_up = now_up
+        peer_as = self.cfg.peer.asn
+        if peer_as:
+            seen = any(r.as_path and r.as_path[-1] == peer_as
+                       for r in sp.received_routes(str(self.cfg.guest.prefix)))
+            if seen != self._peer_route:
+                self._peer_route = seen
+                self.feed(ha.PeerRouteSeen(seen))
+
+    # ------------------------------------------------------------ the HA machine
+    async def _ha_loop(self) -> None:
+        period = self.cfg.heartbeat.interval_ms / 1000 / 2
+        while True:
+            self.feed(ha.Tick(time.monotonic()))
+            await asyncio.sleep(period)
+
+    def feed(self, event) -> None:
+        if self.ha is None:
+            return
+        gen_before = self.ha.generation
+        for action in self.ha.handle(event):
+            self.effects.act(action)
+        if self.gatectl.inputs.ha_state is not self.ha.state:
+            self.gatectl.update(ha_state=self.ha.state)
+        if self.ha.generation != gen_before:
+            self._save_role()
+
+    # ------------------------------------------------------------ guest operations (for Effects)
+    async def resume_guest(self) -> None:
+        """Takeover: resume the guest from the replica, then protect it again towards the old
+        primary as soon as that comes back as a standby."""
+        t0 = time.perf_counter()
+        sb = self.standby_side
+        try:
+            self.timeline.mark("takeover.resume_begin", epoch=sb.committed_epoch)
+            self.gatectl.update(guest_here=True, promised=False, session_committing=False)
+            guest, timings, run_id = await sb.resume()
+        except Exception as e:  # any failure here must reach the HA machine, which fences
+            log.exception("takeover.resume_failed", site=self.name)
+            self.feed(ha.ResumeFailed(str(e) or type(e).__name__))
+            return
+        self.takeover_report = {"epoch": sb.committed_epoch, "resume": timings,
+                                "resume_ms": round((time.perf_counter() - t0) * 1000, 1)}
+        self.primary_side = PrimarySide(self.ctx, self.specs, self.gatectl, self._guest_exited)
+        self.primary_side.adopt_resumed(guest, sb.spec, run_id, sb.committed_epoch)
+        self._save_role(Role.PRIMARY, "took the guest over", run_id=run_id)
+        self.timeline.mark("takeover.resumed", **timings)
+        self.feed(ha.ResumeDone(time.monotonic()))
+        self._resumed.set()
+        self.timeline.mark("reprotect.waiting", peer=self.cfg.peer.name,
+                           hint=f"the guest is protected again once {self.cfg.peer.name} runs as the standby")
+
+    async def stop_guest(self, reason: str) -> None:
+        if self.primary_side is not None:
+            await self.primary_side.stop(reason)
+        self._save_role(Role.FENCED, reason)
+
+    def _guest_exited(self, rc: int) -> None:
+        if self._stop.is_set():
+            return
+        self.timeline.mark("guest.exited", rc=rc, hint="the guest's QEMU died; this site fences itself and "
+                           "releases the lease so the standby can take over at once")
+        self.feed(ha.OperatorFence(time.monotonic()))  # close gate, withdraw, release the lease
+        self.tasks.spawn(self.stop_guest(f"the guest's QEMU exited with {rc}"), "guest.cleanup")
+
+    async def _demote(self, reason: str) -> None:
+        """This site no longer runs the guest (the peer does, at a newer generation): stop it and
+        become the peer's standby, the replica seeded from the guest's last RAM."""
+        self.timeline.mark("demote.begin", reason=reason)
+        ps, self.primary_side = self.primary_side, None
+        ram = ps.spec.ram_path if ps and ps.spec else self.cfg.site.run_dir / "guest.ram"
+        run_id = ps.run_id if ps else self.role.run_id
+        if ps is not None:
+            await ps.stop(reason)
+        if self.standby_side is not None:  # from before a takeover: its files are the guest's RAM now
+            await self.standby_side.close()
+            self.standby_side = None
+        self.gatectl.update(guest_here=False, session_committing=False, promised=False)
+        await asyncio.to_thread(seed_replica, self.cfg, self.specs, run_id, ram)
+        self._resumed.clear()
+        self.feed(ha.BecameStandby(time.monotonic(), reason))
+        await self._start_standby()
+        self.timeline.mark("demote.done", role=self.role.role.value)
+
+    # ------------------------------------------------------------ operator
+    async def promote(self, force: bool = False, timeout: float = 60.0) -> dict:
+        if self.ha.state in ha.ACTIVE:
+            raise Refused(f"site {self.name} already runs the guest ({self.ha.state.value})")
+        self.feed(ha.OperatorPromote(time.monotonic(), force))
+        try:
+            await asyncio.wait_for(self._resumed.wait(), timeout)
+        except asyncio.TimeoutError:
+            alarms = self.effects.alarms
+            raise Refused(f"promote did not complete in {timeout:.0f}s: "
+                          + (alarms[-1] if alarms else f"HA state {self.ha.state.value}")) from None
+        return {**(self.takeover_report or {}), "state": self.ha.state.value,
+                "lease_generation": self.ha.generation}
+
+    async def switchover(self, timeout: float = 15.0) -> dict:
+        return await self.switchover_job.run(timeout)
+
+    async def fence(self, reason: str = "operator") -> dict:
+        self.timeline.mark("fence", reason=reason)
+        self.feed(ha.OperatorFence(time.monotonic()))
+        self._save_role(Role.FENCED, f"fenced by the {reason}")
+        return self.site_status().as_dict()
+
+    def set_checkpoint(self, adaptive: bool | None = None, interval_ms: float | None = None) -> dict:
+        if self.primary_side is None or self.primary_side.primary is None:
+            raise Refused(f"site {self.name} takes no checkpoints now ({self.ha.state.value}): "
+                          "tune the checkpoint interval at the site that runs the guest")
+        return self.primary_side.set_checkpoint(adaptive, interval_ms)
+
+    def reload_tls(self, reason: str = "operator") -> dict | None:
+        """Take up a rotated certificate: new connections (to the peer, from the peer, to the
+        witness) present it; established ones carry on, so protection never stops. None if the
+        new files are refused (logged; the previous certificate stays)."""
+        return pairing.reload_logged(self.tls, reason, log, on_reload=lambda info: self.timeline.mark(
+            "tls.reloaded", reason=reason, serial=info["serial"], previous_serial=info["previous_serial"],
+            not_after=info["not_after"]))
+
+    async def shutdown(self) -> None:
+        self.timeline.mark("daemon.stop", role=self.role.role.value)
+        await self.tasks.cancel_all()
+        if self.speaker is not None:
+            try:
+                await asyncio.wait_for(self.speaker.stop(withdraw=True), 10)
+            except (asyncio.TimeoutError, OSError) as e:
+                log.warning("bgp.stop_failed", site=self.name, error=str(e) or type(e).__name__)
+        if self.witness is not None:
+            await self.witness.close()
+        if self.primary_side is not None:
+            await self.primary_side.stop("the daemon stops")
+        if self.standby_side is not None:
+            await self.standby_side.close()
+        if self.ctx is not None:
+            await self.ctx.gate.close()
+
+    # ------------------------------------------------------------ status
+    def status(self) -> dict:
+        return self.site_status().as_dict()
+
+    def site_status(self) -> SiteStatus:
+        h = self.ha.snapshot() if self.ha else {}
+        e = self.effects
+        s = SiteStatus(site=self.name, role=self.role.role.value, ha_state=h.get("state", "starting"),
+                       lease_generation=h.get("lease_generation", 0),
+                       bgp_announced=bool(e and e.announced), protected=bool(e and e.protected),
+                       protection_changes=e.protection_changes if e else 0,
+                       alarms=list(h.get("alarms", {}).values()), ha=h, loop_lag_ms=self.loop_lag.as_dict(),
+                       tls=self.tls.info() if self.tls else None, takeover=self.takeover_report,
+                       timeline=self.timeline.recent())
+        if self.ctx is not None:
+            g = self.ctx.gate
+            s.gate = {"mode": g.mode.value, "allowed": g.allowed, "why": self.gatectl.decision.why,
+                      **g.stats.as_dict()}
+        ps, sb = self.primary_side, self.standby_side
+        if ps is not None and ps.primary is not None:
+            for k, v in ps.status().items():
+                setattr(s, k, v)
+            s.guest_pid = ps.guest.pid if ps.guest else None
+            s.alarms += ps.alarms[-5:]
+        elif sb is not None and sb.standby is not None:
+            for k, v in sb.status().items():
+                setattr(s, k, v)
+        if self.speaker is not None:
+            s.bgp = {"neighbors": dict(self.speaker.neighbor_states), "exabgp_pid": self.speaker.pid,
+                     "exabgp_restarts": self.speaker.restarts}
+        return s

@@ -1,0 +1,151 @@
+"""Carries out the HA machine's actions; what comes of them goes back to it as events.
+
+The machine decides (geomirror/ha.py); this job does: lease calls to the lease backend
+(the witness), announce/withdraw through the BGP speaker, the gate's permission through
+the gate policy, and resume/stop of the guest through the daemon's guest operations.
+Every dependency is injected, so the sequences are tested on fakes
+(tests/test_site_effects.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+import structlog
+
+from geomirror import ha
+from geomirror.site.context import SiteContext
+from geomirror.site.gate_policy import GateController
+from geomirror.witness import WitnessError, WitnessUnreachable
+from gmbase.errors import GeomirrorError
+
+log = structlog.get_logger(__name__)
+
+
+class GuestOps(Protocol):
+    async def resume_guest(self) -> None: ...  # feeds ResumeDone or ResumeFailed
+    async def stop_guest(self, reason: str) -> None: ...
+
+
+class Effects:
+    def __init__(self, ctx: SiteContext, gatectl: GateController, lease, speaker, guest_ops: GuestOps):
+        self.ctx = ctx
+        self.gatectl = gatectl
+        self.lease = lease  # the lease backend (WitnessClient), or None without a witness
+        self.speaker = speaker  # bgp.speaker.Speaker, or None with BGP off
+        self.guest_ops = guest_ops
+        self.announced = False
+        self.protected = False
+        self.protection_changes = 0
+        self.alarms: list[str] = []
+        self.lease_calls = 0
+
+    def act(self, a) -> None:
+        ctx = self.ctx
+        if isinstance(a, ha.Log):
+            if a.event == "ha.state":
+                ctx.mark("ha.state", **a.fields)
+            else:
+                log.info(a.event, site=ctx.name, **a.fields)
+        elif isinstance(a, ha.Alarm):
+            self.alarm(a.message)
+        elif isinstance(a, ha.AcquireLease):
+            ctx.spawn(self._lease("acquire"), "lease.acquire")
+        elif isinstance(a, ha.RenewLease):
+            ctx.spawn(self._lease("renew", a.generation), "lease.renew")
+        elif isinstance(a, ha.ReleaseLease):
+            ctx.spawn(self._lease("release", a.generation), "lease.release")
+        elif isinstance(a, ha.ResumeGuest):
+            ctx.spawn(self.guest_ops.resume_guest(), "guest.resume")
+        elif isinstance(a, ha.StopGuest):
+            ctx.spawn(self.guest_ops.stop_guest("another site runs the guest at a newer lease generation"),
+                      "guest.stop")
+        elif isinstance(a, ha.OpenGate):
+            ctx.mark("gate.open", generation=a.generation)
+            self.gatectl.update(may_release=True)
+        elif isinstance(a, ha.CloseGate):
+            ctx.mark("gate.close")
+            self.gatectl.update(may_release=False)
+        elif isinstance(a, ha.Announce):
+            ctx.spawn(self._announce(), "bgp.announce")
+        elif isinstance(a, ha.Withdraw):
+            ctx.spawn(self._withdraw(), "bgp.withdraw")
+        elif isinstance(a, ha.SetProtection):
+            self._protection(a.protected)
+        else:  # a new action nobody carries out is a bug: say so loudly
+            raise TypeError(f"the HA machine emitted {a!r}, which effects does not know")
+
+    def alarm(self, message: str) -> None:
+        self.alarms.append(message)
+        del self.alarms[:-50]
+        log.warning("alarm", site=self.ctx.name, message=message)
+
+    def _protection(self, protected: bool) -> None:
+        self.gatectl.protection(protected)
+        if protected == self.protected:
+            return
+        self.protected = protected
+        self.protection_changes += 1
+        self.ctx.mark("protection.entered" if protected else "protection.left")
+        ck = self.ctx.cfg.checkpoint
+        if not protected and ck.unreachable_policy == "continue-unprotected":
+            self.ctx.spawn(self._grace(ck.unprotected_grace_ms), "gate.grace")
+
+    async def _grace(self, grace_ms: float) -> None:
+        """Re-decide the gate when the policy's grace runs out (it reads the elapsed time)."""
+        await asyncio.sleep(grace_ms / 1000)
+        if not self.protected:
+            d = self.gatectl.reapply()
+            self.ctx.mark("protection.grace_over", grace_ms=grace_ms, gate=d.mode.value, why=d.why)
+
+    async def _lease(self, op: str, generation: int | None = None) -> None:
+        if self.lease is None:
+            return
+        self.lease_calls += 1
+        feed, w, guest = self.ctx.feed, self.ctx.cfg.witness, self.ctx.cfg.guest.name
+        try:
+            if op == "acquire":
+                r = await self.lease.acquire(guest, w.lease_ttl_ms)
+                if r.ok:
+                    self.ctx.mark("lease.granted", generation=r.generation)
+                    feed(ha.LeaseGranted(r.generation, r.expires_at, time.monotonic()))
+                else:
+                    feed(ha.LeaseDenied(r.holder, r.generation))
+            elif op == "renew":
+                r = await self.lease.renew(guest, generation, w.lease_ttl_ms)
+                if r.ok:
+                    feed(ha.LeaseRenewed(r.generation, r.expires_at, time.monotonic()))
+                else:
+                    feed(ha.LeaseLost(r.holder, r.generation))
+            else:
+                await self.lease.release(guest, generation)
+                self.ctx.mark("lease.released", generation=generation)
+        except WitnessUnreachable as e:
+            feed(ha.WitnessUnreachable(time.monotonic(), str(e)))
+        except WitnessError as e:
+            log.warning("lease.error", site=self.ctx.name, op=op, error=str(e))
+
+    async def _announce(self) -> None:
+        if self.speaker is None:
+            return
+        b, prefix = self.ctx.cfg.bgp, str(self.ctx.cfg.guest.prefix)
+        try:
+            await self.speaker.announce(prefix, med=b.med, communities=b.communities, prepend=b.prepend)
+        except (GeomirrorError, OSError) as e:
+            self.alarm(f"announcing {prefix} failed: {e}")
+            return
+        self.announced = True
+        self.ctx.mark("bgp.announced", prefix=prefix)
+
+    async def _withdraw(self) -> None:
+        if self.speaker is None or not self.announced:
+            return
+        prefix = str(self.ctx.cfg.guest.prefix)
+        try:
+            await self.speaker.withdraw(prefix)
+        except (GeomirrorError, OSError) as e:
+            self.alarm(f"withdrawing {prefix} failed: {e}")
+            return
+        self.announced = False
+        self.ctx.mark("bgp.withdrawn", prefix=prefix)

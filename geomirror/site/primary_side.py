@@ -1,0 +1,194 @@
+"""The primary's job: run the guest here and checkpoint it to the peer, paced.
+
+It boots the guest (or adopts the one a takeover resumed), runs the replication
+`Primary` with the pacer choosing each interval, reports sessions to the gate policy
+(a session that sealed an epoch holds output for its acks; one that ended without an
+ack gives the output back) and watches the guest's QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import structlog
+
+from geomirror import ha
+from geomirror.errors import Refused
+from geomirror.site.context import SiteContext
+from geomirror.site.gate_policy import GateController
+from geomirror.site.guest_spec import GuestSpecs
+from geomirror.site.host import set_tap
+from replication import transport
+from replication.capture import Capture
+from replication.pacer import EpochSample, Pacer, PacerPolicy
+from replication.primary import EpochRecord, Primary, PrimaryConfig
+from replication.qemu import Guest, GuestSpec
+
+log = structlog.get_logger(__name__)
+
+
+class PrimarySide:
+    def __init__(self, ctx: SiteContext, specs: GuestSpecs, gatectl: GateController, on_guest_exit):
+        self.ctx = ctx
+        self.specs = specs
+        self.gatectl = gatectl
+        self.on_guest_exit = on_guest_exit  # callable(rc): the guest's QEMU died
+        self.guest: Guest | None = None
+        self.spec: GuestSpec | None = None
+        self.capture: Capture | None = None
+        self.primary: Primary | None = None
+        self.run_id = ""
+        ck = ctx.cfg.checkpoint
+        self.pacer_policy = PacerPolicy(
+            min_interval_ms=ck.min_interval_ms, max_interval_ms=ck.max_interval_ms,
+            latency_budget_ms=ck.latency_budget_ms, max_pause_share=ck.max_pause_share,
+            max_wan_bytes_per_s=ck.max_wan_mbit * 1e6 / 8, max_in_flight=ck.max_in_flight)
+        self.pacer = Pacer(self.pacer_policy, ck.interval_ms)
+        self.adaptive = ck.adaptive
+        self.fixed_interval_ms = float(ck.interval_ms)
+        self.alarms: list[str] = []
+        self._pacer_logged = 0.0
+        self._task: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ guest
+    async def boot(self, run_id: str) -> None:
+        """Start a fresh guest here (its RAM file new) and protect it."""
+        spec = self.specs.primary()
+        spec.ram_path.unlink(missing_ok=True)
+        self.run_id = run_id or secrets.token_hex(8)
+        await set_tap(self.ctx.cfg, True)
+        guest = Guest(spec)
+        await guest.start()
+        await guest.wait_ready()
+        self.ctx.mark("guest.ready", accel=spec.accel, memory_mb=spec.memory_mb, pid=guest.pid)
+        self.gatectl.update(guest_here=True, promised=True)  # a booted guest speaks only under output commit
+        self._adopt(guest, spec)
+
+    def adopt_resumed(self, guest: Guest, spec: GuestSpec, run_id: str, first_epoch: int) -> None:
+        """After a takeover: the resumed guest is the only copy; protect it again as soon as the old
+        primary comes back as a standby (the gate runs open until a session commits)."""
+        self.run_id = run_id
+        self._adopt(guest, spec, first_epoch)
+
+    def _adopt(self, guest: Guest, spec: GuestSpec, first_epoch: int = 0) -> None:
+        self.guest, self.spec = guest, spec
+        self.capture = Capture(spec.ram_path, spec.memory_mb << 20)
+        self._begin_replication(first_epoch)
+        self._watch = self.ctx.spawn(self._watch_guest(guest), "primary.watch_guest")
+
+    async def _watch_guest(self, guest: Guest) -> None:
+        rc = await guest.proc.wait()
+        if guest is self.guest:
+            self.on_guest_exit(rc)
+
+    # ------------------------------------------------------------ replication
+    def _begin_replication(self, first_epoch: int) -> None:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        ck, hb, peer = cfg.checkpoint, cfg.heartbeat, cfg.peer
+        pcfg = PrimaryConfig(site=ctx.name, compat=self.spec.compat(), run_id=self.run_id,
+                             interval_ms=ck.interval_ms, max_in_flight=ck.max_in_flight,
+                             heartbeat_ms=hb.interval_ms, compression_level=ck.compression_level,
+                             min_timeout_ms=hb.min_timeout_ms, max_timeout_ms=hb.max_timeout_ms)
+
+        async def connect():
+            return await transport.connect(str(peer.address), peer.port, ssl=ctx.tls.client,
+                                           server_hostname=peer.name, max_frame=ctx.max_frame(),
+                                           local_addr=(str(peer.listen), 0))
+
+        p = Primary(pcfg, self.guest, self.capture, ctx.gate, connect, interval_fn=self._next_interval)
+        # Epoch numbers only grow at a site, across primaries: the gate tags held frames with
+        # them, and a replica (here or at the peer) rejects anything not after its committed one.
+        p.status.epoch = max(ctx.gate.current_epoch, first_epoch)
+        p.generation_fn = ctx.generation
+        p.on_heartbeat = lambda gen, link: ctx.feed(
+            ha.HeartbeatReceived(time.monotonic(), link.rtt_ms, gen, link.rtt_var_ms))
+        p.on_commit = lambda epoch: ctx.feed(ha.StandbyReady(epoch))
+        p.on_session_commits = lambda: self.gatectl.update(session_committing=True)
+        p.on_session_ended = lambda acked: self.gatectl.update(
+            session_committing=False, promised=self.gatectl.inputs.promised or acked)
+        self.primary = p
+        self._task = ctx.spawn(p.run(), "primary.run")
+
+    def _next_interval(self, primary: Primary, rec: EpochRecord | None) -> float:
+        """The pacer's interval (or the fixed one), fed with what the last epoch measured."""
+        if not self.adaptive:
+            return self.fixed_interval_ms
+        if rec is None:
+            return self.pacer.interval_ms
+        link = primary.link
+        before = self.pacer.last.reason if self.pacer.last else None
+        d = self.pacer.update(EpochSample(
+            interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
+            wire_bytes=rec.wire_bytes, rtt_ms=link.rtt_ms or 0.0, rtt_var_ms=link.rtt_var_ms,
+            bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=primary.status.in_flight))
+        now = time.monotonic()
+        if d.reason != before and now - self._pacer_logged >= 10.0:
+            # at most one line per 10 s: near a boundary the reason may flip every few epochs
+            # (the status output always shows the current one)
+            self._pacer_logged = now
+            log.info("pacer.reason", site=self.ctx.name, interval_ms=round(d.interval_ms, 1),
+                     target_ms=round(d.target_ms, 1), reason=d.reason)
+        if d.infeasible:
+            self.alarms.append(d.infeasible)
+            del self.alarms[:-50]
+            log.warning("pacer.budget_infeasible", site=self.ctx.name, message=d.infeasible)
+        return d.interval_ms
+
+    def set_checkpoint(self, adaptive: bool | None = None, interval_ms: float | None = None) -> dict:
+        """Operator tuning at run time: adaptive pacing, or a fixed interval."""
+        if interval_ms is not None:
+            p = self.ctx.cfg.checkpoint
+            if not isinstance(interval_ms, (int, float)) or not p.min_interval_ms <= interval_ms <= p.max_interval_ms:
+                raise Refused(f"interval {interval_ms!r} ms is outside {p.min_interval_ms:g}..{p.max_interval_ms:g}"
+                              " (checkpoint.min_interval_ms..max_interval_ms)")
+            self.fixed_interval_ms = float(interval_ms)
+        if adaptive is not None:
+            self.adaptive = bool(adaptive)
+        self.ctx.mark("checkpoint.policy", adaptive=self.adaptive, fixed_interval_ms=self.fixed_interval_ms)
+        return {"adaptive": self.adaptive, "fixed_interval_ms": self.fixed_interval_ms}
+
+    @property
+    def protected(self) -> bool:
+        return self.primary is not None and self.primary.status.state == "protected"
+
+    # ------------------------------------------------------------ ending
+    async def stop_replication(self) -> None:
+        if self.primary is not None:
+            self.primary.stop()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.primary, self._task = None, None
+
+    async def stop(self, reason: str) -> None:
+        """This site no longer runs the guest: stop replicating and stop its QEMU (its RAM file
+        stays: it seeds the replica if this site becomes the standby)."""
+        await self.stop_replication()
+        guest, self.guest = self.guest, None
+        if self._watch is not None:
+            self._watch.cancel()
+        if guest is not None:
+            self.ctx.mark("guest.stop", reason=reason, pid=guest.pid)
+            await guest.close()
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        self.gatectl.update(guest_here=False, session_committing=False)
+
+    def status(self) -> dict:
+        p = self.primary.summary()
+        d = self.pacer.last
+        pol = self.pacer_policy
+        return {
+            "committed_epoch": p["committed_epoch"], "interval_ms": round(p["interval_ms"], 1),
+            "rtt_ms": p["rtt_ms"], "last_pause_ms": round(p["last_pause_ms"], 2),
+            "backlog_epochs": p["backlog_epochs"], "replication": p,
+            "pacer": {"adaptive": self.adaptive, "interval_ms": round(p["interval_ms"], 1),
+                      "reason": (d.reason if d else "initial") if self.adaptive else "fixed by the operator",
+                      "expected_latency_ms": round(d.expected_latency_ms, 1) if d else None,
+                      "budgets": {"latency_ms": pol.latency_budget_ms, "max_pause_share": pol.max_pause_share,
+                                  "max_wan_mbit": pol.max_wan_bytes_per_s * 8 / 1e6,
+                                  "interval_ms": [pol.min_interval_ms, pol.max_interval_ms]}},
+        }

@@ -1,0 +1,155 @@
+"""The standby's job: hold the replica, take checkpoints, keep a hot standby QEMU ready,
+watch the witness; on takeover, resume the guest from the last committed epoch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from geomirror import ha, pairing
+from geomirror.site.context import SiteContext
+from geomirror.site.guest_spec import GuestSpecs
+from geomirror.site.host import set_tap
+from geomirror.witness import WitnessClient, WitnessError
+from replication import transport
+from replication.qemu import Guest, GuestSpec
+from replication.standby import Standby, resume, start_hot_standby
+from replication.store import Replica
+
+
+def seed_replica(cfg, specs: GuestSpecs, run_id: str, source: Path, progress=None) -> bool:
+    """Seed the site's replica from `source`, a RAM image of the guest run `run_id` (this site's
+    own last copy after it lost the guest), so the resync from the peer sends only the blocks
+    that changed since. Blocking. False if `source` is no such image."""
+    size = cfg.guest.memory_mb << 20
+    if not (run_id and source.exists() and source.stat().st_size == size):
+        return False
+    state_dir = Path(cfg.site.state_dir)
+    compat = specs.standby(state_dir / "replica" / "ram.img").compat()
+    replica = Replica(state_dir / "replica", size)
+    replica.open()
+    try:
+        replica.seed(source, compat, run_id, progress=progress)
+    finally:
+        replica.close()
+    if source.parent == Path(cfg.site.run_dir):  # a former primary's RAM file: stale from now on
+        source.unlink(missing_ok=True)
+    return True
+
+
+class StandbySide:
+    def __init__(self, ctx: SiteContext, specs: GuestSpecs, witness: WitnessClient | None):
+        self.ctx = ctx
+        self.specs = specs
+        self.witness = witness
+        self.replica: Replica | None = None
+        self.standby: Standby | None = None
+        self.spec: GuestSpec | None = None
+        self.hot: Guest | None = None
+        self._hot_starting = False
+        self._server: asyncio.AbstractServer | None = None
+        self._probe: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        self.replica = Replica(ctx.state_dir / "replica", cfg.guest.memory_mb << 20)
+        report = await asyncio.to_thread(self.replica.open)
+        ctx.mark("replica.open", committed_epoch=report.committed_epoch, valid=report.valid,
+                 recovered=report.recovered)
+        self.spec = self.specs.standby(self.replica.ram_path)
+        expected = {cfg.peer.name}
+        hb = cfg.heartbeat
+        sb = Standby(self.replica, self.spec.compat(), ctx.name, hb.interval_ms,
+                     allowed_peer=lambda ch: pairing.check_peer(ch.ssl_object(), expected),
+                     min_timeout_ms=hb.min_timeout_ms, max_timeout_ms=hb.max_timeout_ms)
+        sb.generation_fn = ctx.generation
+        sb.on_heartbeat = lambda gen, link: ctx.feed(
+            ha.HeartbeatReceived(time.monotonic(), link.rtt_ms, gen, link.rtt_var_ms))
+        sb.on_commit = self._on_commit
+        self.standby = sb
+        await set_tap(cfg, False)
+        peer = cfg.peer
+        self._server = await transport.serve(str(peer.listen), peer.listen_port, sb.handle,
+                                             ssl=ctx.tls.server, max_frame=ctx.max_frame())
+        if self.replica.valid:
+            ctx.feed(ha.ReplicaCommitted(self.replica.committed_epoch))
+            self._want_hot()
+        if self.witness is not None:
+            self._probe = ctx.spawn(self._probe_witness(), "standby.probe_witness")
+
+    def set_switchover_handler(self, fn) -> None:
+        """`fn(epoch)`: the primary handed the guest over at `epoch` (committed here)."""
+        if self.standby is not None:
+            self.standby.on_switchover = fn
+
+    def _on_commit(self, epoch: int) -> None:
+        self.ctx.feed(ha.ReplicaCommitted(epoch))
+        self._want_hot()
+
+    def _want_hot(self) -> None:
+        if self.hot is None and not self._hot_starting:
+            self._hot_starting = True
+            self.ctx.spawn(self._ensure_hot(), "standby.hot")
+
+    async def _ensure_hot(self) -> None:
+        """Keep a QEMU waiting in -incoming defer on the replica, so takeover costs only the device state."""
+        try:
+            g = await start_hot_standby(self.spec)
+            self.hot = g
+            self.ctx.mark("standby.hot_ready", pid=g.pid)
+        except (OSError, asyncio.TimeoutError, ValueError) as e:
+            self.ctx.mark("standby.hot_failed", error=str(e))
+        finally:
+            self._hot_starting = False
+
+    async def _probe_witness(self) -> None:
+        """The standby learns whether the witness answers (the primary learns it from renewals)."""
+        period = self.ctx.cfg.witness.renew_every_ms / 1000
+        while True:
+            try:
+                await self.witness.health()
+                self.ctx.feed(ha.WitnessReachable(time.monotonic()))
+            except WitnessError as e:
+                self.ctx.feed(ha.WitnessUnreachable(time.monotonic(), str(e)))
+            await asyncio.sleep(period)
+
+    async def resume(self) -> tuple[Guest, dict, str]:
+        """Takeover: stop taking checkpoints, bring the gateway up here, resume the guest from the
+        last committed epoch (on the hot standby if it runs). Returns the guest, the timings and
+        the run id it continues."""
+        if self._probe is not None:
+            self._probe.cancel()
+        await self.standby.stop_accepting()
+        self._server.close()
+        hot = self.hot if self.hot is not None and self.hot.proc.returncode is None else None
+        await set_tap(self.ctx.cfg, True)
+        guest, timings = await resume(self.replica, self.spec, hot)
+        self.hot = None
+        return guest, timings, self.replica.run_id
+
+    @property
+    def committed_epoch(self) -> int:
+        return self.replica.committed_epoch if self.replica else 0
+
+    def status(self) -> dict:
+        st = self.standby.status
+        return {"committed_epoch": self.committed_epoch, "rtt_ms": self.standby.link.as_dict()["rtt_ms"],
+                "replication": {"state": st.state, "valid": st.valid, "peer": st.peer,
+                                "peer_cert_serial": st.peer_cert_serial, "rejected_frames": st.rejected_frames,
+                                "last_apply_ms": round(st.last_apply_ms, 2), "hot_standby": self.hot is not None}}
+
+    async def close(self, *, keep_replica_open: bool = False) -> None:
+        """Stop being the standby: no server, no hot standby; the replica closed unless it becomes
+        the running guest's RAM (a takeover)."""
+        if self._probe is not None:
+            self._probe.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self.standby is not None:
+            await self.standby.stop_accepting()
+        if self.hot is not None:
+            hot, self.hot = self.hot, None
+            await hot.close()
+        if self.replica is not None and not keep_replica_open:
+            self.replica.close()

@@ -1,0 +1,107 @@
+"""A site's status (typed; the control API serves it as JSON) and its Prometheus collector."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+@dataclass
+class SiteStatus:
+    site: str
+    role: str  # primary | standby | fenced (role.json: what this site holds)
+    ha_state: str  # the HA machine's state
+    lease_generation: int = 0
+    committed_epoch: int = 0
+    interval_ms: float | None = None
+    rtt_ms: float | None = None
+    last_pause_ms: float | None = None
+    backlog_epochs: int = 0
+    bgp_announced: bool = False
+    protected: bool = False
+    protection_changes: int = 0
+    alarms: list = field(default_factory=list)
+    gate: dict | None = None
+    tls: dict | None = None
+    ha: dict = field(default_factory=dict)
+    loop_lag_ms: dict = field(default_factory=dict)
+    guest_pid: int | None = None
+    replication: dict | None = None
+    pacer: dict | None = None
+    bgp: dict | None = None
+    takeover: dict | None = None
+    timeline: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("replication", "pacer", "bgp", "takeover"):
+            if d[k] is None:
+                del d[k]
+        return d
+
+
+class LoopLag:
+    """How late the event loop runs a 100 ms timer: the symptom of work that blocks the loop
+    (which delays heartbeats, acks and the gate). The last lag and the worst of the last minute."""
+
+    def __init__(self, period_s: float = 0.1, window_s: float = 60.0):
+        self.period_s = period_s
+        self.window = max(1, int(window_s / period_s))
+        self.samples: list[float] = []
+        self.last_ms = 0.0
+
+    async def run(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(self.period_s)
+            self.last_ms = max(0.0, (time.monotonic() - t - self.period_s) * 1000)
+            self.samples.append(self.last_ms)
+            del self.samples[:-self.window]
+
+    def as_dict(self) -> dict:
+        return {"last": round(self.last_ms, 2), "max_1m": round(max(self.samples, default=0.0), 2)}
+
+
+_GAUGES = (
+    ("geomirror_committed_epoch", "committed_epoch", "last epoch the standby committed"),
+    ("geomirror_last_pause_ms", "last_pause_ms", "vCPU pause of the last checkpoint"),
+    ("geomirror_interval_ms", "interval_ms", "current checkpoint interval"),
+    ("geomirror_rtt_ms", "rtt_ms", "inter-site round-trip time (EWMA)"),
+    ("geomirror_backlog_epochs", "backlog_epochs", "checkpoints waiting for acknowledgement"),
+    ("geomirror_lease_generation", "lease_generation", "lease generation held or last held"),
+)
+_GATE = ("frames_held", "bytes_held", "frames_out", "frames_dropped", "last_release_delay_ms", "epochs_released")
+
+
+class StatusCollector:
+    """Prometheus metrics from the site's status, computed at scrape time."""
+
+    def __init__(self, status_fn):
+        self.status_fn = status_fn  # () -> SiteStatus
+
+    def collect(self):
+        s = self.status_fn()
+        for name, key, help_ in _GAUGES:
+            g = GaugeMetricFamily(name, help_)
+            v = getattr(s, key)
+            if v is not None:
+                g.add_metric([], float(v))
+            yield g
+        g = GaugeMetricFamily("geomirror_protected", "1 while the standby commits every epoch")
+        g.add_metric([], float(s.protected))
+        yield g
+        c = CounterMetricFamily("geomirror_protection_changes", "times this site entered or left protection")
+        c.add_metric([], float(s.protection_changes))
+        yield c
+        g = GaugeMetricFamily("geomirror_loop_lag_ms", "event loop lateness (worst of the last minute)")
+        g.add_metric([], float(s.loop_lag_ms.get("max_1m", 0.0)))
+        yield g
+        gate = s.gate or {}
+        for k in _GATE:
+            g = GaugeMetricFamily(f"geomirror_gate_{k}", f"output gate {k.replace('_', ' ')}")
+            if k in gate:
+                g.add_metric([], float(gate[k]))
+            yield g

@@ -1,0 +1,146 @@
+"""Effects carries out the HA machine's actions against fake lease, gate and speaker objects,
+and what comes of them goes back to the machine as events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bgp.speaker import SpeakerError
+from geomirror import ha
+from geomirror.site.effects import Effects
+from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePolicy
+from replication.gate import GateMode
+from tests.site_fakes import FakeGate, FakeLease, FakeSpeaker, ha_config, make_ctx, site_config
+
+
+class FakeGuestOps:
+    def __init__(self):
+        self.calls = []
+
+    async def resume_guest(self):
+        self.calls.append("resume")
+
+    async def stop_guest(self, reason):
+        self.calls.append(("stop", reason))
+
+
+class Site:
+    """A real HA machine wired to Effects, the way the daemon wires them."""
+
+    def __init__(self, policy="stall", grace_ms=5000, speaker=None, lease=None, role=ha.Role.PRIMARY):
+        self.cfg = site_config(policy=policy, grace_ms=grace_ms)
+        self.gate = FakeGate()
+        self.lease = lease or FakeLease()
+        self.speaker = speaker or FakeSpeaker()
+        self.ops = FakeGuestOps()
+        self.m = ha.HaMachine(role, ha_config())
+        self.events = []
+        self.ctx = make_ctx(self.cfg, self.gate, self.feed, lambda: self.m.generation)
+        self.gatectl = GateController(self.gate, GateInputs(ha_state=self.m.state, policy=UnreachablePolicy(policy),
+                                                            grace_ms=grace_ms,
+                                                            guest_here=role is ha.Role.PRIMARY, promised=True))
+        self.fx = Effects(self.ctx, self.gatectl, self.lease, self.speaker, self.ops)
+
+    def feed(self, e):
+        self.events.append(e)
+        for a in self.m.handle(e):
+            self.fx.act(a)
+        self.gatectl.update(ha_state=self.m.state)
+
+    async def settle(self):
+        for _ in range(20):
+            await asyncio.sleep(0)
+        while len(self.ctx.tasks):
+            await asyncio.sleep(0.001)
+
+
+async def test_a_booted_primary_gets_the_lease_opens_and_announces():
+    s = Site()
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    assert ("acquire", "guest") in s.lease.calls
+    assert any(isinstance(e, ha.LeaseGranted) and e.generation == 1 for e in s.events)
+    assert s.m.state is ha.ACTIVE_UNPROTECTED and s.gate.allowed and s.gate.mode is GateMode.HOLD
+    assert s.speaker.calls == [("announce", "198.51.100.0/24")] and s.fx.announced
+    assert [e["event"] for e in s.ctx.timeline.entries][:3] == ["lease.granted", "gate.open", "ha.state"]
+
+
+async def test_a_lease_held_elsewhere_fences_and_stops_the_stale_guest():
+    s = Site(lease=FakeLease())
+    s.lease.holder, s.lease.generation = "site-b", 4
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    assert any(isinstance(e, ha.LeaseDenied) and e.holder == "site-b" for e in s.events)
+    assert s.m.state is ha.FENCED and not s.gate.allowed and s.gate.mode is GateMode.FENCED
+    assert s.ops.calls and s.ops.calls[0][0] == "stop" and "newer lease generation" in s.ops.calls[0][1]
+    assert s.speaker.calls == [], "never announced, so nothing to withdraw"
+
+
+async def test_an_unreachable_witness_comes_back_as_an_event():
+    s = Site()
+    s.lease.unreachable = True
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    assert any(isinstance(e, ha.WitnessUnreachable) and "unreachable (test)" in e.detail for e in s.events)
+    assert s.m.witness_reachable is False and not s.gate.allowed
+
+
+async def test_a_failed_announce_is_an_alarm_not_a_crash():
+    s = Site(speaker=FakeSpeaker(fail=SpeakerError("ExaBGP refused 'announce route' (see x.log)")))
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    assert not s.fx.announced and s.gate.allowed
+    assert any("announcing 198.51.100.0/24 failed: ExaBGP refused" in a for a in s.fx.alarms)
+
+
+async def test_operator_fence_closes_withdraws_and_releases_once():
+    s = Site()
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    s.feed(ha.OperatorFence(time.monotonic()))
+    await s.settle()
+    assert s.gate.mode is GateMode.FENCED and not s.gate.allowed
+    assert s.speaker.calls[-1] == ("withdraw", "198.51.100.0/24") and not s.fx.announced
+    assert [c for c in s.lease.calls if c[0] == "release"] == [("release", 1)] and s.lease.holder is None
+
+
+async def test_continue_unprotected_opens_the_gate_after_the_grace_only():
+    s = Site(policy="continue-unprotected", grace_ms=30)
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    s.feed(ha.StandbyReady(5))
+    assert s.m.state is ha.ACTIVE_PROTECTED and s.fx.protected
+    s.fx.act(ha.SetProtection(False))  # the standby lost
+    assert s.gate.mode is GateMode.HOLD, "within the grace output still waits"
+    await asyncio.sleep(0.06)
+    await s.settle()
+    assert s.gate.mode is GateMode.OPEN and s.gate.allowed
+    assert any(e["event"] == "protection.grace_over" for e in s.ctx.timeline.entries)
+
+
+async def test_stall_policy_never_opens():
+    s = Site(policy="stall", grace_ms=10)
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    s.feed(ha.StandbyReady(5))
+    s.fx.act(ha.SetProtection(False))
+    await asyncio.sleep(0.03)
+    await s.settle()
+    assert s.gate.mode is GateMode.HOLD
+
+
+async def test_resume_and_stop_go_to_the_guest_operations():
+    s = Site(role=ha.Role.STANDBY)
+    s.fx.act(ha.ResumeGuest())
+    s.fx.act(ha.StopGuest())
+    await s.settle()
+    assert s.ops.calls[0] == "resume" and s.ops.calls[1][0] == "stop"
+
+
+def test_an_unknown_action_is_a_bug_said_loudly():
+    s = Site()
+    with pytest.raises(TypeError, match="which effects does not know"):
+        s.fx.act(object())
