@@ -170,13 +170,28 @@ test_gate_safety_on_random_histories = GateHistory.TestCase
 
 
 def test_the_history_test_has_teeth(monkeypatch):
-    """A policy that opens the gate while a session commits must be caught."""
+    """A policy that opens the gate while a session commits must be caught (a scripted history:
+    a booted guest with the lease, a session that sealed epoch 1, a frame of epoch 2)."""
     real = gate_policy.decide
 
     def leaky(i):
         d = real(i)
         return gate_policy.GateDecision(GateMode.OPEN, d.allowed, "leaky") if d.mode is GateMode.HOLD else d
 
+    def history():
+        h = GateHistory()
+        try:
+            h.ha_state(HaState.ACTIVE_PROTECTED)
+            h.guest(True, True)
+            h.lease(True)
+            h.session_commits()
+            h.seal()
+            h.frame()
+            h.check_released()
+        finally:
+            h.teardown()
+
+    history()  # the real policy holds the frame
     monkeypatch.setattr(gate_policy, "decide", leaky)
-    with pytest.raises(AssertionError, match="left, the standby committed"):
-        GateHistory.TestCase("runTest").runTest()
+    with pytest.raises(AssertionError, match="frame 0 of epoch 2 left, the standby committed 0"):
+        history()
