@@ -52,20 +52,20 @@ async def throughput(total: int, ssl_pair) -> float:
 
 
 def lab_rtts(rtts) -> list[tuple[float, float]]:
-    from geomirror import lab, labctl
+    from lab import cli as labcli, world
 
     out = []
-    lab.down()
-    lab.up()
+    world.down()
+    world.up()
     try:
-        labctl.wait_protected()
+        labcli.wait_protected()
         for r in rtts:
-            labctl.wan(rtt=f"{r}ms")
+            labcli.wan(rtt=f"{r}ms")
             time.sleep(4)  # let the EWMA settle
-            st = labctl.site_status("site-a")
+            st = labcli.site_status("site-a")
             out.append((r, st["rtt_ms"]))
     finally:
-        lab.down()
+        world.down()
     return out
 
 

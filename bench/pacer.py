@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from geomirror import lab, labctl  # noqa: E402
+from lab import cli as labcli, world  # noqa: E402
 
 DIRTY = "gm.dirty=16:1000"
 
@@ -31,7 +31,7 @@ def load(seconds: float, clients: int) -> dict:
     stop = time.monotonic() + seconds
 
     def one(i):
-        mc = labctl.Memcache(labctl.client_connect(timeout=30))
+        mc = labcli.Memcache(labcli.client_connect(timeout=30))
         mc.set(f"c{i}", "0")
         mine = []
         while time.monotonic() < stop:
@@ -53,13 +53,13 @@ def load(seconds: float, clients: int) -> dict:
 
 
 def measure(seconds: float, clients: int) -> dict:
-    a0 = labctl.site_status("site-a")
-    w0 = labctl.wan()["stats"]["a->b"]["bytes"]
+    a0 = labcli.site_status("site-a")
+    w0 = labcli.wan()["stats"]["a->b"]["bytes"]
     t0 = time.monotonic()
     r = load(seconds, clients)
     dt = time.monotonic() - t0
-    a1 = labctl.site_status("site-a")
-    w1 = labctl.wan()["stats"]["a->b"]["bytes"]
+    a1 = labcli.site_status("site-a")
+    w1 = labcli.wan()["stats"]["a->b"]["bytes"]
     p0, p1 = a0["replication"], a1["replication"]
     r.update(pause_share=(p1["pause_total_ms"] - p0["pause_total_ms"]) / (dt * 1000),
              wan_mbit=(w1 - w0) * 8 / dt / 1e6, ckpt_s=(p1["epoch"] - p0["epoch"]) / dt,
@@ -78,29 +78,29 @@ def main() -> int:
     gl.setup(level="WARNING")
     rows = []
     # The unprotected guest: no standby (so no checkpoints, no pauses) and output leaves at once.
-    lab.down()
-    lab.up(env={"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}, guest_append=DIRTY)
+    world.down()
+    world.up(env={"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}, guest_append=DIRTY)
     try:
-        labctl.wait_protected()
-        labctl.wait_reachable()
-        lab.crash("site-b")
+        labcli.wait_protected()
+        labcli.wait_reachable()
+        world.crash("site-b")
         time.sleep(3)
         base = load(a.seconds, a.clients)
     finally:
-        lab.down()
+        world.down()
     for rtt in [float(x) for x in a.rtts.split(",")]:
-        lab.up(guest_append=DIRTY)
+        world.up(guest_append=DIRTY)
         try:
-            labctl.wait_protected()
-            labctl.wait_reachable()
-            labctl.wan(rtt=f"{rtt}ms", rate="100mbit")
+            labcli.wait_protected()
+            labcli.wait_reachable()
+            labcli.wan(rtt=f"{rtt}ms", rate="100mbit")
             for name, body in (("adaptive", {"adaptive": True}), ("fixed 25ms", {"adaptive": False, "interval_ms": 25}),
                                ("fixed 100ms", {"adaptive": False, "interval_ms": 100})):
-                labctl.site_call("site-a", "POST", "/v1/checkpoint", body)
+                labcli.site_call("site-a", "POST", "/v1/checkpoint", body)
                 time.sleep(2)
                 rows.append((rtt, name, measure(a.seconds, a.clients)))
         finally:
-            lab.down()
+            world.down()
     print(f"\npacer benchmark: {a.clients} memcached clients (incr) for {a.seconds:g}s each, guest workload "
           f"{DIRTY}, WAN 100 Mbit/s; unprotected guest: {base['ops_s']:.0f} ops/s, "
           f"p50 {base['p50']:.1f} ms, p99 {base['p99']:.1f} ms")

@@ -8,9 +8,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from geomirror import logging as gmlog
+from geomirror.config import load_site
+from geomirror.control import ControlClient, ControlError
 from geomirror.errors import GeomirrorError
+from geomirror.plugins import PLUGIN_GROUP, Extensions, SiteEndpoint, load_extensions
 
 
 def _loop_run(coro):
@@ -79,30 +83,40 @@ def cmd_pair_issue(args) -> int:
     return 0
 
 
-def _site_client(args):
-    from geomirror.control import ControlClient
+class _SiteOption(argparse.Action):
+    """--<source> NAME: remembers NAME and the plugin's resolver for it."""
 
-    if getattr(args, "config", None):
-        from geomirror.config import load_site
+    def __init__(self, *args, resolve: Callable[[str], SiteEndpoint], **kw):
+        super().__init__(*args, **kw)
+        self.resolve = resolve
 
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.site = value
+        namespace.site_resolve = self.resolve
+
+
+def _site_endpoint(args) -> SiteEndpoint:
+    if args.config:
         cfg = load_site(args.config)
-        state_dir, run_dir = Path(cfg.site.state_dir), Path(cfg.site.run_dir)
         tok = Path(cfg.control.token_file)
-        tok = tok if tok.is_absolute() else state_dir / tok
-    else:
-        from geomirror import lab
+        tok = tok if tok.is_absolute() else Path(cfg.site.state_dir) / tok
+        return SiteEndpoint(cfg.site.name, Path(cfg.site.run_dir) / "control.sock", tok)
+    return args.site_resolve(args.site)
 
-        d = lab.LAB_DIR / args.site
-        state_dir = run_dir = d
-        tok = d / "control.token"
+
+def _site_client(args) -> ControlClient:
+    ep = _site_endpoint(args)
+    tok = ep.token_file
     try:
         token = tok.read_text().strip()
     except FileNotFoundError:
-        raise GeomirrorError(f"no control token at {tok}: is the site's daemon running?") from None
+        raise ControlError(f"no control token at {tok}: is {ep.name}'s daemon running?") from None
     except PermissionError:
-        raise GeomirrorError(f"cannot read the control token {tok}: it is readable only by the service's "
-                             "user (root); run this as root") from None
-    return ControlClient(token, run_dir / "control.sock")
+        raise ControlError(f"cannot read the control token {tok}: it is readable only by the service's "
+                           "user (root); run this as root") from None
+    except OSError as e:
+        raise ControlError(f"cannot read the control token {tok}: {e.strerror}") from None
+    return ControlClient(token, ep.socket, name=f"{ep.name}'s daemon")
 
 
 def cmd_promote(args) -> int:
@@ -147,23 +161,12 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_lab(args) -> int:
-    from geomirror import labctl
-
-    return labctl.main(args)
-
-
-def cmd_demo(args) -> int:
-    from geomirror import labctl
-
-    return labctl.demo(args)
-
-
 # ---------------------------------------------------------------- parser
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(ext: Extensions | None = None) -> argparse.ArgumentParser:
+    ext = ext or Extensions()
     p = argparse.ArgumentParser(prog="geomirror", description=__doc__)
-    p.add_argument("--netns", help="run inside this network namespace (the lab uses this)")
+    p.add_argument("--netns", help="run inside this network namespace")
     p.add_argument("--log-level", default=None)
     p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -211,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=helptext)
         src = c.add_mutually_exclusive_group(required=True)
         src.add_argument("--config", help="the site's config file")
-        src.add_argument("--lab-site", dest="site", choices=["site-a", "site-b"], help="a lab site")
+        for source in ext.site_sources:
+            src.add_argument(source.option, dest="site", choices=source.choices, help=source.help,
+                             action=_SiteOption, resolve=source.resolve)
         if name == "switchover":
             c.add_argument("--timeout", type=float, default=15.0,
                            help="seconds the peer has to take over before the guest runs on here")
@@ -226,19 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     rj.add_argument("--no-seed", action="store_true", help="discard the old RAM image: full initial sync")
     rj.set_defaults(func=cmd_rejoin)
 
-    from geomirror import labctl
-
-    labctl.add_parser(sub)
-    dm = sub.add_parser("demo", help="bring the lab up, show a site failover, tear it down")
-    dm.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
-    dm.set_defaults(func=cmd_demo)
+    for add in ext.commands:
+        add(sub)
     return p
 
 
 _ROOT_REASONS = {
     "daemon": "the site daemon needs root: it creates the guest's TAP device and runs ExaBGP",
-    "lab": "the lab needs root: it creates network namespaces and TAP devices",
-    "demo": "the demo needs root: it builds the lab's network namespaces and TAP devices",
     "rejoin": "rejoin needs root: a site's state is readable only by its service",
 }
 
@@ -249,13 +248,16 @@ def _root_refusal(args) -> str | None:
         return None
     if args.netns:
         return f"--netns {args.netns} needs root: only root can enter a network namespace; run it as root"
-    reason = _ROOT_REASONS.get(args.cmd)
+    reason = getattr(args, "needs_root", None) or _ROOT_REASONS.get(args.cmd)
     return f"{reason}; run it as root" if reason else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extensions: Extensions | None = None) -> int:
+    ext = load_extensions() if extensions is None else extensions
+    args = build_parser(ext).parse_args(argv)
     gmlog.setup(level=args.log_level, json=True if args.log_json else None)
+    for name, why in ext.unavailable:
+        gmlog.get(__name__).warning("cli.plugin_unavailable", entry_point=name, group=PLUGIN_GROUP, error=why)
     refusal = _root_refusal(args)
     if refusal:
         print(f"geomirror: {refusal}", file=sys.stderr)

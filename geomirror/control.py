@@ -1,19 +1,40 @@
 """The control API of a site: status, promote, fence, switchover, checkpoint policy, TLS reload,
-metrics. Bearer token on every call
-but /healthz. Served on TCP (127.0.0.1 by default) and on a UNIX socket (0600)."""
+metrics. Bearer token on every call but /healthz. Served on TCP (127.0.0.1 by default) and on a
+UNIX socket (0600).
+
+Answers: 200 with the result; 409 with {"error": sentence} when the daemon refuses (it raised a
+GeomirrorError: `Refused` in the site's present state); 400 for a malformed request; 401 for a
+missing or wrong token; 500 with {"error": ...} for a bug, logged as `control.bug` with its
+traceback. `ControlClient.call` turns each into a `ControlError` of one sentence.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import io
+import json
 import os
 import secrets
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gmbase.errors import GeomirrorError
 
 log = structlog.get_logger(__name__)
+
+
+class ControlError(GeomirrorError):
+    """A control call did not give a result: the daemon refused, is not running, did not answer
+    in time, or failed. The message is one sentence; `status` is the HTTP status if there was one."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def load_or_create_token(path: Path) -> str:
@@ -32,6 +53,14 @@ def load_or_create_token(path: Path) -> str:
     return tok
 
 
+def _error(status: int, sentence: str) -> web.Response:
+    return web.json_response({"error": sentence}, status=status)
+
+
+def _bad_request(sentence: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": sentence}), content_type="application/json")
+
+
 def make_app(daemon, token: str) -> web.Application:
     @web.middleware
     async def auth(request: web.Request, handler):
@@ -40,9 +69,22 @@ def make_app(daemon, token: str) -> web.Application:
         got = request.headers.get("Authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
             log.warning("control.unauthorized", path=request.path, remote=request.remote)
-            return web.json_response({"error": "missing or wrong bearer token (see the site's control.token)"},
-                                     status=401)
+            return _error(401, "missing or wrong bearer token (see the site's control.token)")
         return await handler(request)
+
+    @web.middleware
+    async def answers(request: web.Request, handler):
+        """A refusal is 409 with its sentence; anything else a handler raises is a bug: 500."""
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except GeomirrorError as e:
+            log.info("control.refused", method=request.method, path=request.path, reason=str(e))
+            return _error(409, str(e))
+        except Exception as e:  # noqa: BLE001 - a bug: logged with its traceback, answered 500
+            log.exception("control.bug", method=request.method, path=request.path, error=type(e).__name__)
+            return _error(500, f"internal error ({type(e).__name__}); see the daemon log, event control.bug")
 
     async def healthz(_):
         return web.json_response({"ok": True})
@@ -52,45 +94,34 @@ def make_app(daemon, token: str) -> web.Application:
 
     async def promote(request: web.Request):
         body = await _json(request)
-        try:
-            report = await daemon.promote(force=bool(body.get("force", False)))
-        except Exception as e:
-            return web.json_response({"error": str(e)}, status=409)
-        return web.json_response(report)
+        force = _field(body, "force", bool, False)
+        return web.json_response(await daemon.promote(force=force))
 
     async def fence(request: web.Request):
         body = await _json(request)
-        await daemon.fence(reason=str(body.get("reason", "operator")))
+        await daemon.fence(reason=_field(body, "reason", str, "operator"))
         return web.json_response(daemon.status())
 
     async def checkpoint(request: web.Request):
         body = await _json(request)
-        try:
-            r = daemon.set_checkpoint(body.get("adaptive"), body.get("interval_ms"))
-        except (ValueError, AttributeError) as e:
-            return web.json_response({"error": str(e)}, status=409)
-        return web.json_response(r)
+        adaptive = _field(body, "adaptive", bool, None)
+        interval_ms = _field(body, "interval_ms", (int, float), None)
+        return web.json_response(daemon.set_checkpoint(adaptive, interval_ms))
 
     async def switchover(request: web.Request):
         body = await _json(request)
-        try:
-            report = await daemon.switchover(timeout=float(body.get("timeout_s", 15.0)))
-        except Exception as e:
-            return web.json_response({"error": str(e)}, status=409)
-        return web.json_response(report)
+        timeout = _field(body, "timeout_s", (int, float), 15.0)
+        return web.json_response(await daemon.switchover(timeout=float(timeout)))
 
     async def reload_tls(_):
         info = daemon.reload_tls(reason="operator")
         if info is None:
-            return web.json_response({"error": "the certificate files were refused (see the log line "
-                                               "tls.reload_refused); still presenting the previous one"}, status=409)
+            return _error(409, "the certificate files were refused (see the log line tls.reload_refused); "
+                               "still presenting the previous one")
         return web.json_response(info)
 
     async def tasks(_):
         """Where every asyncio task of the daemon is waiting (for support: a stuck daemon)."""
-        import asyncio
-        import io
-
         out = []
         for t in asyncio.all_tasks():
             buf = io.StringIO()
@@ -99,11 +130,10 @@ def make_app(daemon, token: str) -> web.Application:
         return web.json_response({"tasks": out})
 
     async def metrics(_):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return web.Response(body=generate_latest(daemon.metrics_registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(middlewares=[auth], client_max_size=1 << 16)
+    app = web.Application(middlewares=[auth, answers], client_max_size=1 << 16)
     app.add_routes([
         web.get("/healthz", healthz),
         web.get("/v1/status", status),
@@ -123,11 +153,24 @@ async def _json(request: web.Request) -> dict:
         return {}
     try:
         body = await request.json()
-    except Exception:
-        raise web.HTTPBadRequest(text="request body is not JSON")
+    except ValueError:
+        raise _bad_request("the request body is not JSON") from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="request body must be a JSON object")
+        raise _bad_request("the request body must be a JSON object")
     return body
+
+
+_TYPE_NAMES = {bool: "true or false", str: "a string", (int, float): "a number"}
+
+
+def _field(body: dict, key: str, types, default):
+    """body[key] if it has the wanted JSON type (a bool is not a number here), else 400."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, types) and not (isinstance(v, bool) and types is not bool):
+        return v
+    raise _bad_request(f"{key} must be {_TYPE_NAMES[types]}, not {json.dumps(v)}")
 
 
 async def start(app: web.Application, host: str, port: int, unix_path: Path | None) -> web.AppRunner:
@@ -142,19 +185,54 @@ async def start(app: web.Application, host: str, port: int, unix_path: Path | No
 
 
 class ControlClient:
-    """Talks to a site's control API over its UNIX socket (or TCP)."""
+    """Talks to a site's control API over its UNIX socket (or TCP at `base`)."""
 
-    def __init__(self, token: str, unix_path: Path | None = None, base: str = "http://localhost"):
+    def __init__(self, token: str, unix_path: Path | None = None, base: str = "http://localhost",
+                 name: str = "the site's daemon"):
         self.token = token
         self.unix_path = unix_path
         self.base = base
+        self.name = name  # for the sentences: "site-a's daemon is not running (...)"
 
     async def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+        """The JSON answer of a 2xx; a ControlError of one sentence for anything else."""
+        where = str(self.unix_path) if self.unix_path else self.base
         conn = aiohttp.UnixConnector(path=str(self.unix_path)) if self.unix_path else None
-        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-            async with s.request(method, self.base + path, json=body,
-                                 headers={"Authorization": f"Bearer {self.token}"}) as r:
-                data = await r.json(content_type=None)
-                if r.status >= 400:
-                    raise RuntimeError(f"{method} {path}: HTTP {r.status}: {data.get('error', data)}")
-                return data
+        try:
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+                async with s.request(method, self.base + path, json=body,
+                                     headers={"Authorization": f"Bearer {self.token}"}) as r:
+                    status, text = r.status, await r.text()
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, PermissionError):
+                raise ControlError(f"cannot connect to {where}: permission denied; run this as root") from None
+            raise ControlError(f"{self.name} is not running (nothing answers on {where})") from None
+        except asyncio.TimeoutError:
+            raise ControlError(f"{self.name} did not answer {method} {path} within {timeout:g} s "
+                               f"(on {where})") from None
+        except aiohttp.ClientError as e:
+            raise ControlError(f"{self.name} dropped {method} {path} without an answer "
+                               f"({type(e).__name__}, on {where})") from None
+        return self._answer(method, path, status, text)
+
+    def _answer(self, method: str, path: str, status: int, text: str) -> dict:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        said = data.get("error") if isinstance(data, dict) else None
+        said = said or text.strip()[:200] or "no reason given"
+        if status == 409:
+            raise ControlError(said, status)
+        if status == 401:
+            raise ControlError(f"{self.name} refused the control token (HTTP 401): the token file is not the "
+                               "one the daemon uses", status)
+        if status == 400:
+            raise ControlError(f"{self.name} rejected {method} {path} as malformed: {said}", status)
+        if status >= 500:
+            raise ControlError(f"{self.name} failed on {method} {path}: {said}", status)
+        if status >= 300:
+            raise ControlError(f"{self.name} answered {method} {path} with HTTP {status}: {said}", status)
+        if not isinstance(data, dict):
+            raise ControlError(f"{self.name} answered {method} {path} with something not a JSON object", status)
+        return data

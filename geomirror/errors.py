@@ -5,7 +5,7 @@ their errors from it too without importing `geomirror`."""
 
 from gmbase.errors import GeomirrorError
 
-__all__ = ["GeomirrorError", "ConfigError", "LabError", "ImageError", "Refused"]
+__all__ = ["GeomirrorError", "ConfigError", "ImageError", "Refused"]
 
 
 class ConfigError(GeomirrorError):
@@ -21,10 +21,6 @@ class ConfigError(GeomirrorError):
 
 class Refused(GeomirrorError):
     """An operator command refused in the site's present state (the control API answers 409)."""
-
-
-class LabError(GeomirrorError):
-    """The lab cannot be built or driven."""
 
 
 class ImageError(GeomirrorError):

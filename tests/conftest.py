@@ -37,10 +37,10 @@ def pytest_runtest_makereport(item, call):
 
 def _print_lab_logs(lines: int = 40) -> None:
     """On a failed lab test: the end of every lab log, so a CI failure can be read."""
-    from geomirror import lab
+    from lab import world
 
     for name in ("site-a.log", "site-b.log", "witness.log", "wan.log", "bird.log"):
-        p = lab.LAB_DIR / name
+        p = world.LAB_DIR / name
         if p.exists():
             tail = p.read_text(errors="replace").splitlines()[-lines:]
             print(f"\n----- {p} (last {len(tail)} lines) -----")
@@ -53,15 +53,15 @@ def lab_env(request):
     why = _lab_prereqs()
     if why:
         pytest.skip(why)
-    from geomirror import lab
+    from lab import world
 
-    lab.down()
+    world.down()
     before = root_netns_snapshot()
-    yield lab
+    yield world
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         _print_lab_logs()
-    lab.down()
+    world.down()
     after = root_netns_snapshot()
     assert before == after, f"the root namespace changed: {before} -> {after}"
 
@@ -69,9 +69,9 @@ def lab_env(request):
 @pytest.fixture
 def lab_up(lab_env):
     """The full lab: BIRD, witness, both site daemons; the guest protected and reachable."""
-    from geomirror import labctl
+    from lab import cli as labcli
 
     lab_env.up()
-    labctl.wait_protected()
-    labctl.wait_reachable()
+    labcli.wait_protected()
+    labcli.wait_reachable()
     return lab_env

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from geomirror import lab, labctl
+from lab import cli as labcli, world
 from tests import torture
 
 pytestmark = pytest.mark.lab
@@ -19,11 +19,11 @@ AS_A, AS_B = 64501, 64502
 
 def origins() -> set[int]:
     """The origin ASes BIRD currently holds routes for the guest prefix from."""
-    return {r["as_path"][-1] for r in lab.bird_guest_routes() if r["as_path"]}
+    return {r["as_path"][-1] for r in world.bird_guest_routes() if r["as_path"]}
 
 
 def best_origin() -> int | None:
-    for r in lab.bird_guest_routes():
+    for r in world.bird_guest_routes():
         if r["best"] and r["as_path"]:
             return r["as_path"][-1]
     return None
@@ -34,7 +34,7 @@ class Client(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.mc = labctl.Memcache(labctl.client_connect(timeout=60))
+        self.mc = labcli.Memcache(labcli.client_connect(timeout=60))
         self.mc.set("ctr", "0")
         self.res = torture.TrialResult(seed=0, crash_after_s=0)
         self.stop = threading.Event()
@@ -63,7 +63,7 @@ def wait_for(pred, timeout, what):
 
 
 def test_lab_routes_the_guest_by_bgp_from_site_a(lab_up):
-    routes = lab.bird_guest_routes()
+    routes = world.bird_guest_routes()
     assert routes and all(r["proto"] != "lab_static" for r in routes), routes
     assert best_origin() == AS_A
 
@@ -73,12 +73,12 @@ def test_site_loss_bgp_flips_and_the_session_survives(lab_up):
     c.start()
     time.sleep(1.5)
     t_crash = time.time()
-    lab.crash("site-a")
+    world.crash("site-a")
     wait_for(lambda: best_origin() == AS_B, 60, "BIRD's best route to come from AS 64502")
     t_route = time.time()
     time.sleep(1.5)
     res = c.finish()
-    b = labctl.site_status("site-b")
+    b = labcli.site_status("site-b")
     ev = {e["event"]: e for e in b["timeline"]}
     detect = next(e["wall"] for e in b["timeline"] if e["event"] == "ha.state" and e.get("why") == "peer lost")
     resumed, announced = ev["takeover.resumed"], ev["bgp.announced"]
@@ -105,28 +105,28 @@ def test_partition_no_takeover_never_two_announcing(lab_up):
 
     w = threading.Thread(target=watch_bird, daemon=True)
     w.start()
-    lab.partition(False)
+    world.partition(False)
     time.sleep(6)
-    a, b = labctl.site_status("site-a"), labctl.site_status("site-b")
+    a, b = labcli.site_status("site-a"), labcli.site_status("site-b")
     assert b["role"] == "standby" and b["ha_state"] in ("standby", "taking_over"), b["ha_state"]
     assert a["role"] == "primary"
-    lab.partition(True)
-    wait_for(lambda: (labctl.site_status("site-a") or {}).get("replication", {}).get("state") == "protected"
-             and labctl.site_status("site-a")["replication"]["sessions"] >= 2, 60, "protection to resume")
+    world.partition(True)
+    wait_for(lambda: (labcli.site_status("site-a") or {}).get("replication", {}).get("state") == "protected"
+             and labcli.site_status("site-a")["replication"]["sessions"] >= 2, 60, "protection to resume")
     time.sleep(1.0)
     stop.set()
     w.join()
     res = c.finish()
-    a = labctl.site_status("site-a")
+    a = labcli.site_status("site-a")
     assert a["replication"]["last_sync_mode"] == "resync"
     assert not seen_both, f"BIRD had the prefix from both sites at {seen_both[:3]}"
-    assert labctl.site_status("site-b")["role"] == "standby"
+    assert labcli.site_status("site-b")["role"] == "standby"
     print(f"\npartition 6s: no takeover, never two origins in BIRD, resync sent "
           f"{a['replication']['last_sync_bytes']} bytes, client's longest stall {res.longest_stall_s:.2f}s")
 
 
 def _kill_witness():
-    pid = lab.load_state()["pids"]["witness"]
+    pid = world.load_state()["pids"]["witness"]
     os.kill(pid, signal.SIGKILL)
 
 
@@ -135,19 +135,19 @@ def test_witness_down_nothing_changes_then_site_loss_needs_promote(lab_up):
     c.start()
     _kill_witness()
     time.sleep(5)  # well past the 2 s lease
-    a = labctl.site_status("site-a")
+    a = labcli.site_status("site-a")
     assert a["role"] == "primary" and a["ha_state"] == "active_protected" and a["gate"]["allowed"], a["ha_state"]
     assert any("witness unreachable" in m for m in a["alarms"]), a["alarms"]
     assert best_origin() == AS_A
     ops_before = c.res.ops
     time.sleep(1)
     assert c.res.ops > ops_before, "the client stopped while only the witness was down"
-    lab.crash("site-a")
+    world.crash("site-a")
     time.sleep(4)
-    b = labctl.site_status("site-b")
+    b = labcli.site_status("site-b")
     assert b["role"] == "standby", "took over without a lease while the witness was down"
     assert any("witness is unreachable" in m for m in b["alarms"]), b["alarms"]
-    rep = labctl.site_call("site-b", "POST", "/v1/promote", {"force": True}, timeout=60)
+    rep = labcli.site_call("site-b", "POST", "/v1/promote", {"force": True}, timeout=60)
     assert rep["state"] == "active_unprotected"
     wait_for(lambda: best_origin() == AS_B, 60, "the route to follow the promoted site")
     time.sleep(1)
@@ -159,14 +159,14 @@ def test_witness_down_nothing_changes_then_site_loss_needs_promote(lab_up):
 def test_exabgp_killed_at_the_primary_is_restarted_and_reannounces(lab_up):
     c = Client()
     c.start()
-    a = labctl.site_status("site-a")
+    a = labcli.site_status("site-a")
     pid = a["bgp"]["exabgp_pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: (labctl.site_status("site-a")["bgp"]["exabgp_pid"] or pid) != pid, 30, "ExaBGP to restart")
-    wait_for(lambda: best_origin() == AS_A and labctl.site_status("site-a")["bgp"]["neighbors"].get("198.18.1.1")
+    wait_for(lambda: (labcli.site_status("site-a")["bgp"]["exabgp_pid"] or pid) != pid, 30, "ExaBGP to restart")
+    wait_for(lambda: best_origin() == AS_A and labcli.site_status("site-a")["bgp"]["neighbors"].get("198.18.1.1")
              == "up", 60, "the route to be announced again")
     time.sleep(1)
     res = c.finish()
-    a = labctl.site_status("site-a")
+    a = labcli.site_status("site-a")
     assert a["bgp"]["exabgp_restarts"] >= 1 and a["role"] == "primary"
     print(f"\nExaBGP killed: restarted, route back; client's longest stall {res.longest_stall_s:.2f}s")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from geomirror import lab, labctl
+from lab import cli as labcli, world
 
 pytestmark = pytest.mark.lab
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.lab
 def wait_epoch_beyond(site: str, epoch: int, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = labctl.site_status(site) or {}
+        st = labcli.site_status(site) or {}
         if st.get("committed_epoch", 0) > epoch:
             return st["committed_epoch"]
         time.sleep(0.05)
@@ -26,8 +26,8 @@ def wait_epoch_beyond(site: str, epoch: int, timeout: float = 30.0) -> int:
 
 
 def test_kill_primary_qemu_resume_at_standby_same_connection(lab_up):
-    labctl.wan(rtt="25ms")  # the sites are a WAN apart; the channel is mutual TLS
-    mc = labctl.Memcache(labctl.client_connect(timeout=30))
+    labcli.wan(rtt="25ms")  # the sites are a WAN apart; the channel is mutual TLS
+    mc = labcli.Memcache(labcli.client_connect(timeout=30))
     assert mc.set("counter", "0") == b"STORED"
     stored = {}
     last = 0
@@ -39,16 +39,16 @@ def test_kill_primary_qemu_resume_at_standby_same_connection(lab_up):
             assert mc.set(k, v) == b"STORED"
             stored[k] = v.encode()
     # The client pauses; the next checkpoint is acknowledged by the standby.
-    a = labctl.site_status("site-a")
+    a = labcli.site_status("site-a")
     epoch = wait_epoch_beyond("site-a", a["committed_epoch"])
-    b = labctl.site_status("site-b")
+    b = labcli.site_status("site-b")
     assert b["committed_epoch"] >= epoch
     assert a["last_pause_ms"] is not None and a["last_pause_ms"] > 0
     assert a["rtt_ms"] > 20, f"the channel measured RTT {a['rtt_ms']} ms on a 25 ms WAN"
 
     os.kill(a["guest_pid"], signal.SIGKILL)
     t0 = time.monotonic()
-    report = labctl.takeover("site-b", promote=True)
+    report = labcli.takeover("site-b", promote=True)
     assert report["epoch"] >= epoch
 
     # The same connection: no reset, the counter continues from the last value seen.
@@ -57,7 +57,7 @@ def test_kill_primary_qemu_resume_at_standby_same_connection(lab_up):
     for k, v in stored.items():
         assert mc.get(k) == v, f"{k} lost after failover"
     assert mc.incr("counter") == last + 2
-    b = labctl.site_status("site-b")
+    b = labcli.site_status("site-b")
     assert b["role"] == "primary"
     print(f"\nfailover: resumed epoch {report['epoch']} in {report['resume']['total_ms']} ms "
           f"(hot standby: {report['resume'].get('hot_standby')}), client stall {stall:.2f}s, "
@@ -66,18 +66,18 @@ def test_kill_primary_qemu_resume_at_standby_same_connection(lab_up):
 
 
 def test_resync_after_wan_cut_sends_far_less_than_ram(lab_up):
-    labctl.wan(rtt="25ms")
-    mc = labctl.Memcache(labctl.client_connect(timeout=60))
+    labcli.wan(rtt="25ms")
+    mc = labcli.Memcache(labcli.client_connect(timeout=60))
     assert mc.set("before", "cut") == b"STORED"
-    a0 = labctl.site_status("site-a")
+    a0 = labcli.site_status("site-a")
     assert a0["replication"]["sessions"] == 1
-    lab.partition(False)
+    world.partition(False)
     time.sleep(10)
-    lab.partition(True)
+    world.partition(True)
     deadline = time.monotonic() + 60
     a = a0
     while time.monotonic() < deadline:
-        a = labctl.site_status("site-a")
+        a = labcli.site_status("site-a")
         r = a["replication"]
         if r["sessions"] >= 2 and r["state"] == "protected" and a["committed_epoch"] > a0["committed_epoch"]:
             break

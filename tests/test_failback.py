@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from geomirror import lab, labctl
+from lab import cli as labcli, world
 from tests.test_bgp_failover import AS_A, AS_B, Client, best_origin, wait_for
 
 pytestmark = pytest.mark.lab
@@ -21,28 +21,28 @@ def test_lost_taken_over_rejoined_and_failed_back_on_one_connection(lab_up):
     c = Client()
     c.start()
     time.sleep(1.5)
-    lab.crash("site-a")
-    first = labctl.takeover("site-b", timeout=60)
+    world.crash("site-a")
+    first = labcli.takeover("site-b", timeout=60)
     wait_for(lambda: best_origin() == AS_B, 30, "BIRD's best route to come from site B")
-    b = labctl.site_status("site-b")
+    b = labcli.site_status("site-b")
     assert b["ha_state"] == "active_unprotected" and not b["protected"]
 
     t0 = time.monotonic()
-    said = lab.revive("site-a")
+    said = world.revive("site-a")
     assert "seeded from its last RAM image" in said, said
-    b = wait_for(lambda: (s := labctl.site_status("site-b")) and s["protected"] and s["ha_state"] == "active_protected"
+    b = wait_for(lambda: (s := labcli.site_status("site-b")) and s["protected"] and s["ha_state"] == "active_protected"
                  and s, 180, "site B to be protected by the rejoined site A")
     reprotect_s = time.monotonic() - t0
     rep = b["replication"]
     assert rep["last_sync_mode"] == "resync", rep
     assert rep["last_sync_bytes"] < RAM // 4, f"rejoin resync sent {rep['last_sync_bytes']} bytes for {RAM}"
-    a = wait_for(lambda: (s := labctl.site_status("site-a")) and s["committed_epoch"] > 0 and s, 30,
+    a = wait_for(lambda: (s := labcli.site_status("site-a")) and s["committed_epoch"] > 0 and s, 30,
                  "site A to commit an epoch of B's run")
     assert a["role"] == "standby" and a["replication"]["peer_cert_serial"] == b["tls"]["serial"]
     time.sleep(1.5)  # a few epochs with output commit back on
 
-    lab.crash("site-b")
-    second = labctl.takeover("site-a", timeout=60)
+    world.crash("site-b")
+    second = labcli.takeover("site-a", timeout=60)
     wait_for(lambda: best_origin() == AS_A, 30, "BIRD's best route to come from site A again")
     time.sleep(1.5)
     res = c.finish()

@@ -7,19 +7,20 @@ import os
 
 import pytest
 
-from geomirror import lab, labctl, netns
+from geomirror import netns
+from lab import cli as labcli, world
 
 pytestmark = pytest.mark.lab
 
 
 def test_lab_up_guest_answers_and_down_removes_everything(lab_up):
-    st = labctl.status()
-    assert set(st["namespaces"]) == set(lab.NAMESPACES)
+    st = labcli.status()
+    assert set(st["namespaces"]) == set(world.NAMESPACES)
     a, b = st["sites"]["site-a"], st["sites"]["site-b"]
     assert a["role"] == "primary" and b["role"] == "standby"
     assert a["committed_epoch"] > 0
 
-    mc = labctl.Memcache(labctl.client_connect())
+    mc = labcli.Memcache(labcli.client_connect())
     assert mc.set("greeting", "hello") == b"STORED"
     assert mc.get("greeting") == b"hello"
     assert mc.set("n", "41") == b"STORED"
@@ -27,30 +28,30 @@ def test_lab_up_guest_answers_and_down_removes_everything(lab_up):
     assert mc.incr("n", 8) == 50
     mc.close()
 
-    pids = set(lab.load_state()["pids"].values())
-    for ns in lab.NAMESPACES:
-        pids.update(lab.pids_in_netns(ns))
+    pids = set(world.load_state()["pids"].values())
+    for ns in world.NAMESPACES:
+        pids.update(world.pids_in_netns(ns))
     assert pids, "the lab recorded no processes"
-    lab.down()
+    world.down()
     assert not [n for n in netns.listed() if n.startswith("gm-")]
-    alive = [p for p in pids if lab._alive(p)]
+    alive = [p for p in pids if world._alive(p)]
     assert not alive, f"processes left after lab down: {alive}"
     # idempotent
-    assert lab.down() == []
+    assert world.down() == []
 
 
 def test_lab_refuses_busy_namespace(lab_env):
-    netns.create(lab.CLIENT)
+    netns.create(world.CLIENT)
     try:
-        with pytest.raises(lab.LabError, match="gm-client already exists"):
-            lab.up(with_daemons=False)
+        with pytest.raises(world.LabError, match="gm-client already exists"):
+            world.up(with_daemons=False)
         # nothing half made: the other namespaces were not created
-        assert [n for n in lab.NAMESPACES if netns.exists(n)] == [lab.CLIENT]
+        assert [n for n in world.NAMESPACES if netns.exists(n)] == [world.CLIENT]
     finally:
-        netns.remove(lab.CLIENT)
+        netns.remove(world.CLIENT)
 
 
 def test_lab_refuses_without_root(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(lab.LabError, match="needs root"):
-        lab.up()
+    with pytest.raises(world.LabError, match="needs root"):
+        world.up()

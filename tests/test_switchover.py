@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from geomirror import labctl
+from lab import cli as labcli
 from tests.test_bgp_failover import AS_A, AS_B, Client, best_origin, wait_for
 
 pytestmark = pytest.mark.lab
@@ -24,14 +24,14 @@ def switchover(frm: str, to: str, as_to: int) -> dict:
     assert f"the guest moved from {frm} to {to} at epoch" in out.stdout
     wait_for(lambda: best_origin() == as_to, 30, f"BIRD's best route to come from {to}")
     routed = time.monotonic() - t0
-    st = wait_for(lambda: (s := labctl.site_status(to)) and s["protected"] and s["ha_state"] == "active_protected" and s,
+    st = wait_for(lambda: (s := labcli.site_status(to)) and s["protected"] and s["ha_state"] == "active_protected" and s,
                   120, f"{to} to be protected by {frm}")
     reprotected = time.monotonic() - t0
-    old = labctl.site_status(frm)
+    old = labcli.site_status(frm)
     assert old["role"] == "standby" and old["ha_state"] == "standby"
     rep = st["replication"]
     assert rep["last_sync_mode"] == "resync", rep
-    report = next(e for e in reversed(labctl.site_status(frm)["timeline"]) if e["event"] == "switchover.done")
+    report = next(e for e in reversed(labcli.site_status(frm)["timeline"]) if e["event"] == "switchover.done")
     return {"routed_s": routed, "reprotected_s": reprotected, "resync_bytes": rep["last_sync_bytes"],
             "report": report, "line": out.stdout.strip()}
 

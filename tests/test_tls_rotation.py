@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from geomirror import lab, labctl, pairing
+from geomirror import pairing
+from lab import cli as labcli, world
 from tests.test_bgp_failover import Client, wait_for
 
 pytestmark = pytest.mark.lab
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.lab
 def rotate(site: str) -> str:
     """A new certificate for `site` under the lab's pair CA, copied over the files its daemon
     was started with (key first, then certificate: a moment where they do not match)."""
-    pki = lab.LAB_DIR / "pki"
-    out = lab.LAB_DIR / f"rotated-{site}"
+    pki = world.LAB_DIR / "pki"
+    out = world.LAB_DIR / f"rotated-{site}"
     cert = pairing.issue_cert(pki, site, out)
     (pki / f"{site}.key").write_bytes((out / f"{site}.key").read_bytes())
     (pki / f"{site}.pem").write_bytes(cert.read_bytes())
@@ -31,7 +32,7 @@ def rotate(site: str) -> str:
 
 
 def test_certificate_rotation_never_stops_protection(lab_up):
-    a0, b0 = labctl.site_status("site-a"), labctl.site_status("site-b")
+    a0, b0 = labcli.site_status("site-a"), labcli.site_status("site-b")
     assert b0["replication"]["peer_cert_serial"] == a0["tls"]["serial"]
     assert a0["replication"]["peer_cert_serial"] == b0["tls"]["serial"]
     sessions = a0["replication"]["sessions"]
@@ -44,12 +45,12 @@ def test_certificate_rotation_never_stops_protection(lab_up):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert f"site-b now presents certificate serial {new_b}" in out.stdout
-    a = wait_for(lambda: (s := labctl.site_status("site-a")) and s["tls"]["serial"] == new_a and s, 20,
+    a = wait_for(lambda: (s := labcli.site_status("site-a")) and s["tls"]["serial"] == new_a and s, 20,
                  "site-a to pick up its rotated certificate by itself")
     picked_up = time.monotonic() - t0
     epoch = a["committed_epoch"]
     time.sleep(1.5)
-    a = labctl.site_status("site-a")
+    a = labcli.site_status("site-a")
     res = c.finish()
     # Protection never stopped: the same replication session, checkpoints still committed,
     # never unprotected, the lease held at the same generation, the client counting on.
@@ -58,12 +59,12 @@ def test_certificate_rotation_never_stops_protection(lab_up):
     assert a["lease_generation"] == a0["lease_generation"]
     assert res.ops > 50
     # New sessions present the new certificates: cut the WAN so both sides reconnect.
-    lab.partition(False)
+    world.partition(False)
     time.sleep(2.0)
-    lab.partition(True)
-    a = wait_for(lambda: (s := labctl.site_status("site-a")) and s["replication"]["sessions"] > sessions
+    world.partition(True)
+    a = wait_for(lambda: (s := labcli.site_status("site-a")) and s["replication"]["sessions"] > sessions
                  and s["replication"]["state"] == "protected" and s, 90, "protection to resume after the cut")
-    b = labctl.site_status("site-b")
+    b = labcli.site_status("site-b")
     assert a["replication"]["peer_cert_serial"] == new_b
     assert b["replication"]["peer_cert_serial"] == new_a
     print(f"\nrotation: site-a took up serial {new_a} by itself in {picked_up:.1f}s, site-b {new_b} on request; "

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from geomirror import labctl
+from lab import cli as labcli
 
 pytestmark = pytest.mark.lab
 
@@ -15,15 +15,15 @@ pytestmark = pytest.mark.lab
 def test_continue_unprotected_after_grace_while_holding_the_lease(lab_env):
     lab_env.up(config_edits={'unreachable_policy = "stall"':
                              'unreachable_policy = "continue-unprotected"\nunprotected_grace_ms = 1500'})
-    labctl.wait_protected()
-    labctl.wait_reachable()
-    mc = labctl.Memcache(labctl.client_connect(timeout=30))
+    labcli.wait_protected()
+    labcli.wait_reachable()
+    mc = labcli.Memcache(labcli.client_connect(timeout=30))
     mc.set("k", "0")
     lab_env.crash("site-b")
     t0 = time.monotonic()
     assert mc.incr("k") == 1  # held until the grace period ends, then released unprotected
     waited = time.monotonic() - t0
-    a = labctl.site_status("site-a")
+    a = labcli.site_status("site-a")
     assert a["ha_state"] == "active_unprotected" and a["gate"]["mode"] == "open"
     assert a["protection_changes"] >= 2 and a["ha"]["holding_lease"]
     assert any(e["event"] == "protection.continue_unprotected" for e in a["timeline"])

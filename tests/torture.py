@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from geomirror import lab, labctl
+from lab import cli as labcli, world
 
 
 @dataclass
@@ -38,7 +38,7 @@ class TrialResult:
         return not self.violations and self.error is None
 
 
-def _client(mc: labctl.Memcache, stop: threading.Event, res: TrialResult) -> None:
+def _client(mc: labcli.Memcache, stop: threading.Event, res: TrialResult) -> None:
     last_t = time.monotonic()
     i = 0
     try:
@@ -59,7 +59,7 @@ def _client(mc: labctl.Memcache, stop: threading.Event, res: TrialResult) -> Non
         res.error = f"client connection failed after {res.ops} operations: {e!r}"
 
 
-def check(res: TrialResult, mc: labctl.Memcache | None) -> None:
+def check(res: TrialResult, mc: labcli.Memcache | None) -> None:
     v = res.incrs
     for a, b in zip(v, v[1:]):
         if b != a + 1:
@@ -80,19 +80,19 @@ def run_trial(seed: int, *, gate: bool = True, run_after_s: float = 2.0) -> Tria
     rng = random.Random(seed)
     res = TrialResult(seed, crash_after_s=rng.uniform(0.3, 2.5))
     env = None if gate else {"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}
-    lab.down()
-    lab.up(env=env)
+    world.down()
+    world.up(env=env)
     try:
-        labctl.wait_protected()
-        labctl.wait_reachable()
-        mc = labctl.Memcache(labctl.client_connect(timeout=60))
+        labcli.wait_protected()
+        labcli.wait_reachable()
+        mc = labcli.Memcache(labcli.client_connect(timeout=60))
         mc.set("ctr", "0")
         stop = threading.Event()
         t = threading.Thread(target=_client, args=(mc, stop, res), daemon=True)
         t.start()
         time.sleep(res.crash_after_s)
-        lab.crash("site-a")
-        res.takeover = labctl.takeover("site-b")
+        world.crash("site-a")
+        res.takeover = labcli.takeover("site-b")
         res.resumed_epoch = res.takeover.get("epoch")
         time.sleep(run_after_s)
         deadline = time.monotonic() + 60
@@ -107,7 +107,7 @@ def run_trial(seed: int, *, gate: bool = True, run_after_s: float = 2.0) -> Tria
     except Exception as e:
         res.error = res.error or f"{type(e).__name__}: {e}"
     finally:
-        lab.down()
+        world.down()
     return res
 
 

@@ -1,22 +1,27 @@
-"""`geomirror lab ...` and `geomirror demo`: drive the lab from the root namespace."""
+"""`geomirror lab ...`, `geomirror demo` and `--lab-site`: drive the lab from the root namespace.
+
+The product's command line finds this module through the entry point `lab = "lab.cli:register"`
+of the group `geomirror.cli` (pyproject.toml) and calls `register`."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import socket
+import threading
 import time
 
-from geomirror import lab, netns
-from geomirror.control import ControlClient
-from geomirror.errors import LabError
+from geomirror import netns
+from geomirror.control import ControlClient, ControlError
+from geomirror.plugins import Extensions, SiteEndpoint, SiteSource
+from lab import wanem, world
+from lab.world import LabError
 
 
 # ---------------------------------------------------------------- the client namespace
 
-def client_connect(host: str = lab.GUEST_ADDR, port: int = lab.MEMCACHED_PORT, timeout: float = 5.0,
-                   ns: str = lab.CLIENT) -> socket.socket:
+def client_connect(host: str = world.GUEST_ADDR, port: int = world.MEMCACHED_PORT, timeout: float = 5.0,
+                   ns: str = world.CLIENT) -> socket.socket:
     """A TCP socket connected from inside gm-client (it stays in that namespace)."""
     with netns.inside(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -75,16 +80,22 @@ class Memcache:
 
 # ---------------------------------------------------------------- site control
 
+def site_endpoint(site: str) -> SiteEndpoint:
+    """Where a lab site's control API answers (also what `--lab-site` resolves to)."""
+    d = world.LAB_DIR / site
+    return SiteEndpoint(site, d / "control.sock", d / "control.token")
+
+
 def site_client(site: str) -> ControlClient:
-    d = lab.LAB_DIR / site
-    tok = (d / "control.token").read_text().strip()
-    return ControlClient(tok, d / "control.sock")
+    ep = site_endpoint(site)
+    return ControlClient(ep.token_file.read_text().strip(), ep.socket, name=f"{site}'s daemon")
 
 
 def site_status(site: str, timeout: float = 5.0) -> dict | None:
+    """The site's /v1/status, or None while it has no token yet or does not answer."""
     try:
         return asyncio.run(site_client(site).call("GET", "/v1/status", timeout=timeout))
-    except Exception:
+    except (ControlError, OSError):
         return None
 
 
@@ -101,7 +112,7 @@ def wait_protected(timeout: float = 180.0, site: str = "site-a") -> dict:
             return last
         time.sleep(0.5)
     raise LabError(f"{site} did not reach protected within {timeout:.0f}s (last status: "
-                   f"{json.dumps(last)[:400] if last else 'no answer'}); see {lab.LAB_DIR}/{site}.log")
+                   f"{json.dumps(last)[:400] if last else 'no answer'}); see {world.LAB_DIR}/{site}.log")
 
 
 def wait_reachable(timeout: float = 60.0) -> float:
@@ -116,21 +127,21 @@ def wait_reachable(timeout: float = 60.0) -> float:
         except OSError as e:
             err = e
             time.sleep(0.5)
-    raise LabError(f"the guest {lab.GUEST_ADDR}:{lab.MEMCACHED_PORT} is not reachable from {lab.CLIENT}: {err}")
+    raise LabError(f"the guest {world.GUEST_ADDR}:{world.MEMCACHED_PORT} is not reachable from {world.CLIENT}: {err}")
 
 
 def status() -> dict:
-    st = lab.load_state()
-    out = {"namespaces": [n for n in lab.NAMESPACES if netns.exists(n)], "routing": st.get("routing"),
+    st = world.load_state()
+    out = {"namespaces": [n for n in world.NAMESPACES if netns.exists(n)], "routing": st.get("routing"),
            "sites": {}}
-    routes = lab.bird_guest_routes() if out["namespaces"] else []
+    routes = world.bird_guest_routes() if out["namespaces"] else []
     out["bird_routes"] = routes
     if st.get("routing") == "static":
         out["note"] = (f"the guest prefix is routed to {st.get('static_site')} by a static route in BIRD "
                        "(BGP announcements are not driving the lab yet)")
-    for site in lab.SITES:
+    for site in world.SITES:
         s = site_status(site, timeout=3) or {"role": "down"}
-        asn = lab.SITE_AS[site]
+        asn = world.SITE_AS[site]
         s["bgp_route_in_bird"] = any(r["as_path"][-1:] == [asn] for r in routes)
         s["bgp_best_in_bird"] = any(r["best"] and r["as_path"][-1:] == [asn] for r in routes)
         out["sites"][site] = s
@@ -160,50 +171,61 @@ def print_status(st: dict) -> None:
 
 # ---------------------------------------------------------------- CLI
 
+def register(ext: Extensions) -> None:
+    """The entry point (group `geomirror.cli`): the lab's subcommands and `--lab-site`."""
+    ext.add_commands(add_parser)
+    ext.add_site_source(SiteSource("--lab-site", tuple(world.SITES), "a lab site", site_endpoint))
+
+
 def add_parser(sub) -> None:
-    lp = sub.add_parser("lab", help="the two-site lab on this machine").add_subparsers(dest="lab_cmd", required=True)
+    labp = sub.add_parser("lab", help="the two-site lab on this machine")
+    labp.set_defaults(needs_root="the lab needs root: it creates network namespaces and TAP devices")
+    lp = labp.add_subparsers(dest="lab_cmd", required=True)
     up = lp.add_parser("up", help="build the lab; returns when the guest is protected and reachable")
     up.add_argument("--no-daemons", action="store_true", help="network and BIRD only")
     lp.add_parser("down", help="remove every namespace and process the lab made (idempotent)")
     st = lp.add_parser("status", help="per-site role, epochs, interval, RTT, pause, BGP")
     st.add_argument("--json", action="store_true")
     cr = lp.add_parser("crash", help="lose a site: SIGKILL its processes, take its links down")
-    cr.add_argument("site", choices=list(lab.SITES))
+    cr.add_argument("site", choices=list(world.SITES))
     rv = lp.add_parser("revive", help="bring a lost site back as the standby of the site that took over")
-    rv.add_argument("site", choices=list(lab.SITES))
+    rv.add_argument("site", choices=list(world.SITES))
     lp.add_parser("partition", help="cut the inter-site WAN link")
     lp.add_parser("heal", help="restore the inter-site WAN link")
     rt = lp.add_parser("route", help="point the lab's static route for the guest prefix at a site")
-    rt.add_argument("site", choices=list(lab.SITES))
+    rt.add_argument("site", choices=list(world.SITES))
     wn = lp.add_parser("wan", help="show or set the lab WAN (user-space emulator between the sites)")
     wn.add_argument("--rtt", help="round-trip time, e.g. 25ms")
     wn.add_argument("--jitter", help="per-packet jitter, e.g. 1ms")
     wn.add_argument("--rate", help="link rate, e.g. 100mbit (0 = unlimited)")
     wn.add_argument("--loss", help="loss probability, e.g. 0.1%%")
-    lp.add_parser("wan-run", help=argparse.SUPPRESS)
     for p in lp.choices.values():
-        p.set_defaults(func=lambda a: main(a))
+        p.set_defaults(func=main)
+    dm = sub.add_parser("demo", help="bring the lab up, show a site failover, tear it down")
+    dm.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    dm.set_defaults(func=demo, needs_root="the demo needs root: it builds the lab's network namespaces "
+                                          "and TAP devices")
 
 
 def main(args) -> int:
     c = args.lab_cmd
     if c == "up":
         t0 = time.monotonic()
-        lab.up(with_daemons=not args.no_daemons)
+        world.up(with_daemons=not args.no_daemons)
         if not args.no_daemons:
             try:
                 wait_protected()
                 wait_reachable()
             except BaseException:
-                lab.down()
+                world.down()
                 raise
         if args.no_daemons:
             print(f"lab network up in {time.monotonic() - t0:.1f}s (BIRD and the WAN emulator; no site daemons)")
         else:
-            print(f"lab up in {time.monotonic() - t0:.1f}s: guest {lab.GUEST_ADDR} protected and reachable "
-                  f"from {lab.CLIENT}")
+            print(f"lab up in {time.monotonic() - t0:.1f}s: guest {world.GUEST_ADDR} protected and reachable "
+                  f"from {world.CLIENT}")
     elif c == "down":
-        removed = lab.down()
+        removed = world.down()
         print(f"lab down (removed: {' '.join(removed) or 'nothing'})")
     elif c == "status":
         st = status()
@@ -212,28 +234,22 @@ def main(args) -> int:
         else:
             print_status(st)
     elif c == "crash":
-        pids = lab.crash(args.site)
+        pids = world.crash(args.site)
         print(f"{args.site} lost: killed {len(pids)} processes, links down")
     elif c == "revive":
-        print(lab.revive(args.site))
+        print(world.revive(args.site))
         print(f"{args.site}'s daemon started; `geomirror lab status` shows protection resume")
     elif c == "partition":
-        lab.partition(False)
+        world.partition(False)
         print("WAN partitioned (wan0 down at both sites)")
     elif c == "heal":
-        lab.partition(True)
+        world.partition(True)
         print("WAN healed")
     elif c == "wan":
         print(wan(args.rtt, args.jitter, args.rate, args.loss)["describe"])
-    elif c == "wan-run":
-        from geomirror import wanem
-
-        import uvloop
-
-        uvloop.run(wanem.WanEmulator(lab.WAN_ENDS, lab.WAN_CTL).run())
     elif c == "route":
-        lab.route_static_to(args.site)
-        print(f"static route for {lab.GUEST_PREFIX} now points at {args.site}")
+        world.route_static_to(args.site)
+        print(f"static route for {world.GUEST_PREFIX} now points at {args.site}")
     return 0
 
 
@@ -255,14 +271,12 @@ def takeover(site: str = "site-b", timeout: float = 60.0, promote: bool = False)
             raise LabError(f"{site} did not take over within {timeout:.0f}s; last status: "
                            f"{json.dumps({k: (st or {}).get(k) for k in ('role', 'ha_state', 'alarms')})}")
         rep = {**st["takeover"], "lease_generation": st["lease_generation"]}
-    if lab.load_state().get("routing") == "static":
-        lab.route_static_to(site)
+    if world.load_state().get("routing") == "static":
+        world.route_static_to(site)
     return rep
 
 
 def wan(rtt=None, jitter=None, rate=None, loss=None) -> dict:
-    from geomirror import wanem
-
     new = {}
     if rtt is not None:
         new["rtt_ms"] = wanem.parse_duration_ms(rtt)
@@ -272,20 +286,18 @@ def wan(rtt=None, jitter=None, rate=None, loss=None) -> dict:
         new["rate_bps"] = wanem.parse_rate_bps(rate)
     if loss is not None:
         new["loss"] = wanem.parse_loss(loss)
-    if not lab.WAN_CTL.exists():
+    if not world.WAN_CTL.exists():
         raise LabError("the lab WAN is not running (is the lab up?)")
-    return asyncio.run(wanem.control(lab.WAN_CTL, new))
+    return asyncio.run(wanem.control(world.WAN_CTL, new))
 
 
 def demo(args) -> int:
     """The story: lab up, a client counting on one TCP connection, site A lost, site B takes
     over on its own (witness lease, resume, BGP), the same connection carries on."""
-    import threading
-
     print("== geomirror demo: a two-site failover on this machine ==")
-    lab.down()
+    world.down()
     t0 = time.monotonic()
-    lab.up()
+    world.up()
     try:
         wait_protected()
         wait_reachable()
@@ -312,20 +324,20 @@ def demo(args) -> int:
         time.sleep(3)
         print(f"[{time.monotonic() - t0:5.1f}s] client: {len(replies)} increments so far on one TCP connection")
         t_crash = time.time()
-        lab.crash("site-a")
+        world.crash("site-a")
         print(f"[{time.monotonic() - t0:5.1f}s] site-a LOST: every process killed, links down")
         deadline = time.monotonic() + 60
         flipped = None
         while time.monotonic() < deadline:
-            best = [r for r in lab.bird_guest_routes() if r["best"]]
-            if best and best[0]["as_path"][-1:] == [lab.SITE_AS["site-b"]]:
+            best = [r for r in world.bird_guest_routes() if r["best"]]
+            if best and best[0]["as_path"][-1:] == [world.SITE_AS["site-b"]]:
                 flipped = time.time()
                 break
             time.sleep(0.05)
         time.sleep(2)
         t_revive = time.time()
         print(f"[{time.monotonic() - t0:5.1f}s] site-a comes back: `geomirror rejoin` -> "
-              + lab.revive("site-a"))
+              + world.revive("site-a"))
         reprotected = None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -369,4 +381,4 @@ def demo(args) -> int:
         return 0 if good else 1
     finally:
         if not getattr(args, "keep", False):
-            lab.down()
+            world.down()

@@ -21,8 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
+import uvloop
 
+from geomirror import logging as gmlog
 from geomirror import netns
+from lab import world
 from replication.gate import open_tap
 
 log = structlog.get_logger(__name__)
@@ -204,3 +207,13 @@ async def control(path: Path, settings: dict | None = None) -> dict:
     if "error" in reply:
         raise ValueError(reply["error"])
     return reply
+
+
+def main() -> None:
+    """`python -m lab.wanem`: the lab's WAN; lab.world.start_wan starts it inside gm-wan."""
+    gmlog.setup()
+    uvloop.run(WanEmulator(world.WAN_ENDS, world.WAN_CTL).run())
+
+
+if __name__ == "__main__":
+    main()

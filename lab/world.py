@@ -24,9 +24,14 @@ import structlog
 from pyroute2 import NetNS
 
 from geomirror import netns
-from geomirror.errors import LabError
+from gmbase.errors import GeomirrorError
 
 log = structlog.get_logger(__name__)
+
+
+class LabError(GeomirrorError):
+    """The lab cannot be built or driven."""
+
 
 LAB_DIR = Path(os.environ.get("GEOMIRROR_LAB_DIR", "/run/geomirror-lab"))
 BIRD_CTL = LAB_DIR / "bird.ctl"
@@ -41,11 +46,17 @@ GUEST_ADDR = "198.51.100.10"
 MEMCACHED_PORT = 11211
 
 
+# The checkout (or site-packages) this lab was imported from: the lab's processes run the
+# product from here, so a worktree's lab runs that worktree's daemons, not whatever the
+# console script on PATH would import.
+CODE_ROOT = Path(__file__).resolve().parent.parent
+
+
 def repo_configs() -> Path:
     env = os.environ.get("GEOMIRROR_LAB_CONFIGS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "configs" / "lab"
+    return CODE_ROOT / "configs" / "lab"
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,7 @@ LINKS = [
     Link(INET, "to-w", "198.18.3.1/30", WITNESS, "eth0", "198.18.3.2/30"),
     Link(INET, "to-client", "198.18.10.1/24", CLIENT, "eth0", "198.18.10.2/24"),
 ]
-# wan0 at each site is a TAP owned by the WAN emulator in gm-wan (geomirror/wanem.py).
+# wan0 at each site is a TAP owned by the WAN emulator in gm-wan (lab/wanem.py).
 WAN_ENDS = [(SITE_A, "wan0", "198.18.100.1/30"), (SITE_B, "wan0", "198.18.100.2/30")]
 WAN_CTL = LAB_DIR / "wan.sock"
 DEFAULT_ROUTES = {SITE_A: "198.18.1.1", SITE_B: "198.18.2.1", WITNESS: "198.18.3.1", CLIENT: "198.18.10.1"}
@@ -144,12 +155,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a lab process: ours, plus `extra`, with CODE_ROOT first on PYTHONPATH."""
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 def spawn(ns: str, role: str, argv: list[str], env: dict | None = None) -> int:
-    """Start a lab process inside `ns`, its output appended to LAB_DIR/<role>.log."""
+    """Start a lab process inside `ns`, its output appended to LAB_DIR/<role>.log. It runs in
+    CODE_ROOT with CODE_ROOT first on its PYTHONPATH; `env` adds variables (tests only)."""
     logf = open(LAB_DIR / f"{role}.log", "ab")
     try:
         p = netns.spawn(ns, argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                        start_new_session=True, env=env)
+                        start_new_session=True, env=child_env(env), cwd=CODE_ROOT)
     finally:
         logf.close()
     state = load_state()
@@ -196,7 +215,7 @@ def build_network() -> None:
 
 def start_wan(python: str = sys.executable, timeout: float = 10.0) -> int:
     """The WAN emulator; returns when wan0 exists and is up at both sites."""
-    pid = spawn(WAN, "wan", [python, "-m", "geomirror", "--netns", WAN, "lab", "wan-run"])
+    pid = spawn(WAN, "wan", [python, "-m", "lab.wanem"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
@@ -368,17 +387,12 @@ def start_services(python: str = sys.executable, env: dict | None = None, guest_
     pki = LAB_DIR / "pki"
     if not (pki / "ca.pem").exists():
         pairing.create_pair(pki, ["site-a", "site-b"], ["witness"])
-    gm = [python, "-m", "geomirror"]
-    import importlib.util
-
-    if importlib.util.find_spec("geomirror.witness"):
-        spawn(WITNESS, "witness", [*gm, "witness", "--config", str(cfg / "witness.toml")])
-    site_env = {**os.environ, **env} if env else None
+    spawn(WITNESS, "witness", [python, "-m", "geomirror.cli", "witness", "--config", str(cfg / "witness.toml")])
     state = load_state()
     state["config_dir"], state["python"] = str(cfg), python
     save_state(state)
     for site, ns in SITES.items():
-        spawn(ns, site, [*gm, "daemon", "--config", str(cfg / f"{site}.toml")], env=site_env)
+        spawn(ns, site, [python, "-m", "geomirror.cli", "daemon", "--config", str(cfg / f"{site}.toml")], env=env)
 
 
 def revive(site: str, rejoin: bool = True) -> str:
@@ -396,7 +410,7 @@ def revive(site: str, rejoin: bool = True) -> str:
         raise LabError(f"{site} still has processes ({left}): crash it first")
     said = do_rejoin(load_site(cfg_dir / f"{site}.toml"), progress=False) if rejoin else ""
     set_links(ns, True)
-    spawn(ns, site, [python, "-m", "geomirror", "daemon", "--config", str(cfg_dir / f"{site}.toml")])
+    spawn(ns, site, [python, "-m", "geomirror.cli", "daemon", "--config", str(cfg_dir / f"{site}.toml")])
     log.info("lab.revive", site=site, rejoin=rejoin, said=said)
     return said
 
