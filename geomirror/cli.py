@@ -3,44 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+import uvloop
+
+from geomirror import config, netns, pairing, witness
 from geomirror import logging as gmlog
-from geomirror.config import load_site
+from geomirror.config import load_site, load_witness
+from geomirror.image import build_image
+from geomirror.site.daemon import SiteDaemon
+from geomirror.site.rejoin import rejoin
 from geomirror.control import ControlClient, ControlError
 from geomirror.errors import GeomirrorError
 from geomirror.plugins import PLUGIN_GROUP, Extensions, SiteEndpoint, load_extensions
 
 
 def _loop_run(coro):
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 # ---------------------------------------------------------------- commands
 
 def cmd_daemon(args) -> int:
-    from geomirror.config import load_site
-    from geomirror.site.daemon import SiteDaemon
-
     cfg = load_site(args.config)
     _loop_run(SiteDaemon(cfg).run())
     return 0
 
 
 def cmd_witness(args) -> int:
-    from geomirror.config import load_witness
-    from geomirror import witness, pairing
-
     cfg = load_witness(args.config)
     if hasattr(cfg, "check_files"):
         cfg.check_files()
@@ -53,31 +47,23 @@ def cmd_witness(args) -> int:
 
 
 def cmd_config_check(args) -> int:
-    from geomirror import config
-
     print(config.check(args.file, files=args.files))
     return 0
 
 
 def cmd_guest_build(args) -> int:
-    from geomirror.image import build_image
-
     img = build_image(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
     print(f"kernel  {img.kernel}\ninitrd  {img.initrd}\nversion {img.kernel_version}\nkey     {img.key}")
     return 0
 
 
 def cmd_pair_init(args) -> int:
-    from geomirror import pairing
-
     files = pairing.create_pair(Path(args.out), args.site, args.witness or ["witness"], force=args.force)
     print(pairing.copy_instructions(files))
     return 0
 
 
 def cmd_pair_issue(args) -> int:
-    from geomirror import pairing
-
     out = pairing.issue_cert(Path(args.ca_dir), args.name, Path(args.out or args.ca_dir))
     print(f"issued a new certificate for {args.name}: {out}")
     return 0
@@ -132,9 +118,6 @@ def cmd_fence(args) -> int:
 
 
 def cmd_rejoin(args) -> int:
-    from geomirror.config import load_site
-    from geomirror.site.rejoin import rejoin
-
     print(rejoin(load_site(args.config), seed=not args.no_seed))
     return 0
 
@@ -264,8 +247,6 @@ def main(argv: list[str] | None = None, extensions: Extensions | None = None) ->
         return 2
     try:
         if args.netns:
-            from geomirror import netns
-
             netns.enter(args.netns)
         return args.func(args) or 0
     except GeomirrorError as e:

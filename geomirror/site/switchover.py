@@ -63,7 +63,7 @@ class Switchover:
 
     async def _run(self, primary, timeout: float) -> dict:
         ctx, feed = self.ctx, self.ctx.feed
-        peer, guest = ctx.cfg.peer.name, ctx.cfg.guest.name
+        peer = ctx.cfg.peer.name
         t0 = time.monotonic()
         ms = lambda: round((time.monotonic() - t0) * 1000, 1)  # noqa: E731
         report: dict = {"from": ctx.name, "to": peer}
