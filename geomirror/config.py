@@ -38,6 +38,7 @@ class SiteSection:
     asn: int
     router_id: ipaddress.IPv4Address
     initial_role: str = "primary"
+    auto_rejoin: bool = True  # a site taken over from becomes the standby by itself (False: wait for `rejoin`)
     state_dir: Path = Path("/var/lib/geomirror")
     run_dir: Path = Path("/run/geomirror")
 

@@ -77,6 +77,10 @@ class HaConfig:
     # stops acking before it resumes), while without a witness it cannot get a lease to resume.
     # It fences as soon as the standby is lost while the lease is lapsed.
     ride_through_witness_outage: bool = True
+    # A site that lost the guest to its peer (its lease taken over: a crash, a partition, a
+    # restart slower than the lease) becomes the peer's standby by itself; False keeps it
+    # fenced until the operator runs `geomirror rejoin`.
+    auto_rejoin: bool = True
 
     def __post_init__(self):
         if not 0 < self.heartbeat_interval_ms <= self.min_timeout_ms <= self.max_timeout_ms:
@@ -104,7 +108,7 @@ class HaConfig:
         extra = dict(lease_ttl_ms=w.lease_ttl_ms, renew_every_ms=w.renew_every_ms) if w else {}
         return cls(site=cfg.site.name, heartbeat_interval_ms=hb.interval_ms, min_timeout_ms=hb.min_timeout_ms,
                    max_timeout_ms=hb.max_timeout_ms, witness=w is not None, max_clock_skew_ms=max_clock_skew_ms,
-                   **extra)
+                   auto_rejoin=cfg.site.auto_rejoin, **extra)
 
 
 # ---------------------------------------------------------------- events
@@ -224,6 +228,13 @@ class BecameStandby:
 
 
 @dataclass(frozen=True)
+class LeaseSeen:
+    """Who holds the lease now, as the lease backend answered a query (fenced sites ask)."""
+    holder: str | None
+    generation: int
+
+
+@dataclass(frozen=True)
 class ResumeDone:
     now: float
 
@@ -257,6 +268,18 @@ class ResumeGuest:
 @dataclass(frozen=True)
 class StopGuest:
     pass
+
+
+@dataclass(frozen=True)
+class QueryLease:
+    """Ask the lease backend who holds the lease (answer: LeaseSeen)."""
+
+
+@dataclass(frozen=True)
+class Rejoin:
+    """Another site runs the guest at a newer lease generation: stop ours (never releasing its
+    output), seed the replica from its RAM and become that site's standby (then BecameStandby)."""
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -330,6 +353,8 @@ class HaMachine:
         self.resuming = False
         self.alarms: dict[str, str] = {}
         self.lapsed = False  # the lease ran out during a witness outage while protected (ride-through)
+        self.rejoining = False  # a Rejoin is being carried out
+        self._next_query: float | None = None
         self._next_acquire: float | None = None
         self._last_renew: float | None = None
         self._out: list = []
@@ -407,7 +432,11 @@ class HaMachine:
         self.protected = False
         if stale:
             self.stale = True
-            if self.guest_running:
+            if self.config.auto_rejoin and not self.rejoining:
+                self.rejoining = True
+                self.guest_running = False
+                self._emit(Rejoin(why))
+            elif self.guest_running:
                 self._emit(StopGuest())
                 self.guest_running = False
         self._goto(FENCED, why)
@@ -523,6 +552,15 @@ class HaMachine:
             self.peer_alive = False
             self._peer_lost(now)
         self._maybe_acquire(now)
+        if self._wants_to_know_holder() and (self._next_query is None or now >= self._next_query):
+            self._emit(QueryLease())
+            self._next_query = now + self.config.renew_every_ms / 1000
+
+    def _wants_to_know_holder(self) -> bool:
+        """A fenced site without a running guest (it died, or was gone after a restart) asks who
+        holds the lease, to rejoin as the standby once the peer runs the guest."""
+        return (self.config.witness and self.config.auto_rejoin and self.state is FENCED
+                and not self.guest_running and not self.operator_fenced and not self.rejoining)
 
     def _on_HeartbeatReceived(self, e: HeartbeatReceived) -> None:
         if e.rtt_ms is not None:
@@ -751,11 +789,21 @@ class HaMachine:
         if self.gate_open or self.holding:  # never demote a site that releases output: fence first
             self._fence(f"becoming the standby ({e.reason})", release=True)
         self.guest_running = self.stale = self.operator_fenced = self.forced = False
-        self.resuming = self.force_pending = self.lapsed = self.standby_ready = False
-        self.replica_epoch, self.takeover_by, self._next_acquire = None, None, None
+        self.resuming = self.force_pending = self.lapsed = self.standby_ready = self.rejoining = False
+        self.replica_epoch, self.takeover_by, self._next_acquire, self._next_query = None, None, None, None
         self._clear("fenced", "promote", "resume", "forced", "forced_route", "forced_peer")
         self._set_protection(False)
         self._goto(STANDBY, e.reason)
+
+    def _on_LeaseSeen(self, e: LeaseSeen) -> None:
+        self.witness_reachable = True
+        if e.holder is None or e.holder == self.config.site:
+            return
+        self.seen_generation = max(self.seen_generation, e.generation)
+        if e.generation > self.generation and self._wants_to_know_holder():
+            self.rejoining, self.stale = True, True
+            self._emit(Rejoin(f"{e.holder} runs the guest at lease generation {e.generation} "
+                              f"(ours was {self.generation})"))
 
     def _on_ResumeDone(self, e: ResumeDone) -> None:
         self.resuming = False

@@ -190,6 +190,10 @@ def add_parser(sub) -> None:
     cr.add_argument("site", choices=list(world.SITES))
     rv = lp.add_parser("revive", help="bring a lost site back as the standby of the site that took over")
     rv.add_argument("site", choices=list(world.SITES))
+    rs = lp.add_parser("restart", help="stop a site's daemon and start it again; QEMU and the site keep running")
+    rs.add_argument("site", choices=list(world.SITES))
+    rs.add_argument("--kill", action="store_true", help="SIGKILL instead of SIGTERM (a crash of the service)")
+    rs.add_argument("--delay", type=float, default=0.0, help="seconds between the stop and the start")
     lp.add_parser("partition", help="cut the inter-site WAN link")
     lp.add_parser("heal", help="restore the inter-site WAN link")
     rt = lp.add_parser("route", help="point the lab's static route for the guest prefix at a site")
@@ -239,6 +243,10 @@ def main(args) -> int:
     elif c == "revive":
         print(world.revive(args.site))
         print(f"{args.site}'s daemon started; `geomirror lab status` shows protection resume")
+    elif c == "restart":
+        r = world.restart(args.site, kill=args.kill, delay_s=args.delay)
+        print(f"{args.site}'s daemon restarted (pid {r['old_pid']} -> {r['new_pid']}, stopped in "
+              f"{r['stopped_s']:.2f} s); `geomirror lab status` shows protection resume")
     elif c == "partition":
         world.partition(False)
         print("WAN partitioned (wan0 down at both sites)")

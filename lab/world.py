@@ -389,10 +389,34 @@ def start_services(python: str = sys.executable, env: dict | None = None, guest_
         pairing.create_pair(pki, ["site-a", "site-b"], ["witness"])
     spawn(WITNESS, "witness", [python, "-m", "geomirror.cli", "witness", "--config", str(cfg / "witness.toml")])
     state = load_state()
-    state["config_dir"], state["python"] = str(cfg), python
+    state["config_dir"], state["python"], state["daemon_env"] = str(cfg), python, env or {}
     save_state(state)
     for site, ns in SITES.items():
         spawn(ns, site, [python, "-m", "geomirror.cli", "daemon", "--config", str(cfg / f"{site}.toml")], env=env)
+
+
+def restart(site: str, kill: bool = False, delay_s: float = 0.0) -> dict:
+    """Stop a site's daemon (SIGTERM, or SIGKILL with `kill`) and start it again after `delay_s`,
+    as systemd does on an upgrade or after a crash of the service. QEMU, the rest of the site and
+    its links keep running. Returns the old and new pid and how long the old one took to go."""
+    state = load_state()
+    pid = state.get("pids", {}).get(site)
+    if not isinstance(pid, int) or not _alive(pid):
+        raise LabError(f"{site}'s daemon is not running (no live pid in {_state_path()})")
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    if _wait_gone([pid], 30.0):
+        raise LabError(f"{site}'s daemon (pid {pid}) did not stop within 30 s of SIG{'KILL' if kill else 'TERM'}")
+    stopped_s = time.monotonic() - t0
+    if delay_s > 0:
+        time.sleep(delay_s)
+    cfg_dir = Path(state.get("config_dir") or repo_configs())
+    python = state.get("python") or sys.executable
+    new = spawn(SITES[site], site, [python, "-m", "geomirror.cli", "daemon", "--config",
+                                    str(cfg_dir / f"{site}.toml")], env=state.get("daemon_env") or None)
+    log.info("lab.restart", site=site, signal="KILL" if kill else "TERM", old_pid=pid, new_pid=new,
+             stopped_s=round(stopped_s, 2), delay_s=delay_s)
+    return {"site": site, "old_pid": pid, "new_pid": new, "stopped_s": round(stopped_s, 3)}
 
 
 def revive(site: str, rejoin: bool = True) -> str:

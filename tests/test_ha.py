@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from geomirror import ha
-from geomirror.ha import (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED, FENCED, STANDBY, STARTING, TAKING_OVER, AcquireLease,
+from geomirror.ha import (ACTIVE_PROTECTED, BecameStandby, LeaseSeen, QueryLease, Rejoin, ACTIVE_UNPROTECTED, FENCED, STANDBY, STARTING, TAKING_OVER, AcquireLease,
                           Alarm, Announce, BgpNeighborUp, CloseGate, HaConfig, HaConfigError, HaMachine,
                           HeartbeatReceived, LeaseDenied, LeaseGranted, LeaseLost, LeaseRenewed, OpenGate,
                           OperatorFence, OperatorPromote, PeerRouteSeen, ReleaseLease, RenewLease,
@@ -24,7 +24,10 @@ CFG = dict(heartbeat_interval_ms=50, min_timeout_ms=300, max_timeout_ms=1000, le
            renew_every_ms=200, max_clock_skew_ms=50,
            # the strict rule (fence at the lease deadline) is what the two-site model proves without
            # output commit; the ride-through has its own directed tests below
-           ride_through_witness_outage=False)
+           ride_through_witness_outage=False,
+           # the operator's manual mode (stale guest stopped, site fenced until `rejoin`); the
+           # automatic rejoin has its own tests below
+           auto_rejoin=False)
 TTL_S = CFG["lease_ttl_ms"] / 1000
 
 
@@ -607,3 +610,41 @@ def test_strict_mode_fences_at_the_deadline_even_when_protected():
     m.handle(WitnessUnreachable(0.1))
     _run(m, 0.1, 3.0)
     assert m.state == FENCED
+
+
+# ---------------------------------------------------------------- automatic rejoin
+
+def test_auto_rejoin_replaces_the_stale_stop_with_a_rejoin():
+    m = HaMachine("primary", cfg(auto_rejoin=True), generation=4)
+    m.handle(Tick(0.0))
+    out = m.handle(LeaseDenied("site-b", 5))
+    assert types(out)[:2] == [CloseGate, Withdraw] and StopGuest not in types(out)
+    assert [a for a in out if isinstance(a, Rejoin)] == [Rejoin("site-b holds the lease at generation 5")]
+    assert m.state == FENCED and m.stale and not m.guest_running
+    assert Rejoin not in types(m.handle(HeartbeatReceived(0.1, 20.0, peer_generation=5))), "asked once"
+    out = m.handle(BecameStandby(0.2, "rejoined"))
+    assert m.state == STANDBY and not m.stale and not m.rejoining and m.generation == 4
+    assert m.seen_generation == 5, "a later takeover must still beat the peer's generation"
+
+
+def test_a_fenced_site_without_its_guest_asks_who_holds_the_lease_and_rejoins():
+    """E.g. a restarted daemon found its guest gone: it is fenced with nothing to run; once the
+    peer runs the guest at a newer generation, it becomes the peer's standby."""
+    m = HaMachine("fenced", cfg(auto_rejoin=True), generation=4)
+    m.operator_fenced = False  # fenced by circumstance, not by the operator
+    out = m.handle(Tick(0.0))
+    assert QueryLease() in out
+    assert QueryLease() not in m.handle(Tick(0.1)), "at most once per renew interval"
+    assert QueryLease() in m.handle(Tick(0.25))
+    assert m.handle(LeaseSeen("site-a", 4)) == [] and m.handle(LeaseSeen(None, 4)) == []
+    assert m.handle(LeaseSeen("site-b", 4)) == [], "not newer than ours: the peer has not taken over yet"
+    out = m.handle(LeaseSeen("site-b", 5))
+    assert types(out) == [Rejoin] and m.rejoining and QueryLease() not in m.handle(Tick(1.0))
+
+
+def test_an_operator_fence_or_the_manual_switch_never_rejoins():
+    m = HaMachine("fenced", cfg(auto_rejoin=True), generation=4)  # fenced by the operator (role.json)
+    assert QueryLease() not in m.handle(Tick(0.0)) and m.handle(LeaseSeen("site-b", 9)) == []
+    m = HaMachine("fenced", cfg(auto_rejoin=False), generation=4)
+    m.operator_fenced = False
+    assert QueryLease() not in m.handle(Tick(0.0)) and m.handle(LeaseSeen("site-b", 9)) == []

@@ -26,17 +26,21 @@ class FakeGuestOps:
     async def stop_guest(self, reason):
         self.calls.append(("stop", reason))
 
+    async def rejoin(self, reason):
+        self.calls.append(("rejoin", reason))
+
 
 class Site:
     """A real HA machine wired to Effects, the way the daemon wires them."""
 
-    def __init__(self, policy="stall", grace_ms=5000, speaker=None, lease=None, role=ha.Role.PRIMARY):
+    def __init__(self, policy="stall", grace_ms=5000, speaker=None, lease=None, role=ha.Role.PRIMARY,
+                 auto_rejoin=False):
         self.cfg = site_config(policy=policy, grace_ms=grace_ms)
         self.gate = FakeGate()
         self.lease = lease or FakeLease()
         self.speaker = speaker or FakeSpeaker()
         self.ops = FakeGuestOps()
-        self.m = ha.HaMachine(role, ha_config())
+        self.m = ha.HaMachine(role, ha_config(auto_rejoin=auto_rejoin))
         self.events = []
         self.ctx = make_ctx(self.cfg, self.gate, self.feed, lambda: self.m.generation)
         self.gatectl = GateController(self.gate, GateInputs(ha_state=self.m.state, policy=UnreachablePolicy(policy),
@@ -144,3 +148,24 @@ def test_an_unknown_action_is_a_bug_said_loudly():
     s = Site()
     with pytest.raises(TypeError, match="which effects does not know"):
         s.fx.act(object())
+
+
+async def test_a_site_taken_over_from_rejoins_by_itself():
+    s = Site(auto_rejoin=True)
+    s.lease.holder, s.lease.generation = "site-b", 4
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    assert s.ops.calls == [("rejoin", "site-b holds the lease at generation 4")]
+    assert any(e["event"] == "rejoin.begin" for e in s.ctx.timeline.entries)
+
+
+async def test_a_fenced_site_without_a_guest_learns_the_holder_and_rejoins():
+    s = Site(auto_rejoin=True, role=ha.Role.FENCED)
+    s.m.operator_fenced = False
+    s.lease.holder, s.lease.generation = "site-b", 3
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    assert ("get", "guest") in s.lease.calls
+    assert any(isinstance(e, ha.LeaseSeen) and e.holder == "site-b" and e.generation == 3 for e in s.events)
+    assert s.ops.calls and s.ops.calls[0][0] == "rejoin" and "site-b runs the guest at lease generation 3" \
+        in s.ops.calls[0][1]

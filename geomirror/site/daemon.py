@@ -219,6 +219,10 @@ class SiteDaemon:
         self.timeline.mark("reprotect.waiting", peer=self.cfg.peer.name,
                            hint=f"the guest is protected again once {self.cfg.peer.name} runs as the standby")
 
+    async def rejoin(self, reason: str) -> None:
+        """Another site runs the guest at a newer generation: become its standby (auto-rejoin)."""
+        await self._demote(f"rejoin: {reason}")
+
     async def stop_guest(self, reason: str) -> None:
         if self.primary_side is not None:
             await self.primary_side.stop(reason)
@@ -239,13 +243,15 @@ class SiteDaemon:
         ps, self.primary_side = self.primary_side, None
         ram = ps.spec.ram_path if ps and ps.spec else self.cfg.site.run_dir / "guest.ram"
         run_id = ps.run_id if ps else self.role.run_id
+        self.gatectl.update(guest_here=False, session_committing=False, promised=False)  # nothing leaves
         if ps is not None:
             await ps.stop(reason)
         if self.standby_side is not None:  # from before a takeover: its files are the guest's RAM now
             await self.standby_side.close()
             self.standby_side = None
-        self.gatectl.update(guest_here=False, session_committing=False, promised=False)
-        await asyncio.to_thread(seed_replica, self.cfg, self.specs, run_id, ram)
+        seeded = await asyncio.to_thread(seed_replica, self.cfg, self.specs, run_id, ram)
+        self.timeline.mark("demote.seeded" if seeded else "demote.unseeded", source=str(ram),
+                           hint="the resync sends only what changed" if seeded else "a full initial sync follows")
         self._resumed.clear()
         self.feed(ha.BecameStandby(time.monotonic(), reason))
         await self._start_standby()

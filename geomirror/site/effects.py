@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 class GuestOps(Protocol):
     async def resume_guest(self) -> None: ...  # feeds ResumeDone or ResumeFailed
     async def stop_guest(self, reason: str) -> None: ...
+    async def rejoin(self, reason: str) -> None: ...  # stop ours, seed the replica, BecameStandby
 
 
 class Effects:
@@ -61,6 +62,11 @@ class Effects:
         elif isinstance(a, ha.StopGuest):
             ctx.spawn(self.guest_ops.stop_guest("another site runs the guest at a newer lease generation"),
                       "guest.stop")
+        elif isinstance(a, ha.Rejoin):
+            ctx.mark("rejoin.begin", reason=a.reason)
+            ctx.spawn(self.guest_ops.rejoin(a.reason), "site.rejoin")
+        elif isinstance(a, ha.QueryLease):
+            ctx.spawn(self._lease("query"), "lease.query")
         elif isinstance(a, ha.OpenGate):
             ctx.mark("gate.open", generation=a.generation)
             self.gatectl.update(may_release=True)
@@ -118,6 +124,10 @@ class Effects:
                     feed(ha.LeaseRenewed(r.generation, r.expires_at, time.monotonic()))
                 else:
                     feed(ha.LeaseLost(r.holder, r.generation))
+            elif op == "query":
+                st = await self.lease.get(guest)
+                holder = st.get("holder") if st.get("valid", True) else None
+                feed(ha.LeaseSeen(holder, int(st.get("generation") or 0)))
             else:
                 await self.lease.release(guest, generation)
                 self.ctx.mark("lease.released", generation=generation)
