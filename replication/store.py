@@ -471,7 +471,7 @@ class Replica:
         self._staged_list.clear()
         if self._journal_clean and not self._pending:
             return
-        if self.valid:
+        if self._pending:  # RAM may be a mix; the disk may still say valid (`_give_up` may not have got through)
             self._write_meta(valid=False)
         _crash_point("void-after-meta")
         self._reset_journal()

@@ -306,3 +306,23 @@ def test_ram_image_is_preallocated(tmp_path):
     r.open()
     assert os.stat(r.ram_path).st_blocks * 512 >= SIZE, "ram.img is sparse: a full disk would SIGBUS later"
     r.close()
+
+
+def test_another_run_never_inherits_a_mixed_ram_as_valid(tmp_path):
+    """A full disk kept the replica from recording that it is invalid; then the primary comes
+    with another guest run and the new replica.json cannot be written either: whatever is on
+    disk afterwards must not say valid over RAM that is part epoch 3, part epoch 4."""
+    ops = Faults()
+    r = build(tmp_path, 3, ops)
+    ops.fail("device-state", times=2).fail("meta", times=1)  # the apply, the replay, the give-up
+    with pytest.raises(ReplicaStorageError):
+        epoch(r, 4)
+    assert json.loads(r.meta_path.read_text())["valid"], "the test needs the disk to still say valid"
+    ops.fail("meta", after=1, times=1)  # bind: `valid: false` goes through, the new run's record not
+    with pytest.raises(ReplicaStorageError):
+        r.bind({"other": True}, "run-2")
+    r.close()
+    r = Replica(tmp_path, SIZE)
+    rep = r.open()
+    assert not rep.valid, f"RAM of epoch 4 with the device state of epoch 3 claimed valid ({rep})"
+    r.close()
