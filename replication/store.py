@@ -670,7 +670,10 @@ class Replica:
         except ReplicaStorageError as e:
             self._device_state = None
             self._report(e, needed)
-            self.settle()  # replay from the journal now; raises (and marks invalid) if it fails again
+            try:
+                self.settle()  # replay from the journal now; marks the replica invalid if it fails again
+            except ReplicaStorageError as again:
+                raise e from again  # the first failure says best what went wrong
             log.info("replica.replayed_after_failure", committed_epoch=self.committed_epoch)
             self._recovered()
             return
