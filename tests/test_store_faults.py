@@ -5,6 +5,7 @@ full disk is in test_store_tmpfs.py."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import structlog
 
+from replication.standby import resume
 from replication.store import FileOps, Replica, ReplicaError, ReplicaStorageError
 from tests import replica_worker as W
 
@@ -251,10 +253,6 @@ def test_crash_between_invalidating_and_emptying_the_journal_replays_onto_untouc
 
 
 def test_resume_refuses_a_replica_left_mixed(tmp_path):
-    import asyncio
-
-    from replication.standby import resume
-
     ops = Faults().fail("meta")
     r = build(tmp_path, 2, FileOps())
     r._ops = ops

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from replication.store import Replica, ReplicaStorageError, free_bytes
-from tests import replica_worker as W
 from tests.test_store_faults import SIZE, assert_whole, build, epoch
 
 PS = 4096
