@@ -4,6 +4,14 @@ A checkpoint is acknowledged only after it is verified (AEAD), journalled, appli
 and recorded (`Replica.commit`). Anything that fails verification, arrives out of
 order (a replayed or stale epoch) or breaks the protocol drops the connection with a
 clear log line and is never applied; the primary reconnects and resyncs.
+
+A replica disk that is full or failing stops protection, visibly: the session is
+refused with the sentence (an ERROR message, so the primary logs why and reconnects
+with backoff), `StandbyStatus.state` is ``disk_full`` / ``disk_failed`` with
+`StandbyStatus.problem`, and every later session is refused at its HELLO, cheaply,
+until the replica is settled and the space the failed write needed is back; then the
+session's resync brings protection back by itself. O(RAM) work (block hashes, the
+apply, binding) runs in a thread, never on the event loop that carries heartbeats.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from replication.progress import Progress
 from replication.qemu import Guest, GuestSpec
 from replication.session import (BLOCK_PAGES, LinkStats, compat_mismatch, new_nonce, on_heartbeat_message,
                                  send_heartbeats, session_key)
-from replication.store import Replica, ReplicaError
+from replication.store import Replica, ReplicaError, ReplicaStorageError
 from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
 
 log = structlog.get_logger(__name__)
@@ -31,7 +39,7 @@ _U64 = struct.Struct(">Q")
 
 @dataclass
 class StandbyStatus:
-    state: str = "waiting"  # waiting | syncing | replicating | taken_over
+    state: str = "waiting"  # waiting | syncing | replicating | taken_over | disk_full | disk_failed
     committed_epoch: int = 0
     valid: bool = False
     peer: str | None = None
@@ -39,11 +47,19 @@ class StandbyStatus:
     last_apply_ms: float = 0.0
     rejected_frames: int = 0
     sessions: int = 0
+    problem: str | None = None  # why this site is not protecting the guest (one sentence), or None
+
+
+_NOT_PROTECTING = ("disk_full", "disk_failed")
 
 
 class Standby:
     def __init__(self, replica: Replica, compat: dict, site: str, heartbeat_ms: float = 100.0,
-                 allowed_peer=None, min_timeout_ms: float = 600.0, max_timeout_ms: float = 5000.0):
+                 allowed_peer=None, min_timeout_ms: float = 600.0, max_timeout_ms: float = 5000.0,
+                 refuse_delay_s: float = 1.0):
+        # A refused primary reconnects at once; answering a disk-full refusal after this delay
+        # keeps that loop (a TLS handshake and a log line each) slow. Resumption waits at most this.
+        self.refuse_delay_s = refuse_delay_s
         self.min_timeout_ms = min_timeout_ms
         self.max_timeout_ms = max_timeout_ms
         self.replica = replica
@@ -98,17 +114,28 @@ class Standby:
             self._current.close()
         self._current = ch
         async with self._lock:
-            await asyncio.to_thread(self.replica.bind, self.compat, str(hello.get("run_id", "")))
-            valid = self.replica.valid
-            base = self.replica.resync_base
-            nonce = new_nonce()
-            await ch.send_json(MsgType.HELLO_REPLY, {
-                "proto": PROTOCOL_VERSION, "site": self.site, "nonce": nonce.hex(),
-                "committed_epoch": self.replica.committed_epoch, "valid": valid, "hashes": base,
-                "block_pages": BLOCK_PAGES})
-            if base:
-                hashes = await asyncio.to_thread(self.replica.block_hashes, BLOCK_PAGES)
-                await ch.send(MsgType.HASHES, b"".join(hashes))
+            try:
+                # a failed write left work behind (a replay) or the disk is still full: refuse
+                await asyncio.to_thread(self.replica.ready)
+                await asyncio.to_thread(self.replica.bind, self.compat, str(hello.get("run_id", "")))
+            except ReplicaStorageError as e:
+                refused = e
+            else:
+                refused = None
+                valid = self.replica.valid
+                base = self.replica.resync_base
+                nonce = new_nonce()
+                await ch.send_json(MsgType.HELLO_REPLY, {
+                    "proto": PROTOCOL_VERSION, "site": self.site, "nonce": nonce.hex(),
+                    "committed_epoch": self.replica.committed_epoch, "valid": valid, "hashes": base,
+                    "block_pages": BLOCK_PAGES})
+                if base:
+                    await ch.send(MsgType.HASHES, await asyncio.to_thread(self._hashes_blob))
+        if refused is not None:
+            if self._current is ch:
+                self._current = None
+            await self._refuse_storage(ch, refused, at_hello=True)
+            return
         codec = codec_mod.Codec(session_key(bytes.fromhex(hello["nonce"]), nonce))
         self.status.sessions += 1
         self.status.peer = ch.peer
@@ -118,6 +145,8 @@ class Standby:
         self._last_heard = time.monotonic()
         try:
             await self._watch(ch, asyncio.create_task(self._loop(ch, codec)))
+        except ReplicaStorageError as e:
+            await self._refuse_storage(ch, e, at_hello=False)
         except (ChannelError, codec_mod.CodecError, ReplicaError) as e:
             self.status.rejected_frames += isinstance(e, (codec_mod.CodecError, ReplicaError))
             log.warning("standby.session_ended", peer=ch.peer, error=str(e),
@@ -126,8 +155,32 @@ class Standby:
             beater.cancel()
             if self._current is ch:
                 self._current = None
-                if self.status.state != "taken_over":
+                if self.status.state != "taken_over" and self.status.state not in _NOT_PROTECTING:
                     self.status.state = "waiting"
+
+    def _hashes_blob(self) -> bytes:
+        return b"".join(self.replica.block_hashes(BLOCK_PAGES))
+
+    async def _refuse_storage(self, ch: Channel, e: ReplicaStorageError, at_hello: bool) -> None:
+        """The replica's disk cannot take checkpoints: say so (status, one log line per episode)
+        and refuse the session with the sentence, so the primary knows why it is unprotected."""
+        state = "disk_full" if e.disk_full else "disk_failed"
+        problem = f"site {self.site} is not protecting the guest: its replica cannot store checkpoints: {e}"
+        if self.status.problem is None:  # once per episode: the next committed epoch ends it
+            log.warning("standby.not_protecting", peer=ch.peer, state=state, problem=problem,
+                        committed_epoch=self.replica.committed_epoch, valid=self.replica.valid)
+        else:
+            log.debug("standby.still_not_protecting", peer=ch.peer, at_hello=at_hello, problem=problem)
+        self.status.state = state
+        self.status.problem = problem
+        self.status.valid = self.replica.valid
+        self.status.committed_epoch = self.replica.committed_epoch
+        if self._bar is not None:
+            self._bar.abandon()
+            self._bar = None
+        if self.refuse_delay_s:
+            await asyncio.sleep(self.refuse_delay_s)
+        await ch.refuse(problem)
 
     async def _loop(self, ch: Channel, codec) -> None:
         try:
@@ -179,6 +232,9 @@ class Standby:
                 self.status.committed_epoch = epoch
                 self.status.valid = True
                 self.status.state = "replicating"
+                if self.status.problem is not None:
+                    log.info("standby.protecting_again", epoch=epoch, peer=ch.peer, was=self.status.problem)
+                    self.status.problem = None
                 await ch.send(MsgType.ACK, _U64.pack(epoch))
                 if self.on_commit:
                     self.on_commit(epoch)
@@ -261,8 +317,8 @@ async def start_hot_standby(spec: GuestSpec) -> Guest:
 async def resume(replica: Replica, spec: GuestSpec, hot: Guest | None = None) -> tuple[Guest, dict]:
     """Resume the guest from the committed replica. Returns the guest and a timing report."""
     if not replica.valid:
-        raise ReplicaError("the replica is not valid (no committed epoch since the last initial sync); "
-                           "cannot resume")
+        raise ReplicaError(replica.problem or "the replica is not valid (no committed epoch since the last "
+                           "initial sync); cannot resume")
     t0 = time.perf_counter()
     timings = {"epoch": replica.committed_epoch, "hot_standby": hot is not None}
     guest = hot
@@ -271,7 +327,7 @@ async def resume(replica: Replica, spec: GuestSpec, hot: Guest | None = None) ->
         await guest.start()
         timings["qemu_start_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     t1 = time.perf_counter()
-    await guest.load_device_state(replica.device_state())
+    await guest.load_device_state(await asyncio.to_thread(replica.device_state))
     timings["device_state_ms"] = round((time.perf_counter() - t1) * 1000, 1)
     t2 = time.perf_counter()
     await guest.cont()

@@ -1,20 +1,45 @@
 """Standby side: the replica (a RAM image plus the device state of the last committed
-epoch), applied whole or not at all.
+epoch), applied whole or not at all — also when the disk fills up or fails mid-way.
 
 Files in the replica directory (all 0600):
 
-- ``ram.img``       guest RAM as of the committed epoch (a hot-standby QEMU maps it)
+- ``ram.img``       guest RAM as of the committed epoch (a hot-standby QEMU maps it);
+                    preallocated, so writing it through the shared mapping never needs space
 - ``device.state``  the QEMU device state of the committed epoch
-- ``replica.json``  {committed_epoch, valid, compat}
+- ``replica.json``  {committed_epoch, valid, compat, run_id, seeded, problem}
 - ``journal``       redo log of the open transaction
 
 A transaction is what moves the replica from epoch N-1 to N: the resync blocks that
 arrived since N-1 (if any) and epoch N's pages (already decoded to full contents)
 and device state, closed by a commit record. Each record carries a blake2b checksum.
-The journal is fsynced before anything touches ``ram.img``; on open, a complete
-transaction is replayed (redo is idempotent: full page contents, never deltas) and a
-torn one is discarded. So after a crash at any point the replica is exactly N-1 or
-exactly N, and `open` says which.
+
+What "committed" means on disk, in the order of the writes:
+
+1. journal append (every byte: a short write is continued) and fsync. From here the
+   journal holds a complete transaction: epoch N is *durable* — whatever happens next,
+   the replica comes out at N, by redo (full page contents, never deltas: idempotent).
+2. RAM apply and msync, ``device.state`` replaced, ``replica.json`` replaced with N:
+   epoch N is *committed* — `commit` returns, the standby acknowledges it.
+3. journal truncated (a failure here is harmless: a transaction at or below the
+   committed epoch is never replayed; the next transaction first empties the journal).
+
+Failure rules (a full disk, an I/O error, a crash):
+
+- before 1 completes: ``ram.img`` was not touched; the journal is emptied again and the
+  replica stays valid at N-1.
+- after 1: the transaction is replayed at once from the journal; if that fails too, the
+  replica is marked invalid in memory (with a sentence why; `resume` refuses it) and the
+  journal is kept, so `settle` (the next session) or `open` replays it when the disk
+  works again. A replica whose replay keeps failing is a resync base (``seeded``): its
+  block hashes describe what is really in ``ram.img``, so the next sync is a resync,
+  never a trusted epoch.
+- anything that writes ``ram.img`` outside the journal (initial sync, seeding, another
+  guest run) first records ``valid: false`` and then empties the journal, so an old
+  transaction is never replayed onto it.
+- no ``replica.json`` means a fresh replica: a journal without it is discarded.
+
+So after a crash or a failed write at any point the replica is exactly N-1 or exactly
+N (or says it is invalid and why), and `open` says which (`OpenReport.recovered`).
 
 Initial sync is different: there is no valid replica yet, so blocks go straight into
 ``ram.img`` and the replica becomes valid at the first committed epoch.
@@ -22,6 +47,7 @@ Initial sync is different: there is no valid replica yet, so blocks go straight 
 
 from __future__ import annotations
 
+import errno as errno_mod
 import hashlib
 import json
 import mmap
@@ -34,7 +60,7 @@ import numpy as np
 import structlog
 
 from gmbase.errors import GeomirrorError
-from gmbase.files import atomic_write, fsync_dir
+from gmbase.files import atomic_write
 
 log = structlog.get_logger(__name__)
 
@@ -43,10 +69,73 @@ _REC = struct.Struct(">4sBQIIQ")  # magic, kind, epoch, n_pages, dev_len, body_l
 _MAGIC = b"GMJR"
 REC_BLOCK, REC_COMMIT = 1, 2
 _SUM = 32
+_SLACK = 3 * PAGE_SIZE  # a device.state and a replica.json temporary beside the old ones
+
+_STEP_WHAT = {
+    "ram-alloc": "allocating",
+    "resync-append": "appending resync blocks to",
+    "journal-append": "appending the checkpoint to",
+    "journal-fsync": "syncing",
+    "journal-read": "reading",
+    "journal-reset": "emptying",
+    "journal-truncate": "emptying",
+    "ram-flush": "writing back",
+    "device-state": "replacing",
+    "meta": "replacing",
+}
 
 
 class ReplicaError(GeomirrorError):
-    """The replica cannot take this checkpoint (wrong epoch, wrong size, not synced)."""
+    """The replica cannot take this checkpoint (wrong epoch, wrong size, not synced), or a file
+    of it is unreadable; the message names the file and what to do."""
+
+
+class ReplicaStorageError(ReplicaError):
+    """A write to the replica's disk failed (full, I/O error): the replica takes no checkpoint
+    until the same work succeeds again. Carries the step, file, errno and free bytes."""
+
+    def __init__(self, message: str, *, step: str, path: Path, errno: int | None, free_bytes: int):
+        super().__init__(message)
+        self.step = step
+        self.path = path
+        self.errno = errno
+        self.free_bytes = free_bytes
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes this process can still write on `path`'s filesystem (root may use the reserve)."""
+    st = os.statvfs(path)
+    return st.f_frsize * (st.f_bfree if os.geteuid() == 0 else st.f_bavail)
+
+
+class FileOps:
+    """Every write the replica makes, named by its step: the seam through which tests inject a
+    full disk, an I/O error or a short write at any one point. The real thing: plain os calls."""
+
+    def writev(self, step: str, fd: int, parts: list) -> int:
+        return os.writev(fd, parts)
+
+    def fsync(self, step: str, fd: int) -> None:
+        os.fsync(fd)
+
+    def ftruncate(self, step: str, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+    def msync(self, step: str, m: mmap.mmap) -> None:
+        m.flush()
+
+    def replace(self, step: str, path: Path, data: bytes, fsync: bool) -> None:
+        atomic_write(path, data, fsync=fsync)
+
+    def fallocate(self, step: str, fd: int, length: int) -> None:
+        os.posix_fallocate(fd, 0, length)
+
+    def read(self, step: str, path: Path) -> bytes:
+        return path.read_bytes()
 
 
 # Test hook: GEOMIRROR_CRASH_AT=<point> makes the process SIGKILL itself there.
@@ -62,18 +151,32 @@ def _crash_point(name: str) -> None:
 class OpenReport:
     committed_epoch: int
     valid: bool
-    recovered: str  # "clean", "replayed epoch N", "discarded torn epoch N"
+    recovered: str  # "clean", "replayed epoch N", "discarded torn epoch N", "replay of epoch N failed: ..."
 
 
+def _meta_problem(meta) -> str | None:
+    """What is wrong with a parsed replica.json (None: nothing). Missing keys take defaults."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__} where an object was expected"
+    types = {"committed_epoch": int, "valid": bool, "compat": dict, "run_id": str, "seeded": bool,
+             "problem": (str, type(None))}
+    for key, t in types.items():
+        if key in meta and (not isinstance(meta[key], t) or (t is int and isinstance(meta[key], bool))):
+            return f"{key} is {meta[key]!r}"
+    if meta.get("committed_epoch", 0) < 0:
+        return f"committed_epoch is {meta['committed_epoch']}"
+    return None
 
 
 class Replica:
-    def __init__(self, directory: Path, size: int, *, fsync: bool = True, page_size: int = PAGE_SIZE):
+    def __init__(self, directory: Path, size: int, *, fsync: bool = True, page_size: int = PAGE_SIZE,
+                 ops: FileOps | None = None):
         self.dir = Path(directory)
         self.size = size
         self.page_size = page_size
         self.n_pages = size // page_size
         self.fsync = fsync
+        self._ops = ops or FileOps()
         self.committed_epoch = 0
         self.valid = False
         self.compat: dict = {}
@@ -89,6 +192,13 @@ class Replica:
         # only what changed since. `valid` stays False until the first committed epoch.
         self.seeded = False
         self._device_state: bytes | None = None  # the committed device state, cached
+        # Failure bookkeeping (see the module docstring).
+        self.problem: str | None = None  # why the replica is not usable, one sentence
+        self.last_error: ReplicaStorageError | None = None  # the failure not yet overcome
+        self._pending = False  # the journal holds a durable transaction not (fully) applied
+        self._journal_clean = True  # the journal is known to be empty
+        self._txn_bytes = 0  # journal bytes of the open transaction
+        self._needed = 0  # free bytes the failed work needs (space check before the next session)
 
     @property
     def ram_path(self) -> Path:
@@ -98,29 +208,110 @@ class Replica:
     def device_state_path(self) -> Path:
         return self.dir / "device.state"
 
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / "replica.json"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.dir / "journal"
+
+    # ----------------------------------------------------------- errors
+    def _io(self, step: str, path: Path, fn, *args):
+        """One file operation; an OSError becomes a ReplicaStorageError naming step, file and space."""
+        try:
+            return fn(step, *args)
+        except OSError as e:
+            raise self._storage_error(step, path, e) from e
+
+    def _storage_error(self, step: str, path: Path, e: OSError) -> ReplicaStorageError:
+        try:
+            free = free_bytes(self.dir)
+        except OSError:
+            free = -1
+        name = errno_mod.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
+        what = _STEP_WHAT.get(step, step)
+        todo = ("free space there; replication resumes by itself" if e.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT)
+                else "check that disk; replication retries at the next session")
+        return ReplicaStorageError(
+            f"{what} {path} failed with {name} ({e.strerror or e}), {free} bytes free on its filesystem: {todo}",
+            step=step, path=path, errno=e.errno, free_bytes=free)
+
+    def _report(self, err: ReplicaStorageError, needed: int) -> None:
+        """Log a storage failure once per episode (not once per epoch); remember what it needs."""
+        self._needed = needed
+        if self.last_error is None:
+            log.warning("replica.storage_failed", path=str(err.path), step=err.step,
+                        error=os.strerror(err.errno) if err.errno else str(err), free_bytes=err.free_bytes,
+                        needed_bytes=needed, committed_epoch=self.committed_epoch, valid=self.valid)
+        else:
+            log.debug("replica.storage_still_failing", path=str(err.path), step=err.step,
+                      free_bytes=err.free_bytes)
+        self.last_error = err
+
+    def _recovered(self) -> None:
+        if self.last_error is not None:
+            log.info("replica.storage_recovered", committed_epoch=self.committed_epoch,
+                     free_bytes=free_bytes(self.dir))
+        self.last_error = None
+        self.problem = None
+
     # ----------------------------------------------------------- open/close
     def open(self) -> OpenReport:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        fd = os.open(self.ram_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != self.size:
-                os.ftruncate(fd, self.size)
-            self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
-        self.ram = np.frombuffer(self._map, dtype=np.uint8).reshape(self.n_pages, self.page_size)
+        self._open_ram()
         meta = self._read_meta()
         self.committed_epoch = meta.get("committed_epoch", 0)
         self.valid = meta.get("valid", False)
         self.compat = meta.get("compat", {})
         self.run_id = meta.get("run_id", "")
         self.seeded = bool(meta.get("seeded", False))
-        recovered = self._recover()
-        self._journal_fd = os.open(self.dir / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.problem = meta.get("problem")
+        try:
+            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as e:
+            raise self._storage_error("journal-reset", self.journal_path, e) from e
+        self._journal_clean = False
+        try:
+            recovered = self._recover(replay=bool(meta))
+        except ReplicaStorageError as e:
+            self._pending = True
+            self._give_up(e, f"replaying the journal at open failed: {e}")
+            recovered = f"replay failed: {e}"
         log.info("replica.open", dir=str(self.dir), committed_epoch=self.committed_epoch,
                  valid=self.valid, recovered=recovered)
         return OpenReport(self.committed_epoch, self.valid, recovered)
+
+    def _open_ram(self) -> None:
+        """Open ram.img, preallocated: a full filesystem fails here, by name, and never later as
+        a SIGBUS on a write through the shared mapping."""
+        path = self.ram_path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise self._storage_error("ram-alloc", path, e) from e
+        try:
+            st = os.fstat(fd)
+            held = min(st.st_blocks * 512, self.size)
+            try:
+                if st.st_size != self.size:
+                    os.ftruncate(fd, self.size)
+                self._ops.fallocate("ram-alloc", fd, self.size)
+            except OSError as e:
+                try:
+                    free = free_bytes(self.dir)
+                except OSError:
+                    free = -1
+                raise ReplicaStorageError(
+                    f"cannot allocate {path}: the guest's RAM needs {self.size} bytes there "
+                    f"({self.size - held} more than the file holds) and its filesystem has {free} bytes free "
+                    f"({e.strerror or e}); free space there or move the state directory",
+                    step="ram-alloc", path=path, errno=e.errno, free_bytes=free) from e
+            self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.ram = np.frombuffer(self._map, dtype=np.uint8).reshape(self.n_pages, self.page_size)
 
     def close(self) -> None:
         if self._journal_fd is not None:
@@ -131,21 +322,36 @@ class Replica:
             try:
                 self._map.flush()
                 self._map.close()
-            except BufferError:
+            except (BufferError, OSError):
                 pass
             self._map = None
 
     def _read_meta(self) -> dict:
+        path = self.meta_path
         try:
-            return json.loads((self.dir / "replica.json").read_text())
+            text = path.read_bytes()
         except FileNotFoundError:
             return {}
+        try:
+            meta = json.loads(text)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            what = f"it is not JSON ({e})"
+        else:
+            what = _meta_problem(meta)
+            if what is None:
+                return meta
+        raise ReplicaError(f"the replica record {path} is corrupt: {what}; remove it (the next session then "
+                           "does a full sync) or restore it from a backup")
 
-    def _write_meta(self) -> None:
-        atomic_write(self.dir / "replica.json", json.dumps(
-            {"committed_epoch": self.committed_epoch, "valid": self.valid, "compat": self.compat,
-             "run_id": self.run_id, "seeded": self.seeded}).encode(),
-            fsync=self.fsync)
+    def _write_meta(self, **changes) -> None:
+        """Replace replica.json with the current fields overridden by `changes`; the fields change
+        in memory only once the file is durable."""
+        meta = {"committed_epoch": self.committed_epoch, "valid": self.valid, "compat": self.compat,
+                "run_id": self.run_id, "seeded": self.seeded, "problem": self.problem}
+        meta.update(changes)
+        self._io("meta", self.meta_path, self._ops.replace, self.meta_path, json.dumps(meta).encode(), self.fsync)
+        for k, v in changes.items():
+            setattr(self, k, v)
 
     def bind(self, compat: dict, run_id: str) -> None:
         """The replica is of one guest run. Another run (a freshly booted guest) or another
@@ -158,12 +364,9 @@ class Replica:
             if self.seeded:
                 log.warning("replica.seed_discarded", reason="the primary runs another guest",
                             old_run=self.run_id, new_run=run_id)
-            self.compat = compat
-            self.run_id = run_id
-            self.valid = False
-            self.seeded = False
-            self.committed_epoch = 0
-            self._write_meta()
+            self._void_journal()
+            self._write_meta(compat=compat, run_id=run_id, valid=False, seeded=False, committed_epoch=0,
+                             problem=None)
 
     @property
     def resync_base(self) -> bool:
@@ -177,10 +380,8 @@ class Replica:
         if os.path.getsize(ram_file) != self.size:
             raise ReplicaError(f"cannot seed from {ram_file}: {os.path.getsize(ram_file)} bytes, the guest has "
                                f"{self.size}")
-        self.valid = False
-        self.committed_epoch = 0
-        self.seeded = False
-        self._write_meta()  # not a base while the copy is under way
+        self._write_meta(valid=False, committed_epoch=0, seeded=False)  # not a base while the copy is under way
+        self._void_journal()
         chunk = 8 << 20
         done = 0
         if os.path.samefile(ram_file, self.ram_path):  # the guest ran on this very file
@@ -195,9 +396,8 @@ class Replica:
                 if progress:
                     progress(done)
         if self.fsync:
-            self._map.flush()
-        self.compat, self.run_id, self.seeded = compat, run_id, True
-        self._write_meta()
+            self._io("ram-flush", self.ram_path, self._ops.msync, self._map)
+        self._write_meta(compat=compat, run_id=run_id, seeded=True, problem=None)
         log.info("replica.seeded", source=str(ram_file), bytes=done, run_id=run_id)
         return done
 
@@ -212,15 +412,79 @@ class Replica:
             h.update(part)
         return [hdr, p, d, dev, h.digest()]
 
-    def _append(self, parts: list[bytes]) -> None:
-        os.writev(self._journal_fd, parts)
+    def _append(self, step: str, parts: list[bytes]) -> None:
+        """Append one record, every byte of it (short writes are continued). A transaction starts
+        on an empty journal; a failed append aborts the transaction (RAM was not touched)."""
+        if self._txn_bytes == 0:
+            if self._pending:
+                self.settle()  # a journalled transaction first: emptying the journal would lose it
+            if not self._journal_clean:
+                self._reset_journal()
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        total = sum(len(v) for v in views)
+        try:
+            while views:
+                n = self._io(step, self.journal_path, self._ops.writev, self._journal_fd, views)
+                if n <= 0:
+                    raise self._storage_error(step, self.journal_path,
+                                              OSError(errno_mod.EIO, "the write made no progress"))
+                self._txn_bytes += n
+                while n:
+                    if n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+            self._journal_clean = False
+        except ReplicaStorageError as e:
+            needed = self._txn_bytes + total + _SLACK
+            self._abort_txn()
+            self._report(e, needed)
+            raise
+
+    def _reset_journal(self, step: str = "journal-reset") -> None:
+        """Empty the journal durably (raises ReplicaStorageError if it cannot)."""
+        self._journal_clean = False
+        self._io(step, self.journal_path, self._ops.ftruncate, self._journal_fd, 0)
+        if self.fsync:
+            self._io(step, self.journal_path, self._ops.fsync, self._journal_fd)
+        self._journal_clean = True
+        self._txn_bytes = 0
+
+    def _abort_txn(self) -> None:
+        """Drop the open transaction: nothing of it reached ram.img. If the journal cannot be
+        emptied now, the next transaction tries again before its first record."""
+        self._staged.clear()
+        self._staged_list.clear()
+        self._txn_bytes = 0
+        try:
+            self._reset_journal()
+        except ReplicaStorageError as e:
+            log.warning("replica.journal_reset_failed", path=str(self.journal_path), error=str(e))
+
+    def _void_journal(self) -> None:
+        """Before ram.img is written outside the journal: no old transaction may replay onto it.
+        First `valid: false` (a crash now replays onto RAM not yet touched, which is right), then
+        an empty journal."""
+        self._staged.clear()
+        self._staged_list.clear()
+        if self._journal_clean and not self._pending:
+            return
+        if self._pending:  # RAM may be a mix; the disk may still say valid (`_give_up` may not have got through)
+            self._write_meta(valid=False)
+        _crash_point("void-after-meta")
+        self._reset_journal()
+        self._pending = False
 
     def _read_journal(self) -> tuple[list[tuple[int, int, np.ndarray, np.ndarray, bytes]], bool]:
         """Parse the journal: (complete records up to the last commit, whether a torn tail was dropped)."""
         try:
-            buf = (self.dir / "journal").read_bytes()
-        except FileNotFoundError:
-            return [], False
+            buf = self._io("journal-read", self.journal_path, self._ops.read, self.journal_path)
+        except ReplicaStorageError as e:
+            if e.errno == errno_mod.ENOENT:
+                return [], False
+            raise
         recs, txn, off = [], [], 0
         while off + _REC.size <= len(buf):
             magic, kind, epoch, n, dev_len, body_len = _REC.unpack_from(buf, off)
@@ -240,8 +504,10 @@ class Replica:
             off = end
         return recs, bool(txn) or off != len(buf)
 
-    def _recover(self) -> str:
-        recs, torn = self._read_journal()
+    def _recover(self, replay: bool = True) -> str:
+        """Replay every complete transaction after the committed epoch, then empty the journal.
+        Raises ReplicaStorageError if the replay fails (the journal is kept)."""
+        recs, torn = self._read_journal() if replay else ([], False)
         replayed = None
         commit_epochs = [r[1] for r in recs if r[0] == REC_COMMIT]
         if commit_epochs and max(commit_epochs) > self.committed_epoch:
@@ -253,28 +519,81 @@ class Replica:
                         self._apply(pending)
                         replayed = rec[1]
                     pending = []
-        self._truncate_journal()
+        self._pending = False
+        if replayed is not None:
+            self.problem = None
+        self._truncate_after_commit()
         if replayed is not None:
             return f"replayed epoch {replayed}"
         if torn:
             return f"discarded torn epoch {self.committed_epoch + 1}"
         return "clean"
 
-    def _truncate_journal(self) -> None:
-        fd = os.open(self.dir / "journal", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        if self.fsync:
-            os.fsync(fd)
-        os.close(fd)
+    def _truncate_after_commit(self) -> None:
+        """The committed epoch is recorded: empty the journal. A failure is logged, not raised (a
+        transaction at or below the committed epoch never replays; the next one resets first)."""
+        try:
+            self._reset_journal("journal-truncate")
+        except ReplicaStorageError as e:
+            log.warning("replica.journal_truncate_failed", path=str(self.journal_path), error=str(e),
+                        committed_epoch=self.committed_epoch)
+
+    def _give_up(self, err: ReplicaStorageError, why: str) -> None:
+        """The journalled transaction could not be applied: RAM may be part N-1, part N. Not
+        resumable; a resync base (its hashes are what ram.img holds). The journal is kept: a
+        later `settle` or `open` that replays it brings the replica to N."""
+        self._device_state = None
+        self.problem = f"the replica in {self.dir} is not usable: {why}"
+        self.valid = False
+        self.seeded = True
+        self._report(err, max(self._needed, _SLACK))
+        try:
+            self._write_meta()
+        except ReplicaStorageError:
+            pass  # the journal on disk still replays at the next open
+
+    def settle(self) -> None:
+        """Finish what a failed write left: replay a journalled transaction, empty the journal.
+        Raises ReplicaStorageError if it still cannot (the replica then stays as it was)."""
+        if self._pending:
+            try:
+                self._recover()
+            except ReplicaStorageError as e:
+                self._give_up(e, f"replaying the journal failed: {e}")
+                raise
+        if not self._journal_clean:
+            try:
+                self._reset_journal()
+            except ReplicaStorageError as e:
+                self._report(e, _SLACK)
+                raise
+
+    def ready(self) -> None:
+        """Before a session: `settle`, and if the last failure was a full disk, check that the
+        space it needed is back (so a full disk costs no resync per reconnect). Raises
+        ReplicaStorageError with the sentence to give the primary."""
+        try:
+            self.settle()
+        except ReplicaStorageError as e:
+            if e.disk_full:
+                raise
+            # Another failure: the replica is marked invalid (a resync base, see `_give_up`); the
+            # sync that follows empties the journal or fails again, by name.
+        err = self.last_error
+        if err is not None and err.disk_full:
+            free = free_bytes(self.dir)
+            if free < self._needed:
+                raise ReplicaStorageError(
+                    f"{self.dir} is still full: {free} bytes free, the last checkpoint needed {self._needed} "
+                    f"({err}); free space there, replication resumes by itself",
+                    step=err.step, path=err.path, errno=err.errno, free_bytes=free)
 
     # ----------------------------------------------------------- apply
     def begin_initial_sync(self) -> None:
         """The standby has nothing usable: blocks go straight into ram.img."""
-        self.valid = False
-        self.committed_epoch = 0
+        self._write_meta(valid=False, committed_epoch=0)
+        self._void_journal()
         self.syncing_initial = True
-        self._staged.clear()
-        self._staged_list.clear()
-        self._write_meta()
 
     def begin_resync(self) -> None:
         """The replica stays valid at its epoch; resync blocks are staged with the next epoch."""
@@ -283,6 +602,8 @@ class Replica:
         self._staged_list.clear()
         if self.syncing_initial:
             self.begin_initial_sync()
+        else:
+            self.settle()
 
     def write_block(self, first_page: int, pages: np.ndarray) -> None:
         """A block of full pages from an initial sync or a resync."""
@@ -295,10 +616,10 @@ class Replica:
             return
         numbers = np.arange(first_page, first_page + n, dtype=np.int64)
         data = np.array(pages, copy=True)
+        self._append("resync-append", self._record(REC_BLOCK, self.committed_epoch, numbers, data, b""))
         self._staged_list.append((numbers, data))
         for i, p in enumerate(numbers):
             self._staged[int(p)] = data[i]
-        self._append(self._record(REC_BLOCK, self.committed_epoch, numbers, data, b""))
 
     def old_pages(self, page_numbers: np.ndarray) -> np.ndarray:
         """The standby's current version of these pages (staged resync content wins)."""
@@ -314,25 +635,51 @@ class Replica:
         return old
 
     def commit(self, epoch: int, page_numbers: np.ndarray, new_pages: np.ndarray, device_state: bytes) -> None:
-        """Make epoch `epoch` the replica: journal it, fsync, apply, record. Whole or nothing."""
+        """Make epoch `epoch` the replica: journal it, fsync, apply, record. Whole or nothing;
+        raises ReplicaStorageError when the disk fails (see the module docstring for the state
+        it leaves)."""
         if epoch <= self.committed_epoch:
             raise ReplicaError(f"epoch {epoch} is not after the committed epoch {self.committed_epoch} "
                                "(a replayed or stale checkpoint)")
         if not device_state:
             raise ReplicaError(f"epoch {epoch} carries no device state")
         pages = page_numbers.astype(np.int64)
-        self._append(self._record(REC_COMMIT, epoch, pages, new_pages, device_state))
+        self._append("journal-append", self._record(REC_COMMIT, epoch, pages, new_pages, device_state))
         _crash_point("before-journal-sync")
         if self.fsync:
-            os.fsync(self._journal_fd)
+            try:
+                self._io("journal-fsync", self.journal_path, self._ops.fsync, self._journal_fd)
+            except ReplicaStorageError as e:
+                # After a failed fsync the journal's pages may be lost or not: it is not durable.
+                needed = self._txn_bytes + _SLACK
+                self._abort_txn()
+                self._report(e, needed)
+                raise
         _crash_point("after-journal")
+        # Durable: from here the replica comes out at `epoch`, now or by a later replay.
+        self._pending = True
+        needed = self._txn_bytes + _SLACK
         txn = [(REC_BLOCK, self.committed_epoch, n, d, b"") for n, d in self._staged_list]
         txn.append((REC_COMMIT, epoch, pages, new_pages, device_state))
-        self._apply(txn)
         self._staged.clear()
         self._staged_list.clear()
+        self._txn_bytes = 0
         self.syncing_initial = False
-        os.ftruncate(self._journal_fd, 0)
+        try:
+            self._apply(txn)
+        except ReplicaStorageError as e:
+            self._device_state = None
+            self._report(e, needed)
+            try:
+                self.settle()  # replay from the journal now; marks the replica invalid if it fails again
+            except ReplicaStorageError as again:
+                raise e from again  # the first failure says best what went wrong
+            log.info("replica.replayed_after_failure", committed_epoch=self.committed_epoch)
+            self._recovered()
+            return
+        self._pending = False
+        self._recovered()
+        self._truncate_after_commit()
 
     def _apply(self, txn) -> None:
         """Redo a complete transaction (idempotent)."""
@@ -344,14 +691,13 @@ class Replica:
                 self.ram[pages[half:].astype(np.intp)] = data[half:]
             if kind == REC_COMMIT:
                 if self.fsync:
-                    self._map.flush()
+                    self._io("ram-flush", self.ram_path, self._ops.msync, self._map)
                 _crash_point("after-ram")
-                atomic_write(self.device_state_path, dev, fsync=self.fsync)
+                self._io("device-state", self.device_state_path, self._ops.replace, self.device_state_path,
+                         bytes(dev), self.fsync)
                 self._device_state = bytes(dev)
                 _crash_point("after-device-state")
-                self.committed_epoch = epoch
-                self.valid = True
-                self._write_meta()
+                self._write_meta(committed_epoch=epoch, valid=True, problem=None)
                 _crash_point("after-meta")
 
     def device_state(self) -> bytes:
@@ -360,6 +706,7 @@ class Replica:
         return self._device_state
 
     def block_hashes(self, block_pages: int) -> list[bytes]:
+        """blake2b-128 of each block of ram.img: O(RAM), call it off the event loop."""
         flat = self.ram.reshape(-1)
         bs = block_pages * self.page_size
         return [hashlib.blake2b(memoryview(flat[o:o + bs]), digest_size=16).digest()

@@ -135,3 +135,43 @@ def test_seeded_replica_offers_hashes_but_is_not_resumable(tmp_path):
     with pytest.raises(ReplicaError, match="cannot seed from .*short.ram: 4096 bytes"):
         r.seed(bad, {}, "run-1")
     r.close()
+
+
+_FAIL_THEN_INITIAL_SYNC = """
+import errno, sys
+from pathlib import Path
+from replication.store import FileOps, Replica, ReplicaStorageError
+from tests import replica_worker as W
+
+class DeviceStateFull(FileOps):
+    def replace(self, step, path, data, fsync):
+        if step == "device-state":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().replace(step, path, data, fsync)
+
+r = Replica(Path(sys.argv[1]), W.PAGES * W.PS, ops=DeviceStateFull())
+r.open()
+pages, data, dev = W.epoch_content(4)
+try:
+    r.commit(4, pages, data, dev)  # journalled, not applicable: RAM part 3, part 4
+except ReplicaStorageError:
+    pass
+r.begin_initial_sync()  # GEOMIRROR_CRASH_AT=void-after-meta: killed before the journal is emptied
+"""
+
+
+def test_killed_while_an_initial_sync_empties_a_pending_journal(tmp_path):
+    """`valid: false` is recorded, the journal not yet emptied, no block written: a reopen
+    replays the journalled epoch onto that RAM and is exactly epoch 4."""
+    assert run_worker(tmp_path, 3) == 0
+    env = dict(os.environ, GEOMIRROR_CRASH_AT="void-after-meta", PYTHONPATH=str(Path(__file__).parent.parent))
+    p = subprocess.run([sys.executable, "-c", _FAIL_THEN_INITIAL_SYNC, str(tmp_path)], env=env,
+                       cwd=Path(__file__).parent.parent, capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-500:]
+    r, rep = open_replica(tmp_path)
+    try:
+        assert rep.recovered == "replayed epoch 4" and rep.valid and rep.committed_epoch == 4
+        ram, dev = W.expected(4)
+        assert np.array_equal(r.ram, ram) and r.device_state() == dev
+    finally:
+        r.close()
