@@ -338,6 +338,8 @@ class SiteDaemon:
         elif sb is not None and sb.standby is not None:
             for k, v in sb.status().items():
                 setattr(s, k, v)
+            if sb.standby.status.problem:  # e.g. the replica's disk is full: not protecting
+                s.alarms.append(sb.standby.status.problem)
         if self.speaker is not None:
             s.bgp = {"neighbors": dict(self.speaker.neighbor_states), "exabgp_pid": self.speaker.pid,
                      "exabgp_restarts": self.speaker.restarts}

@@ -135,7 +135,7 @@ class StandbySide:
     def status(self) -> dict:
         st = self.standby.status
         return {"committed_epoch": self.committed_epoch, "rtt_ms": self.standby.link.as_dict()["rtt_ms"],
-                "replication": {"state": st.state, "valid": st.valid, "peer": st.peer,
+                "replication": {"state": st.state, "problem": st.problem, "valid": st.valid, "peer": st.peer,
                                 "peer_cert_serial": st.peer_cert_serial, "rejected_frames": st.rejected_frames,
                                 "last_apply_ms": round(st.last_apply_ms, 2), "hot_standby": self.hot is not None}}
 
