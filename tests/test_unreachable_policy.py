@@ -26,7 +26,7 @@ def test_continue_unprotected_after_grace_while_holding_the_lease(lab_env):
     a = labcli.site_status("site-a")
     assert a["ha_state"] == "active_unprotected" and a["gate"]["mode"] == "open"
     assert a["protection_changes"] >= 2 and a["ha"]["holding_lease"]
-    assert any(e["event"] == "protection.continue_unprotected" for e in a["timeline"])
+    assert any(e["event"] == "protection.grace_over" and e["gate"] == "open" for e in a["timeline"])
     t1 = time.monotonic()
     for i in range(50):
         assert mc.incr("k") == i + 2
