@@ -152,10 +152,10 @@ class SiteConfig:
 @dataclass(frozen=True)
 class WitnessSection:
     listen: ipaddress.IPv4Address
+    sites: tuple[str, ...]  # the only certificate names that may hold a lease (never the witness's own)
     name: str = "witness"
     port: int = 7790
     state_dir: Path = Path("/var/lib/geomirror-witness")
-    sites: tuple[str, ...] = ()  # () = any certificate from the pair CA may hold a lease
 
 
 @dataclass(frozen=True)
@@ -490,6 +490,10 @@ def _load_guest(L: _Loader, data: dict) -> GuestSection:
     return g
 
 
+_SITES_NEEDED = ("name the sites that may hold leases, e.g. sites = [\"fra1\", \"ams1\"]; any other "
+                 "certificate of the pair CA, the witness's own included, is refused")
+
+
 def load_witness(path) -> WitnessConfig:
     """Read and validate a witness config."""
     resolved, data = _read(path)
@@ -499,15 +503,21 @@ def load_witness(path) -> WitnessConfig:
     def sites(v):
         if not isinstance(v, list):
             raise TypeError(f"must be an array of site names, not {_tname(v)} ({v!r})")
+        if not v:
+            raise ValueError(f"is empty: {_SITES_NEEDED}")
         names = tuple(_name(s) for s in v)
         if len(set(names)) != len(names):
             raise ValueError(f"{list(names)} names a site twice")
         return names
 
-    w = L.section(WitnessSection, L.table(data, "witness"), "witness",
+    wdata = L.table(data, "witness")
+    if "sites" not in wdata:
+        raise L.err("witness.sites", f"missing (required): {_SITES_NEEDED}")
+    w = L.section(WitnessSection, wdata, "witness",
                   {"state_dir": L.path_, "sites": sites, "name": _name}, {"port": PORT})
     if w.name in w.sites:
-        raise L.err("witness.sites", f"{w.name!r} is the witness's own name")
+        raise L.err("witness.sites", f"{w.name!r} is the witness's own name: its certificate must never "
+                    "hold a lease")
     tls = L.section(TLSSection, L.table(data, "tls"), "tls", {k: L.path_ for k in ("ca", "cert", "key")})
     return WitnessConfig(resolved, w, tls)
 
@@ -522,7 +532,8 @@ def check(path, files: bool = False) -> str:
         return (f"{cfg.path}: site {cfg.site.name} (AS {cfg.site.asn}, {cfg.site.initial_role}), peer "
                 f"{cfg.peer.name} at {cfg.peer.address}:{cfg.peer.port}, guest {cfg.guest.prefix}, witness "
                 f"{cfg.witness.name if cfg.witness else 'none (no automatic takeover)'}")
-    return f"{cfg.path}: witness {cfg.witness.name} on {cfg.witness.listen}:{cfg.witness.port}"
+    return (f"{cfg.path}: witness {cfg.witness.name} on {cfg.witness.listen}:{cfg.witness.port}, "
+            f"serving sites {', '.join(cfg.witness.sites)}")
 
 
 if __name__ == "__main__":  # python -m geomirror.config FILE [--files]

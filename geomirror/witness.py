@@ -1,7 +1,9 @@
 """Witness: a lease service (one holder per guest, fencing generations) over mutual TLS, and its client.
 
 The pure core is `LeaseTable` (time is passed in). `WitnessServer` puts it behind aiohttp
-with mutual TLS: the site is the CN of its client certificate, never the request body.
+with mutual TLS: the site is the CN of its client certificate, never the request body, and
+only the sites the witness is configured with (`allowed_sites`, required) are served; any
+other certificate of the pair CA, the witness's own included, gets 403.
 Every change of generation or holder is on disk (temp, fsync, rename, fsync dir) before
 the answer leaves. After a restart every lease counts as valid for its full TTL from the
 restart, because the monotonic clock it was measured with is gone.
@@ -170,11 +172,14 @@ class WitnessServer:
     """The lease service. `start()` binds (port 0 picks a free port: see `.port`); `stop()` ends it."""
 
     def __init__(self, state_dir, host: str, port: int, ssl_context: ssl.SSLContext,
-                 allowed_sites: set[str] | None = None):
+                 allowed_sites: set[str] | frozenset[str] | tuple[str, ...] | None):
+        if not allowed_sites:
+            raise WitnessError("the witness needs the names of the sites it serves (witness.sites): "
+                               "without them any certificate of the pair CA could hold a lease")
         self.state_dir = Path(state_dir)
         self.host, self.port = host, port
         self.ssl_context = ssl_context
-        self.allowed_sites = set(allowed_sites) if allowed_sites else None
+        self.allowed_sites = frozenset(allowed_sites)
         self.state_path = self.state_dir / STATE_FILE
         self.table: LeaseTable | None = None
         self._lock = asyncio.Lock()
@@ -209,7 +214,7 @@ class WitnessServer:
         await self._runner.setup()
         await web.SockSite(self._runner, sock, ssl_context=self.ssl_context).start()
         log.info("witness.listening", host=self.host, port=self.port, state=str(self.state_path),
-                 allowed_sites=sorted(self.allowed_sites) if self.allowed_sites else "any with a pair certificate")
+                 allowed_sites=sorted(self.allowed_sites))
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -222,11 +227,12 @@ class WitnessServer:
         if name is None:
             raise web.HTTPForbidden(text=json.dumps({"error": "no client certificate with a CN"}),
                                     content_type="application/json")
-        if self.allowed_sites is not None and name not in self.allowed_sites:
-            log.warning("lease.refused", site=name, why="site not allowed")
-            raise web.HTTPForbidden(text=json.dumps({"error": f"site {name!r} is not allowed by this witness "
-                                                     f"(allowed: {', '.join(sorted(self.allowed_sites))})"}),
-                                    content_type="application/json")
+        if name not in self.allowed_sites:
+            log.warning("lease.refused", site=name, why="not in witness.sites")
+            raise web.HTTPForbidden(text=json.dumps({"error": (
+                f"certificate {name!r} is not one of the sites this witness serves "
+                f"({', '.join(sorted(self.allowed_sites))}): it may not hold or read a lease")}),
+                content_type="application/json")
         return name
 
     @staticmethod
@@ -311,7 +317,7 @@ class WitnessServer:
 
 
 async def serve_witness(state_dir, host: str, port: int, ssl_context: ssl.SSLContext,
-                        allowed_sites: set[str] | None = None, identity=None) -> None:
+                        allowed_sites: set[str] | None, identity=None) -> None:
     """Run the witness until cancelled. With `identity` (a pairing.TlsIdentity whose server
     context is `ssl_context`), a rotated certificate is taken up when its files change or on
     SIGHUP, without dropping a lease."""
@@ -335,6 +341,11 @@ async def serve_witness(state_dir, host: str, port: int, ssl_context: ssl.SSLCon
 
 
 # ---------------------------------------------------------------- client
+def _now() -> tuple[float, float]:
+    """(monotonic, CLOCK_BOOTTIME) seconds, read before a request is sent."""
+    return time.monotonic(), time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 @dataclass(frozen=True)
 class LeaseResult:
     ok: bool  # granted / renewed / released
@@ -342,6 +353,8 @@ class LeaseResult:
     holder: str | None
     expires_in_ms: int
     expires_at: float | None  # local time.monotonic(), counted from when the request was *sent*
+    # the same deadline on CLOCK_BOOTTIME (counts through a suspend): the gate's `allow(until=)`
+    expires_at_boottime: float | None = None
 
 
 class WitnessClient:
@@ -391,24 +404,25 @@ class WitnessClient:
             raise WitnessUnreachable(f"{where} is unreachable: {type(e).__name__}: {e or 'timed out'}{hint}") from None
 
     @staticmethod
-    def _result(data: dict, ok_key: str, sent: float) -> LeaseResult:
+    def _result(data: dict, ok_key: str, sent: tuple[float, float]) -> LeaseResult:
         ok = bool(data.get(ok_key))
         ms = int(data.get("expires_in_ms", 0))
+        valid = ok and ms
         return LeaseResult(ok, int(data.get("generation", 0)), data.get("holder"), ms,
-                           sent + ms / 1000 if ok and ms else None)
+                           sent[0] + ms / 1000 if valid else None, sent[1] + ms / 1000 if valid else None)
 
     async def acquire(self, guest: str, ttl_ms: int) -> LeaseResult:
-        sent = time.monotonic()
+        sent = _now()
         return self._result(await self._call("POST", f"/v1/lease/{guest}/acquire", {"ttl_ms": ttl_ms}),
                             "granted", sent)
 
     async def renew(self, guest: str, generation: int, ttl_ms: int) -> LeaseResult:
-        sent = time.monotonic()
+        sent = _now()
         data = await self._call("POST", f"/v1/lease/{guest}/renew", {"generation": generation, "ttl_ms": ttl_ms})
         return self._result(data, "renewed", sent)
 
     async def release(self, guest: str, generation: int) -> LeaseResult:
-        sent = time.monotonic()
+        sent = _now()
         data = await self._call("POST", f"/v1/lease/{guest}/release", {"generation": generation})
         return self._result(data, "released", sent)
 

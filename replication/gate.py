@@ -11,6 +11,18 @@ checkpoint: every frame read before belongs to N or earlier; any frame read afte
 belongs to a later epoch (the safe side, since it may have left the guest after the
 pause began).
 
+Memory is bounded both ways: outbound frames held (HOLD, or OPEN before the HA layer
+allows output) stop at `max_held_bytes`, and inbound frames queued toward a guest whose
+QEMU does not read stop at `max_to_guest_bytes`; what does not fit is dropped (like a
+full link: TCP in the guest and at the client retransmits) and counted per reason in
+`GateStats`.
+
+Output needs the HA layer's permission, `allow(True, until=...)`: `until` is the
+lease's deadline on CLOCK_BOOTTIME (seconds; `boottime()`), checked at the moment a
+frame would leave, not only at the HA tick, so a site whose lease ran out sends
+nothing more even if its HA loop is late. `allow(True)` without `until` has no deadline
+(a site without a witness).
+
 `Gate` is the interface; `UserspaceGate` is the implementation used here (this
 kernel has no ``sch_plug``; a plug-qdisc backend would implement the same methods).
 """
@@ -26,6 +38,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import structlog
 
@@ -35,6 +48,13 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 MAX_FRAME = 65536 + 64
+DEFAULT_MAX_HELD_BYTES = 64 << 20
+DEFAULT_MAX_TO_GUEST_BYTES = 4 << 20  # a few checkpoint pauses of inbound traffic at 1 Gbit/s
+
+
+def boottime() -> float:
+    """CLOCK_BOOTTIME in seconds: monotonic and counting through a suspend, the clock of `allow(until=)`."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 class GateMode(enum.Enum):
@@ -50,7 +70,14 @@ class GateStats:
     bytes_out: int = 0
     frames_held: int = 0
     bytes_held: int = 0
-    frames_dropped: int = 0
+    frames_dropped: int = 0  # all drops; the dropped_* fields say why
+    dropped_to_guest: int = 0  # inbound: the guest's QEMU does not read and its queue is at the cap
+    dropped_no_guest: int = 0  # inbound: no guest connected (e.g. between two QEMUs at a resume)
+    dropped_held_cap: int = 0  # outbound: the hold is at max_held_bytes
+    dropped_fenced: int = 0  # outbound: fenced (arrived while fenced, or held when the fence came)
+    dropped_tap: int = 0  # outbound: the TAP would block or is gone
+    dropped_on_resume: int = 0  # outbound: held frames of the previous guest discarded at a resume
+    withheld_lease_expired: int = 0  # times output was due to leave but the lease deadline had passed
     epochs_released: int = 0
     last_release_delay_ms: float = 0.0
     max_release_delay_ms: float = 0.0
@@ -71,30 +98,82 @@ def open_tap(name: str) -> int:
 
 
 class Gate:
-    """Interface of an output gate backend."""
+    """Interface of an output gate backend: everything the site service calls.
+
+    Frames the guest sends are tagged with the epoch they were read in; `seal(N)` (vCPUs
+    stopped) ends epoch N; `release(N)` (the standby committed N) lets epochs <= N leave,
+    in order, if and while the HA layer allows it (`allow`). The mode says what happens
+    to output at all: OPEN passes it (when allowed), HOLD keeps it for `release`, FENCED
+    drops it.
+    """
 
     mode: GateMode
+    allowed: bool  # the HA layer's word: this site may release output
+    until: float | None  # the lease deadline (CLOCK_BOOTTIME seconds) output must not outlive
+    stats: GateStats
 
-    def seal(self, epoch: int) -> None: ...
-    def release(self, epoch: int) -> None: ...
-    def set_mode(self, mode: GateMode) -> None: ...
+    async def start(self) -> None:
+        """Begin relaying (bind the guest's socket, attach to the network)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop relaying; held frames are lost."""
+        raise NotImplementedError
+
+    def seal(self, epoch: int) -> None:
+        """With the vCPUs stopped for `epoch`: every frame read so far belongs to `epoch` or earlier."""
+        raise NotImplementedError
+
+    def release(self, epoch: int) -> None:
+        """The standby committed `epoch`: frames of epochs <= `epoch` may leave (if allowed, before `until`)."""
+        raise NotImplementedError
+
+    def allow(self, allowed: bool, until: float | None = None) -> None:
+        """The HA layer's permission to release output, up to the lease deadline `until`
+        (CLOCK_BOOTTIME seconds; None: no deadline). Acks are recorded while withheld."""
+        raise NotImplementedError
+
+    def set_mode(self, mode: GateMode) -> None:
+        """OPEN, HOLD or FENCED (fencing discards what is held)."""
+        raise NotImplementedError
+
+    def open_after_resume(self) -> None:
+        """At a site that resumed the guest: it is the only copy now; whatever was held is discarded
+        (it was not committed) and output flows in OPEN mode (when allowed)."""
+        raise NotImplementedError
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch a frame read now belongs to."""
+        raise NotImplementedError
+
+    def held_epochs(self) -> int:
+        """How many epochs have frames waiting."""
+        raise NotImplementedError
 
 
 class UserspaceGate(Gate):
     """Relays frames between QEMU's stream socket and a TAP fd, holding output per epoch."""
 
     def __init__(self, socket_path: Path, tap_fd: int, *, mode: GateMode = GateMode.HOLD,
-                 max_held_bytes: int = 64 << 20):
+                 max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
+                 max_to_guest_bytes: int = DEFAULT_MAX_TO_GUEST_BYTES,
+                 clock: Callable[[], float] = boottime):
         self.socket_path = Path(socket_path)
         self.tap_fd = tap_fd
         self.mode = mode
         self.max_held_bytes = max_held_bytes
+        self.max_to_guest_bytes = max_to_guest_bytes
         self.stats = GateStats()
         # Held frames: deque of (epoch, frame). Frames read now are tagged `self._epoch`.
         self._held: deque[tuple[int, bytes]] = deque()
         self._epoch = 0  # epoch the next frame read belongs to
         self._committed = -1  # newest epoch the standby acknowledged
         self.allowed = True  # the HA layer's word: this site may release output (holds the lease)
+        self.until: float | None = None  # ... until this CLOCK_BOOTTIME second (None: no deadline)
+        self._clock = clock
+        self._expiry_logged = False  # one log line per deadline passed
+        self._guest_full_logged = False  # one log line per episode of a guest not reading
         self._sealed_at: dict[int, float] = {}
         self._server: asyncio.AbstractServer | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -148,21 +227,26 @@ class UserspaceGate(Gate):
 
     def _outbound(self, frame: bytes) -> None:
         mode = self.mode
-        if mode is GateMode.OPEN and self.allowed:
+        if mode is GateMode.FENCED:
+            self._drop("dropped_fenced")
+        elif mode is GateMode.OPEN and self._may_send():
+            if self._held:  # what waited (not yet allowed, or past a deadline) leaves first
+                self._flush()
             self._to_tap(frame)
-        elif mode is GateMode.OPEN:
-            self._held.append((self._epoch, frame))  # not yet allowed: hold, release on allow()
-            self.stats.frames_held += 1
-            self.stats.bytes_held += len(frame)
-        elif mode is GateMode.HOLD:
-            if self.stats.bytes_held + len(frame) > self.max_held_bytes:
-                self.stats.frames_dropped += 1  # like a full link: the guest's TCP retransmits
-                return
-            self._held.append((self._epoch, frame))
-            self.stats.frames_held += 1
-            self.stats.bytes_held += len(frame)
-        else:
-            self.stats.frames_dropped += 1
+        else:  # HOLD, or OPEN while not allowed: held, released by release() / allow()
+            self._hold(frame)
+
+    def _hold(self, frame: bytes) -> None:
+        if self.stats.bytes_held + len(frame) > self.max_held_bytes:
+            self._drop("dropped_held_cap")  # like a full link: the guest's TCP retransmits
+            return
+        self._held.append((self._epoch, frame))
+        self.stats.frames_held += 1
+        self.stats.bytes_held += len(frame)
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.stats.frames_dropped += n
+        setattr(self.stats, reason, getattr(self.stats, reason) + n)
 
     def _to_tap(self, frame: bytes) -> None:
         try:
@@ -170,10 +254,26 @@ class UserspaceGate(Gate):
             self.stats.frames_out += 1
             self.stats.bytes_out += len(frame)
         except BlockingIOError:
-            self.stats.frames_dropped += 1
+            self._drop("dropped_tap")
         except OSError as e:  # TAP down (site being torn down): count, don't crash the relay
-            self.stats.frames_dropped += 1
+            self._drop("dropped_tap")
             log.debug("gate.tap_write_failed", error=str(e))
+
+    def _may_send(self) -> bool:
+        """Allowed, and the lease deadline (if any) not passed: read now, at the moment output leaves."""
+        if not self.allowed:
+            return False
+        if self.until is None:
+            return True
+        now = self._clock()
+        if now < self.until:
+            return True
+        self.stats.withheld_lease_expired += 1
+        if not self._expiry_logged:
+            self._expiry_logged = True
+            log.warning("gate.lease_expired", until=round(self.until, 3), overdue_ms=round((now - self.until) * 1000, 1),
+                        held_frames=len(self._held), hint="output is withheld until the lease is renewed")
+        return False
 
     # -- network side ----------------------------------------------------
     def _on_tap_readable(self) -> None:
@@ -185,9 +285,23 @@ class UserspaceGate(Gate):
             except OSError:
                 return
             self.stats.frames_in += 1
-            w = self._writer
-            if w is not None and not w.is_closing():
-                w.write(struct.pack(">I", len(frame)) + frame)
+            self._inbound(frame)
+
+    def _inbound(self, frame: bytes) -> None:
+        w = self._writer
+        if w is None or w.is_closing():
+            self._drop("dropped_no_guest")
+            return
+        queued = w.transport.get_write_buffer_size()
+        if queued + 4 + len(frame) > self.max_to_guest_bytes:
+            self._drop("dropped_to_guest")
+            if not self._guest_full_logged:
+                self._guest_full_logged = True
+                log.warning("gate.guest_not_reading", queued_bytes=queued, cap=self.max_to_guest_bytes,
+                            hint="inbound frames are dropped until the guest's QEMU reads again")
+            return
+        self._guest_full_logged = False
+        w.write(struct.pack(">I", len(frame)) + frame)
 
     # -- epochs ----------------------------------------------------------
     def seal(self, epoch: int) -> None:
@@ -195,18 +309,24 @@ class UserspaceGate(Gate):
         self._sealed_at[epoch] = time.monotonic()
         self._epoch = epoch + 1
 
-    def allow(self, allowed: bool) -> None:
-        """Release permission from the HA layer. While withheld, acks are recorded, nothing leaves."""
+    def allow(self, allowed: bool, until: float | None = None) -> None:
+        """Release permission from the HA layer, up to the lease deadline `until` (CLOCK_BOOTTIME
+        seconds, see `boottime()`; None: no deadline). While withheld, acks are recorded, nothing
+        leaves; a later allow (a renewed lease) releases what is due."""
         self.allowed = allowed
+        if until != self.until:
+            self._expiry_logged = False
+        self.until = until if allowed else None
         if allowed and self.mode is GateMode.OPEN:
-            self._flush()
+            if self._held and self._may_send():
+                self._flush()
         elif allowed and self._committed >= 0:
             self.release(self._committed)
 
     def release(self, epoch: int) -> None:
         """The standby committed `epoch`: send every held frame of epochs <= epoch, in order."""
         self._committed = max(self._committed, epoch)
-        if not self.allowed:
+        if not self._may_send():
             return
         held = self._held
         while held and held[0][0] <= epoch:
@@ -227,14 +347,12 @@ class UserspaceGate(Gate):
         if mode is self.mode:
             return
         log.info("gate.mode", old=self.mode.value, new=mode.value, held_frames=len(self._held))
+        self.mode = mode
         if mode is GateMode.FENCED:
-            self.stats.frames_dropped += len(self._held)
-            self._held.clear()
-            self.stats.frames_held = self.stats.bytes_held = 0
-        elif mode is GateMode.OPEN and self._held and self.allowed:
+            self._discard("dropped_fenced")
+        elif mode is GateMode.OPEN and self._held and self._may_send():
             # Leaving protection (continue-unprotected): what was held goes out in order.
             self._flush()
-        self.mode = mode
 
     def _flush(self) -> None:
         while self._held:
@@ -242,10 +360,15 @@ class UserspaceGate(Gate):
             self._to_tap(frame)
         self.stats.frames_held = self.stats.bytes_held = 0
 
-    def open_after_resume(self) -> None:
-        """At the standby after takeover: the resumed guest is the only copy; output flows."""
+    def _discard(self, reason: str) -> None:
+        if self._held:
+            self._drop(reason, len(self._held))
         self._held.clear()
         self.stats.frames_held = self.stats.bytes_held = 0
+
+    def open_after_resume(self) -> None:
+        """At the standby after takeover: the resumed guest is the only copy; output flows."""
+        self._discard("dropped_on_resume")
         self.mode = GateMode.OPEN
 
     @property

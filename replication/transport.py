@@ -1,8 +1,24 @@
 """Framed messages between the two sites over one TCP stream (mutual TLS in production).
 
-Each message: 1-byte type, 4-byte big-endian length, payload. A length over the
-negotiated cap, an unknown type, or a stream cut mid-message is a `ChannelError`:
-the connection is dropped and nothing from it is applied.
+Each message: 1-byte type, 8-byte big-endian length, payload (protocol 3; protocol 2
+had a 4-byte length, which stopped at 4 GiB: a checkpoint of a guest of 4 GiB or more
+can carry a whole RAM's worth of changed pages). Every type has a size cap: the control messages a few bytes or 64 KiB
+(`TYPE_CAPS`), the bulk ones (HASHES, SYNC, CHECKPOINT) the channel's `max_frame`
+(guest RAM + 64 MiB in the service). A length over its type's cap, an unknown type,
+or a stream cut mid-message is a `ChannelError` naming the peer: the connection is
+dropped and nothing from it is applied.
+
+Frames are atomic on the wire (one writer at a time holds the channel's lock for a
+whole frame), but a large payload goes out in `slice_bytes` slices with the event
+loop free between them, and a large payload comes in the same way, so a 64 MiB
+checkpoint does not stall the loop (heartbeat timers, the gate, the HA tick). A sender
+cancelled in the middle of a frame leaves the stream unframeable: the channel is
+closed then and every later send fails.
+
+Heartbeats (replication/session.py) are HEARTBEAT messages of three u64: a sequence
+number, the sender's monotonic clock in ns and the sender's lease generation. The
+receiver sends the same 24 bytes back as HEARTBEAT_ECHO and reports the generation;
+the sender times the echo against its own clock for the RTT estimate.
 """
 
 from __future__ import annotations
@@ -20,9 +36,12 @@ from gmbase.errors import GeomirrorError
 
 log = structlog.get_logger(__name__)
 
-PROTOCOL_VERSION = 2  # 2: checkpoint frames v2 (per-page raw/XOR)
-_HDR = struct.Struct(">BI")
+PROTOCOL_VERSION = 3  # 3: 64-bit frame lengths; 2: checkpoint frames v2 (per-page raw/XOR)
+_HDR = struct.Struct(">BQ")
+HEADER_SIZE = _HDR.size
 DEFAULT_MAX_FRAME = 64 << 20
+SLICE_BYTES = 1 << 20  # a payload larger than this is written and read in slices of it
+_JOIN_IN_THREAD = 8 << 20  # joining the slices of a payload this large is left to a thread (no GIL held)
 
 
 class MsgType(enum.IntEnum):
@@ -34,9 +53,19 @@ class MsgType(enum.IntEnum):
     SYNC = 6  # codec frame, FULL pages
     CHECKPOINT = 7  # codec frame, one epoch
     ACK = 8  # u64 committed epoch
-    HEARTBEAT = 9  # u64 seq, u64 sender monotonic ns
-    HEARTBEAT_ECHO = 10  # the same, echoed
+    HEARTBEAT = 9  # u64 seq, u64 sender monotonic ns, u64 sender lease generation
+    HEARTBEAT_ECHO = 10  # the same 24 bytes, echoed
     SWITCHOVER = 11  # u64 epoch: primary -> standby, "take over from this epoch" (planned switchover)
+
+
+_JSON_CAP = 64 << 10
+# The control messages are small whatever the guest's size; the types not named here
+# (HASHES, SYNC, CHECKPOINT) are bounded by the channel's max_frame only.
+TYPE_CAPS: dict[MsgType, int] = {
+    MsgType.HELLO: _JSON_CAP, MsgType.HELLO_REPLY: _JSON_CAP, MsgType.ERROR: _JSON_CAP,
+    MsgType.SYNC_BEGIN: _JSON_CAP, MsgType.ACK: 8, MsgType.SWITCHOVER: 8,
+    MsgType.HEARTBEAT: 64, MsgType.HEARTBEAT_ECHO: 64,
+}
 
 
 class ChannelError(GeomirrorError):
@@ -48,7 +77,7 @@ class PeerRefused(ChannelError):
 
 
 class Channel:
-    """A framed, typed message stream. One reader, any number of writers (serialised)."""
+    """A framed, typed message stream. One reader, any number of writers (serialised per frame)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  max_frame: int = DEFAULT_MAX_FRAME, peer: str = "?"):
@@ -56,22 +85,55 @@ class Channel:
         self.writer = writer
         self.max_frame = max_frame
         self.peer = peer
+        self.slice_bytes = SLICE_BYTES  # 0: a payload is written in one piece (no pause inside a frame)
         self._wlock = asyncio.Lock()
+        self._broken: str | None = None  # why no frame can be sent any more (a frame was cut short)
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    async def send(self, mtype: MsgType, payload: bytes | memoryview = b"") -> None:
-        if len(payload) > self.max_frame:
-            raise ChannelError(f"refusing to send a {mtype.name} of {len(payload)} bytes "
-                               f"(cap {self.max_frame})")
+    def frame_cap(self, mtype: MsgType) -> int:
+        """The largest payload of type `mtype` this channel sends or accepts."""
+        return min(TYPE_CAPS.get(mtype, self.max_frame), self.max_frame)
+
+    async def send(self, mtype: MsgType, payload: bytes | bytearray | memoryview = b"") -> None:
+        view = memoryview(payload).cast("B")
+        n = view.nbytes
+        cap = self.frame_cap(mtype)
+        if n > cap:
+            raise ChannelError(f"refusing to send a {mtype.name} of {n} bytes to {self.peer} (cap {cap})")
         async with self._wlock:
-            self.writer.write(_HDR.pack(mtype, len(payload)))
-            if payload:
-                self.writer.write(payload)
-            self.bytes_sent += _HDR.size + len(payload)
-            await self.writer.drain()
+            if self._broken is not None:
+                raise ChannelError(self._broken)
+            self.writer.write(_HDR.pack(mtype, n))
+            step = self.slice_bytes or n
+            if n <= step:  # written whole before the first await: a cancel cannot cut it
+                if n:
+                    self.writer.write(view)
+                self.bytes_sent += _HDR.size + n
+                await self.writer.drain()
+                return
+            done = 0
+            try:
+                while done < n:
+                    self.writer.write(view[done:done + step])
+                    done = min(n, done + step)
+                    await self.writer.drain()
+                    await asyncio.sleep(0)  # drain returns at once while the transport has room
+            except BaseException:
+                if done < n:
+                    self._abandon(f"a {mtype.name} to {self.peer} was cut off after {done} of {n} bytes; "
+                                  "the stream cannot be framed any more")
+                raise
+            finally:
+                self.bytes_sent += _HDR.size + done
+
+    def _abandon(self, why: str) -> None:
+        self._broken = why
+        log.warning("channel.abandoned", peer=self.peer, reason=why)
+        self.close()
 
     async def send_heartbeat(self, payload: bytes) -> None:
+        """Waits for a frame in progress to finish: frames never interleave on the stream."""
         await self.send(MsgType.HEARTBEAT, payload)
 
     async def send_json(self, mtype: MsgType, obj) -> None:
@@ -91,18 +153,38 @@ class Channel:
             mtype = MsgType(t)
         except ValueError:
             raise ChannelError(f"{self.peer} sent unknown message type {t} (garbage or another protocol)") from None
-        if n > self.max_frame:
-            raise ChannelError(f"{self.peer} sent a {mtype.name} of {n} bytes, over the cap of {self.max_frame}")
-        try:
-            payload = await self.reader.readexactly(n) if n else b""
-        except asyncio.IncompleteReadError as e:
-            raise ChannelError(f"{self.peer} cut a {mtype.name} off after {len(e.partial)} of {n} bytes") from None
-        except (ConnectionError, _ssl.SSLError) as e:
-            raise ChannelError(f"connection to {self.peer} broke: {e}") from None
+        cap = self.frame_cap(mtype)
+        if n > cap:
+            raise ChannelError(f"{self.peer} sent a {mtype.name} of {n} bytes, over the cap of {cap} "
+                               f"for {mtype.name} (garbage, or a peer of another protocol version)")
+        payload = await self._read_payload(mtype, n)
         self.bytes_received += _HDR.size + n
         if mtype is MsgType.ERROR:
             raise PeerRefused(f"{self.peer} refused: {_json(payload).get('message', payload[:200])}")
         return mtype, payload
+
+    async def _read_payload(self, mtype: MsgType, n: int) -> bytes:
+        """`n` bytes; a large payload in slices, the loop free between them and for the final join."""
+        if not n:
+            return b""
+        step = self.slice_bytes or n
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            try:
+                part = await self.reader.readexactly(min(step, n - got))
+            except asyncio.IncompleteReadError as e:
+                raise ChannelError(f"{self.peer} cut a {mtype.name} off after {got + len(e.partial)} "
+                                   f"of {n} bytes") from None
+            except (ConnectionError, _ssl.SSLError) as e:
+                raise ChannelError(f"connection to {self.peer} broke: {e}") from None
+            parts.append(part)
+            got += len(part)
+        if len(parts) == 1:
+            return parts[0]
+        if n >= _JOIN_IN_THREAD:
+            return await asyncio.to_thread(b"".join, parts)
+        return b"".join(parts)
 
     async def recv_json(self, expect: MsgType) -> dict:
         mtype, payload = await self.recv()
@@ -116,14 +198,14 @@ class Channel:
     async def refuse(self, message: str) -> None:
         try:
             await asyncio.wait_for(self.send_json(MsgType.ERROR, {"message": message}), 2)
-        except Exception:
-            pass
+        except (ChannelError, OSError, asyncio.TimeoutError):
+            pass  # best effort: the peer may be gone already; we close either way
         self.close()
 
     def close(self) -> None:
         try:
             self.writer.close()
-        except Exception:
+        except (OSError, RuntimeError):  # already torn down, or its loop is closed
             pass
 
     def ssl_object(self):

@@ -144,7 +144,8 @@ async def test_plain_tcp_garbage_is_dropped(standby, pki):
     assert await good_session(port, pki) == [1, 2]
 
 
-@pytest.mark.parametrize("case", ["oversized", "cut_off", "replayed", "forged", "garbage_type"])
+@pytest.mark.parametrize("case", ["oversized", "oversized_64bit", "oversized_control", "cut_off", "replayed",
+                                  "forged", "garbage_type"])
 async def test_bad_frames_never_applied(standby, pki, case, caplog):
     sb, port = standby
     assert await good_session(port, pki) == [1, 2]
@@ -154,10 +155,14 @@ async def test_bad_frames_never_applied(standby, pki, case, caplog):
     p = GoodPrimary(ch)
     await p.hello()
     if case == "oversized":
-        ch.writer.write(struct.pack(">BI", MsgType.CHECKPOINT, (1 << 20) + 1) + b"x" * 100)
+        ch.writer.write(struct.pack(">BQ", MsgType.CHECKPOINT, (1 << 20) + 1) + b"x" * 100)
+    elif case == "oversized_64bit":  # a length only a 64-bit field can carry, far over the cap
+        ch.writer.write(struct.pack(">BQ", MsgType.CHECKPOINT, 1 << 62) + b"x" * 100)
+    elif case == "oversized_control":  # under the channel's cap, over a HEARTBEAT's
+        ch.writer.write(struct.pack(">BQ", MsgType.HEARTBEAT, 4096) + b"x" * 4096)
     elif case == "cut_off":
         frame, _ = p.checkpoint_frame(3)
-        ch.writer.write(struct.pack(">BI", MsgType.CHECKPOINT, len(frame)) + frame[: len(frame) // 2])
+        ch.writer.write(struct.pack(">BQ", MsgType.CHECKPOINT, len(frame)) + frame[: len(frame) // 2])
         await ch.writer.drain()
         ch.close()  # the stream ends mid-frame
         await asyncio.sleep(0.2)
@@ -169,7 +174,7 @@ async def test_bad_frames_never_applied(standby, pki, case, caplog):
         frame[-40] ^= 0x55
         await ch.send(MsgType.CHECKPOINT, bytes(frame))
     elif case == "garbage_type":
-        ch.writer.write(struct.pack(">BI", 200, 4) + b"abcd")
+        ch.writer.write(struct.pack(">BQ", 200, 4) + b"abcd")
     if case != "cut_off":
         await ch.writer.drain()
     # the standby drops the connection

@@ -179,6 +179,11 @@ def test_bad_witness_configs(tmp_path):
         ('sites = ["site-a", "site-b"]', 'sites = ["site-a", "site-a"]', "witness.sites: ['site-a', 'site-a']"),
         ('sites = ["site-a", "site-b"]', 'sites = "site-a"', "witness.sites: must be an array"),
         ('listen = "198.18.3.2"', 'listen = "198.18.3"', "witness.listen: 198.18.3 is not an IPv4 address"),
+        ('sites = ["site-a", "site-b"]', '', "witness.sites: missing (required): name the sites that may hold "
+         "leases"),
+        ('sites = ["site-a", "site-b"]', 'sites = []', "witness.sites: is empty: name the sites"),
+        ('sites = ["site-a", "site-b"]', 'sites = ["site-a", "witness"]', "witness.sites: 'witness' is the "
+         "witness's own name: its certificate must never hold a lease"),
     ]:
         p.write_text(edit(old, new, base))
         with pytest.raises(ConfigError) as e:

@@ -9,6 +9,7 @@ import socket
 import struct
 
 import pytest
+import structlog.testing
 
 from geomirror import netns
 from replication.gate import GateMode, UserspaceGate, open_tap
@@ -112,7 +113,7 @@ async def test_inbound_passes_at_once_and_fenced_drops(tap_ns, tmp_path):
         await send(w, 10)
         await asyncio.sleep(0.02)
         assert seen(pkt) == []  # a fenced site releases nothing, ever
-        assert gate.stats.frames_dropped == 2
+        assert gate.stats.dropped_fenced == 2  # the one held when the fence came, and the one after
     finally:
         w.close()
         await gate.close()
@@ -146,3 +147,179 @@ async def test_release_waits_for_permission(tap_ns, tmp_path):
         w.close()
         await gate.close()
         pkt.close()
+
+
+# ---------------------------------------------------------------- without a TAP: the gate's own logic
+# A SOCK_DGRAM socketpair stands in for the TAP fd: one datagram per read/write, like a TAP.
+
+class Clock:
+    """CLOCK_BOOTTIME as the test sets it."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def fake_tap_gate(tmp_path):
+    made = []
+
+    async def make(mode, **kw):
+        tap, net = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        tap.setblocking(False)
+        net.setblocking(False)
+        gate = UserspaceGate(tmp_path / f"net{len(made)}.sock", tap.fileno(), mode=mode, **kw)
+        await gate.start()
+        r, w = await asyncio.open_unix_connection(str(gate.socket_path))
+        await gate.wait_guest()
+        made.append((gate, tap, net, w))
+        return gate, net, r, w
+
+    yield make
+    for gate, tap, net, w in made:
+        w.close()
+        await gate.close()
+        tap.close()
+        net.close()
+
+
+def on_net(net) -> list[int]:
+    """Ids of the frames the gate wrote to the (fake) TAP so far."""
+    out = []
+    while True:
+        try:
+            out.append(struct.unpack(">I", net.recv(2048)[14:18])[0])
+        except BlockingIOError:
+            return out
+
+
+async def from_guest(w, *ids):
+    for i in ids:
+        f = frame(i)
+        w.write(struct.pack(">I", len(f)) + f)
+    await w.drain()
+    for _ in range(20):  # let the gate's reader take them (no timing: loop turns)
+        await asyncio.sleep(0)
+
+
+async def test_interface_names_everything_the_site_calls():
+    from replication.gate import Gate
+
+    for name in ("allow", "open_after_resume", "seal", "release", "set_mode", "held_epochs", "start", "close"):
+        assert getattr(UserspaceGate, name) is not getattr(Gate, name), name
+    assert isinstance(UserspaceGate.current_epoch, property) and UserspaceGate.current_epoch is not Gate.current_epoch
+    assert {"mode", "allowed", "until", "stats"} <= set(Gate.__annotations__)
+    with pytest.raises(NotImplementedError):
+        Gate().release(1)
+
+
+async def test_hold_before_allow_in_open_mode_is_capped(fake_tap_gate):
+    size = len(frame(0))
+    gate, net, r, w = await fake_tap_gate(GateMode.OPEN, max_held_bytes=10 * size)
+    gate.allow(False)  # e.g. a resumed guest before the lease is confirmed
+    await from_guest(w, *range(30))
+    assert on_net(net) == []
+    assert (gate.stats.frames_held, gate.stats.bytes_held) == (10, 10 * size)
+    assert gate.stats.dropped_held_cap == 20 and gate.stats.frames_dropped == 20
+    gate.allow(True)
+    assert on_net(net) == list(range(10))  # the first ten, in order
+    await from_guest(w, 30)
+    assert on_net(net) == [30] and gate.stats.frames_held == 0
+
+
+async def test_hold_mode_cap_is_counted_as_such(fake_tap_gate):
+    gate, net, r, w = await fake_tap_gate(GateMode.HOLD, max_held_bytes=3 * len(frame(0)))
+    await from_guest(w, 1, 2, 3, 4, 5)
+    gate.seal(1)
+    gate.release(1)
+    assert on_net(net) == [1, 2, 3] and gate.stats.dropped_held_cap == 2
+
+
+async def test_fenced_drops_are_counted_as_such(fake_tap_gate):
+    gate, net, r, w = await fake_tap_gate(GateMode.HOLD)
+    await from_guest(w, 1, 2)
+    gate.set_mode(GateMode.FENCED)
+    await from_guest(w, 3)
+    gate.seal(1)
+    gate.release(1)
+    assert on_net(net) == [] and gate.stats.dropped_fenced == 3 and gate.stats.frames_held == 0
+
+
+async def test_traffic_toward_a_guest_that_does_not_read_is_capped(fake_tap_gate):
+    cap = 64 << 10
+    gate, net, r, w = await fake_tap_gate(GateMode.HOLD, max_to_guest_bytes=cap)
+    big = frame(0) + bytes(1400)
+    sent = 0
+    for i in range(3000):  # ~4.4 MB toward the guest, which reads none of it yet
+        f = big[:14] + struct.pack(">I", i) + big[18:]
+        while True:
+            try:
+                net.send(f)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0)
+        sent += 1
+        await asyncio.sleep(0)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert gate.stats.frames_in == sent
+    assert gate.stats.dropped_to_guest > 0
+    assert gate._writer.transport.get_write_buffer_size() <= cap
+    # the guest reads again: whole frames, in order, every one not counted as dropped
+    got = []
+    while len(got) < sent - gate.stats.dropped_to_guest:
+        (n,) = struct.unpack(">I", await asyncio.wait_for(r.readexactly(4), 5))
+        data = await r.readexactly(n)
+        assert n == len(big)
+        got.append(struct.unpack(">I", data[14:18])[0])
+    assert got == sorted(got) and len(got) == sent - gate.stats.dropped_to_guest
+
+
+async def test_release_checks_the_lease_deadline_when_output_leaves(fake_tap_gate):
+    clock = Clock(99.0)
+    gate, net, r, w = await fake_tap_gate(GateMode.HOLD, clock=clock)
+    gate.allow(True, until=100.0)
+    await from_guest(w, 1, 2)
+    gate.seal(1)
+    gate.release(1)
+    assert on_net(net) == [1, 2]
+    await from_guest(w, 3)
+    gate.seal(2)
+    clock.now = 100.0  # the lease ran out; the HA tick has not noticed yet
+    with structlog.testing.capture_logs() as logs:
+        gate.release(2)
+        gate.release(2)
+    assert on_net(net) == [] and gate.stats.frames_held == 1
+    assert gate.stats.withheld_lease_expired == 2
+    assert [e["event"] for e in logs] == ["gate.lease_expired"]  # logged once, counted each time
+    gate.allow(True, until=110.0)  # renewed: what was acknowledged leaves
+    assert on_net(net) == [3]
+
+
+async def test_open_mode_stops_at_the_deadline(fake_tap_gate):
+    clock = Clock(99.0)
+    gate, net, r, w = await fake_tap_gate(GateMode.OPEN, clock=clock)
+    gate.allow(True, until=100.0)
+    await from_guest(w, 1)
+    assert on_net(net) == [1]
+    clock.now = 100.5
+    await from_guest(w, 2, 3)
+    assert on_net(net) == [] and gate.stats.frames_held == 2 and gate.stats.withheld_lease_expired == 2
+    gate.allow(True, until=200.0)
+    await from_guest(w, 4)
+    assert on_net(net) == [2, 3, 4]
+
+
+async def test_allow_without_until_has_no_deadline(fake_tap_gate):
+    clock = Clock(1e12)
+    gate, net, r, w = await fake_tap_gate(GateMode.HOLD, clock=clock)
+    gate.allow(True, until=5.0)
+    gate.allow(False)
+    gate.allow(True)  # no witness: no deadline
+    assert gate.until is None
+    await from_guest(w, 1)
+    gate.seal(1)
+    gate.release(1)
+    assert on_net(net) == [1] and gate.stats.withheld_lease_expired == 0

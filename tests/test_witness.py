@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from geomirror.witness import (LeaseStateError, LeaseTable, WitnessClient, WitnessRefused, WitnessServer,
-                               WitnessUnreachable, load_state)
+from geomirror.witness import (LeaseStateError, LeaseTable, WitnessClient, WitnessError, WitnessRefused,
+                               WitnessServer, WitnessUnreachable, load_state)
 
 GUEST = "guest"
 TTL = 300
@@ -81,7 +81,7 @@ def pki(tmp_path):
 async def witness(tmp_path, pki):
     servers = []
 
-    async def start(allowed=None, state_dir=tmp_path / "state"):
+    async def start(allowed=frozenset({"site-a", "site-b"}), state_dir=tmp_path / "state"):
         srv = WitnessServer(state_dir, "127.0.0.1", 0, pki.server_ctx(), allowed)
         await srv.start()
         servers.append(srv)
@@ -228,6 +228,36 @@ async def test_garbage_body_is_400_and_unknown_site_403(witness, clients, pki):
         await stranger.acquire(GUEST, TTL)
     assert err.value.status == 403 and "site-z" in str(err.value)
     assert (await a.health())["site"] == "site-a"
+
+
+async def test_only_the_configured_sites_are_served(witness, clients, tmp_path, pki):
+    for none in (None, set(), ()):
+        with pytest.raises(WitnessError, match="needs the names of the sites it serves"):
+            WitnessServer(tmp_path / "s", "127.0.0.1", 0, pki.server_ctx(), none)
+    srv = await witness()
+    # a certificate of the pair CA whose name is not listed, the witness's own included: 403 and why
+    for name in ("witness", "site-c"):
+        c = clients(srv, name)
+        for call in (c.acquire(GUEST, TTL), c.get(GUEST), c.health()):
+            with pytest.raises(WitnessRefused) as err:
+                await call
+            assert err.value.status == 403
+            assert (f"certificate '{name}' is not one of the sites this witness serves (site-a, site-b)"
+                    in str(err.value)), str(err.value)
+    assert srv.table.view(GUEST, time.monotonic())["generation"] == 0, "nothing was granted"
+    assert (await clients(srv, "site-a").acquire(GUEST, TTL)).ok
+
+
+async def test_a_grant_carries_its_deadline_on_both_clocks(witness, clients):
+    srv = await witness()
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    g = await clients(srv, "site-a").acquire(GUEST, TTL)
+    after = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert g.ok and g.expires_at is not None
+    # counted from when the request was sent: never later than the witness's own expiry
+    assert before + g.expires_in_ms / 1000 <= g.expires_at_boottime <= after + g.expires_in_ms / 1000
+    denied = await clients(srv, "site-b").acquire(GUEST, TTL)
+    assert not denied.ok and denied.expires_at_boottime is None
 
 
 async def _raw(client: WitnessClient, path: str, body: bytes):
