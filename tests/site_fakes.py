@@ -14,15 +14,17 @@ class FakeGate:
         self.mode = GateMode.FENCED
         self.allowed = False
         self.current_epoch = 0
+        self.until = None
         self.calls: list = []
 
     def set_mode(self, mode):
         self.calls.append(("mode", mode))
         self.mode = mode
 
-    def allow(self, allowed, **_):
+    def allow(self, allowed, until=None):
         self.calls.append(("allow", allowed))
         self.allowed = allowed
+        self.until = until if allowed else None
 
 
 class FakeLease:

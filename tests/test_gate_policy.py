@@ -195,3 +195,16 @@ def test_the_history_test_has_teeth(monkeypatch):
     monkeypatch.setattr(gate_policy, "decide", leaky)
     with pytest.raises(AssertionError, match="frame 0 of epoch 2 left, the standby committed 0"):
         history()
+
+
+def test_the_lease_deadline_reaches_the_gate_and_follows_renewals():
+    from tests.site_fakes import FakeGate
+
+    g = FakeGate()
+    ctl = GateController(g, GateInputs(ha_state=HaState.ACTIVE_PROTECTED, guest_here=True, promised=True))
+    ctl.update(may_release=True, until=100.0)
+    assert g.allowed and g.until == 100.0
+    ctl.update(until=101.5)  # a renewal: same decision, a later deadline
+    assert g.until == 101.5
+    ctl.update(may_release=False)
+    assert not g.allowed and g.until is None

@@ -31,7 +31,7 @@ from geomirror.site.standby_side import StandbySide, seed_replica
 from geomirror.site.status import LoopLag, SiteStatus, StatusCollector
 from geomirror.site.switchover import Switchover, on_peer_handover
 from geomirror.witness import WitnessClient
-from replication.gate import GateMode, UserspaceGate, open_tap
+from replication.gate import GateMode, UserspaceGate, boottime, open_tap
 
 log = structlog.get_logger(__name__)
 Role = ha.Role
@@ -189,10 +189,20 @@ class SiteDaemon:
         gen_before = self.ha.generation
         for action in self.ha.handle(event):
             self.effects.act(action)
-        if self.gatectl.inputs.ha_state is not self.ha.state:
-            self.gatectl.update(ha_state=self.ha.state)
+        until = self._release_deadline()
+        if self.gatectl.inputs.ha_state is not self.ha.state or self.gatectl.inputs.until != until:
+            self.gatectl.update(ha_state=self.ha.state, until=until)
         if self.ha.generation != gen_before:
             self._save_role()
+
+    def _release_deadline(self) -> float | None:
+        """The moment the gate must stop releasing on its own (CLOCK_BOOTTIME): the HA machine's
+        fence deadline of the lease it holds. None without a lease (no witness, forced)."""
+        m = self.ha
+        if not m.holding or m.expires_at is None:
+            return None
+        deadline = m.expires_at - m.config.fence_margin_ms / 1000  # on time.monotonic()
+        return round(boottime() + (deadline - time.monotonic()), 3)
 
     # ------------------------------------------------------------ guest operations (for Effects)
     async def resume_guest(self) -> None:

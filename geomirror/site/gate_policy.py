@@ -48,6 +48,8 @@ class GateInputs:
     unprotected_ms: float | None = None  # how long the standby has been lost (None: not lost)
     grace_ms: float = 5000.0
     unsafe: bool = False  # GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT: only to prove the tests have teeth
+    until: float | None = None  # the lease deadline (CLOCK_BOOTTIME s): nothing leaves after it, even
+    # if the HA loop is late to close the gate (None: no lease, e.g. no witness or a forced promotion)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class GateController:
             log.info("gate.policy", mode=d.mode.value, allowed=d.allowed, why=d.why, was=old.mode.value)
             if self._on_change:
                 self._on_change(d)
+        elif d.allowed and self.gate.until != self.inputs.until:
+            self.gate.allow(True, until=self.inputs.until)  # a renewed lease moves the deadline
         return d
 
     def protection(self, protected: bool) -> None:
@@ -118,4 +122,4 @@ class GateController:
             g.allow(False)
         g.set_mode(d.mode)
         if d.allowed:
-            g.allow(True)
+            g.allow(True, until=self.inputs.until)
