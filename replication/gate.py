@@ -1,8 +1,9 @@
 """The output gate: the guest's network output is released only after the standby
 has acknowledged the checkpoint that produced it.
 
-The guest's NIC is a QEMU ``-netdev stream`` connected to a UNIX socket this gate
-listens on (each frame: 4-byte big-endian length + Ethernet frame). The gate owns a
+The guest's NIC is a QEMU ``-netdev stream,server=on`` on a UNIX socket this gate
+connects to, and reconnects to after a restart of the service (each frame: 4-byte
+big-endian length + Ethernet frame). The gate owns a
 TAP device in the site's namespace that carries the guest's traffic to and from the
 site's uplink. Inbound frames (TAP → guest) go through at once. Outbound frames
 (guest → TAP) are tagged with the epoch they were read in and held until
@@ -155,11 +156,11 @@ class Gate:
 class UserspaceGate(Gate):
     """Relays frames between QEMU's stream socket and a TAP fd, holding output per epoch."""
 
-    def __init__(self, socket_path: Path, tap_fd: int, *, mode: GateMode = GateMode.HOLD,
+    def __init__(self, socket_path: Path | None, tap_fd: int, *, mode: GateMode = GateMode.HOLD,
                  max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
                  max_to_guest_bytes: int = DEFAULT_MAX_TO_GUEST_BYTES,
                  clock: Callable[[], float] = boottime):
-        self.socket_path = Path(socket_path)
+        self.socket_path = Path(socket_path) if socket_path is not None else None
         self.tap_fd = tap_fd
         self.mode = mode
         self.max_held_bytes = max_held_bytes
@@ -175,7 +176,8 @@ class UserspaceGate(Gate):
         self._expiry_logged = False  # one log line per deadline passed
         self._guest_full_logged = False  # one log line per episode of a guest not reading
         self._sealed_at: dict[int, float] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._target: Path | None = None  # the guest NIC's socket this gate connects to
+        self._connector: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,20 +185,51 @@ class UserspaceGate(Gate):
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.socket_path.unlink(missing_ok=True)
-        self._server = await asyncio.start_unix_server(self._on_guest, path=str(self.socket_path))
-        os.chmod(self.socket_path, 0o600)
         self._loop.add_reader(self.tap_fd, self._on_tap_readable)
-        log.info("gate.start", socket=str(self.socket_path), mode=self.mode.value)
+        log.info("gate.start", mode=self.mode.value)
+        if self.socket_path is not None:
+            self.attach_guest(self.socket_path)
+
+    def attach_guest(self, path: Path) -> None:
+        """Connect to the guest NIC's stream socket (QEMU `-netdev stream,server=on`), and keep
+        reconnecting while it is the guest of this site. QEMU is the server so that the guest
+        does not depend on this process: a restarted service connects again to the same QEMU."""
+        path = Path(path)
+        if self._target == path and self._connector is not None and not self._connector.done():
+            return
+        self.detach_guest()
+        self._target = path
+        self.socket_path = path
+        self._connector = asyncio.get_running_loop().create_task(self._connect_loop(path), name="gate.connect")
+
+    def detach_guest(self) -> None:
+        self._target = None
+        if self._connector is not None:
+            self._connector.cancel()
+            self._connector = None
+        if self._writer is not None:
+            self._writer.close()
+
+    async def _connect_loop(self, path: Path) -> None:
+        announced = False
+        while self._target == path:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                if not announced:
+                    log.info("gate.guest_waiting", socket=str(path), error=e.strerror)
+                    announced = True
+                await asyncio.sleep(0.05)
+                continue
+            announced = False
+            await self._on_guest(reader, writer)
+            if self._target == path:
+                await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         if self._loop:
             self._loop.remove_reader(self.tap_fd)
-        if self._writer:
-            self._writer.close()
-        if self._server:
-            self._server.close()
-        self.socket_path.unlink(missing_ok=True)
+        self.detach_guest()
 
     async def wait_guest(self, timeout: float = 10.0) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)
@@ -204,7 +237,7 @@ class UserspaceGate(Gate):
     # -- guest side ------------------------------------------------------
     async def _on_guest(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._writer is not None:
-            self._writer.close()  # a new QEMU (resume) replaces the old connection
+            self._writer.close()  # a new QEMU (a resume) replaces the old connection
         self._writer = writer
         self._connected.set()
         log.info("gate.guest_connected")

@@ -46,11 +46,25 @@ async def _setup(ns, tmp_path, mode):
         pkt = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     pkt.bind(("gmt0", 0))
     pkt.setblocking(False)
+    accepted = await fake_qemu(tmp_path / "net.sock")
     gate = UserspaceGate(tmp_path / "net.sock", fd, mode=mode)
     await gate.start()
-    r, w = await asyncio.open_unix_connection(str(tmp_path / "net.sock"))
+    r, w = await accepted
     await gate.wait_guest()
     return gate, pkt, r, w
+
+
+async def fake_qemu(path):
+    """QEMU's side of `-netdev stream,server=on`: listens; the gate connects. Returns an
+    awaitable of the (reader, writer) of the gate's connection."""
+    conn = asyncio.get_running_loop().create_future()
+
+    async def on(r, w):
+        if not conn.done():
+            conn.set_result((r, w))
+
+    await asyncio.start_unix_server(on, path=str(path))
+    return conn
 
 
 def _in(ns, fn):
@@ -170,9 +184,10 @@ async def fake_tap_gate(tmp_path):
         tap, net = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         tap.setblocking(False)
         net.setblocking(False)
+        accepted = await fake_qemu(tmp_path / f"net{len(made)}.sock")
         gate = UserspaceGate(tmp_path / f"net{len(made)}.sock", tap.fileno(), mode=mode, **kw)
         await gate.start()
-        r, w = await asyncio.open_unix_connection(str(gate.socket_path))
+        r, w = await accepted
         await gate.wait_guest()
         made.append((gate, tap, net, w))
         return gate, net, r, w
@@ -323,3 +338,45 @@ async def test_allow_without_until_has_no_deadline(fake_tap_gate):
     gate.seal(1)
     gate.release(1)
     assert on_net(net) == [1] and gate.stats.withheld_lease_expired == 0
+
+
+async def test_the_gate_dials_the_guest_and_again_after_a_drop(tmp_path):
+    """QEMU is the stream server (`-netdev stream,server=on`): the gate connects, and connects
+    again when the connection drops, as a restarted daemon does to the same running QEMU."""
+    conns: asyncio.Queue = asyncio.Queue()
+
+    async def on(r, w):
+        await conns.put((r, w))
+
+    path = tmp_path / "net.sock"
+    tap, net = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tap.setblocking(False)
+    net.setblocking(False)
+    gate = UserspaceGate(path, tap.fileno(), mode=GateMode.OPEN)
+    await gate.start()  # before QEMU listens: it keeps dialling
+    await asyncio.sleep(0.1)
+    srv = await asyncio.start_unix_server(on, path=str(path))
+    try:
+        gate.allow(True)
+        for word in (b"a", b"b"):
+            r, w = await asyncio.wait_for(conns.get(), 5)
+            await gate.wait_guest()
+            w.write(struct.pack(">I", 60) + word * 60)
+            await w.drain()
+            for _ in range(50):
+                try:
+                    assert net.recv(100) == word * 60
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the frame did not reach the TAP")
+            w.close()  # the connection drops; the gate dials again
+        gate.detach_guest()
+        await asyncio.sleep(0.2)
+        assert conns.empty(), "detached: no more dialling"
+    finally:
+        srv.close()
+        await gate.close()
+        tap.close()
+        net.close()
