@@ -98,11 +98,6 @@ class SiteContext:
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task:
         return self.tasks.spawn(coro, name)
 
-    @property
-    def net_socket(self) -> Path:
-        """The guest NIC's stream socket (QEMU ↔ the gate)."""
-        return self.run_dir / "guest-net.sock"
-
     def max_frame(self) -> int:
         """The largest replication frame this guest can need: all of RAM plus room for device state."""
         return (self.cfg.guest.memory_mb << 20) + (64 << 20)

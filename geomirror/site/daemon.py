@@ -26,7 +26,7 @@ from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePo
 from geomirror.site.guest_spec import GuestSpecs
 from geomirror.site.host import TAP_NAME
 from geomirror.site.primary_side import PrimarySide
-from geomirror.site.role import RoleState, RoleStore
+from geomirror.site.role import GuestRecord, RoleState, RoleStore
 from geomirror.site.standby_side import StandbySide, seed_replica
 from geomirror.site.status import LoopLag, SiteStatus, StatusCollector
 from geomirror.site.switchover import Switchover, on_peer_handover
@@ -92,9 +92,9 @@ class SiteDaemon:
 
     async def _start(self) -> None:
         cfg, role = self.cfg, self.role
-        self.timeline.mark("daemon.start", role=role.role.value, lease_generation=role.lease_generation)
-        self.ha = ha.HaMachine(role.role, ha.HaConfig.from_site_config(cfg), generation=role.lease_generation)
-        gate = UserspaceGate(cfg.site.run_dir / "guest-net.sock", open_tap(TAP_NAME), mode=GateMode.FENCED)
+        self.timeline.mark("daemon.start", role=role.role.value, lease_generation=role.lease_generation,
+                           guest_pid=role.guest.pid if role.guest else None)
+        gate = UserspaceGate(None, open_tap(TAP_NAME), mode=GateMode.FENCED)  # it dials each guest's NIC
         self.ctx = SiteContext(cfg, self.tls, gate, self.feed, lambda: self.ha.generation, self.timeline,
                                self.tasks, self.unsafe_no_output_commit)
         if self.unsafe_no_output_commit:
@@ -102,25 +102,49 @@ class SiteDaemon:
                         hint="GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT=1: clients can see state the standby never got")
         ck = cfg.checkpoint
         self.gatectl = GateController(gate, GateInputs(
-            ha_state=self.ha.state, policy=UnreachablePolicy(ck.unreachable_policy),
-            grace_ms=ck.unprotected_grace_ms, unsafe=self.unsafe_no_output_commit))
+            policy=UnreachablePolicy(ck.unreachable_policy), grace_ms=ck.unprotected_grace_ms,
+            unsafe=self.unsafe_no_output_commit))
         await gate.start()
-        self.specs = GuestSpecs(cfg, cfg.site.run_dir, self.ctx.net_socket)
+        self.specs = GuestSpecs(cfg, cfg.site.run_dir)
         if cfg.witness is not None:
             w = cfg.witness
             self.witness = WitnessClient(str(w.address), w.port, self.tls.client, server_name=w.name,
                                          timeout_s=max(0.3, w.renew_every_ms / 1000))
-        await self._start_bgp()
+        self.primary_side = PrimarySide(self.ctx, self.specs, self.gatectl, self._guest_exited)
+        ha_role, lost = role.role, None
+        if role.role is Role.PRIMARY and role.guest is not None:  # a restart: take up the running guest
+            lost = await self.primary_side.attach(role.guest, role.run_id)
+            if lost is not None:
+                ha_role = Role.FENCED
+        self.ha = ha.HaMachine(ha_role, ha.HaConfig.from_site_config(cfg), generation=role.lease_generation)
+        self.gatectl.update(ha_state=self.ha.state)
         self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self)
         self.switchover_job = Switchover(self.ctx, self.witness, lambda: self._primary(),
                                          lambda: self.ha.state, self._demote)
-        if role.role is Role.PRIMARY:
+        await self._start_bgp()
+        self.effects.speaker = self.speaker
+        if lost is not None:
+            self._guest_lost_at_start(lost)
+        elif role.role is Role.PRIMARY and role.guest is not None:
+            self._save_role(Role.PRIMARY, "took up the running guest after a restart")
+        elif role.role is Role.PRIMARY:
             await self._boot_primary()
         elif role.role is Role.STANDBY:
-            await self._start_standby()
+            await self._start_standby(role.guest)
         self.tasks.spawn(self._ha_loop(), "ha.loop")
         self.tasks.spawn(pairing.watch_identity(self.tls, lambda: self.reload_tls("files changed")), "tls.watch")
         self.tasks.spawn(self.loop_lag.run(), "loop_lag")
+
+    def _guest_lost_at_start(self, why: str) -> None:
+        """The guest this site ran is gone (its QEMU died while no daemon watched it). Booting a new
+        one would silently lose its state: fence instead, give the lease back so the peer takes
+        over at once from its replica, and (auto-rejoin) become its standby."""
+        self.ha.operator_fenced = False  # fenced by circumstance: it may rejoin
+        msg = f"the guest {self.cfg.guest.name} is gone ({why}); not booting a new one: {self.cfg.peer.name} takes over"
+        self.effects.alarm(msg)
+        self.timeline.mark("guest.lost", why=why, generation=self.ha.generation)
+        self.effects.act(ha.ReleaseLease(self.ha.generation))
+        self._save_role(Role.FENCED, msg, guest=None)
 
     def _token_path(self):
         p = self.cfg.control.token_file
@@ -138,15 +162,19 @@ class SiteDaemon:
         return self.primary_side.primary if self.primary_side else None
 
     async def _boot_primary(self) -> None:
-        self.primary_side = PrimarySide(self.ctx, self.specs, self.gatectl, self._guest_exited)
-        await self.primary_side.boot(self.role.run_id if self.role.guest else "")
-        self._save_role(Role.PRIMARY, "booted the guest", run_id=self.primary_side.run_id)
+        await self.primary_side.boot("")
+        self._save_role(Role.PRIMARY, "booted the guest", run_id=self.primary_side.run_id,
+                        guest=GuestRecord.of(self.primary_side.guest))
 
-    async def _start_standby(self) -> None:
-        self.standby_side = StandbySide(self.ctx, self.specs, self.witness)
-        await self.standby_side.start()
+    async def _start_standby(self, hot_record: GuestRecord | None = None) -> None:
+        self.standby_side = StandbySide(self.ctx, self.specs, self.witness, on_hot=self._on_hot)
+        await self.standby_side.start(hot_record)
         self.standby_side.set_switchover_handler(lambda epoch: on_peer_handover(self.ctx, epoch))
-        self._save_role(Role.STANDBY)
+        self._save_role(Role.STANDBY, guest=GuestRecord.of(self.standby_side.hot) if self.standby_side.hot else None)
+
+    def _on_hot(self, guest) -> None:
+        if self.role.role is Role.STANDBY:
+            self._save_role(guest=GuestRecord.of(guest))
 
     async def _start_bgp(self) -> None:
         b = self.cfg.bgp
@@ -220,9 +248,8 @@ class SiteDaemon:
             return
         self.takeover_report = {"epoch": sb.committed_epoch, "resume": timings,
                                 "resume_ms": round((time.perf_counter() - t0) * 1000, 1)}
-        self.primary_side = PrimarySide(self.ctx, self.specs, self.gatectl, self._guest_exited)
         self.primary_side.adopt_resumed(guest, sb.spec, run_id, sb.committed_epoch)
-        self._save_role(Role.PRIMARY, "took the guest over", run_id=run_id)
+        self._save_role(Role.PRIMARY, "took the guest over", run_id=run_id, guest=GuestRecord.of(guest))
         self.timeline.mark("takeover.resumed", **timings)
         self.feed(ha.ResumeDone(time.monotonic()))
         self._resumed.set()
@@ -234,9 +261,8 @@ class SiteDaemon:
         await self._demote(f"rejoin: {reason}")
 
     async def stop_guest(self, reason: str) -> None:
-        if self.primary_side is not None:
-            await self.primary_side.stop(reason)
-        self._save_role(Role.FENCED, reason)
+        await self.primary_side.stop(reason)
+        self._save_role(Role.FENCED, reason, guest=None)
 
     def _guest_exited(self, rc: int) -> None:
         if self._stop.is_set():
@@ -250,12 +276,11 @@ class SiteDaemon:
         """This site no longer runs the guest (the peer does, at a newer generation): stop it and
         become the peer's standby, the replica seeded from the guest's last RAM."""
         self.timeline.mark("demote.begin", reason=reason)
-        ps, self.primary_side = self.primary_side, None
-        ram = ps.spec.ram_path if ps and ps.spec else self.cfg.site.run_dir / "guest.ram"
-        run_id = ps.run_id if ps else self.role.run_id
+        ps = self.primary_side
+        ram = ps.spec.ram_path if ps.spec else self.cfg.site.run_dir / "guest.ram"
+        run_id = ps.run_id or self.role.run_id
         self.gatectl.update(guest_here=False, session_committing=False, promised=False)  # nothing leaves
-        if ps is not None:
-            await ps.stop(reason)
+        await ps.stop(reason)
         if self.standby_side is not None:  # from before a takeover: its files are the guest's RAM now
             await self.standby_side.close()
             self.standby_side = None
@@ -314,10 +339,22 @@ class SiteDaemon:
                 log.warning("bgp.stop_failed", site=self.name, error=str(e) or type(e).__name__)
         if self.witness is not None:
             await self.witness.close()
-        if self.primary_side is not None:
-            await self.primary_side.stop("the daemon stops")
+        left = []
+        if self.primary_side is not None and self.primary_side.guest is not None:
+            pid = await self.primary_side.detach()
+            left.append(f"the guest's QEMU (pid {pid})")
         if self.standby_side is not None:
-            await self.standby_side.close()
+            hot = self.standby_side.hot
+            await self.standby_side.close(keep_hot=True)
+            if hot is not None:
+                left.append(f"the hot standby QEMU (pid {hot.pid})")
+        if left:
+            lease = self.cfg.witness.lease_ttl_ms / 1000 if self.cfg.witness else None
+            log.warning("daemon.leaves_running", site=self.name, running=", ".join(left),
+                        hint="a restarted daemon takes them up again; the guest's output is held meanwhile"
+                        + (f"; if no daemon is back within the lease ({lease:g} s), {self.cfg.peer.name} takes "
+                           "over and this site rejoins as its standby" if lease and self.role.role is Role.PRIMARY
+                           else ""))
         if self.ctx is not None:
             await self.ctx.gate.close()
 

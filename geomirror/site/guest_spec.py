@@ -15,10 +15,9 @@ def _machine(m: str) -> str:
 class GuestSpecs:
     """Builds `GuestSpec`s for this site; resolves the image once (it asks apt)."""
 
-    def __init__(self, cfg, run_dir: Path, net_socket: Path):
+    def __init__(self, cfg, run_dir: Path):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.net_socket = net_socket
         self._image: GuestImage | None = None
 
     def spec(self, *, incoming: bool, ram_path: Path, tag: str) -> GuestSpec:
@@ -34,7 +33,8 @@ class GuestSpecs:
         accel = detect_accel() if g.accel == "auto" else g.accel
         return GuestSpec(name=g.name, memory_mb=g.memory_mb, kernel=Path(kernel), initrd=Path(initrd),
                          append=append, ram_path=ram_path, qmp_path=self.run_dir / f"qmp-{tag}.sock",
-                         serial_path=self.run_dir / f"serial-{tag}.log", net_socket=self.net_socket,
+                         serial_path=self.run_dir / f"serial-{tag}.log", net_socket=self.run_dir / f"net-{tag}.sock",
+                         stderr_path=self.run_dir / f"qemu-{tag}.log",
                          mac=g.mac, vcpus=g.vcpus, machine=_machine(g.machine), accel=accel, incoming=incoming)
 
     def primary(self) -> GuestSpec:

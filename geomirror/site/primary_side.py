@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from pathlib import Path
 
 import structlog
 
@@ -23,7 +24,7 @@ from replication import transport
 from replication.capture import Capture
 from replication.pacer import EpochSample, Pacer, PacerPolicy
 from replication.primary import EpochRecord, Primary, PrimaryConfig
-from replication.qemu import Guest, GuestSpec
+from replication.qemu import Guest, GuestError, GuestSpec
 
 log = structlog.get_logger(__name__)
 
@@ -61,10 +62,31 @@ class PrimarySide:
         await set_tap(self.ctx.cfg, True)
         guest = Guest(spec)
         await guest.start()
+        self.ctx.gate.attach_guest(spec.net_socket)
         await guest.wait_ready()
         self.ctx.mark("guest.ready", accel=spec.accel, memory_mb=spec.memory_mb, pid=guest.pid)
         self.gatectl.update(guest_here=True, promised=True)  # a booted guest speaks only under output commit
         self._adopt(guest, spec)
+
+    async def attach(self, record, run_id: str) -> str | None:
+        """A restarted daemon takes up the guest its predecessor ran: the same QEMU (pid, QMP
+        socket and RAM file from role.json), its NIC dialled again, a checkpoint the old daemon
+        died in the middle of undone (the guest resumed), and replication resumed under the same
+        run id, so the standby keeps its replica and resyncs only what changed. Returns None, or
+        a sentence saying why the guest cannot be taken up (it is gone)."""
+        spec = self.specs.spec(incoming=record.tag == "standby", ram_path=Path(record.ram), tag=record.tag)
+        try:
+            guest = await Guest.attach(spec, record.pid, record.started_at)
+            state = await guest.ensure_running()
+        except GuestError as e:
+            return str(e)
+        self.run_id = run_id
+        self.ctx.mark("guest.attached", pid=guest.pid, state_found=state, run_id=run_id,
+                      hint="the guest ran on while the daemon was away; its output was held (dropped)")
+        await set_tap(self.ctx.cfg, True)
+        self.gatectl.update(guest_here=True, promised=True)
+        self._adopt(guest, spec)
+        return None
 
     def adopt_resumed(self, guest: Guest, spec: GuestSpec, run_id: str, first_epoch: int) -> None:
         """After a takeover: the resumed guest is the only copy; protect it again as soon as the old
@@ -74,12 +96,13 @@ class PrimarySide:
 
     def _adopt(self, guest: Guest, spec: GuestSpec, first_epoch: int = 0) -> None:
         self.guest, self.spec = guest, spec
+        self.ctx.gate.attach_guest(spec.net_socket)
         self.capture = Capture(spec.ram_path, spec.memory_mb << 20)
         self._begin_replication(first_epoch)
         self._watch = self.ctx.spawn(self._watch_guest(guest), "primary.watch_guest")
 
     async def _watch_guest(self, guest: Guest) -> None:
-        rc = await guest.proc.wait()
+        rc = await guest.wait_exit()
         if guest is self.guest:
             self.on_guest_exit(rc)
 
@@ -169,6 +192,7 @@ class PrimarySide:
         guest, self.guest = self.guest, None
         if self._watch is not None:
             self._watch.cancel()
+        self.ctx.gate.detach_guest()
         if guest is not None:
             self.ctx.mark("guest.stop", reason=reason, pid=guest.pid)
             await guest.close()
@@ -176,6 +200,21 @@ class PrimarySide:
             self.capture.close()
             self.capture = None
         self.gatectl.update(guest_here=False, session_committing=False)
+
+    async def detach(self) -> int | None:
+        """The daemon stops but the guest must not (a restart, an upgrade): stop replicating, let go
+        of QMP and leave QEMU running. Returns its pid."""
+        await self.stop_replication()
+        if self._watch is not None:
+            self._watch.cancel()
+        guest, self.guest = self.guest, None
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        if guest is None:
+            return None
+        await guest.detach()
+        return guest.pid
 
     def status(self) -> dict:
         p = self.primary.summary()

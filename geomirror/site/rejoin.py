@@ -53,7 +53,7 @@ def rejoin(cfg, *, seed: bool = True, progress: bool | None = None) -> str:
     source = run_dir / "guest.ram"
     how = "it will take a full initial sync"
     if seed and source.exists():
-        specs = GuestSpecs(cfg, run_dir, run_dir / "guest-net.sock")
+        specs = GuestSpecs(cfg, run_dir)
         bar = Progress(f"seeding the replica from {source}", size, event="rejoin.seed_progress", bar=progress)
         try:
             seeded = seed_replica(cfg, specs, saved.run_id, source, progress=lambda n: bar.update(n, n))

@@ -28,12 +28,20 @@ class RoleFileError(GeomirrorError):
 
 @dataclass(frozen=True)
 class GuestRecord:
-    """The guest QEMU this site runs, so a restarted daemon can find and re-attach to it."""
+    """The QEMU this site runs for the guest (the guest itself at a primary, the hot standby at a
+    standby), so a restarted daemon finds it again instead of starting another."""
 
     pid: int
     qmp: str
     ram: str
-    started_at: float  # wall clock of the QEMU start (with the pid: not a recycled pid)
+    started_at: float  # the process's start time (/proc/PID/stat), so a recycled pid is not taken for it
+    tag: str = "primary"  # which of this site's QEMU definitions it runs: "primary" or "standby"
+
+    @classmethod
+    def of(cls, guest) -> "GuestRecord":
+        spec = guest.spec
+        return cls(pid=guest.pid, qmp=str(spec.qmp_path), ram=str(spec.ram_path), started_at=guest.started_at,
+                   tag="standby" if spec.incoming else "primary")
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,9 @@ class RoleStore:
             guest = None
             if g is not None:
                 guest = GuestRecord(pid=int(g["pid"]), qmp=str(g["qmp"]), ram=str(g["ram"]),
-                                    started_at=float(g.get("started_at", 0.0)))
+                                    started_at=float(g.get("started_at", 0.0)), tag=str(g.get("tag", "primary")))
+                if guest.tag not in ("primary", "standby"):
+                    raise ValueError(f"guest.tag {guest.tag!r} is not 'primary' or 'standby'")
         except (ValueError, KeyError, TypeError) as e:
             raise RoleFileError(
                 f"{self.path} is corrupt ({e}): refusing to start, since guessing this site's role could run a "

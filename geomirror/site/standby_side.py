@@ -13,7 +13,7 @@ from geomirror.site.guest_spec import GuestSpecs
 from geomirror.site.host import set_tap
 from geomirror.witness import WitnessClient, WitnessError
 from replication import transport
-from replication.qemu import Guest, GuestSpec
+from replication.qemu import Guest, GuestError, GuestSpec
 from replication.standby import Standby, resume, start_hot_standby
 from replication.store import Replica
 
@@ -39,8 +39,9 @@ def seed_replica(cfg, specs: GuestSpecs, run_id: str, source: Path, progress=Non
 
 
 class StandbySide:
-    def __init__(self, ctx: SiteContext, specs: GuestSpecs, witness: WitnessClient | None):
+    def __init__(self, ctx: SiteContext, specs: GuestSpecs, witness: WitnessClient | None, on_hot=None):
         self.ctx = ctx
+        self.on_hot = on_hot  # callable(Guest | None): the hot standby QEMU started (role.json records it)
         self.specs = specs
         self.witness = witness
         self.replica: Replica | None = None
@@ -51,7 +52,9 @@ class StandbySide:
         self._server: asyncio.AbstractServer | None = None
         self._probe: asyncio.Task | None = None
 
-    async def start(self) -> None:
+    async def start(self, hot_record=None) -> None:
+        """Open the replica and serve the primary. `hot_record`: the hot standby QEMU a previous
+        daemon left running (taken up again if it still waits, else ended and started anew)."""
         ctx, cfg = self.ctx, self.ctx.cfg
         self.replica = Replica(ctx.state_dir / "replica", cfg.guest.memory_mb << 20)
         report = await asyncio.to_thread(self.replica.open)
@@ -72,11 +75,33 @@ class StandbySide:
         peer = cfg.peer
         self._server = await transport.serve(str(peer.listen), peer.listen_port, sb.handle,
                                              ssl=ctx.tls.server, max_frame=ctx.max_frame())
+        if hot_record is not None:
+            await self._take_up_hot(hot_record)
         if self.replica.valid:
             ctx.feed(ha.ReplicaCommitted(self.replica.committed_epoch))
             self._want_hot()
         if self.witness is not None:
             self._probe = ctx.spawn(self._probe_witness(), "standby.probe_witness")
+
+    async def _take_up_hot(self, record) -> None:
+        spec = self.spec
+        if record.qmp != str(spec.qmp_path) or not self.replica.valid:
+            Guest.end_stale(record.pid, record.started_at, Path(record.qmp))
+            return
+        try:
+            g = await Guest.attach(spec, record.pid, record.started_at)
+            state = await g.status()
+        except GuestError as e:
+            self.ctx.mark("standby.hot_lost", pid=record.pid, error=str(e))
+            Guest.end_stale(record.pid, record.started_at, Path(record.qmp))
+            return
+        if state != "inmigrate":
+            self.ctx.mark("standby.hot_unusable", pid=record.pid, state=state)
+            await g.close()
+            return
+        self.hot = g
+        self.ctx.gate.attach_guest(spec.net_socket)
+        self.ctx.mark("standby.hot_attached", pid=g.pid)
 
     def set_switchover_handler(self, fn) -> None:
         """`fn(epoch)`: the primary handed the guest over at `epoch` (committed here)."""
@@ -97,8 +122,11 @@ class StandbySide:
         try:
             g = await start_hot_standby(self.spec)
             self.hot = g
+            self.ctx.gate.attach_guest(self.spec.net_socket)  # fenced: nothing leaves until a takeover
             self.ctx.mark("standby.hot_ready", pid=g.pid)
-        except (OSError, asyncio.TimeoutError, ValueError) as e:
+            if self.on_hot:
+                self.on_hot(g)
+        except (OSError, asyncio.TimeoutError, ValueError, GuestError) as e:
             self.ctx.mark("standby.hot_failed", error=str(e))
         finally:
             self._hot_starting = False
@@ -122,9 +150,10 @@ class StandbySide:
             self._probe.cancel()
         await self.standby.stop_accepting()
         self._server.close()
-        hot = self.hot if self.hot is not None and self.hot.proc.returncode is None else None
+        hot = self.hot if self.hot is not None and self.hot.running else None
         await set_tap(self.ctx.cfg, True)
         guest, timings = await resume(self.replica, self.spec, hot)
+        self.ctx.gate.attach_guest(self.spec.net_socket)
         self.hot = None
         return guest, timings, self.replica.run_id
 
@@ -139,9 +168,9 @@ class StandbySide:
                                 "peer_cert_serial": st.peer_cert_serial, "rejected_frames": st.rejected_frames,
                                 "last_apply_ms": round(st.last_apply_ms, 2), "hot_standby": self.hot is not None}}
 
-    async def close(self, *, keep_replica_open: bool = False) -> None:
-        """Stop being the standby: no server, no hot standby; the replica closed unless it becomes
-        the running guest's RAM (a takeover)."""
+    async def close(self, *, keep_replica_open: bool = False, keep_hot: bool = False) -> None:
+        """Stop being the standby: no server, no hot standby (`keep_hot`: left running for the next
+        daemon, which takes it up again); the replica closed unless it is the running guest's RAM."""
         if self._probe is not None:
             self._probe.cancel()
         if self._server is not None:
@@ -150,6 +179,9 @@ class StandbySide:
             await self.standby.stop_accepting()
         if self.hot is not None:
             hot, self.hot = self.hot, None
-            await hot.close()
+            if keep_hot:
+                await hot.detach()
+            else:
+                await hot.close()
         if self.replica is not None and not keep_replica_open:
             self.replica.close()
