@@ -336,7 +336,16 @@ class Guest:
             *argv, *self.extra_argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
         self._stderr_task = asyncio.create_task(self._read_stderr(self.proc.stderr, self.proc.pid))
-        deadline = time.monotonic() + timeout
+        try:
+            await self._attach(time.monotonic() + timeout, timeout)
+        except BaseException:  # a QEMU we cannot drive is of no use: do not leave it behind
+            self.kill()
+            raise
+
+    async def _attach(self, deadline: float, timeout: float) -> None:
+        """Connect QMP (each attempt bounded: a QEMU stuck before its greeting must not hang
+        the start) and set the migration capabilities the checkpoints need."""
+        spec = self.spec
         while not spec.qmp_path.exists():
             if self.proc.returncode is not None or time.monotonic() > deadline:
                 await asyncio.wait({self._stderr_task}, timeout=1.0)  # QEMU's last words
@@ -344,16 +353,19 @@ class Guest:
                                  f"{self._stderr_summary() or 'no QMP socket'}")
             await asyncio.sleep(0.02)
         self.qmp = QMPClient(spec.name)
-        for _ in range(100):
+        while True:
             try:
-                await self.qmp.connect(str(spec.qmp_path))
+                await asyncio.wait_for(self.qmp.connect(str(spec.qmp_path)), max(0.1, deadline - time.monotonic()))
                 break
-            except Exception:
+            except (QMPError, OSError, asyncio.TimeoutError) as e:
                 if self.proc.returncode is not None:
-                    raise GuestError(f"QEMU for guest {spec.name} exited with {self.proc.returncode}")
+                    await asyncio.wait({self._stderr_task}, timeout=1.0)
+                    raise GuestError(f"QEMU for guest {spec.name} exited with {self.proc.returncode}: "
+                                     f"{self._stderr_summary() or 'nothing on stderr'}") from None
+                if time.monotonic() > deadline:
+                    raise GuestError(f"QEMU of guest {spec.name} did not greet on its QMP socket {spec.qmp_path} "
+                                     f"within {timeout:g}s ({type(e).__name__})") from None
                 await asyncio.sleep(0.05)
-        else:
-            raise GuestError(f"cannot connect to QMP socket {spec.qmp_path}")
         self._line = QmpLine(self.qmp, spec.name, self.qmp_stuck_s)
         self._event_task = asyncio.create_task(self._pump_events())
         await self._execute("migrate-set-capabilities", {"capabilities": [
@@ -526,6 +538,10 @@ class Guest:
                 await asyncio.wait_for(self.proc.wait(), timeout)
             except asyncio.TimeoutError:
                 self.kill()
-                await self.proc.wait()
+                try:  # bounded: asyncio's wait() also waits for QEMU's pipes to close
+                    await asyncio.wait_for(self.proc.wait(), timeout)
+                except asyncio.TimeoutError:
+                    log.error("qemu.not_reaped", guest=self.spec.name, pid=self.proc.pid,
+                              returncode=self.proc.returncode)
         if self._stderr_task is not None:  # QEMU is gone: its stderr ends
             await asyncio.wait({self._stderr_task}, timeout=2.0)
