@@ -291,7 +291,7 @@ class Guest:
 
         def line(raw: bytes) -> None:
             self.stderr_lines += 1
-            self._stderr_tail.append(raw)
+            self._stderr_tail.append(raw[:STDERR_MAX_LINE])
             show, report = budget.admit(time.monotonic())
             suppressed(report)
             if show:
