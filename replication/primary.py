@@ -35,6 +35,30 @@ from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgTy
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
+LATE_TOLERANCE_S = 0.05  # a watchdog sleep that overruns by more than this was the loop's own delay
+
+
+def own_lateness(asked_s: float, slept_s: float, tolerance_s: float = LATE_TOLERANCE_S) -> float:
+    """How much of a sleep was the sleeper's own lateness: the overrun beyond `asked_s`, when
+    it exceeds `tolerance_s` (ordinary scheduling jitter counts as nothing), else 0."""
+    late = slept_s - asked_s
+    return late if late > tolerance_s else 0.0
+
+
+async def run_to_end(fut: asyncio.Future):
+    """Await `fut` to its end even if the caller is cancelled meanwhile; then the caller's
+    cancellation is raised (the result of `fut` is dropped; an error of it is logged). For units that must not be cut short; `fut` itself is never cancelled."""
+    cancelled: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.wait({fut})
+        except asyncio.CancelledError as e:
+            cancelled = e
+    if cancelled is None:
+        return fut.result()
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("primary.unit_failed_while_cancelled", error=str(fut.exception()) or repr(fut.exception()))
+    raise cancelled
 
 
 @dataclass
@@ -233,11 +257,9 @@ class Primary:
         finally:
             for t in (beater, reader, work):
                 t.cancel()
-            for t in (beater, reader, work):
-                try:
-                    await t
-                except (asyncio.CancelledError, Exception):
-                    pass
+            # A checkpoint in flight runs on to its `cont` before `work` ends: wait for that,
+            # even if this task is cancelled meanwhile, so the guest is never left paused.
+            await run_to_end(asyncio.gather(beater, reader, work, return_exceptions=True))
 
     async def _work(self, ch: Channel, codec, reader: asyncio.Task) -> None:
         await self._sync(ch, codec, self._hashes)
@@ -256,11 +278,20 @@ class Primary:
     async def _watchdog(self, ch: Channel, work: asyncio.Task) -> None:
         """The session ends when the work fails or the standby falls silent (a dead link
         only fills socket buffers; TCP alone would wait for minutes)."""
+        tick = self.cfg.heartbeat_ms / 1000
         while True:
-            done, _ = await asyncio.wait({work}, timeout=self.cfg.heartbeat_ms / 1000)
+            t0 = time.monotonic()
+            done, _ = await asyncio.wait({work}, timeout=tick)
             if done:
                 work.result()
                 return
+            # A starved event loop (or a frozen host) is not the standby's silence: the reader
+            # could not run either. Do not count this loop's own lateness against the peer.
+            late = own_lateness(tick, time.monotonic() - t0)
+            if late:
+                self._last_heard = min(time.monotonic(), self._last_heard + late)
+                log.info("primary.watchdog_late", late_ms=round(late * 1000, 1),
+                         hint="the loop overran its sleep; that time is not counted as silence")
             if self.status.state != "syncing" and self.silence_ms() > self.detection_timeout_ms():
                 raise ChannelError(f"no word from the standby for {self.silence_ms():.0f} ms "
                                    f"(timeout {self.detection_timeout_ms():.0f} ms)")
@@ -398,19 +429,9 @@ class Primary:
                 return None
             n = self.status.epoch + 1
             t0 = time.perf_counter()
-            await self.guest.stop_vcpus()
-            try:
-                self.gate.seal(n)
-                scan = asyncio.create_task(asyncio.to_thread(self.capture.capture))
-                try:
-                    dev = await self.guest.save_device_state()
-                finally:
-                    dirty = await scan
-            finally:
-                if final:
-                    self._frozen = True
-                else:
-                    await self.guest.cont()
+            # One unit, in its own task: cancelling this caller (session teardown) waits for
+            # the `cont` instead of cutting the pause short and leaving the guest stopped.
+            dirty, dev = await run_to_end(asyncio.ensure_future(self._pause(n, final)))
             pause_ms = (time.perf_counter() - t0) * 1000
         self.status.epoch = n
         self.status.last_pause_ms = pause_ms
@@ -430,6 +451,24 @@ class Primary:
         log.debug("primary.checkpoint", epoch=n, pause_ms=round(pause_ms, 2), dirty_pages=rec.dirty_pages,
                   wire_bytes=rec.wire_bytes, device_state_bytes=rec.device_state_bytes)
         return rec, frame
+
+    async def _pause(self, n: int, final: bool):
+        """stop → seal the gate at n → (device state ∥ dirty scan) → cont (not when `final`).
+        `cont` follows even a failed or unanswered `stop`: QEMU may have stopped anyway."""
+        try:
+            await self.guest.stop_vcpus()
+            self.gate.seal(n)
+            scan = asyncio.create_task(asyncio.to_thread(self.capture.capture))
+            try:
+                dev = await self.guest.save_device_state()
+            finally:
+                dirty = await scan
+            return dirty, dev
+        finally:
+            if final:
+                self._frozen = True
+            else:
+                await self.guest.cont()
 
     # ------------------------------------------------------------ incoming
     async def _reader(self, ch: Channel) -> None:

@@ -4,22 +4,30 @@ Guest RAM lives in a shared ``memory-backend-file`` so the service reads it
 directly and a standby QEMU can resume on a replica of it. The device state moves
 through QEMU's migration stream with ``x-ignore-shared`` (RAM skipped), over a
 socketpair handed to QEMU with ``getfd``: no temp files, no shell.
+
+A QMP exchange is never cancelled half-way (`QmpLine`): a caller that gives up (a
+deadline, a cancelled session) leaves the exchange running, its late reply is logged,
+and the next command waits for it first. QEMU's stderr is read all the time
+(`Guest._read_stderr`): a pipe nobody reads fills at 64 KiB and then blocks QEMU
+inside a write, possibly while it holds its global lock, which freezes the guest.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import itertools
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, QMPError
 
 from gmbase.errors import GeomirrorError
 
@@ -27,10 +35,141 @@ log = structlog.get_logger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
 READY_MARK = b"GEOMIRROR-GUEST-READY"
+QMP_DEADLINE_S = 2.0  # a caller waits this long for a reply, then gets a GuestError
+QMP_STUCK_S = 10.0  # an exchange left unanswered this long: QEMU counts as unresponsive
+STDERR_LINES_PER_S = 20  # QEMU stderr lines logged per second; the rest are counted
+STDERR_MAX_LINE = 4096  # longer lines are cut (and a line without an end is logged in pieces)
 
 
 class GuestError(GeomirrorError):
     """The guest could not be started, driven or checkpointed."""
+
+
+@dataclass
+class _Exchange:
+    command: str
+    id: str
+    started: float
+    task: asyncio.Task
+    abandoned: str | None = None  # why the caller stopped waiting: "deadline" | "cancelled"
+
+
+class QmpLine:
+    """QMP commands over one QMPClient, each run as a task that is never cancelled.
+
+    Cancelling an exchange half-way makes qemu.qmp forget its id, and QEMU's reply, which
+    comes anyway, is dropped ("Unknown ID ... message dropped"); worse, the command still
+    took effect in QEMU. So a caller that stops waiting (its deadline, or its own
+    cancellation) leaves the exchange running: the reply is logged when it comes
+    (`qemu.qmp_late_reply`), and the next command waits for it first, for at most
+    `stuck_s` after it was sent; past that QEMU is declared unresponsive."""
+
+    def __init__(self, client: QMPClient, guest: str, stuck_s: float = QMP_STUCK_S):
+        self.client = client
+        self.guest = guest
+        self.stuck_s = stuck_s
+        self._ids = itertools.count(1)
+        self._abandoned: list[_Exchange] = []
+
+    async def execute(self, command: str, args: dict | None = None, timeout: float = QMP_DEADLINE_S,
+                      settle: bool = True):
+        """Run `command`; its reply's return value. GuestError when QEMU refuses it, does not
+        answer within `timeout`, or still owes the answer to an earlier command."""
+        if settle:
+            await self._settle(command)
+        ex = self._start(command, args)
+        try:
+            done, _ = await asyncio.wait({ex.task}, timeout=timeout)
+        except asyncio.CancelledError:
+            ex.abandoned = "cancelled"
+            self._abandoned.append(ex)
+            raise
+        if not done:
+            ex.abandoned = "deadline"
+            self._abandoned.append(ex)
+            raise GuestError(f"QEMU of guest {self.guest} did not answer {command} (id {ex.id}) within "
+                             f"{timeout:g}s; the exchange is kept and its late reply will be logged")
+        return ex.task.result()
+
+    def _start(self, command: str, args: dict | None) -> _Exchange:
+        msg = {"execute": command, "id": f"gm-{next(self._ids)}"}
+        if args is not None:
+            msg["arguments"] = args
+        task = asyncio.get_running_loop().create_task(self._exchange(msg))
+        ex = _Exchange(command, msg["id"], time.monotonic(), task)
+        task.add_done_callback(lambda _t: self._finished(ex))
+        return ex
+
+    async def _exchange(self, msg: dict):
+        command = msg["execute"]
+        try:
+            reply = await self.client._raw(msg, assign_id=False)  # our own id, to name it in the log
+        except QMPError as e:
+            raise GuestError(f"the QMP connection of guest {self.guest} failed during {command}: "
+                             f"{e or type(e).__name__}") from e
+        if "error" in reply:
+            err = reply["error"]
+            raise GuestError(f"QEMU of guest {self.guest} refused {command}: "
+                             f"{err.get('desc', err)} ({err.get('class', 'no class')})")
+        if "return" not in reply:
+            raise GuestError(f"QEMU of guest {self.guest} answered {command} with neither return nor error")
+        return reply["return"]
+
+    def _finished(self, ex: _Exchange) -> None:
+        """Every exchange ends here; one whose caller stopped waiting is logged as late."""
+        failed = None if ex.task.cancelled() else ex.task.exception()  # also marks it retrieved
+        if ex.abandoned is None:
+            return
+        with_error = {"error": str(failed)} if failed is not None else {}
+        log.warning("qemu.qmp_late_reply", guest=self.guest, command=ex.command, id=ex.id,
+                    latency_ms=round((time.monotonic() - ex.started) * 1000, 1), abandoned=ex.abandoned,
+                    outcome="cancelled" if ex.task.cancelled() else "error" if failed else "ok", **with_error)
+
+    async def _settle(self, command: str) -> None:
+        """Wait for exchanges whose callers gave up, each at most until it is `stuck_s` old."""
+        while self._abandoned:
+            ex = self._abandoned[0]
+            if ex.task.done():
+                self._abandoned.pop(0)
+                continue
+            age = time.monotonic() - ex.started
+            if age >= self.stuck_s:
+                raise GuestError(f"QEMU of guest {self.guest} is unresponsive: {ex.command} (id {ex.id}) has "
+                                 f"had no answer for {age:.1f}s, so {command} was not sent")
+            await asyncio.wait({ex.task}, timeout=self.stuck_s - age)
+
+    @property
+    def outstanding(self) -> list[str]:
+        """Ids of exchanges whose callers gave up and that QEMU has not answered yet."""
+        return [ex.id for ex in self._abandoned if not ex.task.done()]
+
+
+class LineBudget:
+    """At most `per_window` lines let through per window of `window_s`; the rest are counted
+    and the count is handed out once (at the next window, or on `flush`)."""
+
+    def __init__(self, per_window: int = STDERR_LINES_PER_S, window_s: float = 1.0):
+        self.per_window = per_window
+        self.window_s = window_s
+        self._start: float | None = None
+        self._used = 0
+        self._suppressed = 0
+
+    def admit(self, now: float) -> tuple[bool, int]:
+        """(let this line through?, lines suppressed in earlier windows, to report now)."""
+        report = 0
+        if self._start is None or now - self._start >= self.window_s:
+            self._start, self._used = now, 0
+            report, self._suppressed = self._suppressed, 0
+        if self._used < self.per_window:
+            self._used += 1
+            return True, report
+        self._suppressed += 1
+        return False, report
+
+    def flush(self) -> int:
+        n, self._suppressed = self._suppressed, 0
+        return n
 
 
 def choose_accel(cpuinfo: str, kvm_present: bool) -> str:
@@ -127,10 +266,59 @@ class Guest:
     qmp: QMPClient | None = None
     _events: asyncio.Queue = field(default_factory=asyncio.Queue)
     _event_task: asyncio.Task | None = None
+    extra_argv: tuple[str, ...] = ()  # appended to the command line (diagnostics: -trace, -d)
+    qmp_stuck_s: float = QMP_STUCK_S
+    stderr_lines: int = 0  # lines and bytes QEMU wrote to its stderr (all of it was read)
+    stderr_bytes: int = 0
+    _line: QmpLine | None = None
+    _stderr_task: asyncio.Task | None = None
+    _stderr_tail: deque = field(default_factory=lambda: deque(maxlen=5))
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    async def _read_stderr(self, stream: asyncio.StreamReader, pid: int) -> None:
+        """QEMU's stderr into the log, line by line, at most STDERR_LINES_PER_S lines a second
+        (the rest counted in `qemu.stderr_suppressed`), until QEMU closes it."""
+        budget = LineBudget()
+        name = self.spec.name
+        rest = b""
+
+        def suppressed(n: int) -> None:
+            if n:
+                log.warning("qemu.stderr_suppressed", guest=name, pid=pid, lines=n)
+
+        def line(raw: bytes) -> None:
+            self.stderr_lines += 1
+            self._stderr_tail.append(raw[:STDERR_MAX_LINE])
+            show, report = budget.admit(time.monotonic())
+            suppressed(report)
+            if show:
+                log.warning("qemu.stderr", guest=name, pid=pid,
+                            line=raw[:STDERR_MAX_LINE].decode(errors="replace").rstrip())
+
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.read(1 << 16), 1.0)
+            except asyncio.TimeoutError:  # quiet for a second: say how much was left out
+                suppressed(budget.flush())
+                continue
+            if not chunk:
+                break
+            self.stderr_bytes += len(chunk)
+            *lines, rest = (rest + chunk).split(b"\n")
+            for raw in lines:
+                line(raw)
+            if len(rest) > STDERR_MAX_LINE:
+                line(rest)
+                rest = b""
+        if rest:
+            line(rest)
+        suppressed(budget.flush())
+
+    def _stderr_summary(self) -> str:
+        return " | ".join(r.decode(errors="replace").strip() for r in self._stderr_tail)
 
     async def start(self, timeout: float = 20.0) -> None:
         spec = self.spec
@@ -145,31 +333,47 @@ class Guest:
         log.info("guest.start", name=spec.name, accel=spec.accel, memory_mb=spec.memory_mb,
                  incoming=spec.incoming)
         self.proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            *argv, *self.extra_argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        self._stderr_task = asyncio.create_task(self._read_stderr(self.proc.stderr, self.proc.pid))
+        try:
+            await self._attach(time.monotonic() + timeout, timeout)
+        except BaseException:  # a QEMU we cannot drive is of no use: do not leave it behind
+            self.kill()
+            raise
+
+    async def _attach(self, deadline: float, timeout: float) -> None:
+        """Connect QMP (each attempt bounded: a QEMU stuck before its greeting must not hang
+        the start) and set the migration capabilities the checkpoints need."""
+        spec = self.spec
         while not spec.qmp_path.exists():
             if self.proc.returncode is not None or time.monotonic() > deadline:
-                err = (await self.proc.stderr.read()).decode(errors="replace").strip() if self.proc.stderr else ""
-                raise GuestError(f"QEMU for guest {spec.name} did not start: {err or 'no QMP socket'}")
+                await asyncio.wait({self._stderr_task}, timeout=1.0)  # QEMU's last words
+                raise GuestError(f"QEMU for guest {spec.name} did not start: "
+                                 f"{self._stderr_summary() or 'no QMP socket'}")
             await asyncio.sleep(0.02)
         self.qmp = QMPClient(spec.name)
-        for _ in range(100):
+        while True:
             try:
-                await self.qmp.connect(str(spec.qmp_path))
+                await asyncio.wait_for(self.qmp.connect(str(spec.qmp_path)), max(0.1, deadline - time.monotonic()))
                 break
-            except Exception:
+            except (QMPError, OSError, asyncio.TimeoutError) as e:
                 if self.proc.returncode is not None:
-                    raise GuestError(f"QEMU for guest {spec.name} exited with {self.proc.returncode}")
+                    await asyncio.wait({self._stderr_task}, timeout=1.0)
+                    raise GuestError(f"QEMU for guest {spec.name} exited with {self.proc.returncode}: "
+                                     f"{self._stderr_summary() or 'nothing on stderr'}") from None
+                if time.monotonic() > deadline:
+                    raise GuestError(f"QEMU of guest {spec.name} did not greet on its QMP socket {spec.qmp_path} "
+                                     f"within {timeout:g}s ({type(e).__name__})") from None
                 await asyncio.sleep(0.05)
-        else:
-            raise GuestError(f"cannot connect to QMP socket {spec.qmp_path}")
+        self._line = QmpLine(self.qmp, spec.name, self.qmp_stuck_s)
         self._event_task = asyncio.create_task(self._pump_events())
-        await self.qmp.execute("migrate-set-capabilities", {"capabilities": [
+        await self._execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True},
             {"capability": "events", "state": True},
-        ]})
-        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40, "downtime-limit": 2000})
+        ]}, timeout=10.0)
+        await self._execute("migrate-set-parameters", {"max-bandwidth": 1 << 40, "downtime-limit": 2000},
+                            timeout=10.0)
 
     async def _pump_events(self) -> None:
         assert self.qmp is not None
@@ -210,7 +414,7 @@ class Guest:
             if status == "completed":
                 return
             if status in ("failed", "cancelled"):
-                info = await self.qmp.execute("query-migrate")
+                info = await self._execute("query-migrate")
                 raise GuestError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
 
     def _send_fd(self, fd: int) -> None:
@@ -226,14 +430,14 @@ class Guest:
         while not self._events.empty():
             self._events.get_nowait()
 
-    async def _execute(self, command: str, args: dict | None = None, timeout: float = 2.0):
+    async def _execute(self, command: str, args: dict | None = None, timeout: float = QMP_DEADLINE_S,
+                       settle: bool = True):
         """A QMP command with a deadline: a QEMU that stops answering must not stall the
-        checkpoint loop forever (the session fails instead, and resyncs)."""
-        try:
-            return await asyncio.wait_for(self.qmp.execute(command, args), timeout)
-        except asyncio.TimeoutError:
-            raise GuestError(f"QEMU of guest {self.spec.name} did not answer {command} within {timeout:g}s") \
-                from None
+        checkpoint loop forever (the session fails instead, and resyncs). The exchange
+        itself is never cut off (see QmpLine)."""
+        if self._line is None:
+            raise GuestError(f"guest {self.spec.name} has no QMP connection (QEMU not started)")
+        return await self._line.execute(command, args, timeout, settle)
 
     async def stop_vcpus(self) -> None:
         await self._execute("stop")
@@ -287,9 +491,9 @@ class Guest:
     async def _settle_migration(self, timeout: float = 3.0) -> None:
         deadline = time.monotonic() + timeout
         try:
-            await asyncio.wait_for(self.qmp.execute("migrate_cancel"), timeout)
+            await self._execute("migrate_cancel", timeout=timeout)
             while time.monotonic() < deadline:
-                info = await asyncio.wait_for(self.qmp.execute("query-migrate"), timeout)
+                info = await self._execute("query-migrate", timeout=timeout)
                 if info.get("status") not in ("setup", "active", "cancelling", "pre-switchover", "device",
                                               "wait-unplug"):
                     return
@@ -321,8 +525,8 @@ class Guest:
         if self._event_task:
             self._event_task.cancel()
         if self.qmp is not None:
-            try:
-                await asyncio.wait_for(self.qmp.execute("quit"), 2)
+            try:  # not behind an unanswered command: a stuck QEMU is killed below
+                await self._execute("quit", timeout=2, settle=False)
             except Exception:
                 pass
             try:
@@ -334,4 +538,10 @@ class Guest:
                 await asyncio.wait_for(self.proc.wait(), timeout)
             except asyncio.TimeoutError:
                 self.kill()
-                await self.proc.wait()
+                try:  # bounded: asyncio's wait() also waits for QEMU's pipes to close
+                    await asyncio.wait_for(self.proc.wait(), timeout)
+                except asyncio.TimeoutError:
+                    log.error("qemu.not_reaped", guest=self.spec.name, pid=self.proc.pid,
+                              returncode=self.proc.returncode)
+        if self._stderr_task is not None:  # QEMU is gone: its stderr ends
+            await asyncio.wait({self._stderr_task}, timeout=2.0)

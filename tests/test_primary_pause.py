@@ -1,0 +1,145 @@
+"""The pause of a checkpoint (stop → capture → cont) is one unit: cancelling the caller
+(session teardown) waits for the `cont`, so the guest is never left stopped; a handover
+keeps it stopped on purpose. The session watchdog does not count its own lateness (a
+starved event loop) as the standby's silence."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from replication.capture import Capture
+from replication.codec import Codec
+from replication.gate import Gate
+from replication.primary import Primary, PrimaryConfig, own_lateness, run_to_end
+from replication.qemu import GuestError
+from replication.transport import ChannelError
+
+PAGES = 16
+
+
+class FakeGuest:
+    """Records what QEMU would have done. Each step may be held by the test: `stop` takes
+    effect at once (as in QEMU) but its reply can be held; the device state and the `cont`
+    reply likewise."""
+
+    def __init__(self):
+        self.running = True
+        self.calls: list[str] = []
+        self.hold = {k: asyncio.Event() for k in ("stop", "migrate", "cont")}
+        self.at = {k: asyncio.Event() for k in ("stop", "migrate", "cont")}
+        for ev in self.hold.values():
+            ev.set()
+
+    async def _step(self, name: str) -> None:
+        self.at[name].set()
+        await self.hold[name].wait()
+
+    async def stop_vcpus(self) -> None:
+        self.running = False
+        self.calls.append("stop")
+        await self._step("stop")
+
+    async def save_device_state(self) -> bytes:
+        await self._step("migrate")
+        self.calls.append("migrate")
+        return b"device-state"
+
+    async def cont(self) -> None:
+        await self._step("cont")
+        self.running = True
+        self.calls.append("cont")
+
+
+@pytest.fixture
+def primary(tmp_path):
+    ram = tmp_path / "ram"
+    with open(ram, "wb") as f:
+        f.write(os.urandom(PAGES * 4096))
+    cap = Capture(ram, PAGES * 4096)
+    p = Primary(PrimaryConfig(site="t", compat={}, run_id="r"), FakeGuest(), cap, Gate(), connect=None)
+    yield p
+    cap.close()
+
+
+CODEC = Codec(b"k" * 32)
+
+
+async def test_a_checkpoint_pauses_and_resumes(primary):
+    rec, frame = await primary.checkpoint(CODEC, 100)
+    assert primary.guest.calls == ["stop", "migrate", "cont"] and primary.guest.running
+    assert rec.epoch == 1 and rec.dirty_pages == PAGES and frame
+
+
+@pytest.mark.parametrize("step", ["stop", "migrate", "cont"])
+async def test_cancelled_mid_pause_the_guest_is_still_resumed(primary, step):
+    g = primary.guest
+    g.hold[step].clear()
+    cp = asyncio.create_task(primary.checkpoint(CODEC, 100))
+    await g.at[step].wait()
+    cp.cancel()
+    await asyncio.sleep(0)
+    cp.cancel()  # teardown of the session, then of the whole run: twice
+    await asyncio.sleep(0.01)
+    assert not cp.done()  # the caller waits for the unit to end
+    g.hold[step].set()
+    with pytest.raises(asyncio.CancelledError):
+        await cp
+    assert g.calls == ["stop", "migrate", "cont"] and g.running
+    assert primary.status.epoch == 0  # the epoch was not taken
+
+
+async def test_a_cancelled_handover_leaves_the_guest_stopped_on_purpose(primary):
+    g = primary.guest
+    g.hold["migrate"].clear()
+    cp = asyncio.create_task(primary.checkpoint(CODEC, 100, final=True))
+    await g.at["migrate"].wait()
+    cp.cancel()
+    g.hold["migrate"].set()
+    with pytest.raises(asyncio.CancelledError):
+        await cp
+    assert g.calls == ["stop", "migrate"] and not g.running and primary._frozen
+
+
+async def test_a_failed_stop_is_still_followed_by_cont(primary):
+    g = primary.guest
+
+    async def stop_unanswered():
+        g.running = False  # QEMU stopped, but its reply did not come in time
+        raise GuestError("QEMU of guest t did not answer stop (id gm-1) within 2s")
+
+    g.stop_vcpus = stop_unanswered
+    with pytest.raises(GuestError, match="did not answer stop"):
+        await primary.checkpoint(CODEC, 100)
+    assert g.calls == ["cont"] and g.running
+
+
+async def test_run_to_end_returns_the_result_when_not_cancelled():
+    assert await run_to_end(asyncio.ensure_future(asyncio.sleep(0, result=7))) == 7
+
+
+def test_own_lateness_counts_only_overruns_past_the_tolerance():
+    assert own_lateness(0.1, 0.12, tolerance_s=0.05) == 0.0
+    assert own_lateness(0.1, 1.1, tolerance_s=0.05) == pytest.approx(1.0)
+    assert own_lateness(0.1, 0.09, tolerance_s=0.05) == 0.0
+
+
+async def test_the_watchdog_does_not_count_its_own_stall_as_silence(primary):
+    p = primary
+    p.status.state = "protected"
+    p.cfg.heartbeat_ms, p.cfg.min_timeout_ms = 20, 200
+    work = asyncio.create_task(asyncio.Event().wait())
+    p._last_heard = time.monotonic()
+    dog = asyncio.create_task(p._watchdog(None, work))
+    await asyncio.sleep(0.01)
+    stall_s = 3 * p.detection_timeout_ms() / 1000
+    time.sleep(stall_s)  # the event loop is blocked: nobody (not the reader either) can run
+    await asyncio.sleep(0.01)  # the watchdog woke up (its timer was due first) and looked
+    assert not dog.done(), dog.exception()
+    # real silence still ends the session
+    with pytest.raises(ChannelError, match="no word from the standby"):
+        await asyncio.wait_for(dog, 10)
+    work.cancel()
