@@ -114,11 +114,19 @@ class Gate:
     stats: GateStats
 
     async def start(self) -> None:
-        """Begin relaying (bind the guest's socket, attach to the network)."""
+        """Begin relaying (attach to the network; the guest's NIC comes with `attach_guest`)."""
         raise NotImplementedError
 
     async def close(self) -> None:
         """Stop relaying; held frames are lost."""
+        raise NotImplementedError
+
+    def attach_guest(self, path: Path) -> None:
+        """Relay the guest whose NIC listens on `path` (dialled again after any drop)."""
+        raise NotImplementedError
+
+    def detach_guest(self) -> None:
+        """No guest any more (it stopped, or this site demotes)."""
         raise NotImplementedError
 
     def seal(self, epoch: int) -> None:

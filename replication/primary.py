@@ -29,20 +29,13 @@ from replication import codec as codec_mod
 from replication.capture import Capture
 from replication.gate import Gate
 from replication.qemu import Guest
-from replication.session import (BLOCK_PAGES, LinkStats, new_nonce, on_heartbeat_message, send_heartbeats,
+from replication.session import (BLOCK_PAGES, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
+                                 send_heartbeats,
                                  session_key)
 from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
-LATE_TOLERANCE_S = 0.05  # a watchdog sleep that overruns by more than this was the loop's own delay
-
-
-def own_lateness(asked_s: float, slept_s: float, tolerance_s: float = LATE_TOLERANCE_S) -> float:
-    """How much of a sleep was the sleeper's own lateness: the overrun beyond `asked_s`, when
-    it exceeds `tolerance_s` (ordinary scheduling jitter counts as nothing), else 0."""
-    late = slept_s - asked_s
-    return late if late > tolerance_s else 0.0
 
 
 async def run_to_end(fut: asyncio.Future):
@@ -248,6 +241,9 @@ class Primary:
         self.status.sessions += 1
         self.status.peer_cert_serial = ch.peer_cert_serial()
         self.status.committed_epoch = max(self.status.committed_epoch, int(reply.get("committed_epoch", 0)))
+        # Epoch numbers only grow: a restarted primary (its counter from 0) continues after what
+        # the standby committed, which it would refuse otherwise.
+        self.status.epoch = max(self.status.epoch, self.status.committed_epoch)
         self._last_heard = time.monotonic()
         reader = asyncio.create_task(self._reader(ch))
         beater = asyncio.create_task(self._heartbeats(ch))

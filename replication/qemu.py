@@ -207,6 +207,7 @@ class GuestSpec:
     machine: str = "pc-i440fx-7.2"
     accel: str = "tcg"
     incoming: bool = False
+    stderr_path: Path | None = None  # QEMU's stderr goes to this file (tailed into the log); None: a pipe
 
     def compat(self) -> dict:
         """What must be identical at both sites for a checkpoint to apply."""
@@ -249,7 +250,9 @@ def build_argv(spec: GuestSpec) -> list[str]:
         "-chardev", f"file,id=ser0,path={spec.serial_path}",
         "-serial", "chardev:ser0",
         "-qmp", f"unix:{spec.qmp_path},server=on,wait=off",
-        "-netdev", f"stream,id=net0,server=off,addr.type=unix,addr.path={spec.net_socket}",
+        # QEMU is the server of its NIC's stream: the site's gate dials it, and dials it again
+        # after a restart of the service, so the guest never depends on the service process
+        "-netdev", f"stream,id=net0,server=on,addr.type=unix,addr.path={spec.net_socket}",
         "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
     ]
     if spec.incoming:
@@ -273,14 +276,33 @@ class Guest:
     _line: QmpLine | None = None
     _stderr_task: asyncio.Task | None = None
     _stderr_tail: deque = field(default_factory=lambda: deque(maxlen=5))
+    _pid: int | None = None  # a QEMU this process did not start (taken up after a restart)
+    started_at: float = 0.0  # the process's start time in clock ticks since boot (/proc/PID/stat)
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.proc.pid if self.proc else self._pid
 
-    async def _read_stderr(self, stream: asyncio.StreamReader, pid: int) -> None:
+    @property
+    def running(self) -> bool:
+        if self.proc is not None:
+            return self.proc.returncode is None
+        return self._pid is not None and process_start_ticks(self._pid) == self.started_at
+
+    def _exited(self) -> bool:
+        return not self.running
+
+    async def wait_exit(self) -> int | None:
+        """Until QEMU exits; its exit code when it is our child, else None."""
+        if self.proc is not None:
+            return await self.proc.wait()
+        await wait_pid_exit(self._pid, self.started_at)
+        return None
+
+    async def _read_stderr(self, stream, pid: int) -> None:
         """QEMU's stderr into the log, line by line, at most STDERR_LINES_PER_S lines a second
-        (the rest counted in `qemu.stderr_suppressed`), until QEMU closes it."""
+        (the rest counted in `qemu.stderr_suppressed`), until QEMU closes it. `stream` has an
+        async `read(n)`: the pipe, or `_FileTail` over the stderr file."""
         budget = LineBudget()
         name = self.spec.name
         rest = b""
@@ -332,10 +354,20 @@ class Guest:
         argv = build_argv(spec)
         log.info("guest.start", name=spec.name, accel=spec.accel, memory_mb=spec.memory_mb,
                  incoming=spec.incoming)
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv, *self.extra_argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        self._stderr_task = asyncio.create_task(self._read_stderr(self.proc.stderr, self.proc.pid))
+        err_file = None
+        if spec.stderr_path is not None:  # a file never blocks QEMU, and a restarted service tails it on
+            err_file = os.open(spec.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            start_offset = os.fstat(err_file).st_size
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, *self.extra_argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=err_file if err_file is not None else asyncio.subprocess.PIPE, start_new_session=True)
+        finally:
+            if err_file is not None:
+                os.close(err_file)
+        self.started_at = process_start_ticks(self.proc.pid) or 0.0
+        stream = self.proc.stderr if err_file is None else _FileTail(spec.stderr_path, start_offset, self)
+        self._stderr_task = asyncio.create_task(self._read_stderr(stream, self.proc.pid))
         try:
             await self._attach(time.monotonic() + timeout, timeout)
         except BaseException:  # a QEMU we cannot drive is of no use: do not leave it behind
@@ -347,8 +379,9 @@ class Guest:
         the start) and set the migration capabilities the checkpoints need."""
         spec = self.spec
         while not spec.qmp_path.exists():
-            if self.proc.returncode is not None or time.monotonic() > deadline:
-                await asyncio.wait({self._stderr_task}, timeout=1.0)  # QEMU's last words
+            if self._exited() or time.monotonic() > deadline:
+                if self._stderr_task is not None:
+                    await asyncio.wait({self._stderr_task}, timeout=1.0)  # QEMU's last words
                 raise GuestError(f"QEMU for guest {spec.name} did not start: "
                                  f"{self._stderr_summary() or 'no QMP socket'}")
             await asyncio.sleep(0.02)
@@ -358,9 +391,11 @@ class Guest:
                 await asyncio.wait_for(self.qmp.connect(str(spec.qmp_path)), max(0.1, deadline - time.monotonic()))
                 break
             except (QMPError, OSError, asyncio.TimeoutError) as e:
-                if self.proc.returncode is not None:
-                    await asyncio.wait({self._stderr_task}, timeout=1.0)
-                    raise GuestError(f"QEMU for guest {spec.name} exited with {self.proc.returncode}: "
+                if self._exited():
+                    if self._stderr_task is not None:
+                        await asyncio.wait({self._stderr_task}, timeout=1.0)
+                    raise GuestError(f"QEMU for guest {spec.name} exited with "
+                                     f"{self.proc.returncode if self.proc else 'an unknown code'}: "
                                      f"{self._stderr_summary() or 'nothing on stderr'}") from None
                 if time.monotonic() > deadline:
                     raise GuestError(f"QEMU of guest {spec.name} did not greet on its QMP socket {spec.qmp_path} "
@@ -368,6 +403,11 @@ class Guest:
                 await asyncio.sleep(0.05)
         self._line = QmpLine(self.qmp, spec.name, self.qmp_stuck_s)
         self._event_task = asyncio.create_task(self._pump_events())
+        if self.proc is None:  # taken up after a restart: a migration the old service left must end first
+            info = await self._execute("query-migrate", timeout=10.0)
+            if info.get("status") in _MIGRATION_ACTIVE:
+                log.warning("qemu.migration_left_over", guest=spec.name, status=info.get("status"))
+                await self._settle_migration()
         await self._execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True},
             {"capability": "events", "state": True},
@@ -392,8 +432,9 @@ class Guest:
                     return time.monotonic() - t0
             except FileNotFoundError:
                 pass
-            if self.proc and self.proc.returncode is not None:
-                raise GuestError(f"QEMU for guest {self.spec.name} exited with {self.proc.returncode}")
+            if self._exited():
+                raise GuestError(f"QEMU for guest {self.spec.name} exited"
+                                 + (f" with {self.proc.returncode}" if self.proc else ""))
             await asyncio.sleep(0.1)
         raise GuestError(f"guest {self.spec.name} printed no ready line within {timeout:.0f}s "
                          f"(serial log: {self.spec.serial_path})")
@@ -494,8 +535,7 @@ class Guest:
             await self._execute("migrate_cancel", timeout=timeout)
             while time.monotonic() < deadline:
                 info = await self._execute("query-migrate", timeout=timeout)
-                if info.get("status") not in ("setup", "active", "cancelling", "pre-switchover", "device",
-                                              "wait-unplug"):
+                if info.get("status") not in _MIGRATION_ACTIVE:
                     return
                 await asyncio.sleep(0.01)
             log.warning("qemu.migration_not_settled", guest=self.spec.name)
@@ -515,11 +555,80 @@ class Guest:
 
     def kill(self) -> None:
         """SIGKILL the QEMU process (the crash case)."""
-        if self.proc and self.proc.returncode is None:
+        if self.running:
             try:
-                os.kill(self.proc.pid, signal.SIGKILL)
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    async def ensure_running(self) -> str:
+        """After a restart of the service: the guest must run. A checkpoint the old service died in
+        the middle of left it stopped (or a migration it gave up on left it in postmigrate): undo
+        that and resume it. Returns the state found."""
+        state = await self.status()
+        if state in ("paused", "postmigrate", "finish-migrate"):
+            log.warning("qemu.found_stopped", guest=self.spec.name, pid=self.pid, state=state,
+                        hint="the service stopped in the middle of a checkpoint: resuming the guest")
+            await self._settle_migration()
+            await self.cont()
+        elif state != "running":
+            raise GuestError(f"the guest's QEMU (pid {self.pid}) is in state {state!r}, not running")
+        return state
+
+    @classmethod
+    async def attach(cls, spec: GuestSpec, pid: int, started_at: float, timeout: float = 10.0) -> "Guest":
+        """Take up a QEMU a previous service process started (it is not our child): check it is
+        the same process (pid, start time, its QMP socket on its command line), connect QMP and
+        tail its stderr from here on. GuestError with a sentence if it is gone."""
+        if process_start_ticks(pid) != started_at:
+            raise GuestError(f"the guest's QEMU (pid {pid}) is gone")
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            raise GuestError(f"the guest's QEMU (pid {pid}) is gone") from None
+        if str(spec.qmp_path).encode() not in b" ".join(cmdline):
+            raise GuestError(f"pid {pid} is no QEMU of guest {spec.name} (its command line does not name "
+                             f"{spec.qmp_path})")
+        g = cls(spec)
+        g._pid, g.started_at = pid, started_at
+        if spec.stderr_path is not None and spec.stderr_path.exists():
+            g._stderr_task = asyncio.create_task(
+                g._read_stderr(_FileTail(spec.stderr_path, spec.stderr_path.stat().st_size, g), pid))
+        try:
+            await g._attach(time.monotonic() + timeout, timeout)
+        except BaseException:
+            await g.detach()
+            raise
+        log.info("guest.attached", name=spec.name, pid=pid)
+        return g
+
+    @staticmethod
+    def end_stale(pid: int, started_at: float, qmp_path: Path) -> bool:
+        """SIGKILL a QEMU an earlier service left that nobody will take up (checked by start time
+        and its QMP socket on the command line, so no other process is ever hit)."""
+        try:
+            if process_start_ticks(pid) != started_at:
+                return False
+            if str(qmp_path).encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return False
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            return False
+        log.warning("qemu.stale_ended", pid=pid, qmp=str(qmp_path))
+        return True
+
+    async def detach(self) -> None:
+        """Let go of QEMU without stopping it (the service restarts; the guest runs on)."""
+        if self._event_task:
+            self._event_task.cancel()
+        if self._stderr_task is not None and self.proc is None:
+            self._stderr_task.cancel()
+        if self.qmp is not None:
+            try:
+                await asyncio.wait_for(self.qmp.disconnect(), 2)
+            except Exception:  # the connection is going away either way
+                pass
+            self.qmp, self._line = None, None
 
     async def close(self, timeout: float = 5.0) -> None:
         if self._event_task:
@@ -533,6 +642,11 @@ class Guest:
                 await self.qmp.disconnect()
             except Exception:
                 pass
+        if self.proc is None and self.running:  # a QEMU taken up after a restart: not our child
+            try:
+                await asyncio.wait_for(wait_pid_exit(self._pid, self.started_at), timeout)
+            except asyncio.TimeoutError:
+                self.kill()
         if self.proc and self.proc.returncode is None:
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout)
@@ -545,3 +659,73 @@ class Guest:
                               returncode=self.proc.returncode)
         if self._stderr_task is not None:  # QEMU is gone: its stderr ends
             await asyncio.wait({self._stderr_task}, timeout=2.0)
+            self._stderr_task.cancel()
+
+
+_MIGRATION_ACTIVE = ("setup", "active", "cancelling", "pre-switchover", "device", "wait-unplug")
+STDERR_FILE_KEEP = 8 << 20  # the stderr file is emptied once read past this size
+
+
+def process_start_ticks(pid: int | None) -> float | None:
+    """A process's start time (clock ticks since boot), or None if it does not exist (or is a
+    zombie): with the pid, it names one process, never a later one that reuses the pid."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None
+    return float(fields[19])
+
+
+async def wait_pid_exit(pid: int, started_at: float) -> None:
+    """Until a process that is not our child exits (a pidfd; a poll where there is none)."""
+    if process_start_ticks(pid) != started_at:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        while process_start_ticks(pid) == started_at:
+            await asyncio.sleep(0.5)
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+class _FileTail:
+    """`read(n)` over QEMU's stderr file, from `offset` on: new bytes as they are appended, b"" at
+    the end once QEMU has exited. Empties the file once it has read past STDERR_FILE_KEEP (QEMU
+    appends: it writes on at the new end)."""
+
+    def __init__(self, path: Path, offset: int, guest: "Guest"):
+        self.path, self.offset, self.guest = path, offset, guest
+
+    async def read(self, n: int) -> bytes:
+        while True:
+            try:
+                with open(self.path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < self.offset:  # emptied (by us, or by an operator): start over
+                        self.offset = 0
+                    f.seek(self.offset)
+                    data = f.read(n)
+            except FileNotFoundError:
+                data, size = b"", 0
+            if data:
+                self.offset += len(data)
+                if self.offset >= STDERR_FILE_KEEP and self.offset >= size:
+                    os.truncate(self.path, 0)
+                    self.offset = 0
+                return data
+            if self.guest._exited():
+                return b""
+            await asyncio.sleep(0.2)

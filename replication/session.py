@@ -44,6 +44,17 @@ def detection_timeout_ms(srtt_ms: float | None, rttvar_ms: float, heartbeat_ms: 
     return max(min_ms, min(max_ms, srtt_ms + k * rttvar_ms + missed * heartbeat_ms))
 
 
+LATE_TOLERANCE_S = 0.05  # a watchdog sleep that overruns by more than this was the loop's own delay
+
+
+def own_lateness(asked_s: float, slept_s: float, tolerance_s: float = LATE_TOLERANCE_S) -> float:
+    """How much of a sleep was the sleeper's own lateness: the overrun beyond `asked_s`, when
+    it exceeds `tolerance_s` (ordinary scheduling jitter counts as nothing), else 0. A watchdog
+    moves its "last heard" forward by it, so a stalled loop is not taken for a silent peer."""
+    late = slept_s - asked_s
+    return late if late > tolerance_s else 0.0
+
+
 @dataclass
 class LinkStats:
     """RTT as an EWMA with variance (TCP's estimator), achieved bandwidth, dirty rate."""

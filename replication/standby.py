@@ -29,6 +29,7 @@ from replication import codec as codec_mod
 from replication.progress import Progress
 from replication.qemu import Guest, GuestSpec
 from replication.session import (BLOCK_PAGES, LinkStats, compat_mismatch, new_nonce, on_heartbeat_message,
+                                 own_lateness,
                                  send_heartbeats, session_key)
 from replication.store import Replica, ReplicaError, ReplicaStorageError
 from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
@@ -255,10 +256,15 @@ class Standby:
 
     async def _watch(self, ch: Channel, loop_task: asyncio.Task) -> None:
         try:
+            tick = self.heartbeat_ms / 1000
             while True:
-                done, _ = await asyncio.wait({loop_task}, timeout=self.heartbeat_ms / 1000)
+                t0 = time.monotonic()
+                done, _ = await asyncio.wait({loop_task}, timeout=tick)
                 if done:
                     return loop_task.result()
+                late = own_lateness(tick, time.monotonic() - t0)
+                if late:  # our own loop was late: that is not the primary's silence
+                    self._last_heard = min(time.monotonic(), self._last_heard + late)
                 # a long initial sync is traffic, so silence means the link or the primary is gone
                 if self.silence_ms() > max(self.detection_timeout_ms(), 2000 if self.status.state == "syncing" else 0):
                     raise ChannelError(f"no word from the primary for {self.silence_ms():.0f} ms")

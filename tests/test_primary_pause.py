@@ -14,11 +14,30 @@ import pytest
 from replication.capture import Capture
 from replication.codec import Codec
 from replication.gate import Gate
-from replication.primary import Primary, PrimaryConfig, own_lateness, run_to_end
+from replication.primary import Primary, PrimaryConfig, run_to_end
+from replication.session import own_lateness
 from replication.qemu import GuestError
 from replication.transport import ChannelError
 
 PAGES = 16
+
+
+class NullGate(Gate):
+    """The gate as a checkpoint sees it: seals and releases, recorded."""
+
+    def __init__(self):
+        self.sealed, self.released, self._epoch = [], [], 0
+
+    @property
+    def current_epoch(self):
+        return self._epoch
+
+    def seal(self, epoch):
+        self.sealed.append(epoch)
+        self._epoch = epoch + 1
+
+    def release(self, epoch):
+        self.released.append(epoch)
 
 
 class FakeGuest:
@@ -60,7 +79,7 @@ def primary(tmp_path):
     with open(ram, "wb") as f:
         f.write(os.urandom(PAGES * 4096))
     cap = Capture(ram, PAGES * 4096)
-    p = Primary(PrimaryConfig(site="t", compat={}, run_id="r"), FakeGuest(), cap, Gate(), connect=None)
+    p = Primary(PrimaryConfig(site="t", compat={}, run_id="r"), FakeGuest(), cap, NullGate(), connect=None)
     yield p
     cap.close()
 
