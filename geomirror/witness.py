@@ -26,6 +26,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from geomirror import pairing
 from geomirror.errors import GeomirrorError
 from gmbase.files import atomic_write
 
@@ -325,8 +326,6 @@ async def serve_witness(state_dir, host: str, port: int, ssl_context: ssl.SSLCon
     await server.start()
     watcher = None
     if identity is not None:
-        from geomirror import pairing
-
         watcher = asyncio.create_task(pairing.watch_identity(
             identity, lambda: pairing.reload_logged(identity, "files changed", log)))
         asyncio.get_running_loop().add_signal_handler(

@@ -251,6 +251,8 @@ async def serve(host: str, port: int, handler, *, ssl: _ssl.SSLContext | None = 
         ch = Channel(reader, writer, max_frame, peer=f"{peer[0]}:{peer[1]}" if peer else "peer")
         try:
             await handler(ch)
+        except asyncio.CancelledError:  # the service stops: end this connection quietly (asyncio's
+            pass  # server would otherwise log the cancelled handler as an unhandled error)
         except Exception as e:  # never let one bad peer take the service down
             log.warning("channel.handler_failed", peer=ch.peer, error=str(e))
         finally:

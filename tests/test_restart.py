@@ -36,11 +36,12 @@ def qemu_pids(site: str) -> list[int]:
     return out
 
 
-def protected_again(site: str, after_sessions: int, timeout: float = 120) -> dict:
+def protected_again(site: str, since_wall: float, timeout: float = 120) -> dict:
+    """The site's status once it is protected by a session that began after `since_wall`."""
     return wait_for(lambda: (s := labcli.site_status(site, timeout=3)) and s.get("protected")
                     and s.get("ha_state") == "active_protected"
-                    and s.get("replication", {}).get("sessions", 0) > after_sessions and s,
-                    timeout, f"{site} to be protected again")
+                    and any(e["event"] == "protection.entered" and e["wall"] > since_wall for e in s["timeline"])
+                    and s, timeout, f"{site} to be protected again")
 
 
 def test_daemon_restarts_keep_the_guest_and_resync_only_what_changed(lab_env):
@@ -52,13 +53,13 @@ def test_daemon_restarts_keep_the_guest_and_resync_only_what_changed(lab_env):
     c.start()
     time.sleep(1.5)
     a = labcli.site_status("site-a")
-    guest_pid, sessions = a["guest_pid"], a["replication"]["sessions"]
+    guest_pid = a["guest_pid"]
     assert guest_pid and qemu_pids("site-a") == [guest_pid]
     lines = []
     for site, kill in (("site-a", True), ("site-a", False), ("site-b", True)):
-        t0 = time.monotonic()
+        t0, wall = time.monotonic(), time.time()
         r = world.restart(site, kill=kill)
-        a = protected_again("site-a", sessions)
+        a = protected_again("site-a", wall)
         took = time.monotonic() - t0
         rep = a["replication"]
         assert a["guest_pid"] == guest_pid and qemu_pids("site-a") == [guest_pid], "the same QEMU runs on"
@@ -67,12 +68,11 @@ def test_daemon_restarts_keep_the_guest_and_resync_only_what_changed(lab_env):
         assert rep["last_sync_bytes"] < RAM // 4, f"resync sent {rep['last_sync_bytes']} bytes for {RAM}"
         lines.append(f"{site} SIG{'KILL' if kill else 'TERM'}: stopped in {r['stopped_s']:.2f}s, protected "
                      f"again {took:.1f}s after the signal, resync {rep['last_sync_bytes']} bytes")
-        sessions = rep["sessions"]
         time.sleep(1.0)
     b = labcli.site_status("site-b")
     assert b["role"] == "standby" and b["replication"]["valid"]
     res = c.finish()
-    assert res.ops > 100
+    assert len(res.incrs) > 10
     print("\n" + "\n".join(lines) + f"\n{len(res.incrs)} consecutive incr replies on one connection, "
           f"{len(res.stored)} STORED values read back, longest stall {res.longest_stall_s:.2f}s")
 
@@ -82,10 +82,10 @@ def test_a_restart_slower_than_the_lease_hands_over_and_the_old_primary_rejoins(
     c.start()
     time.sleep(1.5)
     old_guest = labcli.site_status("site-a")["guest_pid"]
-    t0 = time.monotonic()
+    t0, wall = time.monotonic(), time.time()
     world.restart("site-a", kill=True, delay_s=5.0)  # the lab's lease: 2 s
     wait_for(lambda: best_origin() == AS_B, 60, "BIRD's best route to come from site B")
-    b = protected_again("site-b", 0, timeout=180)
+    b = protected_again("site-b", wall, timeout=180)
     took = time.monotonic() - t0
     a = labcli.site_status("site-a")
     assert a["role"] == "standby" and a["ha_state"] == "standby", (a["role"], a["ha_state"])
@@ -111,8 +111,8 @@ def test_an_isolated_primary_comes_back_as_the_standby_by_itself(lab_up):
         time.sleep(3.0)  # well past the lease: A has fenced itself
     finally:
         world.set_links(ns, True)
-    t0 = time.monotonic()
-    b = protected_again("site-b", 0, timeout=180)
+    t0, wall = time.monotonic(), time.time()
+    b = protected_again("site-b", wall, timeout=180)
     took = time.monotonic() - t0
     a = labcli.site_status("site-a")
     assert a["role"] == "standby", a["role"]

@@ -20,9 +20,13 @@ class GuestSpecs:
         self.run_dir = run_dir
         self._image: GuestImage | None = None
 
-    def spec(self, *, incoming: bool, ram_path: Path, tag: str) -> GuestSpec:
+    def spec(self, *, incoming: bool, ram_path: Path, tag: str, running_pid: int | None = None) -> GuestSpec:
+        """`running_pid`: the spec of a QEMU that already runs (taken up after a restart): its
+        kernel and initrd are read from its command line, not resolved again (which asks apt)."""
         g = self.cfg.guest
         kernel, initrd = g.kernel, g.initrd
+        if running_pid is not None and not kernel:
+            kernel, initrd = _boot_files_of(running_pid)
         if not kernel:
             if self._image is None:
                 self._image = build_image(progress=False)
@@ -42,3 +46,13 @@ class GuestSpecs:
 
     def standby(self, replica_ram: Path) -> GuestSpec:
         return self.spec(incoming=True, ram_path=replica_ram, tag="standby")
+
+
+def _boot_files_of(pid: int) -> tuple[str, str]:
+    """The -kernel and -initrd of a running QEMU ("" if it is gone: attaching then fails)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "", ""
+    val = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-kernel", "-initrd")}
+    return val.get("-kernel", ""), val.get("-initrd", "")

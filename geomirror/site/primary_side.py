@@ -74,7 +74,8 @@ class PrimarySide:
         died in the middle of undone (the guest resumed), and replication resumed under the same
         run id, so the standby keeps its replica and resyncs only what changed. Returns None, or
         a sentence saying why the guest cannot be taken up (it is gone)."""
-        spec = self.specs.spec(incoming=record.tag == "standby", ram_path=Path(record.ram), tag=record.tag)
+        spec = self.specs.spec(incoming=record.tag == "standby", ram_path=Path(record.ram), tag=record.tag,
+                               running_pid=record.pid)
         try:
             guest = await Guest.attach(spec, record.pid, record.started_at)
             state = await guest.ensure_running()

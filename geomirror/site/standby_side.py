@@ -60,7 +60,8 @@ class StandbySide:
         report = await asyncio.to_thread(self.replica.open)
         ctx.mark("replica.open", committed_epoch=report.committed_epoch, valid=report.valid,
                  recovered=report.recovered)
-        self.spec = self.specs.standby(self.replica.ram_path)
+        self.spec = self.specs.spec(incoming=True, ram_path=self.replica.ram_path, tag="standby",
+                                    running_pid=hot_record.pid if hot_record else None)
         expected = {cfg.peer.name}
         hb = cfg.heartbeat
         sb = Standby(self.replica, self.spec.compat(), ctx.name, hb.interval_ms,
