@@ -22,14 +22,17 @@ def net(tmp_path):
     return tmp_path / "net.sock"  # the guest's NIC: QEMU listens there; nobody needs to dial it
 
 
-async def test_a_guest_flooding_stderr_boots_and_runs_and_the_flood_is_logged(tmp_path, net):
+@pytest.mark.parametrize("to_file", [True, False], ids=["stderr-file", "stderr-pipe"])
+async def test_a_guest_flooding_stderr_boots_and_runs_and_the_flood_is_logged(tmp_path, net, to_file):
+    """The service gives QEMU a file (a restarted service tails it on); a pipe is read all the
+    time too. Either way QEMU never blocks on its stderr."""
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed")
     img = build_image(progress=False)
     spec = GuestSpec(name="flood", memory_mb=128, kernel=img.kernel, initrd=img.initrd,
                      append=default_cmdline("198.51.100.10", 24, "198.51.100.1"), ram_path=tmp_path / "ram",
                      qmp_path=tmp_path / "qmp.sock", serial_path=tmp_path / "serial.log", net_socket=net,
-                     accel="tcg")
+                     accel="tcg", stderr_path=tmp_path / "qemu.log" if to_file else None)
     g = Guest(spec, extra_argv=FLOOD)
     with structlog.testing.capture_logs() as logs:
         try:
