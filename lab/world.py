@@ -328,7 +328,9 @@ def parse_bird_routes(out: str) -> list[dict]:
 
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
        env: dict | None = None, guest_append: str = "", config_edits: dict | None = None) -> None:
-    """Build the lab. `env` adds environment variables for the site daemons (tests only)."""
+    """Build the lab. `env` adds environment variables for the site daemons (tests only);
+    `config_edits` maps text of the site configs to its replacement (a key "site-b|text" edits
+    that site's file only)."""
     _require_root()
     busy = [n for n in NAMESPACES if netns.exists(n)]
     if busy:  # checked before anything is made, so a refusal leaves nothing behind
@@ -378,6 +380,10 @@ def start_services(python: str = sys.executable, env: dict | None = None, guest_
             if name.startswith("site") and guest_append:
                 text = text.replace("[guest]\n", f'[guest]\nappend = "{guest_append}"\n', 1)
             for old, new in (config_edits or {}).items():
+                only, _, bare = old.rpartition("|")  # "site-b|old": that site's file only
+                if only and name != f"{only}.toml":
+                    continue
+                old = bare
                 if name.startswith("site"):
                     if old not in text:
                         raise LabError(f"config edit: {old!r} is not in {name}")

@@ -17,18 +17,20 @@ import time
 import structlog
 from prometheus_client import CollectorRegistry
 
-from bgp.speaker import Neighbor, Speaker
+from bgp.speaker import Speaker
 from geomirror import control, ha, pairing
 from geomirror.errors import Refused
 from geomirror.site.context import SiteContext, Tasks, Timeline
 from geomirror.site.effects import Effects
 from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePolicy
+from geomirror.site.guest_ops import GuestOperations
 from geomirror.site.guest_spec import GuestSpecs
 from geomirror.site.host import TAP_NAME
 from geomirror.site.primary_side import PrimarySide
 from geomirror.site.role import GuestRecord, RoleState, RoleStore
-from geomirror.site.standby_side import StandbySide, seed_replica
-from geomirror.site.status import LoopLag, SiteStatus, StatusCollector
+from geomirror.site.routing import start_speaker
+from geomirror.site.standby_side import StandbySide
+from geomirror.site.status import LoopLag, SiteStatus, StatusCollector, build_status
 from geomirror.site.switchover import Switchover, on_peer_handover
 from geomirror.witness import WitnessClient
 from replication.gate import GateMode, UserspaceGate, boottime, open_tap
@@ -37,7 +39,7 @@ log = structlog.get_logger(__name__)
 Role = ha.Role
 
 
-class SiteDaemon:
+class SiteDaemon(GuestOperations):
     def __init__(self, cfg):
         self.cfg = cfg
         self.name = cfg.site.name
@@ -59,8 +61,6 @@ class SiteDaemon:
         self.takeover_report: dict | None = None
         self.unsafe_no_output_commit = os.environ.get("GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT") == "1"
         self.loop_lag = LoopLag()
-        self._bgp_up: set[str] = set()
-        self._peer_route: bool | None = None
         self._stop = asyncio.Event()
         self._resumed = asyncio.Event()
         self.metrics_registry = CollectorRegistry()
@@ -121,7 +121,7 @@ class SiteDaemon:
         self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self)
         self.switchover_job = Switchover(self.ctx, self.witness, lambda: self._primary(),
                                          lambda: self.ha.state, self._demote)
-        await self._start_bgp()
+        self.speaker = await start_speaker(cfg, self.feed)
         self.effects.speaker = self.speaker
         if lost is not None:
             self._guest_lost_at_start(lost)
@@ -134,17 +134,6 @@ class SiteDaemon:
         self.tasks.spawn(self._ha_loop(), "ha.loop")
         self.tasks.spawn(pairing.watch_identity(self.tls, lambda: self.reload_tls("files changed")), "tls.watch")
         self.tasks.spawn(self.loop_lag.run(), "loop_lag")
-
-    def _guest_lost_at_start(self, why: str) -> None:
-        """The guest this site ran is gone (its QEMU died while no daemon watched it). Booting a new
-        one would silently lose its state: fence instead, give the lease back so the peer takes
-        over at once from its replica, and (auto-rejoin) become its standby."""
-        self.ha.operator_fenced = False  # fenced by circumstance: it may rejoin
-        msg = f"the guest {self.cfg.guest.name} is gone ({why}); not booting a new one: {self.cfg.peer.name} takes over"
-        self.effects.alarm(msg)
-        self.timeline.mark("guest.lost", why=why, generation=self.ha.generation)
-        self.effects.act(ha.ReleaseLease(self.ha.generation))
-        self._save_role(Role.FENCED, msg, guest=None)
 
     def _token_path(self):
         p = self.cfg.control.token_file
@@ -176,34 +165,6 @@ class SiteDaemon:
         if self.role.role is Role.STANDBY:
             self._save_role(guest=GuestRecord.of(guest))
 
-    async def _start_bgp(self) -> None:
-        b = self.cfg.bgp
-        if not b.enabled:
-            return
-        neighbors = [Neighbor(address=str(n.address), peer_as=n.peer_as,
-                              local_address=str(n.local_address) if n.local_address else None,
-                              hold_time=b.hold_time) for n in b.neighbors]
-        self.speaker = Speaker(router_id=str(self.cfg.site.router_id), local_as=self.cfg.site.asn,
-                               neighbors=neighbors, run_dir=self.cfg.site.run_dir / "bgp")
-        self.speaker.on_change = self._on_bgp_change
-        await self.speaker.start()
-
-    def _on_bgp_change(self) -> None:
-        sp = self.speaker
-        now_up = {n for n, st in sp.neighbor_states.items() if st == "up"}
-        for n in now_up - self._bgp_up:
-            self.feed(ha.BgpNeighborUp(n))
-        for n in self._bgp_up - now_up:
-            self.feed(ha.BgpNeighborDown(n))
-        self._bgp_up = now_up
-        peer_as = self.cfg.peer.asn
-        if peer_as:
-            seen = any(r.as_path and r.as_path[-1] == peer_as
-                       for r in sp.received_routes(str(self.cfg.guest.prefix)))
-            if seen != self._peer_route:
-                self._peer_route = seen
-                self.feed(ha.PeerRouteSeen(seen))
-
     # ------------------------------------------------------------ the HA machine
     async def _ha_loop(self) -> None:
         period = self.cfg.heartbeat.interval_ms / 1000 / 2
@@ -231,66 +192,6 @@ class SiteDaemon:
             return None
         deadline = m.expires_at - m.config.fence_margin_ms / 1000  # on time.monotonic()
         return round(boottime() + (deadline - time.monotonic()), 3)
-
-    # ------------------------------------------------------------ guest operations (for Effects)
-    async def resume_guest(self) -> None:
-        """Takeover: resume the guest from the replica, then protect it again towards the old
-        primary as soon as that comes back as a standby."""
-        t0 = time.perf_counter()
-        sb = self.standby_side
-        try:
-            self.timeline.mark("takeover.resume_begin", epoch=sb.committed_epoch)
-            self.gatectl.update(guest_here=True, promised=False, session_committing=False)
-            guest, timings, run_id = await sb.resume()
-        except Exception as e:  # any failure here must reach the HA machine, which fences
-            log.exception("takeover.resume_failed", site=self.name)
-            self.feed(ha.ResumeFailed(str(e) or type(e).__name__))
-            return
-        self.takeover_report = {"epoch": sb.committed_epoch, "resume": timings,
-                                "resume_ms": round((time.perf_counter() - t0) * 1000, 1)}
-        self.primary_side.adopt_resumed(guest, sb.spec, run_id, sb.committed_epoch)
-        self._save_role(Role.PRIMARY, "took the guest over", run_id=run_id, guest=GuestRecord.of(guest))
-        self.timeline.mark("takeover.resumed", **timings)
-        self.feed(ha.ResumeDone(time.monotonic()))
-        self._resumed.set()
-        self.timeline.mark("reprotect.waiting", peer=self.cfg.peer.name,
-                           hint=f"the guest is protected again once {self.cfg.peer.name} runs as the standby")
-
-    async def rejoin(self, reason: str) -> None:
-        """Another site runs the guest at a newer generation: become its standby (auto-rejoin)."""
-        await self._demote(f"rejoin: {reason}")
-
-    async def stop_guest(self, reason: str) -> None:
-        await self.primary_side.stop(reason)
-        self._save_role(Role.FENCED, reason, guest=None)
-
-    def _guest_exited(self, rc: int) -> None:
-        if self._stop.is_set():
-            return
-        self.timeline.mark("guest.exited", rc=rc, hint="the guest's QEMU died; this site fences itself and "
-                           "releases the lease so the standby can take over at once")
-        self.feed(ha.OperatorFence(time.monotonic()))  # close gate, withdraw, release the lease
-        self.tasks.spawn(self.stop_guest(f"the guest's QEMU exited with {rc}"), "guest.cleanup")
-
-    async def _demote(self, reason: str) -> None:
-        """This site no longer runs the guest (the peer does, at a newer generation): stop it and
-        become the peer's standby, the replica seeded from the guest's last RAM."""
-        self.timeline.mark("demote.begin", reason=reason)
-        ps = self.primary_side
-        ram = ps.spec.ram_path if ps.spec else self.cfg.site.run_dir / "guest.ram"
-        run_id = ps.run_id or self.role.run_id
-        self.gatectl.update(guest_here=False, session_committing=False, promised=False)  # nothing leaves
-        await ps.stop(reason)
-        if self.standby_side is not None:  # from before a takeover: its files are the guest's RAM now
-            await self.standby_side.close()
-            self.standby_side = None
-        seeded = await asyncio.to_thread(seed_replica, self.cfg, self.specs, run_id, ram)
-        self.timeline.mark("demote.seeded" if seeded else "demote.unseeded", source=str(ram),
-                           hint="the resync sends only what changed" if seeded else "a full initial sync follows")
-        self._resumed.clear()
-        self.feed(ha.BecameStandby(time.monotonic(), reason))
-        await self._start_standby()
-        self.timeline.mark("demote.done", role=self.role.role.value)
 
     # ------------------------------------------------------------ operator
     async def promote(self, force: bool = False, timeout: float = 60.0) -> dict:
@@ -363,31 +264,4 @@ class SiteDaemon:
         return self.site_status().as_dict()
 
     def site_status(self) -> SiteStatus:
-        h = self.ha.snapshot() if self.ha else {}
-        e = self.effects
-        s = SiteStatus(site=self.name, role=self.role.role.value, ha_state=h.get("state", "starting"),
-                       lease_generation=h.get("lease_generation", 0),
-                       bgp_announced=bool(e and e.announced), protected=bool(e and e.protected),
-                       protection_changes=e.protection_changes if e else 0,
-                       alarms=list(h.get("alarms", {}).values()), ha=h, loop_lag_ms=self.loop_lag.as_dict(),
-                       tls=self.tls.info() if self.tls else None, takeover=self.takeover_report,
-                       timeline=self.timeline.recent())
-        if self.ctx is not None:
-            g = self.ctx.gate
-            s.gate = {"mode": g.mode.value, "allowed": g.allowed, "why": self.gatectl.decision.why,
-                      **g.stats.as_dict()}
-        ps, sb = self.primary_side, self.standby_side
-        if ps is not None and ps.primary is not None:
-            for k, v in ps.status().items():
-                setattr(s, k, v)
-            s.guest_pid = ps.guest.pid if ps.guest else None
-            s.alarms += ps.alarms[-5:]
-        elif sb is not None and sb.standby is not None:
-            for k, v in sb.status().items():
-                setattr(s, k, v)
-            if sb.standby.status.problem:  # e.g. the replica's disk is full: not protecting
-                s.alarms.append(sb.standby.status.problem)
-        if self.speaker is not None:
-            s.bgp = {"neighbors": dict(self.speaker.neighbor_states), "exabgp_pid": self.speaker.pid,
-                     "exabgp_restarts": self.speaker.restarts}
-        return s
+        return build_status(self)

@@ -105,3 +105,35 @@ class StatusCollector:
             if k in gate:
                 g.add_metric([], float(gate[k]))
             yield g
+
+
+def build_status(d) -> SiteStatus:
+    """The status of a `SiteDaemon` `d`, from its parts as they are now."""
+    h = d.ha.snapshot() if d.ha else {}
+    e = d.effects
+    s = SiteStatus(site=d.name, role=d.role.role.value, ha_state=h.get("state", "starting"),
+                   lease_generation=h.get("lease_generation", 0),
+                   bgp_announced=bool(e and e.announced), protected=bool(e and e.protected),
+                   protection_changes=e.protection_changes if e else 0,
+                   alarms=list(h.get("alarms", {}).values()), ha=h, loop_lag_ms=d.loop_lag.as_dict(),
+                   tls=d.tls.info() if d.tls else None, takeover=d.takeover_report,
+                   timeline=d.timeline.recent())
+    if d.ctx is not None:
+        g = d.ctx.gate
+        s.gate = {"mode": g.mode.value, "allowed": g.allowed, "until": g.until, "why": d.gatectl.decision.why,
+                  **g.stats.as_dict()}
+    ps, sb = d.primary_side, d.standby_side
+    if ps is not None and ps.primary is not None:
+        for k, v in ps.status().items():
+            setattr(s, k, v)
+        s.guest_pid = ps.guest.pid if ps.guest else None
+        s.alarms += ps.alarms[-5:]
+    elif sb is not None and sb.standby is not None:
+        for k, v in sb.status().items():
+            setattr(s, k, v)
+        if sb.standby.status.problem:  # e.g. the replica's disk is full: not protecting
+            s.alarms.append(sb.standby.status.problem)
+    if d.speaker is not None:
+        s.bgp = {"neighbors": dict(d.speaker.neighbor_states), "exabgp_pid": d.speaker.pid,
+                 "exabgp_restarts": d.speaker.restarts}
+    return s
