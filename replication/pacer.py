@@ -1,9 +1,10 @@
 """The adaptive checkpoint interval (pure). The model and its reasoning: docs/pacer.md.
 
 Each epoch the primary reports what it measured; the pacer returns the next interval:
-the shortest one that keeps every hard limit (the link keeps up, the pause share, the
-WAN bandwidth ceiling, checkpoints in flight), moved toward by bounded steps so it
-never oscillates wildly. The output-latency budget is the soft goal: when even the
+the one that delivers the most requests per second to clients waiting on output commit
+(`throughput_optimum`: it grows with the pause and the RTT), raised to whatever a hard
+limit needs (the link keeps up, the pause share, the WAN bandwidth ceiling, checkpoints
+in flight), moved toward by bounded steps so it never oscillates wildly. The output-latency budget is the soft goal: when even the
 shortest admissible interval cannot meet it, the pacer says so once, with the numbers,
 and runs at the best achievable setting.
 """
@@ -56,6 +57,18 @@ class PacerDecision:
     expected_latency_ms: float = 0.0
 
 
+def throughput_optimum(pause_ms: float, rtt_ms: float, transfer_ms: float = 0.0) -> float:
+    """The interval that maximises requests per second for clients waiting on output commit.
+
+    A reply waits on average interval/2 (for its epoch to end) + pause + transfer + RTT, and
+    the guest runs interval/(interval + pause) of the time; the rate goes as
+    i / ((i + p) · (i/2 + p + w)) with w = transfer + RTT, whose maximum is at
+    i = sqrt(2·p·(p + w)). A longer RTT makes each epoch's wait dearer relative to the pause,
+    so the interval grows with it (and shrinks towards the pause on a fast link)."""
+    p = max(pause_ms, 0.0)
+    return (2 * p * (p + max(rtt_ms, 0.0) + max(transfer_ms, 0.0))) ** 0.5
+
+
 def _ewma(old: float | None, new: float, a: float = 0.3) -> float:
     return new if old is None else (1 - a) * old + a * new
 
@@ -101,6 +114,14 @@ class Pacer:
                 bounds["WAN ceiling"] = iv * (rate_now / p.max_wan_bytes_per_s) ** (1 / (1 - ALPHA))
         reason = max(bounds, key=bounds.get)
         target = bounds[reason]
+        best = throughput_optimum(pause, rtt, transfer_ms(iv))
+        if best > target:  # no hard limit binds: the interval that serves waiting clients best,
+            # unless the latency budget wants a shorter one (never shorter than a hard limit)
+            cap = p.latency_budget_ms - pause - transfer_ms(iv) - rtt
+            if best <= cap:
+                target, reason = best, f"throughput optimum for pause {pause:.0f} ms, RTT {rtt:.0f} ms"
+            elif cap > target:
+                target, reason = cap, "latency budget"
         # In flight because of the RTT is pipelining, not a backlog: acks take rtt + transfer to come
         # back while a checkpoint leaves every interval + pause. Only what that does not explain queues.
         explained = (rtt + transfer_ms(iv)) / (iv + pause)

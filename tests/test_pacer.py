@@ -101,3 +101,29 @@ def test_in_flight_explained_by_rtt_is_not_a_backlog():
     for _ in range(50):  # 50 ms RTT, 25 ms interval: two checkpoints are always in flight
         d = p.update(steady(p.interval_ms, pause=2, rtt=50, bw=1e9, in_flight=2))
     assert p.interval_ms < 30 and not d.reason.startswith("checkpoints queued")
+
+
+def test_the_optimum_is_the_maximum_of_the_modelled_rate():
+    from replication.pacer import throughput_optimum
+
+    for pause, w in ((5.0, 1.0), (25.0, 1.0), (25.0, 50.0), (40.0, 200.0)):
+        best = throughput_optimum(pause, w)
+        rate = lambda i: i / ((i + pause) * (i / 2 + pause + w))  # noqa: E731
+        grid = [best * f for f in (0.5, 0.8, 0.95, 1.05, 1.25, 2.0)]
+        assert all(rate(best) >= rate(i) for i in grid), (pause, w)
+
+
+@settings(max_examples=60)
+@given(st.floats(5, 40), st.floats(1, 60))
+def test_the_interval_follows_the_rtt(pause, rtt):
+    """With no hard limit binding, a longer RTT gives a longer interval (today's complaint: the
+    interval stayed at 46 ms while the RTT went from 5 to 52 ms)."""
+    pol = PacerPolicy(min_interval_ms=5, max_interval_ms=1000, latency_budget_ms=5000, max_pause_share=0.9)
+    ivs = []
+    for r in (rtt, rtt * 3 + 20):
+        p = Pacer(pol, 50)
+        for _ in range(300):
+            p.update(steady(p.interval_ms, pause, 1e4, r, bw=1e10))
+        ivs.append(p.interval_ms)
+        assert p.last.reason.startswith("throughput optimum")
+    assert ivs[1] > ivs[0] * 1.05
