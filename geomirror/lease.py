@@ -188,6 +188,7 @@ class EtcdLease:
         self.server_name = server_name or None
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._current = 0
+        self.down: dict[str, str] = {}  # members that did not answer at the last try: url -> why
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self):
@@ -271,13 +272,23 @@ class EtcdLease:
                 data = await self._one(url, method, path, body)
             except _NoAnswer as e:
                 failures.append(f"{url}: {e}")
+                self._member(url, str(e))
                 continue
-            if k != self._current:
-                log.info("lease.etcd_endpoint", endpoint=url, skipped=failures)
-                self._current = k
+            self._member(url, None)
+            self._current = k
             return data
         who = self.server_name or "etcd"
         raise EtcdUnreachable(f"no etcd member ({who}) answered {path}: " + "; ".join(failures))
+
+    def _member(self, url: str, why: str | None) -> None:
+        """Log a member that stops answering (the cluster may still have its quorum) and its return."""
+        if why is not None and url not in self.down:
+            self.down[url] = why
+            log.warning("lease.etcd_member_down", site=self.site, endpoint=url, error=why,
+                        members=len(self.endpoints), down=len(self.down))
+        elif why is None and url in self.down:
+            del self.down[url]
+            log.info("lease.etcd_member_back", site=self.site, endpoint=url, down=len(self.down))
 
     # ------------------------------------------------------------ etcd calls
     async def _read(self, keys: GuestKeys) -> GuestKeys:
@@ -392,19 +403,27 @@ class EtcdLease:
         return {"guest": guest, "generation": keys.generation, "holder": keys.holder_site if valid else None,
                 "last_holder": last, "valid": valid, "expires_in_ms": ttl * 1000}
 
+    async def _member_health(self, url: str) -> str | None:
+        """None if the member reports itself healthy (a leader, no alarm: etcd's /health), else why not."""
+        try:
+            data = await self._one(url, "GET", "/health", None)
+        except _NoAnswer as e:
+            return str(e)
+        except EtcdError as e:
+            return str(e)
+        return None if str(data.get("health")) == "true" else "unhealthy (no leader or no quorum)"
+
     async def health(self) -> dict:
-        """The first member that reports itself healthy (a leader, no alarm: etcd's /health)."""
-        failures = []
-        for url in self.endpoints:
-            try:
-                data = await self._one(url, "GET", "/health", None)
-            except _NoAnswer as e:
-                failures.append(f"{url}: {e}")
-                continue
-            if str(data.get("health")) == "true":
-                return {"ok": True, "backend": "etcd", "endpoint": url}
-            failures.append(f"{url}: unhealthy ({data.get('reason') or 'no leader or no quorum'})")
-        raise EtcdUnreachable("no healthy etcd member: " + "; ".join(failures))
+        """Asks every member at once; fine while one is healthy. A member that stops answering is
+        logged (`lease.etcd_member_down`) though the lease still works through the others."""
+        answers = await asyncio.gather(*(self._member_health(url) for url in self.endpoints))
+        for url, why in zip(self.endpoints, answers):
+            self._member(url, why)
+        healthy = [url for url, why in zip(self.endpoints, answers) if why is None]
+        if not healthy:
+            raise EtcdUnreachable("no healthy etcd member: " + "; ".join(
+                f"{url}: {why}" for url, why in zip(self.endpoints, answers)))
+        return {"ok": True, "backend": "etcd", "healthy": healthy, "down": dict(self.down)}
 
     async def describe(self, guest: str) -> str:
         """One line for `geomirror config check --files`: what each member said, the guest's lease."""

@@ -228,7 +228,9 @@ async def test_another_member_is_tried_when_one_does_not_answer(etcd, pki):
     async with client(pki, "site-a", [dead, etcd.url]) as a:
         r = await a.acquire("g5", 3000)
         assert r.ok and a.endpoints[a._current] == etcd.url
-        assert (await a.health())["endpoint"] == etcd.url
+        h = await a.health()
+        assert h["healthy"] == [etcd.url] and list(h["down"]) == [dead]
+        assert a.down.keys() == {dead}
         await a.release("g5", r.generation)
 
 
