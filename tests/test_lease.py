@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import time
 import urllib.request
