@@ -8,16 +8,20 @@ The reference is docs/config.md.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import sys
 import ipaddress
 import re
+import ssl
 import stat
 import tomllib
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
+from geomirror import lease as lease_backends
 from geomirror.errors import ConfigError
 from geomirror.ha import HaConfig, HaConfigError
 from geomirror.pairing import NAME_PATTERN, PairingError, check_leaf
@@ -67,6 +71,30 @@ class WitnessRef:
     port: int = 7790
     lease_ttl_ms: int = 6000
     renew_every_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class LeaseSection:
+    """[lease]: who grants the guest's lease. `backend = "witness"` (the default): the [witness]
+    table says everything and no other key belongs here. `backend = "etcd"`: the keys below; the
+    config's `witness` is then this section, so its `lease_ttl_ms` / `renew_every_ms` are what the
+    HA machine reads for either backend."""
+    backend: str = "witness"
+    endpoints: tuple[str, ...] = ()  # etcd client URLs, https://host:port
+    server_name: str = ""  # the name every member's certificate carries ("" = each endpoint's host)
+    ca: Path | None = None  # None: the site's [tls] files
+    cert: Path | None = None
+    key: Path | None = None
+    prefix: str = "/geomirror"
+    lease_ttl_ms: int = 6000
+    renew_every_ms: int = 1000
+
+    @property
+    def name(self) -> str:
+        return self.backend
+
+    def tls_files(self, tls: TLSSection) -> TLSSection:
+        return tls if self.ca is None else TLSSection(self.ca, self.cert, self.key)
 
 
 @dataclass(frozen=True)
@@ -138,15 +166,20 @@ class SiteConfig:
     peer: PeerSection
     tls: TLSSection
     guest: GuestSection
-    witness: WitnessRef | None = None
+    # the lease authority: [witness], or [lease] itself with backend "etcd" (both carry
+    # lease_ttl_ms and renew_every_ms); None: no lease backend, no automatic takeover
+    witness: WitnessRef | LeaseSection | None = None
     bgp: BGPSection = BGPSection()
     checkpoint: CheckpointSection = CheckpointSection()
     heartbeat: HeartbeatSection = HeartbeatSection()
     control: ControlSection = ControlSection()
+    lease: LeaseSection = LeaseSection()
 
     def check_files(self) -> None:
         """The TLS files exist, the key is private, the certificate names this site and chains to the CA."""
         _check_tls(self.path, self.tls, self.site.name)
+        if self.lease.backend == "etcd" and self.lease.ca is not None:
+            _check_lease_tls(self.path, self.lease)
 
 
 @dataclass(frozen=True)
@@ -180,6 +213,26 @@ def _check_tls(path: Path, tls: TLSSection, name: str) -> None:
         check_leaf(tls.ca, tls.cert, tls.key, name)
     except PairingError as e:
         raise ConfigError(path, "tls.cert", str(e)) from None
+
+
+def _check_lease_tls(path: Path, lease: LeaseSection) -> None:
+    """The operator's own files for etcd: they exist, the key is private, cert and key match."""
+    for k in ("ca", "cert", "key"):
+        p = getattr(lease, k)
+        if not p.is_file():
+            raise ConfigError(path, f"lease.{k}", f"file {p} does not exist")
+    mode = stat.S_IMODE(lease.key.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(path, "lease.key", f"{lease.key} is readable by others (mode {mode:04o}); chmod 600 it")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_cert_chain(str(lease.cert), str(lease.key))
+    except ssl.SSLError as e:
+        raise ConfigError(path, "lease.cert", f"cannot load {lease.cert} with {lease.key}: {e.reason or e}") from None
+    try:
+        ctx.load_verify_locations(cafile=str(lease.ca))
+    except ssl.SSLError as e:
+        raise ConfigError(path, "lease.ca", f"{lease.ca} is not a CA certificate: {e.reason or e}") from None
 
 
 # ---------------------------------------------------------------- the loader
@@ -351,7 +404,7 @@ def _mac(v) -> str:
 
 PORT = (1, 65535)
 ASN = (1, MAX_ASN)
-SITE_TABLES = {"site", "peer", "tls", "witness", "bgp", "guest", "checkpoint", "heartbeat", "control"}
+SITE_TABLES = {"site", "peer", "tls", "witness", "lease", "bgp", "guest", "checkpoint", "heartbeat", "control"}
 
 
 def load_site(path) -> SiteConfig:
@@ -388,6 +441,9 @@ def load_site(path) -> SiteConfig:
         if witness.renew_every_ms * 3 > witness.lease_ttl_ms:
             raise L.err("witness.renew_every_ms", f"{witness.renew_every_ms} ms leaves too little margin: renew "
                         f"at least three times per lease_ttl_ms ({witness.lease_ttl_ms} ms)")
+    lease = _load_lease(L, L.table(data, "lease", required=False), has_witness=wdata is not None)
+    if lease.backend == "etcd":
+        witness = lease
 
     bgp = _load_bgp(L, L.table(data, "bgp", required=False))
     guest = _load_guest(L, L.table(data, "guest"))
@@ -428,7 +484,7 @@ def load_site(path) -> SiteConfig:
                     {"token_file": token}, {"port": PORT})
     if "token_file" not in (data.get("control") or {}):
         ctl = replace(ctl, token_file=site.state_dir / ctl.token_file)
-    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl)
+    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl, lease)
     _check_ha_timing(L, cfg)
     return cfg
 
@@ -438,7 +494,94 @@ def _check_ha_timing(L: _Loader, cfg: SiteConfig) -> None:
     try:
         HaConfig.from_site_config(cfg)
     except HaConfigError as e:
-        raise L.err("witness.lease_ttl_ms" if cfg.witness else "heartbeat", str(e)) from None
+        key = "lease.lease_ttl_ms" if cfg.lease.backend == "etcd" else "witness.lease_ttl_ms"
+        raise L.err(key if cfg.witness else "heartbeat", str(e)) from None
+
+
+_ETCD_ONLY = {f.name for f in fields(LeaseSection)} - {"backend"}
+_PREFIX = re.compile(r"^(/[A-Za-z0-9_.-]+)+$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _endpoints(v) -> tuple[str, ...]:
+    """etcd client URLs: https only (the lease needs TLS with a client certificate), host and port."""
+    if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
+        raise TypeError(f"must be an array of URLs like \"https://10.0.0.1:2379\", not {v!r}")
+    if not v:
+        raise ValueError("is empty: name the etcd cluster's client URLs, e.g. [\"https://10.0.0.1:2379\"]")
+    out = []
+    for e in v:
+        try:
+            u = urlsplit(e)
+            port = u.port or 2379
+        except ValueError as err:
+            raise ValueError(f"{e!r} is not a URL ({err})") from None
+        if u.scheme != "https":
+            raise ValueError(f"{e!r} must be https://: the lease goes to etcd over TLS with this site's "
+                             "client certificate")
+        if not u.hostname or u.username or u.password or u.path not in ("", "/") or u.query or u.fragment:
+            raise ValueError(f"{e!r} must be https://HOST:PORT and nothing else")
+        host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+        url = f"https://{host}:{port}"
+        if url in out:
+            raise ValueError(f"{e!r} is listed twice")
+        out.append(url)
+    return tuple(out)
+
+
+def _lease_prefix(v) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"must be a string like \"/geomirror\", not {_tname(v)} ({v!r})")
+    if len(v) > 200 or not _PREFIX.match(v):
+        raise ValueError(f"{v!r} is not a key prefix: '/' then letters, digits, '_', '.', '-' (more "
+                         "'/'-separated parts allowed), no trailing '/'")
+    return v
+
+
+def _server_name(v) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"must be a string, not {_tname(v)} ({v!r})")
+    if v and not _HOSTNAME.match(v):
+        raise ValueError(f"{v!r} is not a host name")
+    return v
+
+
+def _load_lease(L: _Loader, data: dict | None, has_witness: bool) -> LeaseSection:
+    data = data or {}
+    try:
+        backend = _choice("witness", "etcd")(data.get("backend", "witness"))
+    except (TypeError, ValueError) as e:
+        raise L.err("lease.backend", str(e)) from None
+    if backend == "witness":
+        for k in data:
+            if k in _ETCD_ONLY:
+                raise L.err(f"lease.{k}", 'is only for backend = "etcd"; the built-in witness is configured '
+                            "in [witness]")
+            if k != "backend":
+                raise _unknown(L, f"lease.{k}", k, {"backend"} | _ETCD_ONLY)
+        return LeaseSection()
+    if has_witness:
+        raise L.err("witness", 'lease.backend is "etcd", so [witness] would not be used: remove it (the lease '
+                    "timing is lease.lease_ttl_ms and lease.renew_every_ms)")
+    if "endpoints" not in data:
+        raise L.err("lease.endpoints", 'missing (required with backend = "etcd"): the etcd client URLs, e.g. '
+                    '["https://10.0.0.1:2379", "https://10.0.1.1:2379", "https://10.0.2.1:2379"]')
+    s = L.section(LeaseSection, data, "lease", {
+        "backend": _choice("witness", "etcd"), "endpoints": _endpoints, "server_name": _server_name,
+        "prefix": _lease_prefix, "ca": L.path_, "cert": L.path_, "key": L.path_},
+        {"lease_ttl_ms": (1000, 600_000), "renew_every_ms": (10, 600_000)})
+    given = [k for k in ("ca", "cert", "key") if k in data]
+    if given and len(given) < 3:
+        missing = next(k for k in ("ca", "cert", "key") if k not in data)
+        raise L.err(f"lease.{missing}", "lease.ca, lease.cert and lease.key go together (leave all three out "
+                    "to use the [tls] files)")
+    if s.lease_ttl_ms % 1000:
+        raise L.err("lease.lease_ttl_ms", f"{s.lease_ttl_ms} is not a whole number of seconds: etcd leases "
+                    "count whole seconds")
+    if s.renew_every_ms * 3 > s.lease_ttl_ms:
+        raise L.err("lease.renew_every_ms", f"{s.renew_every_ms} ms leaves too little margin: renew at least "
+                    f"three times per lease_ttl_ms ({s.lease_ttl_ms} ms)")
+    return s
 
 
 def _load_bgp(L: _Loader, data: dict | None) -> BGPSection:
@@ -529,11 +672,27 @@ def check(path, files: bool = False) -> str:
     if files:
         cfg.check_files()
     if isinstance(cfg, SiteConfig):
+        if cfg.lease.backend == "etcd":
+            authority = f"lease etcd at {', '.join(cfg.lease.endpoints)}"
+            if files:
+                authority += f" ({_reach_etcd(cfg)})"
+        else:
+            authority = f"witness {cfg.witness.name if cfg.witness else 'none (no automatic takeover)'}"
         return (f"{cfg.path}: site {cfg.site.name} (AS {cfg.site.asn}, {cfg.site.initial_role}), peer "
-                f"{cfg.peer.name} at {cfg.peer.address}:{cfg.peer.port}, guest {cfg.guest.prefix}, witness "
-                f"{cfg.witness.name if cfg.witness else 'none (no automatic takeover)'}")
+                f"{cfg.peer.name} at {cfg.peer.address}:{cfg.peer.port}, guest {cfg.guest.prefix}, {authority}")
     return (f"{cfg.path}: witness {cfg.witness.name} on {cfg.witness.listen}:{cfg.witness.port}, "
             f"serving sites {', '.join(cfg.witness.sites)}")
+
+
+def _reach_etcd(cfg: SiteConfig) -> str:
+    """Ask the etcd cluster what it holds for this guest (`check --files`): one line, or a ConfigError."""
+    key = "lease.cert" if cfg.lease.ca is not None else "tls.cert"
+    try:
+        return asyncio.run(lease_backends.describe_etcd(cfg))
+    except PairingError as e:
+        raise ConfigError(cfg.path, key, str(e)) from None
+    except lease_backends.LeaseError as e:
+        raise ConfigError(cfg.path, "lease.endpoints", str(e)) from None
 
 
 if __name__ == "__main__":  # python -m geomirror.config FILE [--files]
