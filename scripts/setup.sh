@@ -26,6 +26,10 @@ fi
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet bird 2>/dev/null; then
   systemctl stop bird || true
 fi
+# Likewise Debian's etcd service: the tests and the lab start their own members.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+  systemctl stop etcd || true
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from bgp.speaker import Speaker
 from geomirror import control, ha, pairing
 from geomirror.errors import Refused
+from geomirror.lease import LeaseBackend, make_lease_backend
 from geomirror.site.context import SiteContext, Tasks, Timeline
 from geomirror.site.effects import Effects
 from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePolicy
@@ -32,7 +33,6 @@ from geomirror.site.routing import start_speaker
 from geomirror.site.standby_side import StandbySide
 from geomirror.site.status import LoopLag, SiteStatus, StatusCollector, build_status
 from geomirror.site.switchover import Switchover, on_peer_handover
-from geomirror.witness import WitnessClient
 from replication.gate import GateMode, UserspaceGate, boottime, open_tap
 
 log = structlog.get_logger(__name__)
@@ -55,7 +55,7 @@ class SiteDaemon(GuestOperations):
         self.primary_side: PrimarySide | None = None
         self.standby_side: StandbySide | None = None
         self.switchover_job: Switchover | None = None
-        self.witness: WitnessClient | None = None
+        self.witness: LeaseBackend | None = None
         self.speaker: Speaker | None = None
         self.tls: pairing.TlsIdentity | None = None
         self.takeover_report: dict | None = None
@@ -106,10 +106,7 @@ class SiteDaemon(GuestOperations):
             unsafe=self.unsafe_no_output_commit))
         await gate.start()
         self.specs = GuestSpecs(cfg, cfg.site.run_dir)
-        if cfg.witness is not None:
-            w = cfg.witness
-            self.witness = WitnessClient(str(w.address), w.port, self.tls.client, server_name=w.name,
-                                         timeout_s=max(0.3, w.renew_every_ms / 1000))
+        self.witness = make_lease_backend(cfg, self.tls)  # the witness or etcd: [lease] backend
         self.primary_side = PrimarySide(self.ctx, self.specs, self.gatectl, self._guest_exited)
         ha_role, lost = role.role, None
         if role.role is Role.PRIMARY and role.guest is not None:  # a restart: take up the running guest
