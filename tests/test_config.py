@@ -48,6 +48,7 @@ def test_lab_configs_follow_the_lab_table():
 def test_example_configs_load_and_resolve_relative_paths():
     ex = load_site(CONFIGS / "example-site.toml")
     assert ex.bgp.neighbors and ex.bgp.communities == ("65010:100",)
+    assert str(ex.guest.prefix6) == "2001:db8:100::/48" and str(ex.bgp.neighbors[0].next_hop6) == "2001:db8:ffff:1::2"
     assert ex.tls.ca == CONFIGS / "pki" / "ca.pem"
     assert ex.control.token_file == Path("/var/lib/geomirror/control.token")
     w = load_witness(CONFIGS / "example-witness.toml")
