@@ -22,11 +22,12 @@ from typing import Callable
 
 import structlog
 
-from bgp.config import Neighbor, announce_command, exabgp_env, render_exabgp_config, withdraw_command
+from bgp.config import (Neighbor, Policy, drain_policy, exabgp_env, family_of, policy_commands, render_exabgp_config,
+                        withdraw_commands)
 
 from gmbase.errors import GeomirrorError
 
-__all__ = ["Neighbor", "Speaker", "SpeakerError", "ReceivedRoute"]
+__all__ = ["Neighbor", "Policy", "Speaker", "SpeakerError", "ReceivedRoute"]
 
 log = structlog.get_logger(__name__)
 
@@ -88,12 +89,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 class Speaker:
     def __init__(self, *, router_id: str, local_as: int, neighbors: list[Neighbor], run_dir: Path,
-                 family: str = "ipv4 unicast", exabgp_argv: list[str] | None = None,
+                 family: str = "ipv4 unicast", families: tuple[str, ...] | None = None, exabgp_argv: list[str] | None = None,
                  python: str = sys.executable, ack_timeout: float = 10.0):
         self.router_id = router_id
         self.local_as = local_as
         self.neighbors = list(neighbors)
         self.family = family
+        self.families = tuple(families) if families is not None else (family,)
         self.run_dir = Path(run_dir)
         self.python = python
         self.exabgp_argv = list(exabgp_argv or [str(Path(sys.executable).with_name("exabgp"))])
@@ -102,7 +104,7 @@ class Speaker:
         self.on_change: Callable[[], None] | None = None
         self.restarts = 0
         self._routes: dict[tuple[str, str], ReceivedRoute] = {}
-        self._desired: dict[str, str] = {}  # prefix -> announce command
+        self._desired: dict[str, list[str]] = {}  # prefix -> its announce commands (one per neighbour for IPv6)
         self._relay: _Relay | None = None
         self._relay_up = asyncio.Event()
         self._changed_ev = asyncio.Event()
@@ -115,7 +117,7 @@ class Speaker:
         # validate now, so a bad value fails at construction and not in ExaBGP's log
         self.config_text = render_exabgp_config(router_id=router_id, local_as=local_as, neighbors=self.neighbors,
                                                 process_argv=[python, "-m", "bgp.relay", str(self.socket_path)],
-                                                family=family)
+                                                families=self.families)
 
     @property
     def socket_path(self) -> Path:
@@ -235,8 +237,8 @@ class Speaker:
         if withdraw and self._relay_up.is_set():
             for prefix in list(self._desired):
                 try:
-                    await self._command(withdraw_command(prefix, family=self.family),
-                                        timeout=min(self.ack_timeout, 3.0))
+                    for cmd in withdraw_commands(prefix, neighbors=self.neighbors):
+                        await self._command(cmd, timeout=min(self.ack_timeout, 3.0))
                     log.info("bgp.withdraw", prefix=prefix)
                 except SpeakerError as e:
                     log.warning("bgp.withdraw_failed", prefix=prefix, error=str(e))
@@ -307,11 +309,12 @@ class Speaker:
 
     async def _reapply(self) -> None:
         for prefix in list(self._desired):
-            cmd = self._desired.get(prefix)
-            if cmd is None:
+            cmds = self._desired.get(prefix)
+            if cmds is None:
                 continue
             try:
-                await self._command(cmd)
+                for cmd in cmds:
+                    await self._command(cmd)
                 log.info("bgp.reannounced", prefix=prefix)
             except SpeakerError as e:
                 log.error("bgp.reannounce_failed", prefix=prefix, error=str(e))
@@ -423,19 +426,38 @@ class Speaker:
 
     # ------------------------------------------------------------ the API
     async def announce(self, prefix: str, *, med: int | None = None, communities=(), prepend: int = 0,
-                       local_as: int | None = None) -> None:
-        """Announce `prefix` with next-hop self; `prepend` extra copies of our AS in the path.
-        Remembered and re-applied after ExaBGP restarts; raises SpeakerError on error/timeout."""
-        cmd = announce_command(prefix, local_as=self.local_as if local_as is None else local_as, med=med,
-                               communities=communities, prepend=prepend, family=self.family)
+                       local_as: int | None = None, large_communities=(), policy: Policy | None = None) -> None:
+        """Announce `prefix` with `policy` (or the loose attributes, not both): IPv4 with next-hop
+        self; IPv6 over each IPv4 session with that neighbour's `next_hop6` (MP-BGP). `prepend` =
+        extra copies of our AS in the path. Announcing a prefix again replaces its attributes (a
+        re-announcement). Remembered and re-applied after ExaBGP restarts; raises SpeakerError on
+        error/timeout, ValueError on a bad value."""
+        if policy is None:
+            policy = Policy(med=med, communities=tuple(communities), large_communities=tuple(large_communities),
+                            prepend=prepend)
+        elif med is not None or communities or large_communities or prepend:
+            raise ValueError("give either policy or med/communities/large_communities/prepend, not both")
+        family = family_of(prefix)
+        if family not in self.families:
+            raise ValueError(f"prefix {prefix} is {family} but the sessions carry only {', '.join(self.families)}")
+        cmds = policy_commands(prefix, policy, local_as=self.local_as if local_as is None else local_as,
+                               neighbors=self.neighbors)
         prefix = str(ipaddress.ip_network(prefix))
-        self._desired[prefix] = cmd
-        await self._command(cmd)
-        log.info("bgp.announce", prefix=prefix, med=med, communities=list(communities), prepend=prepend)
+        self._desired[prefix] = cmds
+        for cmd in cmds:
+            await self._command(cmd)
+        log.info("bgp.announce", prefix=prefix, med=policy.med, communities=list(policy.communities),
+                 large_communities=list(policy.large_communities), prepend=policy.prepend)
+
+    async def drain(self, prefix: str, policy: Policy) -> None:
+        """Re-announce `prefix` with `policy` plus GRACEFUL_SHUTDOWN (65535:0, RFC 8326): routers
+        move to the other site's route while ours stays; withdraw once theirs is seen."""
+        await self.announce(prefix, policy=drain_policy(policy))
 
     async def withdraw(self, prefix: str) -> None:
-        cmd = withdraw_command(prefix, family=self.family)
+        cmds = withdraw_commands(prefix, neighbors=self.neighbors)
         prefix = str(ipaddress.ip_network(prefix))
         self._desired.pop(prefix, None)
-        await self._command(cmd)
+        for cmd in cmds:
+            await self._command(cmd)
         log.info("bgp.withdraw", prefix=prefix)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from bgp.config import GRACEFUL_SHUTDOWN, MAX_PREPEND, Policy, check_large_community, drain_policy
 from geomirror import lease as lease_backends
 from geomirror.errors import ConfigError
 from geomirror.ha import HaConfig, HaConfigError
@@ -32,6 +33,8 @@ _TOML_POS = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$")
 MAX_ASN = 4294967295
 # run_dir holds UNIX sockets (e.g. bgp/exabgp.sock, qmp-primary.sock): sun_path is 108 bytes
 MAX_RUN_DIR = 80
+# longer prefixes than these are filtered by most networks on the Internet
+MAX_ROUTED_LEN = {4: 24, 6: 48}
 
 
 # ---------------------------------------------------------------- sections
@@ -102,16 +105,51 @@ class Neighbor:
     address: ipaddress.IPv4Address
     peer_as: int
     local_address: ipaddress.IPv4Address | None = None
+    next_hop6: ipaddress.IPv6Address | None = None  # our IPv6 address on this link (needed with guest.prefix6)
 
 
 @dataclass(frozen=True)
 class BGPSection:
+    """[bgp]. The announcement policy per role: `med`, `communities`, `large_communities` and
+    `prepend` for the site that runs the guest (active); `standby_*` for the optional
+    pre-announcement by the standby (off while standby_prepend = 0); `drain_*` added, with
+    GRACEFUL_SHUTDOWN, to the active policy when the site drains before a planned move."""
     enabled: bool = True
     med: int | None = None
     communities: tuple[str, ...] = ()
+    large_communities: tuple[str, ...] = ()
     prepend: int = 0
+    standby_prepend: int = 0
+    standby_med: int | None = None  # None: med
+    standby_communities: tuple[str, ...] | None = None  # None: communities
+    standby_large_communities: tuple[str, ...] | None = None  # None: large_communities
+    drain_communities: tuple[str, ...] = ()
+    drain_large_communities: tuple[str, ...] = ()
     hold_time: int = 9
     neighbors: tuple[Neighbor, ...] = ()
+
+    @property
+    def active(self) -> Policy:
+        """The announcement of the site that runs the guest."""
+        return Policy(med=self.med, communities=self.communities, large_communities=self.large_communities,
+                      prepend=self.prepend)
+
+    @property
+    def standby(self) -> Policy | None:
+        """The standby's pre-announcement, or None when it is off (standby_prepend = 0)."""
+        if not self.standby_prepend:
+            return None
+        return Policy(med=self.med if self.standby_med is None else self.standby_med,
+                      communities=self.communities if self.standby_communities is None else self.standby_communities,
+                      large_communities=(self.large_communities if self.standby_large_communities is None
+                                         else self.standby_large_communities),
+                      prepend=self.standby_prepend)
+
+    @property
+    def drain(self) -> Policy:
+        """The re-announcement before a planned withdrawal: the active policy plus GRACEFUL_SHUTDOWN
+        (65535:0, RFC 8326) plus drain_communities / drain_large_communities."""
+        return drain_policy(self.active, self.drain_communities, self.drain_large_communities)
 
 
 @dataclass(frozen=True)
@@ -128,6 +166,10 @@ class GuestSection:
     machine: str = "pc"
     accel: str = "auto"
     mac: str = "52:54:00:12:34:56"
+    # dual stack: an IPv6 prefix beside the IPv4 one (all three or none)
+    prefix6: ipaddress.IPv6Network | None = None
+    address6: ipaddress.IPv6Address | None = None
+    gateway6: ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +216,8 @@ class SiteConfig:
     heartbeat: HeartbeatSection = HeartbeatSection()
     control: ControlSection = ControlSection()
     lease: LeaseSection = LeaseSection()
+    # things that load but are probably not what the operator wants: (key, problem)
+    warnings: tuple[tuple[str, str], ...] = ()
 
     def check_files(self) -> None:
         """The TLS files exist, the key is private, the certificate names this site and chains to the CA."""
@@ -343,6 +387,20 @@ def _typed(v, t: str):
             return ipaddress.IPv4Network(v)
         except ValueError as e:
             raise ValueError(f"{v} is not an IPv4 prefix ({e})") from None
+    if "IPv6Address" in t:
+        if not isinstance(v, str):
+            raise TypeError(f"must be an IPv6 address string, not {_tname(v)} ({v!r})")
+        try:
+            return ipaddress.IPv6Address(v)
+        except ValueError:
+            raise ValueError(f"{v} is not an IPv6 address") from None
+    if "IPv6Network" in t:
+        if not isinstance(v, str):
+            raise TypeError(f"must be a prefix string like 2001:db8:100::/48, not {_tname(v)} ({v!r})")
+        try:
+            return ipaddress.IPv6Network(v)
+        except ValueError as e:
+            raise ValueError(f"{v} is not an IPv6 prefix ({e})") from None
     raise AssertionError(f"no converter for {t}")  # a field without a converter: a bug here
 
 
@@ -391,6 +449,30 @@ def _communities(v) -> tuple[str, ...]:
         m = _COMMUNITY.match(c)
         if not m or int(m.group(1)) > 65535 or int(m.group(2)) > 65535:
             raise ValueError(f"{c!r} is not a community (ASN:VALUE, each 0..65535)")
+    if len(set(v)) != len(v):
+        raise ValueError(f"{v!r} names a community twice")
+    return tuple(v)
+
+
+def _announced_communities(v) -> tuple[str, ...]:
+    """Communities of an announcement that must not drain it."""
+    out = _communities(v)
+    if GRACEFUL_SHUTDOWN in out:
+        raise ValueError(f"{GRACEFUL_SHUTDOWN} is GRACEFUL_SHUTDOWN (RFC 8326): routers would set the route's "
+                         "preference to 0 all the time; geomirror adds it only when it drains (bgp.drain_communities)")
+    return out
+
+
+def _large_communities(v) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+        raise TypeError(f"must be an array of strings like \"64501:1:100\", not {v!r}")
+    for c in v:
+        try:
+            check_large_community(c)
+        except ValueError:
+            raise ValueError(f"{c!r} is not a large community (ASN:VALUE:VALUE, each 0..4294967295)") from None
+    if len(set(v)) != len(v):
+        raise ValueError(f"{v!r} names a large community twice")
     return tuple(v)
 
 
@@ -484,9 +566,29 @@ def load_site(path) -> SiteConfig:
                     {"token_file": token}, {"port": PORT})
     if "token_file" not in (data.get("control") or {}):
         ctl = replace(ctl, token_file=site.state_dir / ctl.token_file)
-    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl, lease)
+    if guest.prefix6 is not None and bgp.enabled:
+        for i, n in enumerate(bgp.neighbors):
+            if n.next_hop6 is None:
+                raise L.err(f"bgp.neighbor[{i}].next_hop6", f"missing: guest.prefix6 {guest.prefix6} is announced "
+                            f"over the IPv4 session with {n.address} (MP-BGP) and needs this site's IPv6 address "
+                            "on that link as its next hop")
+    for i, n in enumerate(bgp.neighbors):
+        if n.next_hop6 is not None and (n.next_hop6.is_link_local or n.next_hop6.is_multicast
+                                        or n.next_hop6.is_unspecified):
+            raise L.err(f"bgp.neighbor[{i}].next_hop6", f"{n.next_hop6} is not a global unicast address "
+                        "(a BGP next hop must be reachable beyond the link-local scope)")
+    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl, lease, _warnings(guest))
     _check_ha_timing(L, cfg)
     return cfg
+
+
+def _warnings(g: GuestSection) -> tuple[tuple[str, str], ...]:
+    out = []
+    for key, net in (("guest.prefix", g.prefix), ("guest.prefix6", g.prefix6)):
+        if net is not None and net.prefixlen > MAX_ROUTED_LEN[net.version]:
+            out.append((key, f"{net} is longer than /{MAX_ROUTED_LEN[net.version]}: most networks on the "
+                        "Internet filter such prefixes, so the guest may be reachable only near your upstreams"))
+    return tuple(out)
 
 
 def _check_ha_timing(L: _Loader, cfg: SiteConfig) -> None:
@@ -597,9 +699,23 @@ def _load_bgp(L: _Loader, data: dict | None) -> BGPSection:
         if any(nb.address == o.address for o in neighbors):
             raise L.err(f"bgp.neighbor[{i}].address", f"{nb.address} is configured twice")
         neighbors.append(nb)
-    bgp = L.section(BGPSection, data, "bgp", {"communities": _communities},
-                    {"prepend": (0, 8), "med": (0, MAX_ASN), "hold_time": (0, 65535)},
+    bgp = L.section(BGPSection, data, "bgp",
+                    {"communities": _announced_communities, "standby_communities": _announced_communities,
+                     "drain_communities": _communities, "large_communities": _large_communities,
+                     "standby_large_communities": _large_communities, "drain_large_communities": _large_communities},
+                    {"prepend": (0, MAX_PREPEND), "standby_prepend": (0, MAX_PREPEND), "med": (0, MAX_ASN),
+                     "standby_med": (0, MAX_ASN), "hold_time": (0, 65535)},
                     file_keys={"neighbors": "neighbor"})
+    if bgp.standby_prepend:
+        if bgp.standby_prepend <= bgp.prepend:
+            raise L.err("bgp.standby_prepend", f"{bgp.standby_prepend} must be more than bgp.prepend "
+                        f"({bgp.prepend}): the standby's pre-announcement must have the longer AS path, or "
+                        "routers would send the guest's traffic to the standby")
+    else:
+        for k in ("standby_med", "standby_communities", "standby_large_communities"):
+            if k in data:
+                raise L.err(f"bgp.{k}", "is used only by the standby's pre-announcement, which is off: set "
+                            f"bgp.standby_prepend (more than bgp.prepend) to turn it on, or remove {k}")
     if 0 < bgp.hold_time < 3:
         raise L.err("bgp.hold_time", f"{bgp.hold_time} is not allowed by BGP (0, or 3..65535 seconds)")
     if bgp.enabled and not neighbors:
@@ -625,6 +741,22 @@ def _load_guest(L: _Loader, data: dict) -> GuestSection:
             raise L.err(f"guest.{k}", f"{a} is the network or broadcast address of {g.prefix}")
     if g.address == g.gateway:
         raise L.err("guest.gateway", f"{g.gateway} is the guest's own address (guest.address)")
+    six = [k for k in ("prefix6", "address6", "gateway6") if getattr(g, k) is not None]
+    if six and len(six) < 3:
+        missing = next(k for k in ("prefix6", "address6", "gateway6") if getattr(g, k) is None)
+        raise L.err(f"guest.{missing}", "guest.prefix6, guest.address6 and guest.gateway6 go together (leave "
+                    "all three out for an IPv4-only guest)")
+    if six:
+        for k in ("address6", "gateway6"):
+            a = getattr(g, k)
+            if a not in g.prefix6:
+                raise L.err(f"guest.{k}", f"{a} is outside guest.prefix6 {g.prefix6}")
+            if g.prefix6.prefixlen < 127 and a == g.prefix6.network_address:
+                raise L.err(f"guest.{k}", f"{a} is the network (subnet-router anycast) address of {g.prefix6}")
+            if a.is_link_local or a.is_multicast:
+                raise L.err(f"guest.{k}", f"{a} is not a global unicast address")
+        if g.address6 == g.gateway6:
+            raise L.err("guest.gateway6", f"{g.gateway6} is the guest's own address (guest.address6)")
     if bool(g.kernel) != bool(g.initrd):
         raise L.err("guest.initrd" if g.kernel else "guest.kernel",
                     "kernel and initrd go together (leave both empty for the built image)")
@@ -678,8 +810,10 @@ def check(path, files: bool = False) -> str:
                 authority += f" ({_reach_etcd(cfg)})"
         else:
             authority = f"witness {cfg.witness.name if cfg.witness else 'none (no automatic takeover)'}"
-        return (f"{cfg.path}: site {cfg.site.name} (AS {cfg.site.asn}, {cfg.site.initial_role}), peer "
-                f"{cfg.peer.name} at {cfg.peer.address}:{cfg.peer.port}, guest {cfg.guest.prefix}, {authority}")
+        prefixes = str(cfg.guest.prefix) + (f" {cfg.guest.prefix6}" if cfg.guest.prefix6 else "")
+        return "\n".join([f"{cfg.path}: site {cfg.site.name} (AS {cfg.site.asn}, {cfg.site.initial_role}), peer "
+                          f"{cfg.peer.name} at {cfg.peer.address}:{cfg.peer.port}, guest {prefixes}, {authority}",
+                          *(f"warning: {cfg.path}: {key}: {problem}" for key, problem in cfg.warnings)])
     return (f"{cfg.path}: witness {cfg.witness.name} on {cfg.witness.listen}:{cfg.witness.port}, "
             f"serving sites {', '.join(cfg.witness.sites)}")
 

@@ -7,8 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from exabgp.configuration.configuration import Configuration
+from exabgp.environment import getenv
+from exabgp.logger import log as exabgp_log
+from exabgp.reactor.api import API
+from exabgp.reactor.api.command.limit import extract_neighbors, match_neighbors
 
-from bgp.config import Neighbor, announce_command, exabgp_env, render_exabgp_config, withdraw_command
+from bgp.config import (GRACEFUL_SHUTDOWN, Neighbor, Policy, announce_command, drain_commands, drain_policy,
+                        exabgp_env, policy_commands, render_exabgp_config, withdraw_command, withdraw_commands)
 
 EXABGP = str(Path(sys.executable).with_name("exabgp"))
 ARGV = [sys.executable, "-m", "bgp.relay", "/run/geomirror/site-b/bgp/api.sock"]
@@ -84,6 +90,12 @@ def test_exabgp_parses_the_rendered_config(tmp_path):
     (dict(process_argv=[sys.executable, "a\nb"]), "control character"),
     (dict(process_argv=[sys.executable, "a\\"]), "backslash"),
     (dict(family="ipv4 flow"), "address family"),
+    (dict(families=("ipv4 unicast", "ipv4 unicast")), "each once"),
+    (dict(families=("ipv4 unicast", "ipv6 unicast")), "next_hop6"),
+    (dict(families=("ipv4 unicast", "ipv6 unicast"),
+          neighbors=[Neighbor("198.18.2.1", 64500, next_hop6="fe80::2")]), "global unicast"),
+    (dict(families=("ipv4 unicast", "ipv6 unicast"),
+          neighbors=[Neighbor("198.18.2.1", 64500, next_hop6="198.18.2.2")]), "global unicast"),
 ])
 def test_bad_values_raise_value_error_naming_them(kw, names):
     with pytest.raises(ValueError, match=names):
@@ -149,3 +161,103 @@ def test_bad_attributes_raise(kw, names):
 
 def test_withdraw_command():
     assert withdraw_command("198.51.100.0/24") == "withdraw route 198.51.100.0/24 next-hop self"
+
+
+# ---------------------------------------------------------------- dual stack and announcement policy
+
+NB6 = [Neighbor("198.18.1.1", 64500, local_address="198.18.1.2", next_hop6="2001:db8:ffff:1::2"),
+       Neighbor("198.18.9.1", 64510, local_address="198.18.9.2", next_hop6="2001:db8:ffff:9::2")]
+DUAL = ("ipv4 unicast", "ipv6 unicast")
+POLICY = Policy(med=5, communities=("64501:1",), large_communities=("64501:2:3",), prepend=1)
+
+
+def test_dual_stack_sessions_carry_both_families_and_exabgp_accepts_them(tmp_path):
+    text = render(neighbors=NB6, families=DUAL)
+    for addr in ("198.18.1.1", "198.18.9.1"):
+        assert "family { ipv4 unicast; ipv6 unicast; }" in block(text, f"neighbor {addr}")
+    conf = tmp_path / "dual.conf"
+    conf.write_text(text)
+    r = subprocess.run([EXABGP, "validate", "-n", str(conf)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ipv6_route_goes_to_each_neighbour_with_its_own_next_hop():
+    assert policy_commands("2001:db8:100::/48", POLICY, local_as=64501, neighbors=NB6) == [
+        "neighbor 198.18.1.1 announce route 2001:db8:100::/48 next-hop 2001:db8:ffff:1::2 med 5 "
+        "community [ 64501:1 ] large-community [ 64501:2:3 ] as-path [ 64501 64501 ]",
+        "neighbor 198.18.9.1 announce route 2001:db8:100::/48 next-hop 2001:db8:ffff:9::2 med 5 "
+        "community [ 64501:1 ] large-community [ 64501:2:3 ] as-path [ 64501 64501 ]"]
+    assert withdraw_commands("2001:db8:100::/48", neighbors=NB6) == [
+        "neighbor 198.18.1.1 withdraw route 2001:db8:100::/48 next-hop 2001:db8:ffff:1::2",
+        "neighbor 198.18.9.1 withdraw route 2001:db8:100::/48 next-hop 2001:db8:ffff:9::2"]
+    # IPv4 keeps one command for every session, with next-hop self
+    assert policy_commands("198.51.100.0/24", Policy(), local_as=64501, neighbors=NB6) == [
+        "announce route 198.51.100.0/24 next-hop self"]
+    assert withdraw_commands("198.51.100.0/24", neighbors=NB6) == ["withdraw route 198.51.100.0/24 next-hop self"]
+
+
+@pytest.mark.parametrize("call, names", [
+    (lambda: announce_command("2001:db8:100::/48", local_as=64501, family="ipv6 unicast"), "explicit IPv6 next hop"),
+    (lambda: withdraw_command("2001:db8:100::/48", family="ipv6 unicast"), "explicit IPv6 next hop"),
+    (lambda: announce_command("2001:db8:100::/48", local_as=64501, family="ipv6 unicast", next_hop="198.18.1.2"),
+     "address family"),
+    (lambda: announce_command("198.51.100.0/24", local_as=64501, neighbor="198.18.1.1 announce"),
+     "neighbour address"),
+    (lambda: policy_commands("2001:db8:100::/48", Policy(), local_as=64501, neighbors=[Neighbor("198.18.1.1", 1)]),
+     "next_hop6"),
+    (lambda: policy_commands("2001:db8:100::/48", Policy(), local_as=64501, neighbors=[]), "no neighbour"),
+    (lambda: announce_command("198.51.100.0/24", local_as=64501, large_communities=["1:2"]), "large community"),
+    (lambda: announce_command("198.51.100.0/24", local_as=64501, large_communities=["1:2:4294967296"]),
+     "large community"),
+    (lambda: announce_command("198.51.100.0/24", local_as=64501, large_communities="1:2:3"), "large communities"),
+])
+def test_bad_dual_stack_and_policy_values_raise(call, names):
+    with pytest.raises(ValueError, match=names):
+        call()
+
+
+def test_drain_adds_graceful_shutdown_once_and_keeps_the_rest():
+    d = drain_policy(POLICY, communities=["64501:99"], large_communities=["64501:9:9"])
+    assert d == Policy(med=5, communities=("64501:1", GRACEFUL_SHUTDOWN, "64501:99"),
+                       large_communities=("64501:2:3", "64501:9:9"), prepend=1)
+    assert drain_policy(d) == d  # draining a drained policy changes nothing
+    assert drain_commands("198.51.100.0/24", Policy(med=7), local_as=64501, neighbors=NB6) == [
+        "announce route 198.51.100.0/24 next-hop self med 7 community [ 65535:0 ]"]
+    assert [c.split(" community ")[1] for c in drain_commands("2001:db8:100::/48", Policy(), local_as=64501,
+                                                              neighbors=NB6)] == ["[ 65535:0 ]"] * 2
+
+
+def _exabgp_api(tmp_path, text):
+    """ExaBGP's own configuration (from our rendered text) and API route parser, in process."""
+    exabgp_log.init(getenv())  # its parser logs through this and fails without it
+    conf = tmp_path / "exabgp.conf"
+    conf.write_text(text)
+    c = Configuration([str(conf)])
+    assert c.reload(), c.error
+    return c, API(c)
+
+
+def test_exabgp_api_takes_every_command_we_render_into_the_right_ribs(tmp_path):
+    """Each rendered command parses in ExaBGP 5's API and lands in the RIB of the sessions it
+    names, with the next hop we chose; `next-hop self` for IPv6 on an IPv4 session is what
+    ExaBGP refuses (the reason for next_hop6)."""
+    c, api = _exabgp_api(tmp_path, render(neighbors=NB6, families=DUAL))
+    cmds = (policy_commands("198.51.100.0/24", POLICY, local_as=64501, neighbors=NB6)
+            + policy_commands("2001:db8:100::/48", POLICY, local_as=64501, neighbors=NB6)
+            + drain_commands("2001:db8:100::/48", POLICY, local_as=64501, neighbors=NB6)
+            + withdraw_commands("2001:db8:100::/48", neighbors=NB6)
+            + withdraw_commands("198.51.100.0/24", neighbors=NB6))
+    for cmd in cmds:
+        selector, command = extract_neighbors(cmd)
+        peers = match_neighbors(list(c.neighbors), selector)
+        assert len(peers) == (1 if cmd.startswith("neighbor ") else 2), cmd
+        changes = api.api_route(command)
+        assert len(changes) == 1, cmd
+        assert c.inject_change(peers, changes[0]), cmd
+        seen = changes[0].extensive()
+        assert seen.startswith(cmd.split(" route ", 1)[1].split(" med ")[0]), (cmd, seen)
+        if " community " in cmd:
+            assert "64501:1" in seen and "large-community 64501:2:3" in seen, seen
+    [self6] = api.api_route("announce route 2001:db8:100::/48 next-hop self")
+    with pytest.raises(TypeError, match="next-hop self"):
+        c.inject_change(list(c.neighbors), self6)

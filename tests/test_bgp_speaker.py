@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
-from bgp.speaker import Neighbor, Speaker, SpeakerError
+from bgp.speaker import Neighbor, Policy, Speaker, SpeakerError
 
 ROUTER_AS, SPEAKER_AS = 64500, 64502
 ROUTER_IP, SPEAKER_IP = "198.18.200.1", "198.18.200.2"
@@ -375,3 +375,67 @@ async def test_relay_carries_lines_both_ways_and_survives_a_daemon_restart(tmp_p
             relay.kill()
             await relay.wait()
         server.close()
+
+
+async def test_dual_stack_announce_drain_and_withdraw_send_what_exabgp_needs(tmp_path):
+    """Without ExaBGP: a connection in the relay's place reads the commands and acks them. An
+    IPv6 prefix goes to each neighbour with its next_hop6; drain re-announces with 65535:0;
+    a reconnect (ExaBGP restarted) re-applies the latest announcement of every prefix."""
+    nbs = [Neighbor("198.18.1.1", 64500, next_hop6="2001:db8:ffff:1::2"),
+           Neighbor("198.18.9.1", 64510, next_hop6="2001:db8:ffff:9::2")]
+    s = Speaker(router_id="198.18.1.2", local_as=64501, run_dir=tmp_path, neighbors=nbs,
+                families=("ipv4 unicast", "ipv6 unicast"), ack_timeout=5)
+    assert "family { ipv4 unicast; ipv6 unicast; }" in s.config_text
+    path = str(tmp_path / "api.sock")
+    server = await asyncio.start_unix_server(s._on_relay, path=path)
+    lines: asyncio.Queue = asyncio.Queue()
+
+    async def relay():
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            while line := await reader.readline():
+                lines.put_nowait(line.decode().strip())
+                writer.write(b"done\n")
+        finally:
+            writer.close()
+
+    async def sent(n: int) -> list[str]:
+        out = [await asyncio.wait_for(lines.get(), 5) for _ in range(n)]
+        assert lines.empty(), lines.get_nowait()
+        return out
+
+    task = asyncio.create_task(relay())
+    try:
+        await asyncio.wait_for(s._relay_up.wait(), 5)  # else the first announce is sent twice (re-apply)
+        await s.announce("2001:db8:100::/48", policy=Policy(med=5, communities=("64501:1",)))
+        await s.announce("198.51.100.0/24", med=5, prepend=1)
+        assert await sent(3) == [
+            "neighbor 198.18.1.1 announce route 2001:db8:100::/48 next-hop 2001:db8:ffff:1::2 med 5 community [ 64501:1 ]",
+            "neighbor 198.18.9.1 announce route 2001:db8:100::/48 next-hop 2001:db8:ffff:9::2 med 5 community [ 64501:1 ]",
+            "announce route 198.51.100.0/24 next-hop self med 5 as-path [ 64501 64501 ]"]
+        await s.drain("2001:db8:100::/48", Policy(med=5, communities=("64501:1",)))
+        assert [c.split(" community ")[1] for c in await sent(2)] == ["[ 64501:1 65535:0 ]"] * 2
+        task.cancel()  # ExaBGP restarted: the new relay gets the drained announcement again
+        await asyncio.gather(task, return_exceptions=True)
+        task = asyncio.create_task(relay())
+        again = await sent(3)
+        assert [c.split(" community ")[-1] for c in again[:2]] == ["[ 64501:1 65535:0 ]"] * 2
+        assert again[2] == "announce route 198.51.100.0/24 next-hop self med 5 as-path [ 64501 64501 ]"
+        await s.withdraw("2001:db8:100::/48")
+        assert await sent(2) == [
+            "neighbor 198.18.1.1 withdraw route 2001:db8:100::/48 next-hop 2001:db8:ffff:1::2",
+            "neighbor 198.18.9.1 withdraw route 2001:db8:100::/48 next-hop 2001:db8:ffff:9::2"]
+        assert s.announced == ["198.51.100.0/24"]
+        with pytest.raises(ValueError, match="not both"):
+            await s.announce("198.51.100.0/24", med=1, policy=Policy())
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+
+
+async def test_ipv6_prefix_is_refused_when_the_sessions_carry_only_ipv4(tmp_path):
+    s = Speaker(router_id="198.18.1.2", local_as=64501, run_dir=tmp_path,
+                neighbors=[Neighbor("198.18.1.1", 64500, next_hop6="2001:db8:ffff:1::2")], ack_timeout=0.2)
+    with pytest.raises(ValueError, match="carry only ipv4 unicast"):
+        await s.announce("2001:db8:100::/48")

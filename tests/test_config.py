@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geomirror import pairing
-from geomirror.config import load_site, load_witness
+from bgp.config import Policy
+from geomirror.config import check, load_site, load_witness
 from geomirror.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -47,6 +48,7 @@ def test_lab_configs_follow_the_lab_table():
 def test_example_configs_load_and_resolve_relative_paths():
     ex = load_site(CONFIGS / "example-site.toml")
     assert ex.bgp.neighbors and ex.bgp.communities == ("65010:100",)
+    assert str(ex.guest.prefix6) == "2001:db8:100::/48" and str(ex.bgp.neighbors[0].next_hop6) == "2001:db8:ffff:1::2"
     assert ex.tls.ca == CONFIGS / "pki" / "ca.pem"
     assert ex.control.token_file == Path("/var/lib/geomirror/control.token")
     w = load_witness(CONFIGS / "example-witness.toml")
@@ -68,6 +70,12 @@ def put(table: str, key: str, value: str, text: str = BASE) -> str:
     end = len(text) if end < 0 else end + 1
     body, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text[start:end], count=1, flags=re.M)
     return text[:start] + (body if n else f"{key} = {value}\n" + body) + text[end:]
+
+
+# the lab's site-a, dual stack
+DUAL = put("guest", "gateway6", '"2001:db8:100::1"', put("guest", "address6", '"2001:db8:100::10"', put(
+    "guest", "prefix6", '"2001:db8:100::/48"', BASE.replace('local_address = "198.18.1.2"\n',
+                                                           'local_address = "198.18.1.2"\nnext_hop6 = "2001:db8:ffff:1::2"\n'))))
 
 
 def without_witness(text: str) -> str:
@@ -134,6 +142,36 @@ BAD = {
                       "missing table [guest]"),
     "missing key": (edit('router_id = "198.18.1.2"', ""), "site.router_id", "missing (required)"),
     "TOML syntax error": (edit("[guest]", "[guest"), None, "TOML syntax error at line"),
+    "address6 without prefix6": (put("guest", "address6", '"2001:db8:100::10"'), "guest.prefix6",
+                                 "go together"),
+    "address6 outside prefix6": (put("guest", "address6", '"2001:db8:200::10"', DUAL), "guest.address6",
+                                 "2001:db8:200::10 is outside guest.prefix6 2001:db8:100::/48"),
+    "gateway6 is the network": (put("guest", "gateway6", '"2001:db8:100::"', DUAL), "guest.gateway6",
+                                "subnet-router anycast"),
+    "gateway6 is address6": (put("guest", "gateway6", '"2001:db8:100::10"', DUAL), "guest.gateway6",
+                             "the guest's own address"),
+    "prefix6 with host bits": (put("guest", "prefix6", '"2001:db8:100::1/48"', DUAL), "guest.prefix6",
+                               "is not an IPv6 prefix"),
+    "IPv4 in prefix6": (put("guest", "prefix6", '"198.51.100.0/24"', DUAL), "guest.prefix6",
+                        "is not an IPv6 prefix"),
+    "prefix6 without next_hop6": (DUAL.replace('next_hop6 = "2001:db8:ffff:1::2"\n', ""),
+                                  "bgp.neighbor[0].next_hop6", "needs this site's IPv6 address"),
+    "link-local next_hop6": (DUAL.replace('"2001:db8:ffff:1::2"', '"fe80::2"'), "bgp.neighbor[0].next_hop6",
+                             "not a global unicast address"),
+    "standby path not longer": (put("bgp", "standby_prepend", "1", put("bgp", "prepend", "1")),
+                                "bgp.standby_prepend", "must be more than bgp.prepend (1)"),
+    "standby key while off": (put("bgp", "standby_med", "10"), "bgp.standby_med",
+                              "pre-announcement, which is off"),
+    "graceful shutdown always": (put("bgp", "communities", '["64501:1", "65535:0"]'), "bgp.communities",
+                                 "GRACEFUL_SHUTDOWN"),
+    "graceful shutdown on the standby": (put("bgp", "standby_communities", '["65535:0"]',
+                                             put("bgp", "standby_prepend", "2")),
+                                         "bgp.standby_communities", "GRACEFUL_SHUTDOWN"),
+    "bad large community": (put("bgp", "large_communities", '["64501:1"]'), "bgp.large_communities",
+                            "is not a large community"),
+    "community twice": (put("bgp", "drain_communities", '["64501:1", "64501:1"]'), "bgp.drain_communities",
+                        "twice"),
+    "prepend 9": (put("bgp", "standby_prepend", "9"), "bgp.standby_prepend", "out of range (0..8)"),
 }
 
 
@@ -251,3 +289,58 @@ def test_any_value_anywhere_gives_a_config_or_a_config_error(changes):
             load_site(p)
         except ConfigError as e:
             assert str(e).startswith(f"{p}: "), str(e)
+
+
+def _load(tmp_path, text):
+    p = tmp_path / "site.toml"
+    p.write_text(text)
+    return p, load_site(p)
+
+
+def test_dual_stack_guest_loads(tmp_path):
+    _, cfg = _load(tmp_path, DUAL)
+    g = cfg.guest
+    assert (str(g.prefix6), str(g.address6), str(g.gateway6)) == ("2001:db8:100::/48", "2001:db8:100::10",
+                                                                  "2001:db8:100::1")
+    assert str(cfg.bgp.neighbors[0].next_hop6) == "2001:db8:ffff:1::2"
+    assert cfg.warnings == ()
+    _, v4 = _load(tmp_path, BASE)
+    assert (v4.guest.prefix6, v4.guest.address6, v4.guest.gateway6) == (None, None, None)
+
+
+def test_prefixes_the_internet_filters_are_warned_about_not_refused(tmp_path):
+    text = DUAL
+    for old, new in (("198.51.100.0/24", "198.51.100.0/25"), ("2001:db8:100::/48", "2001:db8:100::/56")):
+        text = text.replace(old, new)
+    p, cfg = _load(tmp_path, text)
+    assert [k for k, _ in cfg.warnings] == ["guest.prefix", "guest.prefix6"]
+    out = check(p).splitlines()
+    assert out[0].startswith(f"{p}: site site-a") and "guest 198.51.100.0/25 2001:db8:100::/56" in out[0]
+    assert out[1] == (f"warning: {p}: guest.prefix: 198.51.100.0/25 is longer than /24: most networks on the "
+                      "Internet filter such prefixes, so the guest may be reachable only near your upstreams")
+    assert out[2].startswith(f"warning: {p}: guest.prefix6: 2001:db8:100::/56 is longer than /48")
+    p.write_text(DUAL)  # a /24 and a /48: no warning
+    assert len(check(p).splitlines()) == 1
+
+
+def test_announcement_policy_per_role(tmp_path):
+    text = BASE
+    for k, v in (("med", "100"), ("communities", '["64501:100"]'), ("large_communities", '["64501:1:100"]'),
+                 ("prepend", "1"), ("drain_communities", '["64501:666"]')):
+        text = put("bgp", k, v, text)
+    _, cfg = _load(tmp_path, text)
+    b = cfg.bgp
+    # today's keys keep their meaning: they are the active site's announcement
+    assert (b.med, b.communities, b.prepend) == (100, ("64501:100",), 1)
+    assert b.active == Policy(med=100, communities=("64501:100",), large_communities=("64501:1:100",), prepend=1)
+    assert b.standby is None  # off by default
+    assert b.drain == Policy(med=100, communities=("64501:100", "65535:0", "64501:666"),
+                             large_communities=("64501:1:100",), prepend=1)
+    _, on = _load(tmp_path, put("bgp", "standby_prepend", "3", text))
+    assert on.bgp.standby == Policy(med=100, communities=("64501:100",), large_communities=("64501:1:100",),
+                                    prepend=3)
+    own = put("bgp", "standby_med", "500", put("bgp", "standby_communities", '["64501:200"]',
+                                                put("bgp", "standby_large_communities", "[]",
+                                                    put("bgp", "standby_prepend", "3", text))))
+    _, own = _load(tmp_path, own)
+    assert own.bgp.standby == Policy(med=500, communities=("64501:200",), large_communities=(), prepend=3)
