@@ -94,6 +94,8 @@ class SiteDaemon(GuestOperations):
         cfg, role = self.cfg, self.role
         self.timeline.mark("daemon.start", role=role.role.value, lease_generation=role.lease_generation,
                            guest_pid=role.guest.pid if role.guest else None)
+        for key, problem in cfg.warnings:  # e.g. a prefix longer than the Internet accepts
+            log.warning("config.warning", site=self.name, file=str(cfg.path), key=key, problem=problem)
         gate = UserspaceGate(None, open_tap(TAP_NAME), mode=GateMode.FENCED)  # it dials each guest's NIC
         self.ctx = SiteContext(cfg, self.tls, gate, self.feed, lambda: self.ha.generation, self.timeline,
                                self.tasks, self.unsafe_no_output_commit)

@@ -141,7 +141,7 @@ class Effects:
             return
         b, prefix = self.ctx.cfg.bgp, str(self.ctx.cfg.guest.prefix)
         try:
-            await self.speaker.announce(prefix, med=b.med, communities=b.communities, prepend=b.prepend)
+            await self.speaker.announce(prefix, policy=b.active)  # MED, communities, prepend of the active site
         except (GeomirrorError, OSError) as e:
             self.alarm(f"announcing {prefix} failed: {e}")
             return
