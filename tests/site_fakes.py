@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from bgp.config import Policy
 from geomirror import ha
 from geomirror.site.context import SiteContext, Tasks, Timeline
 from replication.gate import GateMode
@@ -97,7 +98,7 @@ def site_config(name="site-a", policy="stall", grace_ms=5000):
         peer=SimpleNamespace(name="site-b" if name == "site-a" else "site-a"),
         guest=SimpleNamespace(name="guest", prefix="198.51.100.0/24", memory_mb=16),
         witness=SimpleNamespace(lease_ttl_ms=6000, renew_every_ms=1000),
-        bgp=SimpleNamespace(med=None, communities=(), prepend=0),
+        bgp=SimpleNamespace(med=None, communities=(), prepend=0, active=Policy()),
         checkpoint=SimpleNamespace(unreachable_policy=policy, unprotected_grace_ms=grace_ms),
         heartbeat=SimpleNamespace(interval_ms=100, min_timeout_ms=600, max_timeout_ms=5000),
     )
