@@ -354,6 +354,9 @@ class HaMachine:
         self.alarms: dict[str, str] = {}
         self.lapsed = False  # the lease ran out during a witness outage while protected (ride-through)
         self.rejoining = False  # a Rejoin is being carried out
+        self._forced_denied_since: float | None = None  # a forced site denied the lease: since when (Tick)
+        self._forced_denied = False
+        self._forced_denied_last = 0.0
         self._next_query: float | None = None
         self._next_acquire: float | None = None
         self._last_renew: float | None = None
@@ -548,6 +551,18 @@ class HaMachine:
         if self.holding and now - self._last_renew >= self.config.renew_every_ms / 1000:
             self._emit(RenewLease(self.generation))
             self._last_renew = now
+        if self._forced_denied:  # a denial under a forced promotion since the last tick
+            self._forced_denied, self._forced_denied_last = False, now
+            if self._forced_denied_since is None:
+                self._forced_denied_since = now
+        if self._forced_denied_since is not None:
+            if not self.forced or now - self._forced_denied_last > 3 * self.config.renew_every_ms / 1000:
+                self._forced_denied_since = None  # granted, or the denials stopped: start afresh
+            elif now - self._forced_denied_since > 2 * self.config.lease_ttl_ms / 1000:
+                self._forced_denied_since = None
+                self._fence("another site still renews the lease two lease TTLs after a forced promotion: "
+                            "it is alive", stale=True)
+                return
         if self.peer_alive and (now - self.last_heard) * 1000 > self.timeout_ms:
             self.peer_alive = False
             self._peer_lost(now)
@@ -661,6 +676,15 @@ class HaMachine:
         if other:
             self.seen_generation = max(self.seen_generation, e.generation)
         if not other:
+            return
+        if self.forced and not self.holding and not self.peer_alive and self.state in ACTIVE:
+            # The operator promoted this site because the other one is dead; the lease backend still
+            # shows that site's lease (it outlived the site, or a new etcd leader extended it). Run on
+            # and retry until it expires; a lease that is still renewed after two TTLs means its holder
+            # is alive after all, and then this site gives way (Tick).
+            self._forced_denied = True
+            self._alarm("forced_lease", f"{e.holder} still holds the lease at generation {e.generation}: "
+                                        "running on under the forced promotion until it expires")
             return
         if self.state == STARTING or (self.state == FENCED and self._wants_lease()) or self.holding or self.forced \
                 or self.lapsed:

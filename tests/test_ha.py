@@ -195,12 +195,52 @@ def test_witness_down_then_primary_lost_needs_promote_and_force_without_lease():
     assert OpenGate(2) in out and b.holding and not b.forced
 
 
-def test_forced_site_fences_when_another_site_holds_the_lease():
+def forced_site():
     b = standby_with_replica()
     b.handle(WitnessUnreachable(0.1))
     b.handle(Tick(1.5))
     b.handle(OperatorPromote(1.6, force=True))
     b.handle(ResumeDone(1.7))
+    assert b.forced and b.state in ha.ACTIVE
+    return b
+
+
+def test_a_forced_site_runs_on_while_the_dead_sites_lease_lingers_then_takes_a_real_one():
+    """The lease backend still shows the lost site's lease (it outlived the site, or etcd's new
+    leader extended it): the forced site keeps running and retries until it expires."""
+    b = forced_site()
+    out = b.handle(LeaseDenied("site-a", 3))
+    assert CloseGate not in types(out) and b.state in ha.ACTIVE and b.gate_open
+    assert "running on under the forced promotion" in alarms(out)
+    t = 1.7
+    for _ in range(int(TTL_S / 0.05)):  # denied for one TTL: still running, still asking
+        t += 0.05
+        out = b.handle(Tick(t))
+        if AcquireLease in types(out):
+            b.handle(LeaseDenied("site-a", 3))
+        assert b.state in ha.ACTIVE
+    out = b.handle(LeaseGranted(4, t + TTL_S, t))
+    assert b.holding and not b.forced and b.generation == 4 and OpenGate(4) in out
+
+
+def test_a_forced_site_gives_way_when_the_lease_is_still_renewed_after_two_ttls():
+    b = forced_site()
+    t, fenced = 1.7, None
+    b.handle(LeaseDenied("site-a", 3))
+    while t < 1.7 + 3 * TTL_S and fenced is None:
+        t += 0.05
+        out = b.handle(Tick(t))
+        if CloseGate in types(out):
+            fenced = t
+        elif AcquireLease in types(out):
+            b.handle(LeaseDenied("site-a", 3))
+    assert fenced is not None and fenced - 1.7 > 2 * TTL_S, "the holder kept renewing: it is alive"
+    assert b.state == FENCED and b.stale
+
+
+def test_a_forced_site_fences_at_once_when_the_peer_answers():
+    b = forced_site()
+    b.handle(HeartbeatReceived(1.8, 20.0, 1))
     out = b.handle(LeaseDenied("site-a", 3))
     assert types(out)[:2] == [CloseGate, Withdraw] and StopGuest in types(out) and b.state == FENCED
 
