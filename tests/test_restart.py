@@ -120,3 +120,23 @@ def test_an_isolated_primary_comes_back_as_the_standby_by_itself(lab_up):
     res = c.finish()
     print(f"\nisolation healed: A rejoined as B's standby, B protected {took:.1f}s after the heal, resync "
           f"{b['replication']['last_sync_bytes']} bytes; {len(res.incrs)} consecutive replies")
+
+
+def test_an_operator_fenced_primary_keeps_its_guest_across_a_restart_and_can_be_promoted(lab_up):
+    c = Client()
+    c.start()
+    time.sleep(1.0)
+    guest_pid = labcli.site_status("site-a")["guest_pid"]
+    labcli.site_call("site-a", "POST", "/v1/fence", {"reason": "operator"})
+    world.restart("site-a")
+    a = wait_for(lambda: (s := labcli.site_status("site-a", timeout=3)) and s["role"] == "fenced"
+                 and s.get("guest_pid") and s, 60, "site A to come back fenced with its guest")
+    assert a["guest_pid"] == guest_pid and qemu_pids("site-a") == [guest_pid]
+    assert a["gate"]["mode"] == "fenced" and not a["bgp_announced"]
+    r = labcli.site_call("site-a", "POST", "/v1/promote", {"force": False}, timeout=60)
+    assert r["state"] in ("active_protected", "active_unprotected"), r
+    wall = time.time()
+    protected_again("site-a", wall - 5)
+    res = c.finish()
+    print(f"\noperator fence, restart, promote: the same QEMU; {len(res.incrs)} consecutive replies, longest "
+          f"stall {res.longest_stall_s:.2f}s")

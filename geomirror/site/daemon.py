@@ -62,7 +62,6 @@ class SiteDaemon(GuestOperations):
         self.unsafe_no_output_commit = os.environ.get("GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT") == "1"
         self.loop_lag = LoopLag()
         self._stop = asyncio.Event()
-        self._resumed = asyncio.Event()
         self.metrics_registry = CollectorRegistry()
         self.metrics_registry.register(StatusCollector(self.site_status))
 
@@ -115,7 +114,12 @@ class SiteDaemon(GuestOperations):
             lost = await self.primary_side.attach(role.guest, role.run_id)
             if lost is not None:
                 ha_role = Role.FENCED
+        fenced_guest = role.role is Role.FENCED and role.guest is not None  # fenced by the operator, guest kept
+        if fenced_guest and await self.primary_side.attach(role.guest, role.run_id) is not None:
+            fenced_guest = False
+            self._save_role(Role.FENCED, "the fenced guest's QEMU was gone at start", guest=None)
         self.ha = ha.HaMachine(ha_role, ha.HaConfig.from_site_config(cfg), generation=role.lease_generation)
+        self.ha.guest_running = self.ha.guest_running or fenced_guest  # `promote` may reopen it
         self.gatectl.update(ha_state=self.ha.state)
         self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self)
         self.switchover_job = Switchover(self.ctx, self.witness, lambda: self._primary(),
@@ -197,12 +201,13 @@ class SiteDaemon(GuestOperations):
         if self.ha.state in ha.ACTIVE:
             raise Refused(f"site {self.name} already runs the guest ({self.ha.state.value})")
         self.feed(ha.OperatorPromote(time.monotonic(), force))
-        try:
-            await asyncio.wait_for(self._resumed.wait(), timeout)
-        except asyncio.TimeoutError:
+        deadline = time.monotonic() + timeout
+        while self.ha.state not in ha.ACTIVE and time.monotonic() < deadline:  # a takeover resumed, or a
+            await asyncio.sleep(0.05)  # fenced primary reopened: either way it releases output now
+        if self.ha.state not in ha.ACTIVE:
             alarms = self.effects.alarms
             raise Refused(f"promote did not complete in {timeout:.0f}s: "
-                          + (alarms[-1] if alarms else f"HA state {self.ha.state.value}")) from None
+                          + (alarms[-1] if alarms else f"HA state {self.ha.state.value}"))
         return {**(self.takeover_report or {}), "state": self.ha.state.value,
                 "lease_generation": self.ha.generation}
 

@@ -39,7 +39,6 @@ class GuestOperations:
         self._save_role(Role.PRIMARY, "took the guest over", run_id=run_id, guest=GuestRecord.of(guest))
         self.timeline.mark("takeover.resumed", **timings)
         self.feed(ha.ResumeDone(time.monotonic()))
-        self._resumed.set()
         self.timeline.mark("reprotect.waiting", peer=self.cfg.peer.name,
                            hint=f"the guest is protected again once {self.cfg.peer.name} runs as the standby")
 
@@ -74,7 +73,6 @@ class GuestOperations:
         seeded = await asyncio.to_thread(seed_replica, self.cfg, self.specs, run_id, ram)
         self.timeline.mark("demote.seeded" if seeded else "demote.unseeded", source=str(ram),
                            hint="the resync sends only what changed" if seeded else "a full initial sync follows")
-        self._resumed.clear()
         self.feed(ha.BecameStandby(time.monotonic(), reason))
         await self._start_standby()
         self.timeline.mark("demote.done", role=self.role.role.value)
