@@ -572,10 +572,13 @@ class HaMachine:
             self._next_query = now + self.config.renew_every_ms / 1000
 
     def _wants_to_know_holder(self) -> bool:
-        """A fenced site without a running guest (it died, or was gone after a restart) asks who
-        holds the lease, to rejoin as the standby once the peer runs the guest."""
-        return (self.config.witness and self.config.auto_rejoin and self.state is FENCED
-                and not self.guest_running and not self.operator_fenced and not self.rejoining)
+        """A fenced site asks who holds the lease: without a guest (it died, or was gone after a
+        restart) to rejoin as the standby once the peer runs the guest; with one, to learn that
+        another site runs the guest since (then ours is stale: stopped, or rejoin)."""
+        if not self.config.witness or self.state is not FENCED or self.rejoining or self.stale:
+            return False
+        # with a guest here (fenced by the operator, or by a lapsed lease): is it stale now?
+        return self.guest_running or (self.config.auto_rejoin and not self.operator_fenced)
 
     def _on_HeartbeatReceived(self, e: HeartbeatReceived) -> None:
         if e.rtt_ms is not None:
@@ -825,9 +828,12 @@ class HaMachine:
             return
         self.seen_generation = max(self.seen_generation, e.generation)
         if e.generation > self.generation and self._wants_to_know_holder():
-            self.rejoining, self.stale = True, True
-            self._emit(Rejoin(f"{e.holder} runs the guest at lease generation {e.generation} "
-                              f"(ours was {self.generation})"))
+            why = f"{e.holder} runs the guest at lease generation {e.generation} (ours was {self.generation})"
+            if self.guest_running:
+                self._fence(why, stale=True)  # Rejoin (auto_rejoin) or StopGuest
+            else:
+                self.rejoining, self.stale = True, True
+                self._emit(Rejoin(why))
 
     def _on_ResumeDone(self, e: ResumeDone) -> None:
         self.resuming = False

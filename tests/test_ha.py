@@ -688,3 +688,17 @@ def test_an_operator_fence_or_the_manual_switch_never_rejoins():
     m = HaMachine("fenced", cfg(auto_rejoin=False), generation=4)
     m.operator_fenced = False
     assert QueryLease() not in m.handle(Tick(0.0)) and m.handle(LeaseSeen("site-b", 9)) == []
+
+
+def test_a_fenced_site_with_its_guest_learns_it_is_stale_and_stops_or_rejoins():
+    """An operator-fenced primary restarted with its guest: if the peer took over meanwhile (the
+    fence released the lease), nobody tells it by heartbeat; it asks the lease backend."""
+    for auto, action in ((True, Rejoin), (False, StopGuest)):
+        m = HaMachine("fenced", cfg(auto_rejoin=auto), generation=1)
+        m.guest_running = True  # the daemon took up the fenced guest
+        out = m.handle(Tick(0.0))
+        assert QueryLease() in out and AcquireLease not in types(out), "fenced by the operator: no lease"
+        assert m.handle(LeaseSeen("site-a", 1)) == [] and m.handle(LeaseSeen("site-b", 1)) == []
+        out = m.handle(LeaseSeen("site-b", 2))
+        assert action in types(out) and m.state == FENCED and m.stale and not m.guest_running, auto
+        assert QueryLease() not in m.handle(Tick(1.0))
