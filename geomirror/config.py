@@ -354,6 +354,15 @@ class _Loader:
         return p if p.is_absolute() else (self.base / p)
 
 
+# ipaddress class -> (what it is, what a good value looks like), for type errors that say so
+_IP_TYPES = {
+    "IPv4Address": ("an IPv4 address", "an IPv4 address string"),
+    "IPv4Network": ("an IPv4 prefix", "a prefix string like 198.51.100.0/24"),
+    "IPv6Address": ("an IPv6 address", "an IPv6 address string"),
+    "IPv6Network": ("an IPv6 prefix", "a prefix string like 2001:db8:100::/48"),
+}
+
+
 def _typed(v, t: str):
     """Check/convert a TOML value against the annotation string `t`."""
     t = str(t)
@@ -373,34 +382,15 @@ def _typed(v, t: str):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"must be a number, not {_tname(v)} ({v!r})")
         return float(v)
-    if "IPv4Address" in t:
-        if not isinstance(v, str):
-            raise TypeError(f"must be an IPv4 address string, not {_tname(v)} ({v!r})")
-        try:
-            return ipaddress.IPv4Address(v)
-        except ValueError:
-            raise ValueError(f"{v} is not an IPv4 address") from None
-    if "IPv4Network" in t:
-        if not isinstance(v, str):
-            raise TypeError(f"must be a prefix string like 198.51.100.0/24, not {_tname(v)} ({v!r})")
-        try:
-            return ipaddress.IPv4Network(v)
-        except ValueError as e:
-            raise ValueError(f"{v} is not an IPv4 prefix ({e})") from None
-    if "IPv6Address" in t:
-        if not isinstance(v, str):
-            raise TypeError(f"must be an IPv6 address string, not {_tname(v)} ({v!r})")
-        try:
-            return ipaddress.IPv6Address(v)
-        except ValueError:
-            raise ValueError(f"{v} is not an IPv6 address") from None
-    if "IPv6Network" in t:
-        if not isinstance(v, str):
-            raise TypeError(f"must be a prefix string like 2001:db8:100::/48, not {_tname(v)} ({v!r})")
-        try:
-            return ipaddress.IPv6Network(v)
-        except ValueError as e:
-            raise ValueError(f"{v} is not an IPv6 prefix ({e})") from None
+    for name, (kind, example) in _IP_TYPES.items():
+        if name in t:
+            if not isinstance(v, str):
+                raise TypeError(f"must be {example}, not {_tname(v)} ({v!r})")
+            try:
+                return getattr(ipaddress, name)(v)
+            except ValueError as e:
+                detail = f" ({e})" if "Network" in name else ""
+                raise ValueError(f"{v} is not {kind}{detail}") from None
     raise AssertionError(f"no converter for {t}")  # a field without a converter: a bug here
 
 

@@ -54,7 +54,7 @@ import aiohttp
 import structlog
 
 from geomirror import pairing
-from geomirror.witness import GUEST_RE, LeaseResult, WitnessClient, WitnessError, WitnessUnreachable
+from geomirror.witness import GUEST_RE, HttpsSession, LeaseResult, WitnessClient, WitnessError, WitnessUnreachable
 
 if TYPE_CHECKING:
     from geomirror.config import SiteConfig
@@ -168,7 +168,7 @@ class _NoAnswer(Exception):
     """One member did not answer usefully; the next one is tried."""
 
 
-class EtcdLease:
+class EtcdLease(HttpsSession):
     """The lease held in an etcd 3.4+ cluster, through its JSON gateway over mutual TLS.
 
     `endpoints` are client URLs (https://host:port); they are tried in turn, starting with the
@@ -190,17 +190,6 @@ class EtcdLease:
         self._current = 0
         self.down: dict[str, str] = {}  # members that did not answer at the last try: url -> why
         self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def keys(self, guest: str) -> GuestKeys:
         if not GUEST_RE.match(guest):

@@ -356,17 +356,11 @@ class LeaseResult:
     expires_at_boottime: float | None = None
 
 
-class WitnessClient:
-    """Talks to one witness over mutual TLS; use as `async with` or call `close()`."""
+class HttpsSession:
+    """An aiohttp session made on first use and closed once: `async with` or `close()`.
+    (The lease backends' clients share this lifecycle.)"""
 
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, server_name: str = "witness",
-                 timeout_s: float = 1.0):
-        self.host, self.port, self.server_name = host, port, server_name
-        self.ssl_context = ssl_context
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-        h = f"[{host}]" if ":" in host else host
-        self.base = f"https://{h}:{port}"
+    _session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self):
         return self
@@ -378,6 +372,19 @@ class WitnessClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class WitnessClient(HttpsSession):
+    """Talks to one witness over mutual TLS; use as `async with` or call `close()`."""
+
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext, server_name: str = "witness",
+                 timeout_s: float = 1.0):
+        self.host, self.port, self.server_name = host, port, server_name
+        self.ssl_context = ssl_context
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        h = f"[{host}]" if ":" in host else host
+        self.base = f"https://{h}:{port}"
 
     async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         if self._session is None:
