@@ -245,14 +245,19 @@ class WitnessConfig:
         _check_tls(self.path, self.tls, self.witness.name)
 
 
-def _check_tls(path: Path, tls: TLSSection, name: str) -> None:
+def _check_key_files(path: Path, section: str, files, hint: str = "") -> None:
+    """`files` (with .ca, .cert, .key) exist and the key is readable by its owner only."""
     for k in ("ca", "cert", "key"):
-        p = getattr(tls, k)
+        p = getattr(files, k)
         if not p.is_file():
-            raise ConfigError(path, f"tls.{k}", f"file {p} does not exist (run `geomirror pair init`)")
-    mode = stat.S_IMODE(tls.key.stat().st_mode)
+            raise ConfigError(path, f"{section}.{k}", f"file {p} does not exist{hint}")
+    mode = stat.S_IMODE(files.key.stat().st_mode)
     if mode & 0o077:
-        raise ConfigError(path, "tls.key", f"{tls.key} is readable by others (mode {mode:04o}); chmod 600 it")
+        raise ConfigError(path, f"{section}.key", f"{files.key} is readable by others (mode {mode:04o}); chmod 600 it")
+
+
+def _check_tls(path: Path, tls: TLSSection, name: str) -> None:
+    _check_key_files(path, "tls", tls, " (run `geomirror pair init`)")
     try:
         check_leaf(tls.ca, tls.cert, tls.key, name)
     except PairingError as e:
@@ -261,13 +266,7 @@ def _check_tls(path: Path, tls: TLSSection, name: str) -> None:
 
 def _check_lease_tls(path: Path, lease: LeaseSection) -> None:
     """The operator's own files for etcd: they exist, the key is private, cert and key match."""
-    for k in ("ca", "cert", "key"):
-        p = getattr(lease, k)
-        if not p.is_file():
-            raise ConfigError(path, f"lease.{k}", f"file {p} does not exist")
-    mode = stat.S_IMODE(lease.key.stat().st_mode)
-    if mode & 0o077:
-        raise ConfigError(path, "lease.key", f"{lease.key} is readable by others (mode {mode:04o}); chmod 600 it")
+    _check_key_files(path, "lease", lease)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         ctx.load_cert_chain(str(lease.cert), str(lease.key))

@@ -77,7 +77,6 @@ class GateStats:
     dropped_held_cap: int = 0  # outbound: the hold is at max_held_bytes
     dropped_fenced: int = 0  # outbound: fenced (arrived while fenced, or held when the fence came)
     dropped_tap: int = 0  # outbound: the TAP would block or is gone
-    dropped_on_resume: int = 0  # outbound: held frames of the previous guest discarded at a resume
     withheld_lease_expired: int = 0  # times output was due to leave but the lease deadline had passed
     epochs_released: int = 0
     last_release_delay_ms: float = 0.0
@@ -146,11 +145,6 @@ class Gate:
         """OPEN, HOLD or FENCED (fencing discards what is held)."""
         raise NotImplementedError
 
-    def open_after_resume(self) -> None:
-        """At a site that resumed the guest: it is the only copy now; whatever was held is discarded
-        (it was not committed) and output flows in OPEN mode (when allowed)."""
-        raise NotImplementedError
-
     @property
     def current_epoch(self) -> int:
         """The epoch a frame read now belongs to."""
@@ -178,6 +172,7 @@ class UserspaceGate(Gate):
         self._held: deque[tuple[int, bytes]] = deque()
         self._epoch = 0  # epoch the next frame read belongs to
         self._committed = -1  # newest epoch the standby acknowledged
+        self._released_upto = -1  # newest epoch whose frames were let out
         self.allowed = True  # the HA layer's word: this site may release output (holds the lease)
         self.until: float | None = None  # ... until this CLOCK_BOOTTIME second (None: no deadline)
         self._clock = clock
@@ -382,7 +377,9 @@ class UserspaceGate(Gate):
             ms = (time.monotonic() - t) * 1000
             self.stats.last_release_delay_ms = ms
             self.stats.max_release_delay_ms = max(self.stats.max_release_delay_ms, ms)
-        self.stats.epochs_released += 1
+        if epoch > self._released_upto:  # a permission renewed re-releases: count each epoch once
+            self.stats.epochs_released += 1
+            self._released_upto = epoch
 
     def set_mode(self, mode: GateMode) -> None:
         if mode is self.mode:
@@ -406,11 +403,6 @@ class UserspaceGate(Gate):
             self._drop(reason, len(self._held))
         self._held.clear()
         self.stats.frames_held = self.stats.bytes_held = 0
-
-    def open_after_resume(self) -> None:
-        """At the standby after takeover: the resumed guest is the only copy; output flows."""
-        self._discard("dropped_on_resume")
-        self.mode = GateMode.OPEN
 
     @property
     def current_epoch(self) -> int:

@@ -704,22 +704,26 @@ async def wait_pid_exit(pid: int, started_at: float) -> None:
 class _FileTail:
     """`read(n)` over QEMU's stderr file, from `offset` on: new bytes as they are appended, b"" at
     the end once QEMU has exited. Empties the file once it has read past STDERR_FILE_KEEP (QEMU
-    appends: it writes on at the new end)."""
+    appends: it writes on at the new end). The file stays open between reads."""
 
     def __init__(self, path: Path, offset: int, guest: "Guest"):
         self.path, self.offset, self.guest = path, offset, guest
+        self._f = None
 
     async def read(self, n: int) -> bytes:
         while True:
-            try:
-                with open(self.path, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size < self.offset:  # emptied (by us, or by an operator): start over
-                        self.offset = 0
-                    f.seek(self.offset)
-                    data = f.read(n)
-            except FileNotFoundError:
-                data, size = b"", 0
+            if self._f is None:
+                try:
+                    self._f = open(self.path, "rb")
+                except FileNotFoundError:
+                    self._f = None
+            data = b""
+            if self._f is not None:
+                size = os.fstat(self._f.fileno()).st_size
+                if size < self.offset:  # emptied (by us, or by an operator): start over
+                    self.offset = 0
+                self._f.seek(self.offset)
+                data = self._f.read(n)
             if data:
                 self.offset += len(data)
                 if self.offset >= STDERR_FILE_KEEP and self.offset >= size:
@@ -727,5 +731,8 @@ class _FileTail:
                     self.offset = 0
                 return data
             if self.guest._exited():
+                if self._f is not None:
+                    self._f.close()
+                    self._f = None
                 return b""
             await asyncio.sleep(0.2)

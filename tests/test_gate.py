@@ -222,7 +222,7 @@ async def from_guest(w, *ids):
 async def test_interface_names_everything_the_site_calls():
     from replication.gate import Gate
 
-    for name in ("allow", "open_after_resume", "seal", "release", "set_mode", "held_epochs", "start", "close"):
+    for name in ("allow", "attach_guest", "detach_guest", "seal", "release", "set_mode", "held_epochs", "start", "close"):
         assert getattr(UserspaceGate, name) is not getattr(Gate, name), name
     assert isinstance(UserspaceGate.current_epoch, property) and UserspaceGate.current_epoch is not Gate.current_epoch
     assert {"mode", "allowed", "until", "stats"} <= set(Gate.__annotations__)
@@ -380,3 +380,18 @@ async def test_the_gate_dials_the_guest_and_again_after_a_drop(tmp_path):
         await gate.close()
         tap.close()
         net.close()
+
+
+async def test_a_renewed_permission_does_not_count_an_epoch_twice(fake_tap_gate):
+    """Every lease renewal re-allows the gate (a later deadline); that is no new epoch released."""
+    gate, net, r, w = await fake_tap_gate(GateMode.HOLD)
+    gate.allow(True, until=None)
+    gate.seal(1)
+    gate.release(1)
+    assert gate.stats.epochs_released == 1
+    for deadline in (1e12, 1e12 + 1, 1e12 + 2):
+        gate.allow(True, until=deadline)
+    assert gate.stats.epochs_released == 1
+    gate.seal(2)
+    gate.release(2)
+    assert gate.stats.epochs_released == 2

@@ -61,6 +61,7 @@ class SiteDaemon(GuestOperations):
         self.takeover_report: dict | None = None
         self.unsafe_no_output_commit = os.environ.get("GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT") == "1"
         self.loop_lag = LoopLag()
+        self._deadline_for: tuple[float | None, float | None] = (None, None)  # (expires_at, on CLOCK_BOOTTIME)
         self._stop = asyncio.Event()
         self.metrics_registry = CollectorRegistry()
         self.metrics_registry.register(StatusCollector(self.site_status))
@@ -193,8 +194,10 @@ class SiteDaemon(GuestOperations):
         m = self.ha
         if not m.holding or m.expires_at is None:
             return None
-        deadline = m.expires_at - m.config.fence_margin_ms / 1000  # on time.monotonic()
-        return round(boottime() + (deadline - time.monotonic()), 3)
+        if self._deadline_for[0] != m.expires_at:  # converted once per grant or renewal, not per event
+            deadline = m.expires_at - m.config.fence_margin_ms / 1000  # on time.monotonic()
+            self._deadline_for = (m.expires_at, boottime() + (deadline - time.monotonic()))
+        return self._deadline_for[1]
 
     # ------------------------------------------------------------ operator
     async def promote(self, force: bool = False, timeout: float = 60.0) -> dict:
