@@ -322,7 +322,11 @@ class Log:
 class HaMachine:
     """One site's HA state. `handle(event)` returns the actions to carry out, in order."""
 
-    def __init__(self, role: Role | str, config: HaConfig, generation: int = 0):
+    def __init__(self, role: Role | str, config: HaConfig, generation: int = 0, *,
+                 guest_here: bool | None = None, fenced_by_operator: bool = True):
+        """`guest_here`: a guest runs at this site (default: the role is primary; a fenced site
+        may keep its guest). `fenced_by_operator` (a fenced role): False when circumstance fenced
+        it (its guest was gone at a restart), so it may rejoin by itself."""
         try:
             role = Role(role)
         except ValueError:
@@ -334,9 +338,9 @@ class HaMachine:
         self.holding = False
         self.expires_at: float | None = None
         self.forced = False
-        self.guest_running = role is Role.PRIMARY
+        self.guest_running = role is Role.PRIMARY if guest_here is None else guest_here
         self.stale = False
-        self.operator_fenced = role is Role.FENCED
+        self.operator_fenced = role is Role.FENCED and fenced_by_operator
         self.protected = False
         self.gate_open = False
         self.rtt_ms: float | None = None  # the link's smoothed RTT, as measured by the replication session

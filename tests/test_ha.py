@@ -670,8 +670,7 @@ def test_auto_rejoin_replaces_the_stale_stop_with_a_rejoin():
 def test_a_fenced_site_without_its_guest_asks_who_holds_the_lease_and_rejoins():
     """E.g. a restarted daemon found its guest gone: it is fenced with nothing to run; once the
     peer runs the guest at a newer generation, it becomes the peer's standby."""
-    m = HaMachine("fenced", cfg(auto_rejoin=True), generation=4)
-    m.operator_fenced = False  # fenced by circumstance, not by the operator
+    m = HaMachine("fenced", cfg(auto_rejoin=True), generation=4, fenced_by_operator=False)
     out = m.handle(Tick(0.0))
     assert QueryLease() in out
     assert QueryLease() not in m.handle(Tick(0.1)), "at most once per renew interval"
@@ -685,8 +684,7 @@ def test_a_fenced_site_without_its_guest_asks_who_holds_the_lease_and_rejoins():
 def test_an_operator_fence_or_the_manual_switch_never_rejoins():
     m = HaMachine("fenced", cfg(auto_rejoin=True), generation=4)  # fenced by the operator (role.json)
     assert QueryLease() not in m.handle(Tick(0.0)) and m.handle(LeaseSeen("site-b", 9)) == []
-    m = HaMachine("fenced", cfg(auto_rejoin=False), generation=4)
-    m.operator_fenced = False
+    m = HaMachine("fenced", cfg(auto_rejoin=False), generation=4, fenced_by_operator=False)
     assert QueryLease() not in m.handle(Tick(0.0)) and m.handle(LeaseSeen("site-b", 9)) == []
 
 
@@ -694,8 +692,7 @@ def test_a_fenced_site_with_its_guest_learns_it_is_stale_and_stops_or_rejoins():
     """An operator-fenced primary restarted with its guest: if the peer took over meanwhile (the
     fence released the lease), nobody tells it by heartbeat; it asks the lease backend."""
     for auto, action in ((True, Rejoin), (False, StopGuest)):
-        m = HaMachine("fenced", cfg(auto_rejoin=auto), generation=1)
-        m.guest_running = True  # the daemon took up the fenced guest
+        m = HaMachine("fenced", cfg(auto_rejoin=auto), generation=1, guest_here=True)  # the fenced guest
         out = m.handle(Tick(0.0))
         assert QueryLease() in out and AcquireLease not in types(out), "fenced by the operator: no lease"
         assert m.handle(LeaseSeen("site-a", 1)) == [] and m.handle(LeaseSeen("site-b", 1)) == []

@@ -34,13 +34,13 @@ class Site:
     """A real HA machine wired to Effects, the way the daemon wires them."""
 
     def __init__(self, policy="stall", grace_ms=5000, speaker=None, lease=None, role=ha.Role.PRIMARY,
-                 auto_rejoin=False):
+                 auto_rejoin=False, fenced_by_operator=True):
         self.cfg = site_config(policy=policy, grace_ms=grace_ms)
         self.gate = FakeGate()
         self.lease = lease or FakeLease()
         self.speaker = speaker or FakeSpeaker()
         self.ops = FakeGuestOps()
-        self.m = ha.HaMachine(role, ha_config(auto_rejoin=auto_rejoin))
+        self.m = ha.HaMachine(role, ha_config(auto_rejoin=auto_rejoin), fenced_by_operator=fenced_by_operator)
         self.events = []
         self.ctx = make_ctx(self.cfg, self.gate, self.feed, lambda: self.m.generation)
         self.gatectl = GateController(self.gate, GateInputs(ha_state=self.m.state, policy=UnreachablePolicy(policy),
@@ -160,8 +160,7 @@ async def test_a_site_taken_over_from_rejoins_by_itself():
 
 
 async def test_a_fenced_site_without_a_guest_learns_the_holder_and_rejoins():
-    s = Site(auto_rejoin=True, role=ha.Role.FENCED)
-    s.m.operator_fenced = False
+    s = Site(auto_rejoin=True, role=ha.Role.FENCED, fenced_by_operator=False)
     s.lease.holder, s.lease.generation = "site-b", 3
     s.feed(ha.Tick(time.monotonic()))
     await s.settle()

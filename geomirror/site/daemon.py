@@ -119,8 +119,9 @@ class SiteDaemon(GuestOperations):
         if fenced_guest and await self.primary_side.attach(role.guest, role.run_id) is not None:
             fenced_guest = False
             self._save_role(Role.FENCED, "the fenced guest's QEMU was gone at start", guest=None)
-        self.ha = ha.HaMachine(ha_role, ha.HaConfig.from_site_config(cfg), generation=role.lease_generation)
-        self.ha.guest_running = self.ha.guest_running or fenced_guest  # `promote` may reopen it
+        self.ha = ha.HaMachine(ha_role, ha.HaConfig.from_site_config(cfg), generation=role.lease_generation,
+                               guest_here=(ha_role is Role.PRIMARY) or fenced_guest,  # `promote` may reopen it
+                               fenced_by_operator=lost is None)
         self.gatectl.update(ha_state=self.ha.state)
         self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self)
         self.switchover_job = Switchover(self.ctx, self.witness, lambda: self._primary(),

@@ -82,7 +82,6 @@ class GuestOperations:
         """The guest this site ran is gone (its QEMU died while no daemon watched it). Booting a new
         one would silently lose its state: fence instead, give the lease back so the peer takes
         over at once from its replica, and (auto-rejoin) become its standby."""
-        self.ha.operator_fenced = False  # fenced by circumstance: it may rejoin
         msg = f"the guest {self.cfg.guest.name} is gone ({why}); not booting a new one: {self.cfg.peer.name} takes over"
         self.effects.alarm(msg)
         self.timeline.mark("guest.lost", why=why, generation=self.ha.generation)
