@@ -67,7 +67,8 @@ class HaConfig:
     max_timeout_ms: float = 5000.0
     rtt_k: float = 4.0
     missed_heartbeats: int = 3
-    witness: bool = True
+    witness: bool = True  # a lease backend is configured (the built-in witness or etcd)
+    authority: str = "the witness"  # what grants the lease, as alarms name it ("the etcd cluster")
     lease_ttl_ms: float = 6000.0
     renew_every_ms: float = 1000.0
     max_clock_skew_ms: float = 250.0
@@ -108,7 +109,8 @@ class HaConfig:
         extra = dict(lease_ttl_ms=w.lease_ttl_ms, renew_every_ms=w.renew_every_ms) if w else {}
         return cls(site=cfg.site.name, heartbeat_interval_ms=hb.interval_ms, min_timeout_ms=hb.min_timeout_ms,
                    max_timeout_ms=hb.max_timeout_ms, witness=w is not None, max_clock_skew_ms=max_clock_skew_ms,
-                   auto_rejoin=cfg.site.auto_rejoin, **extra)
+                   auto_rejoin=cfg.site.auto_rejoin,
+                   authority="the etcd cluster" if cfg.lease.backend == "etcd" else "the witness", **extra)
 
 
 # ---------------------------------------------------------------- events
@@ -473,7 +475,7 @@ class HaMachine:
                 route = "the peer's route is gone"
             else:
                 route = "the peer's route is not known"
-            return (f"{peer} is lost and the witness is unreachable ({route}): not taking over without a "
+            return (f"{peer} is lost and {self.config.authority} is unreachable ({route}): not taking over without a "
                     "lease; `geomirror promote --force` only if the peer site is known dead")
         return None
 
@@ -506,7 +508,7 @@ class HaMachine:
         self.forced, self.force_pending = True, False
         self.generation = max(self.generation, self.seen_generation)
         self._emit(Log("ha.promote_forced", {"why": why, "generation": self.generation}))
-        self._alarm("forced", f"{self.config.site} promoted WITHOUT a witness lease ({why}): "
+        self._alarm("forced", f"{self.config.site} promoted WITHOUT a lease from {self.config.authority} ({why}): "
                               "the other site must be dead or fenced")
         if self.peer_route_seen:
             self._alarm("forced_route", "forced promotion while the peer's AS still originates the guest prefix")
@@ -521,7 +523,8 @@ class HaMachine:
         self.standby_ready = False
         self._emit(Log("ha.peer_lost", {"timeout_ms": round(self.timeout_ms, 1)}))
         if self.state in ACTIVE and self.lapsed:
-            self._fence("the standby is lost while the lease is lapsed (witness unreachable): no authority left")
+            self._fence(f"the standby is lost while the lease is lapsed ({self.config.authority} unreachable): "
+                        "no authority left")
         elif self.state in ACTIVE:
             self._goto(ACTIVE_UNPROTECTED, "standby lost")
             self._set_protection(False)
@@ -547,8 +550,9 @@ class HaMachine:
                 self.holding, self.lapsed, self.expires_at = False, True, None
                 self._next_acquire = None
                 self._emit(Log("ha.lease_lapsed", {"generation": self.generation}))
-                self._alarm("witness", "witness unreachable: the lease lapsed; running on, protected (output "
-                                       "leaves only on the standby's acks), re-acquiring when the witness is back")
+                self._alarm("witness", f"{self.config.authority} unreachable: the lease lapsed; running on, "
+                                       "protected (output leaves only on the standby's acks), re-acquiring when "
+                                       f"{self.config.authority} answers")
             else:
                 self._fence("lease renewal did not get through in time; closing before the lease can expire")
                 return
@@ -710,14 +714,14 @@ class HaMachine:
         if other:
             self.seen_generation = max(self.seen_generation, e.generation)
         if self.holding:
-            self._fence(f"the witness refused to renew generation {self.generation}"
+            self._fence(f"{self.config.authority} refused to renew generation {self.generation}"
                         + (f": {e.holder} holds generation {e.generation}" if other else ""), stale=other)
 
     def _on_WitnessUnreachable(self, e: WitnessUnreachable) -> None:
         self.witness_reachable = False
         detail = f" ({e.detail})" if e.detail else ""
         if self.holding:
-            self._alarm("witness", f"witness unreachable{detail}: fencing at the lease deadline unless a "
+            self._alarm("witness", f"{self.config.authority} unreachable{detail}: fencing at the lease deadline unless a "
                                    "renewal gets through")
         elif self.force_pending:
             self._force("witness unreachable")
@@ -725,14 +729,14 @@ class HaMachine:
             by, self.takeover_by = self.takeover_by, None
             self._goto(STANDBY, "witness unreachable")
             if by == "operator":
-                self._alarm("takeover", f"promote needs the witness, which is unreachable{detail}: "
+                self._alarm("takeover", f"promote needs {self.config.authority}, which is unreachable{detail}: "
                                         "use --force only if the peer site is known dead")
             else:
                 self._alarm("takeover", self._why_not_taking_over() or "witness unreachable")
         elif self.state == STANDBY and not self.peer_alive:
             self._alarm("takeover", self._why_not_taking_over() or "witness unreachable")
         else:
-            self._alarm("witness", f"witness unreachable{detail}")
+            self._alarm("witness", f"{self.config.authority} unreachable{detail}")
         self._maybe_acquire(e.now)
 
     def _on_WitnessReachable(self, e: WitnessReachable) -> None:

@@ -86,6 +86,7 @@ class LeaseBackend(Protocol):
     async def release(self, guest: str, generation: int) -> LeaseResult: ...
     async def get(self, guest: str) -> dict: ...  # generation, holder, last_holder, valid, expires_in_ms
     async def health(self) -> dict: ...
+    def members_down(self) -> dict[str, str]: ...  # member -> why, as of the last look (witness: none)
     async def close(self) -> None: ...
 
 
@@ -401,6 +402,10 @@ class EtcdLease(HttpsSession):
         except EtcdError as e:
             return str(e)
         return None if str(data.get("health")) == "true" else "unhealthy (no leader or no quorum)"
+
+    def members_down(self) -> dict[str, str]:
+        """The members that did not answer at the last try (or health check): endpoint -> why."""
+        return dict(self.down)
 
     async def health(self) -> dict:
         """Asks every member at once; fine while one is healthy. A member that stops answering is

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import os
 import re
 import secrets
@@ -19,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -72,8 +74,9 @@ def _check_name(name: str) -> None:
 
 # ---------------------------------------------------------------- certificates
 
-def _issue(name: str, ca_cert: x509.Certificate, ca_key, valid_days: int):
+def _issue(name: str, ca_cert: x509.Certificate, ca_key, valid_days: int, ips: Sequence[str] = ()):
     key = ec.generate_private_key(ec.SECP256R1())
+    alt = [x509.DNSName(name), *(x509.IPAddress(ipaddress.ip_address(a)) for a in ips)]
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(ca_cert.subject)
@@ -81,7 +84,7 @@ def _issue(name: str, ca_cert: x509.Certificate, ca_key, valid_days: int):
             .serial_number(x509.random_serial_number())
             .not_valid_before(_now() - dt.timedelta(minutes=5))
             .not_valid_after(_now() + dt.timedelta(days=valid_days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
@@ -110,8 +113,9 @@ def _new_ca(valid_days: int):
     return cert, key
 
 
-def _write_leaf(out_dir: Path, name: str, ca, ca_key, valid_days: int) -> tuple[Path, Path]:
-    cert, key = _issue(name, ca, ca_key, valid_days)
+def _write_leaf(out_dir: Path, name: str, ca, ca_key, valid_days: int,
+                ips: Sequence[str] = ()) -> tuple[Path, Path]:
+    cert, key = _issue(name, ca, ca_key, valid_days, ips)
     cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
     atomic_write(key_path, _key_pem(key))
     atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
@@ -147,8 +151,10 @@ def create_pair(out_dir, sites: list[str], witnesses: list[str] = ("witness",), 
     return PairFiles(out_dir, out_dir / "ca.pem", certs)
 
 
-def issue_cert(ca_dir, name: str, out_dir=None, valid_days: int = 825) -> Path:
+def issue_cert(ca_dir, name: str, out_dir=None, valid_days: int = 825, ips: Sequence[str] = ()) -> Path:
     """A new certificate and key for `name` under the existing pair CA in `ca_dir` (rotation).
+    `ips` are IP addresses the certificate also names (a server reached by address, e.g. an
+    etcd member whose peers check the address they connect to).
 
     Writes `<out_dir>/<name>.pem` and `<name>.key` (out_dir defaults to ca_dir); returns the cert path.
     """
@@ -168,7 +174,7 @@ def issue_cert(ca_dir, name: str, out_dir=None, valid_days: int = 825) -> Path:
         valid_days = max(1, left)  # a leaf cannot outlive its CA
     out = Path(out_dir) if out_dir else ca_dir
     _private_dir(out)
-    return _write_leaf(out, name, ca, ca_key, valid_days)[0]
+    return _write_leaf(out, name, ca, ca_key, valid_days, ips)[0]
 
 
 def serial_hex(cert: x509.Certificate) -> str:

@@ -386,6 +386,10 @@ class WitnessClient(HttpsSession):
         h = f"[{host}]" if ":" in host else host
         self.base = f"https://{h}:{port}"
 
+    def members_down(self) -> dict[str, str]:
+        """One process, no members: its outage shows in every call (WitnessUnreachable)."""
+        return {}
+
     async def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self.timeout)

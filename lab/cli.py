@@ -14,6 +14,7 @@ import time
 from geomirror import netns
 from geomirror.control import ControlClient, ControlError
 from geomirror.plugins import Extensions, SiteEndpoint, SiteSource
+from lab import etcd as lab_etcd
 from lab import wanem, world
 from lab.world import LabError
 
@@ -133,7 +134,9 @@ def wait_reachable(timeout: float = 60.0) -> float:
 def status() -> dict:
     st = world.load_state()
     out = {"namespaces": [n for n in world.NAMESPACES if netns.exists(n)], "routing": st.get("routing"),
-           "sites": {}}
+           "lease": st.get("lease", "witness"), "sites": {}}
+    if out["lease"] == "etcd" and out["namespaces"]:
+        out["etcd"] = {m: why or "healthy" for m, why in lab_etcd.health().items()}
     routes = world.bird_guest_routes() if out["namespaces"] else []
     out["bird_routes"] = routes
     if st.get("routing") == "static":
@@ -152,6 +155,8 @@ def print_status(st: dict) -> None:
     print(f"namespaces: {' '.join(st['namespaces']) or '(none: lab is down)'}")
     if st.get("note"):
         print(f"note: {st['note']}")
+    if st.get("etcd"):
+        print("etcd: " + ", ".join(f"{m} {why}" for m, why in st["etcd"].items()))
     print(f"{'site':8} {'role':10} {'lease':>5} {'epoch':>7} {'interval':>9} {'rtt':>8} {'pause':>8} "
           f"{'backlog':>7}  bgp")
     for site, s in st["sites"].items():
@@ -183,6 +188,9 @@ def add_parser(sub) -> None:
     lp = labp.add_subparsers(dest="lab_cmd", required=True)
     up = lp.add_parser("up", help="build the lab; returns when the guest is protected and reachable")
     up.add_argument("--no-daemons", action="store_true", help="network and BIRD only")
+    up.add_argument("--lease", choices=world.LEASE_BACKENDS, default="witness",
+                    help="lease backend: the built-in witness (default) or a 3-member etcd cluster, one "
+                         "member in gm-witness and one at each site")
     lp.add_parser("down", help="remove every namespace and process the lab made (idempotent)")
     st = lp.add_parser("status", help="per-site role, epochs, interval, RTT, pause, BGP")
     st.add_argument("--json", action="store_true")
@@ -215,7 +223,7 @@ def main(args) -> int:
     c = args.lab_cmd
     if c == "up":
         t0 = time.monotonic()
-        world.up(with_daemons=not args.no_daemons)
+        world.up(with_daemons=not args.no_daemons, lease=args.lease)
         if not args.no_daemons:
             try:
                 wait_protected()
@@ -227,7 +235,8 @@ def main(args) -> int:
             print(f"lab network up in {time.monotonic() - t0:.1f}s (BIRD and the WAN emulator; no site daemons)")
         else:
             print(f"lab up in {time.monotonic() - t0:.1f}s: guest {world.GUEST_ADDR} protected and reachable "
-                  f"from {world.CLIENT}")
+                  f"from {world.CLIENT}; lease backend: "
+                  + ("etcd, 3 members" if args.lease == "etcd" else "the built-in witness"))
     elif c == "down":
         removed = world.down()
         print(f"lab down (removed: {' '.join(removed) or 'nothing'})")

@@ -25,6 +25,7 @@ from pyroute2 import NetNS
 
 from geomirror import netns
 from gmbase.errors import GeomirrorError
+from lab import etcd as lab_etcd
 
 log = structlog.get_logger(__name__)
 
@@ -326,12 +327,19 @@ def parse_bird_routes(out: str) -> list[dict]:
 
 # ---------------------------------------------------------------- up / down
 
+LEASE_BACKENDS = ("witness", "etcd")
+
+
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
-       env: dict | None = None, guest_append: str = "", config_edits: dict | None = None) -> None:
+       env: dict | None = None, guest_append: str = "", config_edits: dict | None = None,
+       lease: str = "witness") -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only);
     `config_edits` maps text of the site configs to its replacement (a key "site-b|text" edits
-    that site's file only)."""
+    that site's file only); `lease` is the lease backend: the built-in witness, or a 3-member
+    etcd cluster (lab/etcd.py)."""
     _require_root()
+    if lease not in LEASE_BACKENDS:
+        raise LabError(f"lease backend {lease!r} is not one of {', '.join(LEASE_BACKENDS)}")
     busy = [n for n in NAMESPACES if netns.exists(n)]
     if busy:  # checked before anything is made, so a refusal leaves nothing behind
         raise LabError(f"network namespace {busy[0]} already exists: a lab is up or was left behind; "
@@ -346,13 +354,13 @@ def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.exe
         from geomirror.image import build_image
 
         build_image()
-    save_state({"pids": {}, "namespaces": [], "routing": routing, "static_site": "site-a"})
+    save_state({"pids": {}, "namespaces": [], "routing": routing, "static_site": "site-a", "lease": lease})
     try:
         build_network()
         start_wan(python)
         start_bird(routing, "site-a" if routing == "static" else None)
         if with_daemons:
-            start_services(python, env, guest_append, config_edits)
+            start_services(python, env, guest_append, config_edits, lease)
     except BaseException:
         log.error("lab.up_failed", hint="tearing down what was made")
         down()
@@ -360,8 +368,9 @@ def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.exe
 
 
 def start_services(python: str = sys.executable, env: dict | None = None, guest_append: str = "",
-                   config_edits: dict | None = None) -> None:
-    """PKI, witness and both site daemons (each in its own namespace).
+                   config_edits: dict | None = None, lease: str = "witness") -> None:
+    """PKI, the lease backend (the witness, or the etcd cluster) and both site daemons (each in
+    its own namespace).
 
     `guest_append` adds to the guest's kernel command line (e.g. gm.dirty=16:2000, a
     memory-writing workload for benchmarks); `config_edits` replaces text in both site configs
@@ -370,13 +379,15 @@ def start_services(python: str = sys.executable, env: dict | None = None, guest_
     from geomirror import pairing
 
     cfg = repo_configs()
-    if guest_append or config_edits:
+    if guest_append or config_edits or lease == "etcd":
         if guest_append and not re.fullmatch(r"[A-Za-z0-9_.=:, -]+", guest_append):
             raise LabError(f"guest_append {guest_append!r} has unexpected characters")
         copy = LAB_DIR / "configs"
         copy.mkdir(exist_ok=True)
         for name in ("site-a.toml", "site-b.toml", "witness.toml"):
             text = (cfg / name).read_text()
+            if name.startswith("site") and lease == "etcd":
+                text = lab_etcd.site_config(text, name.removesuffix(".toml"))
             if name.startswith("site") and guest_append:
                 text = text.replace("[guest]\n", f'[guest]\nappend = "{guest_append}"\n', 1)
             for old, new in (config_edits or {}).items():
@@ -393,7 +404,10 @@ def start_services(python: str = sys.executable, env: dict | None = None, guest_
     pki = LAB_DIR / "pki"
     if not (pki / "ca.pem").exists():
         pairing.create_pair(pki, ["site-a", "site-b"], ["witness"])
-    spawn(WITNESS, "witness", [python, "-m", "geomirror.cli", "witness", "--config", str(cfg / "witness.toml")])
+    if lease == "etcd":
+        lab_etcd.start_cluster()
+    else:
+        spawn(WITNESS, "witness", [python, "-m", "geomirror.cli", "witness", "--config", str(cfg / "witness.toml")])
     state = load_state()
     state["config_dir"], state["python"], state["daemon_env"] = str(cfg), python, env or {}
     save_state(state)
@@ -440,6 +454,8 @@ def revive(site: str, rejoin: bool = True) -> str:
         raise LabError(f"{site} still has processes ({left}): crash it first")
     said = do_rejoin(load_site(cfg_dir / f"{site}.toml"), progress=False) if rejoin else ""
     set_links(ns, True)
+    if state.get("lease") == "etcd":  # the site's etcd member was lost with it: it rejoins the cluster
+        lab_etcd.start_member(lab_etcd.SITE_MEMBER[site])
     spawn(ns, site, [python, "-m", "geomirror.cli", "daemon", "--config", str(cfg_dir / f"{site}.toml")])
     log.info("lab.revive", site=site, rejoin=rejoin, said=said)
     return said
@@ -463,7 +479,8 @@ def down() -> list[str]:
             removed.append(name)
     for p in (BIRD_CTL, LAB_DIR / "bird.pid"):
         p.unlink(missing_ok=True)
-    save_state({"pids": {}, "namespaces": [], "routing": state.get("routing", "static"), "static_site": None})
+    save_state({"pids": {}, "namespaces": [], "routing": state.get("routing", "static"), "static_site": None,
+                "lease": state.get("lease", "witness")})
     log.info("lab.down", removed=removed, stopped=len(pids))
     return removed
 

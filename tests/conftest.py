@@ -39,7 +39,8 @@ def _print_lab_logs(lines: int = 40) -> None:
     """On a failed lab test: the end of every lab log, so a CI failure can be read."""
     from lab import world
 
-    for name in ("site-a.log", "site-b.log", "witness.log", "wan.log", "bird.log"):
+    for name in ("site-a.log", "site-b.log", "witness.log", "wan.log", "bird.log",
+                 "etcd-witness.log", "etcd-site-a.log", "etcd-site-b.log"):
         p = world.LAB_DIR / name
         if p.exists():
             tail = p.read_text(errors="replace").splitlines()[-lines:]

@@ -75,6 +75,9 @@ class FakeLease:
             st = self.on_get(self, st)
         return st
 
+    def members_down(self):
+        return {}
+
 
 class FakeSpeaker:
     def __init__(self, fail: Exception | None = None):

@@ -183,7 +183,7 @@ def test_witness_down_then_primary_lost_needs_promote_and_force_without_lease():
     assert b.state == STANDBY and ResumeGuest not in types(out) and "--force" in alarms(out)
     b.handle(PeerRouteSeen(True))
     out = b.handle(OperatorPromote(1.7, force=True))
-    assert ResumeGuest in types(out) and "WITHOUT a witness lease" in alarms(out)
+    assert ResumeGuest in types(out) and "WITHOUT a lease from the witness" in alarms(out)
     assert "still originates" in alarms(out)
     assert any(isinstance(a, ha.Log) and a.event == "ha.promote_forced" for a in out)
     out = b.handle(ResumeDone(1.9))

@@ -4,11 +4,13 @@ and `lab down` leaves no namespace or process behind."""
 from __future__ import annotations
 
 import os
+import tomllib
 
 import pytest
 
 from geomirror import netns
 from lab import cli as labcli, world
+from lab import etcd as lab_etcd
 
 pytestmark = pytest.mark.lab
 
@@ -55,3 +57,17 @@ def test_lab_refuses_without_root(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(world.LabError, match="needs root"):
         world.up()
+
+
+def test_etcd_lab_config_has_a_lease_table_in_place_of_the_witness():
+    for site in world.SITES:
+        text = (world.repo_configs() / f"{site}.toml").read_text()
+        data = tomllib.loads(lab_etcd.site_config(text, site))
+        assert "witness" not in data
+        lease = data["lease"]
+        assert lease["backend"] == "etcd" and lease["lease_ttl_ms"] == 2000
+        own = lab_etcd.MEMBERS[lab_etcd.SITE_MEMBER[site]][1]
+        assert lease["endpoints"][0] == f"https://{own}:2379" and len(set(lease["endpoints"])) == 3
+        assert data["guest"] == tomllib.loads(text)["guest"]  # the rest is untouched
+    with pytest.raises(world.LabError, match="no \\[witness\\] table"):
+        lab_etcd.site_config("[site]\nname = 'x'\n", "site-a")

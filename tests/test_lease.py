@@ -229,7 +229,7 @@ async def test_another_member_is_tried_when_one_does_not_answer(etcd, pki):
         assert r.ok and a.endpoints[a._current] == etcd.url
         h = await a.health()
         assert h["healthy"] == [etcd.url] and list(h["down"]) == [dead]
-        assert a.down.keys() == {dead}
+        assert a.members_down().keys() == {dead}
         await a.release("g5", r.generation)
 
 

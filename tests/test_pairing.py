@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import ssl
 import subprocess
@@ -261,3 +262,13 @@ def test_a_bad_rotation_is_refused_and_the_old_identity_stays(tmp_path, bad, pro
         key.write_bytes((tmp_path / "rotated" / "site-b.key").read_bytes())
         assert ident.changed()
         assert ident.reload()["serial"] != old
+
+
+def test_a_certificate_can_name_ip_addresses(tmp_path):
+    pairing.create_pair(tmp_path, ["site-a", "site-b"], [])
+    pem = pairing.issue_cert(tmp_path, "etcd-m1", ips=["198.18.3.2", "2001:db8:18::2"])
+    san = x509.load_pem_x509_certificate(pem.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["etcd-m1"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("198.18.3.2"),
+                                                       ipaddress.ip_address("2001:db8:18::2")]

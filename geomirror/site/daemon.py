@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from bgp.speaker import Speaker
 from geomirror import control, ha, pairing
 from geomirror.errors import Refused
-from geomirror.lease import LeaseBackend, make_lease_backend
+from geomirror.lease import LeaseBackend, LeaseError, make_lease_backend
 from geomirror.site.context import SiteContext, Tasks, Timeline
 from geomirror.site.effects import Effects
 from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePolicy
@@ -139,6 +139,19 @@ class SiteDaemon(GuestOperations):
         self.tasks.spawn(self._ha_loop(), "ha.loop")
         self.tasks.spawn(pairing.watch_identity(self.tls, lambda: self.reload_tls("files changed")), "tls.watch")
         self.tasks.spawn(self.loop_lag.run(), "loop_lag")
+        if self.witness is not None and len(cfg.lease.endpoints) > 1:
+            self.tasks.spawn(self._watch_lease_members(), "lease.members")
+
+    async def _watch_lease_members(self, period_s: float = 2.0) -> None:
+        """A member of the lease cluster that stops answering is an alarm at both sites, though
+        the lease still works through the others (requests go to one member at a time, so a
+        primary renewing through its own member would not notice another's loss by itself)."""
+        while True:
+            try:
+                await self.witness.health()
+            except LeaseError:
+                pass  # no member answers: the lease calls themselves report it to the HA machine
+            await asyncio.sleep(period_s)
 
     def _token_path(self):
         p = self.cfg.control.token_file

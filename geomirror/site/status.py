@@ -118,6 +118,10 @@ def build_status(d) -> SiteStatus:
                    alarms=list(h.get("alarms", {}).values()), ha=h, loop_lag_ms=d.loop_lag.as_dict(),
                    tls=d.tls.info() if d.tls else None, takeover=d.takeover_report,
                    timeline=d.timeline.recent())
+    if d.witness is not None:
+        for member, why in d.witness.members_down().items():
+            s.alarms.append(f"lease backend member {member} does not answer ({why}); the lease works on "
+                            "through the others while they keep a quorum")
     if d.ctx is not None:
         g = d.ctx.gate
         s.gate = {"mode": g.mode.value, "allowed": g.allowed, "until": g.until, "why": d.gatectl.decision.why,
