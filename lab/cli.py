@@ -188,6 +188,7 @@ def add_parser(sub) -> None:
     lp = labp.add_subparsers(dest="lab_cmd", required=True)
     up = lp.add_parser("up", help="build the lab; returns when the guest is protected and reachable")
     up.add_argument("--no-daemons", action="store_true", help="network and BIRD only")
+    up.add_argument("--memory", type=int, metavar="MB", help="the guest's RAM (default 128)")
     up.add_argument("--lease", choices=world.LEASE_BACKENDS, default="witness",
                     help="lease backend: the built-in witness (default) or a 3-member etcd cluster, one "
                          "member in gm-witness and one at each site")
@@ -223,7 +224,7 @@ def main(args) -> int:
     c = args.lab_cmd
     if c == "up":
         t0 = time.monotonic()
-        world.up(with_daemons=not args.no_daemons, lease=args.lease)
+        world.up(with_daemons=not args.no_daemons, lease=args.lease, memory_mb=args.memory)
         if not args.no_daemons:
             try:
                 wait_protected()

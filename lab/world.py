@@ -332,14 +332,18 @@ LEASE_BACKENDS = ("witness", "etcd")
 
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
        env: dict | None = None, guest_append: str = "", config_edits: dict | None = None,
-       lease: str = "witness") -> None:
+       lease: str = "witness", memory_mb: int | None = None) -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only);
     `config_edits` maps text of the site configs to its replacement (a key "site-b|text" edits
     that site's file only); `lease` is the lease backend: the built-in witness, or a 3-member
-    etcd cluster (lab/etcd.py)."""
+    etcd cluster (lab/etcd.py); `memory_mb` the guest's RAM (default: the lab configs' 128)."""
     _require_root()
     if lease not in LEASE_BACKENDS:
         raise LabError(f"lease backend {lease!r} is not one of {', '.join(LEASE_BACKENDS)}")
+    if memory_mb is not None:
+        if not 64 <= memory_mb <= 16384:
+            raise LabError(f"--memory {memory_mb}: the lab guest takes 64 to 16384 MB")
+        config_edits = {"memory_mb = 128\n": f"memory_mb = {memory_mb}\n", **(config_edits or {})}
     busy = [n for n in NAMESPACES if netns.exists(n)]
     if busy:  # checked before anything is made, so a refusal leaves nothing behind
         raise LabError(f"network namespace {busy[0]} already exists: a lab is up or was left behind; "
