@@ -209,7 +209,7 @@ def list_drills(drills_dir: Path | None, keep: int = 20) -> list[dict]:
         html = p.with_suffix(".html")
         out.append({
             "name": p.stem, "verdict": str(data.get("verdict", "unknown")),
-            "when": data.get("finished_at") or data.get("started_at") or p.stat().st_mtime,
+            "when": data.get("ended_at") or data.get("finished_at") or data.get("started_at") or p.stat().st_mtime,
             "moves": [f"{m.get('from')} → {m.get('to')}" for m in moves if isinstance(m, dict)],
             "epochs_lost": sum(m.get("epochs_lost") or 0 for m in moves if isinstance(m, dict)) if moves else None,
             "reason": data.get("reason") or data.get("abort_reason"),
