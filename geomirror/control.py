@@ -1,5 +1,7 @@
 """The control API of a site: status, promote, fence, switchover, checkpoint policy, TLS reload,
-metrics. Bearer token on every call but /healthz. Served on TCP (127.0.0.1 by default) and on a
+metrics, and the operator's dashboard under /dashboard/ (geomirror/dashboard.py: a login form
+that sets a session cookie, so a browser needs the token once). Bearer token on every call but
+/healthz and the dashboard, which guards itself (cookie or bearer). Served on TCP (127.0.0.1 by default) and on a
 UNIX socket (0600).
 
 Answers: 200 with the result; 409 with {"error": sentence} when the daemon refuses (it raised a
@@ -23,6 +25,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from geomirror import dashboard
 from gmbase.errors import GeomirrorError
 
 log = structlog.get_logger(__name__)
@@ -61,10 +64,17 @@ def _bad_request(sentence: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"error": sentence}), content_type="application/json")
 
 
-def make_app(daemon, token: str) -> web.Application:
+def make_app(daemon, token: str, *, peer_name: str | None = None, drills_dir: Path | None = None) -> web.Application:
+    """The API around `daemon`. `peer_name` and `drills_dir` (state_dir/drills) feed the dashboard."""
+    # ------------------------------------------------------------ dashboard (geomirror/dashboard.py)
+    # Its own sub-app under /dashboard with its own guard (session cookie or bearer token), so the
+    # bearer check below lets requests routed into it through; nothing else is exempt.
+    dash = dashboard.Dashboard(daemon.status, token, peer_name, drills_dir)
+    dash_app = dashboard.make_subapp(dash)
+
     @web.middleware
     async def auth(request: web.Request, handler):
-        if request.path == "/healthz":
+        if request.path == "/healthz" or dash_app in request.match_info.apps:
             return await handler(request)
         got = request.headers.get("Authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
@@ -134,6 +144,7 @@ def make_app(daemon, token: str) -> web.Application:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(middlewares=[auth, answers], client_max_size=1 << 16)
+    app[dashboard.DASHBOARD] = dash
     app.add_routes([
         web.get("/healthz", healthz),
         web.get("/v1/status", status),
@@ -145,6 +156,8 @@ def make_app(daemon, token: str) -> web.Application:
         web.get("/metrics", metrics),
         web.get("/v1/debug/tasks", tasks),
     ])
+    # ------------------------------------------------------------ dashboard routes (see above)
+    app.add_subapp(dashboard.PREFIX, dash_app)
     return app
 
 

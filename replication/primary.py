@@ -97,6 +97,7 @@ class PrimaryStatus:
     guest_restarts: int = 0  # times the guest watch found the guest stopped and resumed it
     last_sync_bytes: int = 0
     last_sync_mode: str = ""
+    wire_bytes_total: int = 0  # checkpoint and sync frames sent to the standby since this primary began
     pause_total_ms: float = 0.0
     pauses_ms: list = field(default_factory=list)
 
@@ -329,6 +330,7 @@ class Primary:
         bar.finish(blocks_sent=sent_blocks, blocks=n_blocks)
         self.status.sync_progress = 1.0
         self.status.last_sync_bytes = sent
+        self.status.wire_bytes_total += sent
         log.info("primary.sync_done", mode=mode, blocks_sent=sent_blocks, blocks=n_blocks,
                  wire_bytes=sent, ram_bytes=self.capture.size, seconds=round(time.monotonic() - t0, 2),
                  page_size=ps)
@@ -442,6 +444,7 @@ class Primary:
         rec = EpochRecord(n, pause_ms, len(dirty.page_numbers), dirty.nbytes, len(frame), len(dev),
                           time.monotonic(), interval_ms)
         self.records[n] = rec
+        self.status.wire_bytes_total += rec.wire_bytes
         self.status.in_flight = len(self.records)
         self.link.add_dirty(dirty.nbytes, interval_ms / 1000)
         log.debug("primary.checkpoint", epoch=n, pause_ms=round(pause_ms, 2), dirty_pages=rec.dirty_pages,

@@ -10,7 +10,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils bird2 busybox-static memcached gcc libc6-dev iproute2 procps kmod zstd ca-certificates etcd-server)
+# chromium: the dashboard tests drive it headless; prometheus: its promtool checks the shipped alert rules
+APT_PACKAGES=(qemu-system-x86 qemu-utils bird2 busybox-static memcached gcc libc6-dev iproute2 procps kmod zstd ca-certificates etcd-server chromium prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,6 +30,10 @@ fi
 # Likewise Debian's etcd service: the tests and the lab start their own members.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
   systemctl stop etcd || true
+fi
+# Only promtool is wanted from the prometheus package, not a Prometheus server running here.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+  systemctl stop prometheus || true
 fi
 
 PY=${PYTHON:-python3}

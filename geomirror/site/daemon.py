@@ -77,7 +77,8 @@ class SiteDaemon(GuestOperations):
         t = cfg.tls
         self.tls = pairing.TlsIdentity(t.ca, t.cert, t.key, self.name, scratch_dir=cfg.site.run_dir)
         token = control.load_or_create_token(self._token_path())
-        runner = await control.start(control.make_app(self, token), str(cfg.control.listen), cfg.control.port,
+        app = control.make_app(self, token, peer_name=cfg.peer.name, drills_dir=cfg.site.state_dir / "drills")
+        runner = await control.start(app, str(cfg.control.listen), cfg.control.port,
                                      cfg.site.run_dir / "control.sock")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

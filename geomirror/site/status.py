@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from geomirror.ha import STATES
+
 
 @dataclass
 class SiteStatus:
@@ -73,6 +75,13 @@ _GAUGES = (
     ("geomirror_backlog_epochs", "backlog_epochs", "checkpoints waiting for acknowledgement"),
     ("geomirror_lease_generation", "lease_generation", "lease generation held or last held"),
 )
+# for alerts on lease trouble: who holds the lease, whether the witness and the peer answer
+_HA_FLAGS = (
+    ("geomirror_lease_held", "holding_lease", "1 while this site holds the lease"),
+    ("geomirror_witness_reachable", "witness_reachable", "1 while the lease service answers this site"),
+    ("geomirror_peer_alive", "peer_alive", "1 while the peer's heartbeats arrive"),
+)
+HA_STATES = tuple(st.value for st in STATES)
 _GATE = ("frames_held", "bytes_held", "frames_out", "frames_dropped", "last_release_delay_ms", "epochs_released")
 
 
@@ -96,6 +105,16 @@ class StatusCollector:
         c = CounterMetricFamily("geomirror_protection_changes", "times this site entered or left protection")
         c.add_metric([], float(s.protection_changes))
         yield c
+        g = GaugeMetricFamily("geomirror_ha_state", "1 for the HA machine's present state, 0 for the others",
+                              labels=["state"])
+        for st in HA_STATES:
+            g.add_metric([st], float(s.ha_state == st))
+        yield g
+        for name, key, help_ in _HA_FLAGS:
+            g = GaugeMetricFamily(name, help_)
+            if s.ha.get(key) is not None:
+                g.add_metric([], float(bool(s.ha[key])))
+            yield g
         g = GaugeMetricFamily("geomirror_loop_lag_ms", "event loop lateness (worst of the last minute)")
         g.add_metric([], float(s.loop_lag_ms.get("max_1m", 0.0)))
         yield g
