@@ -149,6 +149,7 @@ def _peer_client(cfg) -> ControlClient:
 
 def cmd_drill(args) -> int:
     cfg = load_site(args.config)
+    peer = _peer_client(cfg) if args.action == "run" else None  # a missing [drill] peer is said first
     local = _site_client(args)
     if args.action == "list":
         r = _loop_run(local.call("GET", "/v1/drills"))
@@ -167,7 +168,7 @@ def cmd_drill(args) -> int:
                         switchover_timeout_s=d.switchover_timeout_s, rollback_timeout_s=d.rollback_timeout_s,
                         unattended=args.unattended, local=cfg.site.name,
                         initiated_by="timer" if args.unattended else "operator")
-    sites = {cfg.site.name: local, cfg.peer.name: _peer_client(cfg)}
+    sites = {cfg.site.name: local, cfg.peer.name: peer}
     probes = [Probe(ProbeSpec(p.name, p.kind, p.address, p.port, p.interval_ms, p.timeout_ms, p.max_stall_ms))
               for p in d.probes]
     report, kept = _loop_run(run_and_keep(sites, opts, probes))

@@ -248,8 +248,20 @@ def test_a_step_over_budget_moves_the_guest_back():
     fake = FakePair(pair(), step_s=0.01)
     r = run(fake, budgets_ms=dict(rep.DEFAULT_BUDGETS_MS, announced=1))
     assert r["verdict"] == "rolled_back" and "announced took" in r["reason"], r["reason"]
-    assert r["rollback"]["ok"] and r["rollback"]["guest_at"] == "site-a"
+    assert r["rollback"]["ok"] and r["rollback"]["guest_at"] == "site-a" and r["rollback"]["epochs_lost"] == 0
     assert fake.statuses["site-a"]["role"] == "primary" and exit_code(r) == 1
+
+
+def test_a_rollback_that_loses_an_epoch_fails_the_drill():
+    fake = FakePair(pair(), step_s=0.01)
+    switch = fake.switch
+
+    def lossy_back(frm):
+        fake.lose_epoch = frm == "site-b"  # the move back resumes one epoch short
+        return switch(frm)
+    fake.switch = lossy_back
+    r = run(fake, budgets_ms=dict(rep.DEFAULT_BUDGETS_MS, announced=1))
+    assert r["verdict"] == "fail" and "1 epochs lost moving the guest back to site-a" in r["reason"], r["reason"]
 
 
 def test_a_switchover_that_aborts_itself_is_a_rollback_in_place():
@@ -404,3 +416,59 @@ max_stall_ms = 3000
 def test_a_bad_drill_section_names_its_key(tmp_path, extra, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_site(write(tmp_path, extra))
+
+
+# ---------------------------------------------------------------- the control API's drill routes
+
+class DrillDaemon:
+    """What the drill routes use of a daemon: its name and AS, timeline and DrillStore."""
+
+    def __init__(self, d):
+        from prometheus_client import CollectorRegistry as Registry
+        self.name = "site-a"
+        self.cfg = type("Cfg", (), {"site": type("Site", (), {"asn": 64501})()})()
+        self.timeline = type("Tl", (), {"entries": [ev("switchover.begin", -10), ev("lease.granted", 1)]})()
+        self.drills = DrillStore(d)
+        self.metrics_registry = Registry()
+
+
+async def test_the_drill_routes(tmp_path):
+    from geomirror import control
+    from geomirror.control import ControlClient
+
+    daemon = DrillDaemon(tmp_path / "drills")
+    sock = tmp_path / "c.sock"
+    runner = await control.start(control.make_app(daemon, "tok"), "127.0.0.1", 0, sock)
+    try:
+        c = ControlClient("tok", sock, name="site-a's daemon")
+        got = await c.call("GET", f"/v1/drills/events?since={BEGIN}")
+        assert got["asn"] == 64501 and [e["event"] for e in got["events"]] == ["lease.granted"]
+        await c.call("POST", "/v1/drills/claim", {"id": "d1", "by": "timer", "ttl_s": 60})
+        with pytest.raises(ControlError, match="drill d1 \\(started by timer\\) runs since") as e:
+            await c.call("POST", "/v1/drills/claim", {"id": "d2"})
+        assert e.value.status == 409
+        r = finished_report()
+        where = await c.call("POST", "/v1/drills", {"report": r})
+        listed = await c.call("GET", "/v1/drills")
+        assert listed["running"]["id"] == "d1" and listed["drills"][0]["id"] == r["id"]
+        assert (await c.call("GET", f"/v1/drills/{r['id']}"))["verdict"] == "pass"
+        assert where["html"].endswith(".html")
+        assert (await c.call("POST", "/v1/drills/release", {"id": "d1"}))["released"] is True
+        with pytest.raises(ControlError, match="no drill report"):
+            await c.call("GET", "/v1/drills/nope")
+    finally:
+        await runner.cleanup()
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_a_drill_without_the_peers_control_api_is_one_sentence(tmp_path, capsys, monkeypatch):
+    from geomirror import cli
+    from geomirror.plugins import Extensions
+
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    cfg = write(tmp_path, "")
+    assert cli.main(["drill", "--config", str(cfg)], extensions=Extensions()) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"geomirror: a drill needs site-b's control API too: set drill.peer_control and "
+                   f"drill.peer_token_file in {cfg}")

@@ -79,7 +79,7 @@ def test_drill_step_over_budget_rolls_back(lab_up):
     assert report["verdict"] == "rolled_back", report["reason"]
     assert "route_moved" in report["reason"] and "budget 1 ms" in report["reason"]
     assert report["rollback"]["ok"] and report["rollback"]["guest_at"] == "site-a"
-    assert report["moves"][0]["epochs_lost"] == 0
+    assert report["moves"][0]["epochs_lost"] == 0 and report["rollback"]["epochs_lost"] == 0
     assert labcli.site_status("site-a")["role"] == "primary"
     assert len(res.incrs) > 20
     keep = Path(os.environ.get("GM_TEST_ARTIFACTS", "/tmp/gm-test-artifacts"))

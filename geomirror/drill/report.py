@@ -101,6 +101,12 @@ def move_timings(frm: str, to: str, begin: float, switchover: dict | None, frm_e
     return m
 
 
+def resumed_epoch(events: list[dict], since: float) -> int | None:
+    """The epoch a site resumed the guest from (its `takeover.resume_begin` after `since`)."""
+    e = _first(events, "takeover.resume_begin", since)
+    return None if e is None else e.get("epoch")
+
+
 def unmeasured(to_asn: int | None) -> set[str]:
     """Steps a pair cannot measure: the route's move needs the peer's own AS (both sites in one
     AS cannot be told apart in the routes received)."""
@@ -144,6 +150,9 @@ def verdict(report: dict) -> tuple[str, str]:
                         f"{m['final_epoch']}, resumed from {m['resumed_epoch']})")
     rb = report.get("rollback")
     if rb:
+        if rb.get("epochs_lost"):
+            return "fail", (f"{rb['epochs_lost']} epochs lost moving the guest back to {rb['guest_at']} (final epoch "
+                            f"{rb['switchover'].get('final_epoch')}, resumed from {rb['resumed_epoch']})")
         if rb.get("ok"):
             return "rolled_back", f"{rb['reason']}; the guest runs on at {rb['guest_at']}"
         return "fail", f"{rb['reason']}; rolling back failed: {rb.get('error')}"

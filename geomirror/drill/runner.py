@@ -218,7 +218,10 @@ class Drill:
         except ControlError as e:
             rb["error"] = f"the switchover back from {at} to {home} failed: {e}"
             return
-        rb.update(ok=True, guest_at=home)
+        resumed = rep.resumed_epoch(await self._events(home, rb["began_at"] - 30), rb["began_at"] - 30)
+        final = rb["switchover"].get("final_epoch")
+        rb.update(ok=True, guest_at=home, resumed_epoch=resumed,
+                  epochs_lost=None if resumed is None or final is None else final - resumed)
 
     async def _collect(self, t0: float) -> None:
         r = self.report
