@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 from geomirror import netns
 from geomirror.control import ControlClient, ControlError
@@ -340,6 +342,24 @@ def wan(rtt=None, jitter=None, rate=None, loss=None) -> dict:
     return asyncio.run(wanem.control(world.WAN_CTL, new))
 
 
+DEMO_REPORTS = Path("/var/tmp/geomirror-demo")
+
+
+def demo_drill(t0: float) -> bool:
+    """The demo's last act: a drill there and back; its report is copied out of the lab (which
+    is torn down) and its place printed."""
+    print(f"[{time.monotonic() - t0:5.1f}s] site-evacuation drill: site-b -> site-a -> site-b, every step timed")
+    report, kept = drill(there_and_back=True)
+    print(drill_report.text(report))
+    src = next((Path(k["html"]) for k in kept.values() if isinstance(k, dict)), None)
+    if src is not None:
+        DEMO_REPORTS.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for suffix in (".html", ".json"):
+            shutil.copy(src.with_suffix(suffix), DEMO_REPORTS / src.with_suffix(suffix).name)
+        print(f"drill report: {DEMO_REPORTS / src.name} (and .json beside it)")
+    return report["verdict"] == "pass"
+
+
 def demo(args) -> int:
     """The story: lab up, a client counting on one TCP connection, site A lost, site B takes
     over on its own (witness lease, resume, BGP), the same connection carries on."""
@@ -425,7 +445,8 @@ def demo(args) -> int:
               f"longest stall {stall:.2f}s; greeting still {mc.get('greeting')!r}")
         mc.close()
         print_status(status())
-        good = ok and flipped and reprotected
+        drilled = demo_drill(t0) if reprotected else None
+        good = ok and flipped and reprotected and drilled
         print("demo " + ("OK" if good else "FAILED"))
         return 0 if good else 1
     finally:
