@@ -57,8 +57,10 @@ def _runs(report: dict, t0: float, t_end: float) -> dict[str, list[tuple[float, 
     back = (report.get("rollback") or {}).get("switchover")
     if back and report["rollback"].get("began_at"):  # moved back by the rollback
         b = report["rollback"]["began_at"] - t0
-        out.setdefault(cur, []).append((since, b + (back.get("paused_at_ms") or 0) / 1000, "runs"))
-        cur, since = report["rollback"]["guest_at"], b + (back.get("standby_at_ms") or 0) / 1000
+        paused, back_at = b + (back.get("paused_at_ms") or 0) / 1000, b + (back.get("standby_at_ms") or 0) / 1000
+        out.setdefault(cur, []).append((since, paused, "runs"))
+        out[cur].append((paused, back_at, "paused"))
+        cur, since = report["rollback"]["guest_at"], back_at
     out.setdefault(cur, []).append((since, t_end - t0, "runs"))
     return out
 
@@ -93,13 +95,20 @@ def _timeline(report: dict) -> str:
             b = a + p["longest_stall_ms"] / 1000
             parts.append(f'<rect x="{x(a):.1f}" y="{y + 14}" width="{max(2.0, x(b) - x(a)):.1f}" height="14" '
                          f'fill="#cf222e"><title>longest stall {p["longest_stall_ms"]:g} ms</title></rect>')
-            parts.append(f'<text x="{min(x(b) + 4, W - 160):.1f}" y="{y + 26}">stall {_ms(p["longest_stall_ms"])}'
-                         '</text>')
+            label = f"stall {_ms(p['longest_stall_ms'])}"
+            at = (f'x="{x(b) + 4:.1f}"' if x(b) + 4 + 8 * len(label) < W  # right of the bar, else left of it
+                  else f'x="{x(a) - 4:.1f}" text-anchor="end"')
+            parts.append(f'<text {at} y="{y + 26}">{label}</text>')
         y += lane
     for i, m in enumerate(report.get("moves") or [], 1):  # a dashed line where each move began
         bx = x(m["began_at"] - t0)
         parts.append(f'<line x1="{bx:.1f}" y1="22" x2="{bx:.1f}" y2="{y}" stroke="#57606a" stroke-dasharray="4 3"/>')
         parts.append(f'<text x="{bx + 3:.1f}" y="18">move {i}: {escape(m["from"])} → {escape(m["to"])}</text>')
+    rb = report.get("rollback") or {}
+    if rb.get("began_at"):
+        bx = x(rb["began_at"] - t0)
+        parts.append(f'<line x1="{bx:.1f}" y1="22" x2="{bx:.1f}" y2="{y}" stroke="#9a6700" stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{bx + 3:.1f}" y="18" fill="#9a6700">rollback to {escape(str(rb.get("guest_at")))}</text>')
     ticks = _ticks(span)
     for t in ticks:
         parts.append(f'<line x1="{x(t):.1f}" y1="{y}" x2="{x(t):.1f}" y2="{y + 6}" stroke="#57606a"/>'
