@@ -18,6 +18,10 @@ from geomirror.image import build_image
 from geomirror.site.daemon import SiteDaemon
 from geomirror.site.rejoin import rejoin
 from geomirror.control import ControlClient, ControlError
+from geomirror.drill import report as drill_report
+from geomirror.drill.checks import Limits
+from geomirror.drill.probes import Probe, ProbeSpec
+from geomirror.drill.runner import DrillOptions, exit_code, run_and_keep, where_kept
 from geomirror.errors import GeomirrorError
 from geomirror.plugins import PLUGIN_GROUP, Extensions, SiteEndpoint, load_extensions
 
@@ -131,6 +135,47 @@ def cmd_switchover(args) -> int:
     return 0
 
 
+def _peer_client(cfg) -> ControlClient:
+    d = cfg.drill
+    if not d.peer_control:
+        raise ControlError(f"a drill needs {cfg.peer.name}'s control API too: set drill.peer_control and "
+                           f"drill.peer_token_file in {cfg.path}")
+    try:
+        token = d.peer_token_file.read_text().strip()
+    except OSError as e:
+        raise ControlError(f"cannot read {cfg.peer.name}'s control token {d.peer_token_file}: {e.strerror}") from None
+    return ControlClient(token, None, base=d.peer_control, name=f"{cfg.peer.name}'s daemon")
+
+
+def cmd_drill(args) -> int:
+    cfg = load_site(args.config)
+    peer = _peer_client(cfg) if args.action == "run" else None  # a missing [drill] peer is said first
+    local = _site_client(args)
+    if args.action == "list":
+        r = _loop_run(local.call("GET", "/v1/drills"))
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            for d in r["drills"]:
+                print(f"{d['id']}  {str(d['verdict']):11}  {' '.join(d.get('moves') or []) or '-':28} {d['reason']}")
+            if r.get("running"):
+                print(f"running now: {r['running']['id']} (started by {r['running']['by']})")
+        return 0
+    d = cfg.drill
+    opts = DrillOptions(there_and_back=d.there_and_back if args.there_and_back is None else args.there_and_back,
+                        budgets_ms=drill_report.parse_budgets(d.budgets_ms(), args.budget),
+                        limits=Limits(d.max_backlog_epochs, d.max_replica_lag_epochs),
+                        switchover_timeout_s=d.switchover_timeout_s, rollback_timeout_s=d.rollback_timeout_s,
+                        unattended=args.unattended, local=cfg.site.name,
+                        initiated_by="timer" if args.unattended else "operator")
+    sites = {cfg.site.name: local, cfg.peer.name: peer}
+    probes = [Probe(ProbeSpec(p.name, p.kind, p.address, p.port, p.interval_ms, p.timeout_ms, p.max_stall_ms))
+              for p in d.probes]
+    report, kept = _loop_run(run_and_keep(sites, opts, probes))
+    print(json.dumps(report, indent=2) if args.json else drill_report.text(report) + "\n" + where_kept(kept))
+    return exit_code(report)
+
+
 def cmd_reload_tls(args) -> int:
     r = _loop_run(_site_client(args).call("POST", "/v1/reload-tls"))
     print(f"{r['name']} now presents certificate serial {r['serial']} (was {r['previous_serial']}), "
@@ -208,6 +253,19 @@ def build_parser(ext: Extensions | None = None) -> argparse.ArgumentParser:
                            help="take over even without a lease from the witness (the primary must be known dead)")
         c.set_defaults(func=fn)
 
+    dr = sub.add_parser("drill", help="a site-evacuation drill: pre-flight, a timed switchover (there and back), "
+                                      "a report; `drill list`: the reports kept at this site")
+    dr.add_argument("action", nargs="?", choices=["run", "list"], default="run")
+    dr.add_argument("--config", required=True, help="this site's config file ([drill] names the peer's control API)")
+    dr.add_argument("--there-and-back", action=argparse.BooleanOptionalAction, default=None,
+                    help="move the guest back afterwards (default: drill.there_and_back)")
+    dr.add_argument("--budget", action="append", metavar="STEP=MS",
+                    help="override a step's budget, e.g. route_moved=5000 (steps: " + ", ".join(drill_report.STEPS) + ")")
+    dr.add_argument("--unattended", action="store_true",
+                    help="from the timer: skip (logged, exit 0) when the pair is not healthy or the guest runs elsewhere")
+    dr.add_argument("--json", action="store_true", help="print the report as JSON")
+    dr.set_defaults(func=cmd_drill)
+
     rj = sub.add_parser("rejoin", help="after a takeover: make this (stopped) site start as the standby of its "
                                        "peer, seeded from its last copy of the guest's RAM")
     rj.add_argument("--config", required=True, help="the site's config file")
@@ -222,6 +280,7 @@ def build_parser(ext: Extensions | None = None) -> argparse.ArgumentParser:
 _ROOT_REASONS = {
     "daemon": "the site daemon needs root: it creates the guest's TAP device and runs ExaBGP",
     "rejoin": "rejoin needs root: a site's state is readable only by its service",
+    "drill": "a drill needs root: the control tokens are readable only by the service",
 }
 
 

@@ -202,6 +202,41 @@ class ControlSection:
 
 
 @dataclass(frozen=True)
+class DrillProbe:
+    name: str
+    kind: str  # tcp (a new connection each time) | memcached (`version` on one kept connection)
+    address: str
+    port: int
+    interval_ms: float = 100.0
+    timeout_ms: float = 10000.0
+    max_stall_ms: float = 0.0  # a longer stall fails the drill; 0: reported only
+
+
+@dataclass(frozen=True)
+class DrillSection:
+    """`geomirror drill` (docs/drills.md): the peer's control API, budgets, probes."""
+    there_and_back: bool = True
+    peer_control: str = ""  # http://HOST:PORT of the peer's control API (its control.listen)
+    peer_token_file: Path | None = None  # a copy of the peer's control token
+    switchover_timeout_s: float = 15.0
+    rollback_timeout_s: float = 120.0
+    max_backlog_epochs: int = 4
+    max_replica_lag_epochs: int = 10
+    keep: int = 100  # reports kept in state_dir/drills
+    budget_paused_ms: float = 2000.0
+    budget_lease_moved_ms: float = 5000.0
+    budget_resumed_ms: float = 8000.0
+    budget_announced_ms: float = 10000.0
+    budget_route_moved_ms: float = 30000.0
+    budget_protected_again_ms: float = 120000.0
+    probes: tuple[DrillProbe, ...] = ()
+
+    def budgets_ms(self) -> dict[str, float]:
+        return {k[len("budget_"):-len("_ms")]: getattr(self, k) for k in self.__dataclass_fields__
+                if k.startswith("budget_")}
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     path: Path
     site: SiteSection
@@ -216,6 +251,7 @@ class SiteConfig:
     heartbeat: HeartbeatSection = HeartbeatSection()
     control: ControlSection = ControlSection()
     lease: LeaseSection = LeaseSection()
+    drill: DrillSection = DrillSection()
     # things that load but are probably not what the operator wants: (key, problem)
     warnings: tuple[tuple[str, str], ...] = ()
 
@@ -475,7 +511,8 @@ def _mac(v) -> str:
 
 PORT = (1, 65535)
 ASN = (1, MAX_ASN)
-SITE_TABLES = {"site", "peer", "tls", "witness", "lease", "bgp", "guest", "checkpoint", "heartbeat", "control"}
+SITE_TABLES = {"site", "peer", "tls", "witness", "lease", "bgp", "guest", "checkpoint", "heartbeat", "control",
+               "drill"}
 
 
 def load_site(path) -> SiteConfig:
@@ -566,7 +603,8 @@ def load_site(path) -> SiteConfig:
                                         or n.next_hop6.is_unspecified):
             raise L.err(f"bgp.neighbor[{i}].next_hop6", f"{n.next_hop6} is not a global unicast address "
                         "(a BGP next hop must be reachable beyond the link-local scope)")
-    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl, lease, _warnings(guest))
+    drill = _load_drill(L, L.table(data, "drill", required=False))
+    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl, lease, drill, _warnings(guest))
     _check_ha_timing(L, cfg)
     return cfg
 
@@ -710,6 +748,41 @@ def _load_bgp(L: _Loader, data: dict | None) -> BGPSection:
     if bgp.enabled and not neighbors:
         raise L.err("bgp.neighbor", "BGP is enabled but no [[bgp.neighbor]] is configured")
     return replace(bgp, neighbors=tuple(neighbors))
+
+
+def _control_url(v) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"must be a URL string like http://192.0.2.7:7780, not {_tname(v)} ({v!r})")
+    u = urlsplit(v)
+    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/"):
+        raise ValueError(f"{v!r} is not a control API URL like http://192.0.2.7:7780 (scheme, host, port; no path)")
+    return v.rstrip("/")
+
+
+def _load_drill(L: _Loader, data: dict | None) -> DrillSection:
+    data = dict(data or {})
+    raw = data.pop("probe", [])
+    if not isinstance(raw, list):
+        raise L.err("drill.probe", "must be an array of tables ([[drill.probe]])")
+    probes = []
+    for i, p in enumerate(raw):
+        if not isinstance(p, dict):
+            raise L.err(f"drill.probe[{i}]", f"must be a table, not {_tname(p)}")
+        pr = L.section(DrillProbe, p, f"drill.probe[{i}]", {"name": _name, "kind": _choice("tcp", "memcached")},
+                       {"port": PORT, "interval_ms": (10, 60_000), "timeout_ms": (10, 600_000),
+                        "max_stall_ms": (0, 3_600_000)})
+        if any(pr.name == o.name for o in probes):
+            raise L.err(f"drill.probe[{i}].name", f"{pr.name!r} is used by another probe")
+        probes.append(pr)
+    budgets = {k: (1, 3_600_000) for k in DrillSection.__dataclass_fields__ if k.startswith("budget_")}
+    d = L.section(DrillSection, data, "drill", {"peer_control": _control_url, "peer_token_file": L.path_},
+                  {"switchover_timeout_s": (1, 600), "rollback_timeout_s": (1, 3600), "max_backlog_epochs": (0, 10_000),
+                   "max_replica_lag_epochs": (0, 1_000_000), "keep": (1, 100_000), **budgets},
+                  file_keys={"probes": "probe"})
+    if d.peer_control and d.peer_token_file is None:
+        raise L.err("drill.peer_token_file", f"missing: drill.peer_control {d.peer_control} needs the peer's "
+                    "control token (a copy of its control.token)")
+    return replace(d, probes=tuple(probes))
 
 
 def _load_guest(L: _Loader, data: dict) -> GuestSection:

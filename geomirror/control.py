@@ -25,6 +25,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+import geomirror
 from geomirror import dashboard
 from gmbase.errors import GeomirrorError
 
@@ -143,7 +144,8 @@ def make_app(daemon, token: str, *, peer_name: str | None = None, drills_dir: Pa
         return web.Response(body=generate_latest(daemon.metrics_registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(middlewares=[auth, answers], client_max_size=1 << 16)
+    # a drill report (POST /v1/drills) carries both sites' timelines: up to 1 MiB
+    app = web.Application(middlewares=[auth, answers], client_max_size=1 << 20)
     app[dashboard.DASHBOARD] = dash
     app.add_routes([
         web.get("/healthz", healthz),
@@ -156,9 +158,60 @@ def make_app(daemon, token: str, *, peer_name: str | None = None, drills_dir: Pa
         web.get("/metrics", metrics),
         web.get("/v1/debug/tasks", tasks),
     ])
+    app.add_routes(_drill_routes(daemon))
     # ------------------------------------------------------------ dashboard routes (see above)
     app.add_subapp(dashboard.PREFIX, dash_app)
     return app
+
+
+# ---------------------------------------------------------------- drills (geomirror/drill)
+# The drill runner (geomirror/drill/runner.py) reads each site's timeline, holds the drill claim
+# at both sites while it runs and leaves its report at both; `geomirror drill list` reads them.
+# `daemon.drills` is the site's geomirror.drill.store.DrillStore.
+
+def _drill_routes(daemon) -> list[web.RouteDef]:
+    async def events(request: web.Request):
+        try:
+            since = float(request.query.get("since", "0"))
+        except ValueError:
+            raise _bad_request("since must be a Unix time in seconds") from None
+        return web.json_response({"site": daemon.name, "asn": daemon.cfg.site.asn,
+                                  "version": geomirror.__version__,
+                                  "events": [e for e in daemon.timeline.entries if e["wall"] >= since]})
+
+    async def claim(request: web.Request):
+        body = await _json(request)
+        rid = _field(body, "id", str, None)
+        if rid is None:
+            raise _bad_request("id is required (the drill's report id)")
+        return web.json_response(daemon.drills.take(rid, _field(body, "by", str, "operator"),
+                                                    float(_field(body, "ttl_s", (int, float), 1800))))
+
+    async def release(request: web.Request):
+        body = await _json(request)
+        return web.json_response({"released": daemon.drills.give_back(_field(body, "id", str, ""))})
+
+    async def save(request: web.Request):
+        body = await _json(request)
+        report = body.get("report")
+        if not isinstance(report, dict):
+            raise _bad_request("report must be a JSON object (a drill report)")
+        return web.json_response(daemon.drills.save(report))
+
+    async def listing(_):
+        return web.json_response({"site": daemon.name, "running": daemon.drills.running(),
+                                  "drills": daemon.drills.list()})
+
+    async def one(request: web.Request):
+        rid = request.match_info["id"]
+        if rid.endswith(".html"):
+            return web.FileResponse(daemon.drills.path(rid[:-5], ".html"),
+                                    headers={"Content-Type": "text/html; charset=utf-8"})
+        return web.json_response(json.loads(daemon.drills.path(rid, ".json").read_text()))
+
+    return [web.get("/v1/drills/events", events), web.post("/v1/drills/claim", claim),
+            web.post("/v1/drills/release", release), web.post("/v1/drills", save),
+            web.get("/v1/drills", listing), web.get("/v1/drills/{id}", one)]
 
 
 async def _json(request: web.Request) -> dict:

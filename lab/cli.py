@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 from geomirror import netns
 from geomirror.control import ControlClient, ControlError
+from geomirror.drill import report as drill_report
+from geomirror.drill.probes import Probe, ProbeSpec
+from geomirror.drill.runner import DrillOptions, exit_code, run_and_keep, where_kept
 from geomirror.plugins import Extensions, SiteEndpoint, SiteSource
 from lab import etcd as lab_etcd
 from lab import wanem, world
@@ -212,6 +217,11 @@ def add_parser(sub) -> None:
     wn.add_argument("--jitter", help="per-packet jitter, e.g. 1ms")
     wn.add_argument("--rate", help="link rate, e.g. 100mbit (0 = unlimited)")
     wn.add_argument("--loss", help="loss probability, e.g. 0.1%%")
+    dr = lp.add_parser("drill", help="a site-evacuation drill: pre-flight, timed switchover, report")
+    dr.add_argument("--there-and-back", action="store_true", help="move the guest back afterwards")
+    dr.add_argument("--json", action="store_true", help="print the report as JSON")
+    dr.add_argument("--budget", action="append", metavar="STEP=MS",
+                    help="a step's budget (ms since the move began), e.g. route_moved=5000")
     for p in lp.choices.values():
         p.set_defaults(func=main)
     dm = sub.add_parser("demo", help="bring the lab up, show a site failover, tear it down")
@@ -265,6 +275,10 @@ def main(args) -> int:
         print("WAN healed")
     elif c == "wan":
         print(wan(args.rtt, args.jitter, args.rate, args.loss)["describe"])
+    elif c == "drill":
+        report, kept = drill(args.there_and_back, args.budget)
+        print(json.dumps(report, indent=2) if args.json else drill_report.text(report) + "\n" + where_kept(kept))
+        return exit_code(report)
     elif c == "route":
         world.route_static_to(args.site)
         print(f"static route for {world.GUEST_PREFIX} now points at {args.site}")
@@ -294,6 +308,35 @@ def takeover(site: str = "site-b", timeout: float = 60.0, promote: bool = False)
     return rep
 
 
+async def client_open(host: str, port: int):
+    """An asyncio connection opened from inside gm-client (the drill's probes in the lab)."""
+    with netns.inside(world.CLIENT):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(s, (host, port))
+    except BaseException:
+        s.close()
+        raise
+    return await asyncio.open_connection(sock=s)
+
+
+def lab_probes() -> list[Probe]:
+    """A new client's view (TCP connect) and an existing client's (memcached `version` on one connection)."""
+    return [Probe(ProbeSpec("memcached", "memcached", world.GUEST_ADDR, world.MEMCACHED_PORT), client_open),
+            Probe(ProbeSpec("tcp-connect", "tcp", world.GUEST_ADDR, world.MEMCACHED_PORT, timeout_ms=1000),
+                  client_open)]
+
+
+def drill(there_and_back: bool = False, budgets: list[str] | None = None, probes: bool = True) -> tuple[dict, dict]:
+    """A drill in the lab, driven through both sites' control sockets: (report, where it is kept)."""
+    opts = DrillOptions(there_and_back=there_and_back,
+                        budgets_ms=drill_report.parse_budgets(drill_report.DEFAULT_BUDGETS_MS, budgets),
+                        initiated_by="lab")
+    return asyncio.run(run_and_keep({s: site_client(s) for s in world.SITES}, opts,
+                                    lab_probes() if probes else []))
+
+
 def wan(rtt=None, jitter=None, rate=None, loss=None) -> dict:
     new = {}
     if rtt is not None:
@@ -307,6 +350,24 @@ def wan(rtt=None, jitter=None, rate=None, loss=None) -> dict:
     if not world.WAN_CTL.exists():
         raise LabError("the lab WAN is not running (is the lab up?)")
     return asyncio.run(wanem.control(world.WAN_CTL, new))
+
+
+DEMO_REPORTS = Path("/var/tmp/geomirror-demo")
+
+
+def demo_drill(t0: float) -> bool:
+    """The demo's last act: a drill there and back; its report is copied out of the lab (which
+    is torn down) and its place printed."""
+    print(f"[{time.monotonic() - t0:5.1f}s] site-evacuation drill: site-b -> site-a -> site-b, every step timed")
+    report, kept = drill(there_and_back=True)
+    print(drill_report.text(report))
+    src = next((Path(k["html"]) for k in kept.values() if isinstance(k, dict)), None)
+    if src is not None:
+        DEMO_REPORTS.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for suffix in (".html", ".json"):
+            shutil.copy(src.with_suffix(suffix), DEMO_REPORTS / src.with_suffix(suffix).name)
+        print(f"drill report: {DEMO_REPORTS / src.name} (and .json beside it)")
+    return report["verdict"] == "pass"
 
 
 def demo(args) -> int:
@@ -394,7 +455,8 @@ def demo(args) -> int:
               f"longest stall {stall:.2f}s; greeting still {mc.get('greeting')!r}")
         mc.close()
         print_status(status())
-        good = ok and flipped and reprotected
+        drilled = demo_drill(t0) if reprotected else None
+        good = ok and flipped and reprotected and drilled
         print("demo " + ("OK" if good else "FAILED"))
         return 0 if good else 1
     finally:

@@ -34,14 +34,24 @@ def test_the_witness_unit_is_locked_down():
     assert s["ProtectSystem"] == "strict" and s["UMask"] == "0077" and "witness --config" in s["ExecStart"]
 
 
-@pytest.mark.parametrize("name", ["geomirror.service", "geomirror-witness.service"])
+def test_the_drill_runs_unattended_once_at_a_time_from_a_timer():
+    s = unit("geomirror-drill.service")["Service"]
+    assert s["Type"] == "oneshot" and "drill --config" in s["ExecStart"] and "--unattended" in s["ExecStart"]
+    assert s["ProtectSystem"] == "strict" and s["UMask"] == "0077"
+    t = unit("geomirror-drill.timer")["Timer"]
+    assert t["Unit"] == "geomirror-drill.service" and t["OnCalendar"] and t["Persistent"] == "false"
+
+
+@pytest.mark.parametrize("name", ["geomirror.service", "geomirror-witness.service", "geomirror-drill.service",
+                                  "geomirror-drill.timer"])
 def test_systemd_accepts_the_unit(tmp_path, name):
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    text = (UNITS / name).read_text()
-    text = "\n".join(("ExecStart=/bin/true" if line.startswith("ExecStart=") else line)
-                     for line in text.splitlines())  # the console script is not installed there
-    (tmp_path / name).write_text(text + "\n")
+    for other in UNITS.iterdir():  # a timer is verified with the service it starts beside it
+        text = other.read_text()
+        text = "\n".join(("ExecStart=/bin/true" if line.startswith("ExecStart=") else line)
+                         for line in text.splitlines())  # the console script is not installed there
+        (tmp_path / other.name).write_text(text + "\n")
     r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr

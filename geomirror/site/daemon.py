@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from bgp.speaker import Speaker
 from geomirror import control, ha, pairing
+from geomirror.drill.store import DrillCollector, DrillStore
 from geomirror.errors import Refused
 from geomirror.lease import LeaseBackend, LeaseError, make_lease_backend
 from geomirror.site.context import SiteContext, Tasks, Timeline
@@ -65,6 +66,8 @@ class SiteDaemon(GuestOperations):
         self._stop = asyncio.Event()
         self.metrics_registry = CollectorRegistry()
         self.metrics_registry.register(StatusCollector(self.site_status))
+        self.drills = DrillStore(cfg.site.state_dir / "drills", keep=cfg.drill.keep)  # reports, the claim
+        self.metrics_registry.register(DrillCollector(self.drills))
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -127,7 +130,7 @@ class SiteDaemon(GuestOperations):
         self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self)
         self.switchover_job = Switchover(self.ctx, self.witness, lambda: self._primary(),
                                          lambda: self.ha.state, self._demote)
-        self.speaker = await start_speaker(cfg, self.feed)
+        self.speaker = await start_speaker(cfg, self.feed, mark=self.timeline.mark)
         self.effects.speaker = self.speaker
         if lost is not None:
             self._guest_lost_at_start(lost)

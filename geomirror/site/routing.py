@@ -10,8 +10,9 @@ from bgp.speaker import Neighbor, Speaker
 from geomirror import ha
 
 
-async def start_speaker(cfg, feed: Callable[[object], None]) -> Speaker | None:
-    """Start ExaBGP for this site (None with BGP off); its changes are fed as HA events."""
+async def start_speaker(cfg, feed: Callable[[object], None], mark=None) -> Speaker | None:
+    """Start ExaBGP for this site (None with BGP off); its changes are fed as HA events.
+    `mark(event, **fields)`: the timeline, told which ASes originate the guest prefix we receive."""
     b = cfg.bgp
     if not b.enabled:
         return None
@@ -20,18 +21,21 @@ async def start_speaker(cfg, feed: Callable[[object], None]) -> Speaker | None:
                           hold_time=b.hold_time) for n in b.neighbors]
     speaker = Speaker(router_id=str(cfg.site.router_id), local_as=cfg.site.asn, neighbors=neighbors,
                       run_dir=cfg.site.run_dir / "bgp")
-    speaker.on_change = BgpWatch(cfg, speaker, feed).changed
+    speaker.on_change = BgpWatch(cfg, speaker, feed, mark).changed
     await speaker.start()
     return speaker
 
 
 class BgpWatch:
-    """Turns the speaker's state into HA events, each change once."""
+    """Turns the speaker's state into HA events, each change once; and marks on the timeline when
+    the origins of the guest prefix upstream sends us change (`bgp.route_seen`: routing's own view
+    of where the guest is, which a drill times)."""
 
-    def __init__(self, cfg, speaker: Speaker, feed):
-        self.cfg, self.speaker, self.feed = cfg, speaker, feed
+    def __init__(self, cfg, speaker: Speaker, feed, mark=None):
+        self.cfg, self.speaker, self.feed, self.mark = cfg, speaker, feed, mark
         self.up: set[str] = set()
         self.peer_route: bool | None = None
+        self.origins: list[int] | None = None
 
     def changed(self) -> None:
         sp = self.speaker
@@ -41,10 +45,15 @@ class BgpWatch:
         for n in self.up - now_up:
             self.feed(ha.BgpNeighborDown(n))
         self.up = now_up
+        routes = sp.received_routes(str(self.cfg.guest.prefix))
+        origins = sorted({r.as_path[-1] for r in routes if r.as_path})
+        if origins != self.origins:
+            self.origins = origins
+            if self.mark is not None:
+                self.mark("bgp.route_seen", prefix=str(self.cfg.guest.prefix), origins=origins)
         peer_as = self.cfg.peer.asn
         if peer_as:
-            seen = any(r.as_path and r.as_path[-1] == peer_as
-                       for r in sp.received_routes(str(self.cfg.guest.prefix)))
+            seen = peer_as in origins
             if seen != self.peer_route:
                 self.peer_route = seen
                 self.feed(ha.PeerRouteSeen(seen))

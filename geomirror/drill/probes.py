@@ -1,0 +1,116 @@
+"""The operator's probes: run through the whole drill, report their longest stall.
+
+`tcp` opens a new connection to address:port every interval (a new client's view: SYN to
+established); `memcached` keeps one connection and asks `version` every interval (an existing
+client's view: the guest's TCP session carries on across the move, replies are only late).
+The longest stall is the longest time without a good answer, from the drill's start to its end.
+How a connection is opened is injected (the lab opens them inside its client namespace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+Connect = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+KINDS = ("tcp", "memcached")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    name: str
+    kind: str  # tcp | memcached
+    address: str
+    port: int
+    interval_ms: float = 100.0
+    timeout_ms: float = 10000.0  # one attempt (a connect, or a reply on the kept connection)
+    max_stall_ms: float = 0.0  # a longer stall fails the drill (0: reported, not judged)
+
+
+async def _open(host: str, port: int):
+    return await asyncio.open_connection(host, port)
+
+
+class Probe:
+    def __init__(self, spec: ProbeSpec, connect: Connect = _open, clock=time.monotonic):
+        if spec.kind not in KINDS:
+            raise ValueError(f"probe {spec.name}: kind {spec.kind!r} is not one of {', '.join(KINDS)}")
+        self.spec = spec
+        self.connect = connect
+        self.clock = clock
+        self.attempts = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.started: float | None = None
+        self.last_ok: float | None = None
+        self.longest: tuple[float, float] = (0.0, 0.0)  # (stall seconds, when it began)
+        self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    def ok(self, now: float) -> None:
+        """A good answer at `now`. Stalls count from the first one (opening the probe's own
+        connection is not a stall of the service)."""
+        if self.last_ok is not None and now - self.last_ok > self.longest[0]:
+            self.longest = (now - self.last_ok, self.last_ok)
+        self.last_ok = now
+
+    async def attempt(self) -> bool:
+        s = self.spec
+        self.attempts += 1
+        try:
+            await asyncio.wait_for(self._once(), s.timeout_ms / 1000)
+            return True
+        except (OSError, asyncio.TimeoutError, ConnectionError, ValueError) as e:
+            self.failures += 1
+            self.last_error = str(e) or type(e).__name__
+            self._drop()
+            return False
+
+    async def _once(self) -> None:
+        s = self.spec
+        if s.kind == "tcp":
+            _, w = await self.connect(s.address, s.port)
+            w.close()
+            return
+        if self._conn is None:
+            self._conn = await self.connect(s.address, s.port)
+        r, w = self._conn
+        w.write(b"version\r\n")
+        await w.drain()
+        line = await r.readline()
+        if not line.startswith(b"VERSION"):
+            raise ConnectionError(f"memcached answered {line[:60]!r} to version")
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn[1].close()
+            self._conn = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.started = self.clock()
+        period = self.spec.interval_ms / 1000
+        try:
+            while not stop.is_set():
+                if await self.attempt():
+                    self.ok(self.clock())
+                try:
+                    await asyncio.wait_for(stop.wait(), period)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._drop()
+
+    def result(self, origin_mono: float, end: float | None = None) -> dict:
+        """The probe's line in the report; stall times in ms since `origin_mono` (the drill's start)."""
+        end = self.clock() if end is None else end
+        stall, began = self.longest
+        since = self.last_ok if self.last_ok is not None else self.started
+        if since is not None and end - since > stall:  # still stalled at the end
+            stall, began = end - since, since
+        s = self.spec
+        return {"name": s.name, "kind": s.kind, "target": f"{s.address}:{s.port}", "attempts": self.attempts,
+                "failures": self.failures, "last_error": self.last_error,
+                "longest_stall_ms": round(stall * 1000, 1),
+                "stall_began_ms": round((began - origin_mono) * 1000, 1) if stall else None,
+                "max_stall_ms": s.max_stall_ms or None}
