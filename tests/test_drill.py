@@ -431,6 +431,9 @@ class DrillDaemon:
         self.drills = DrillStore(d)
         self.metrics_registry = Registry()
 
+    def status(self):  # the dashboard's view (make_app builds it for every app)
+        return {}
+
 
 async def test_the_drill_routes(tmp_path):
     from geomirror import control
