@@ -16,7 +16,9 @@ import pytest
 
 from geomirror.config import load_site
 from geomirror.site.host import GATEWAY_MAC, TAP_NAME, tap_args
-from geomirror.site.routing import families, guest_prefixes
+from bgp.speaker import ReceivedRoute
+from geomirror import ha
+from geomirror.site.routing import BgpWatch, families, guest_prefixes
 from lab import cli as labcli, world
 from tests import torture
 
@@ -103,6 +105,29 @@ def test_an_ipv4_only_site_keeps_one_prefix_and_one_family(tmp_path):
     assert guest_prefixes(cfg) == [world.GUEST_PREFIX]
     assert families(cfg) == ("ipv4 unicast",)
     assert tap_args(cfg, True) == (TAP_NAME, "198.51.100.1", 24, True, None, None)
+
+
+class RoutesSpeaker:
+    """What BgpWatch reads of the speaker: neighbour states and received routes."""
+
+    def __init__(self, routes):
+        self.neighbor_states = {"198.18.1.1": "up"}
+        self.routes = routes
+
+    def received_routes(self, prefix):
+        return [r for r in self.routes if r.prefix == prefix]
+
+
+def test_the_peer_route_is_seen_from_either_guest_prefix():
+    cfg = load_site(world.repo_configs() / "site-a.toml")
+    events = []
+    for routes, seen in (([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_B), None)], True),
+                         ([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX, (64500, AS_B), None)], True),
+                         ([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_A), None)], False),
+                         ([], False)):
+        events.clear()
+        BgpWatch(cfg, RoutesSpeaker(routes), events.append).changed()
+        assert [e.originated_by_peer for e in events if isinstance(e, ha.PeerRouteSeen)] == [seen], routes
 
 
 # ---------------------------------------------------------------- lab
