@@ -67,9 +67,10 @@ STEPS = (
 )
 
 INIT_SCRIPT = r"""#!/bin/sh
-# geomirror guest init (PID 1): virtio-net from modules, address from the kernel
-# command line (gm.ip=ADDR/LEN gm.gw=ADDR [gm.dirty=MB:PAGES_PER_S]), memcached on
-# TCP 11211, then the READY line on the console. It never exits.
+# geomirror guest init (PID 1): virtio-net from modules, addresses from the kernel
+# command line (gm.ip=ADDR/LEN gm.gw=ADDR [gm.ip6=ADDR6/LEN gm.gw6=ADDR6]
+# [gm.dirty=MB:PAGES_PER_S]), memcached on TCP 11211 (IPv4, and IPv6 with gm.ip6),
+# then the READY line on the console. It never exits.
 export PATH=/bin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -78,11 +79,13 @@ exec </dev/console >/dev/console 2>&1
 for m in $(cat /etc/gm-modules); do
     insmod "/lib/modules/$m.ko" || echo "gm-init: insmod $m failed"
 done
-addr=; gw=; dirty=
+addr=; gw=; addr6=; gw6=; dirty=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         gm.ip=*) addr="${arg#gm.ip=}" ;;
         gm.gw=*) gw="${arg#gm.gw=}" ;;
+        gm.ip6=*) addr6="${arg#gm.ip6=}" ;;
+        gm.gw6=*) gw6="${arg#gm.gw6=}" ;;
         gm.dirty=*) dirty="${arg#gm.dirty=}" ;;
     esac
 done
@@ -94,18 +97,33 @@ if [ -z "$addr" ]; then
 elif [ ! -e /sys/class/net/eth0 ]; then
     echo "GEOMIRROR-GUEST-ERROR no eth0 (virtio-net) appeared"
 else
-    sysctl -q -w net.ipv6.conf.eth0.disable_ipv6=1 >/dev/null 2>&1
+    listen=0.0.0.0; any6=
+    if [ -n "$addr6" ]; then
+        # static IPv6: no router advertisements, no autoconfiguration, and no DAD (the
+        # address is ours by configuration; DAD would hold it tentative for a second)
+        for k in accept_ra=0 autoconf=0 accept_dad=0; do
+            sysctl -w "net.ipv6.conf.eth0.$k" >/dev/null 2>&1
+        done
+        listen="0.0.0.0,[::]"; any6=00000000000000000000000000000000
+    else
+        sysctl -w net.ipv6.conf.eth0.disable_ipv6=1 >/dev/null 2>&1
+    fi
     ip addr add "$addr" dev eth0
     ip link set eth0 up
     [ -n "$gw" ] && ip route add default via "$gw" dev eth0
-    memcached -u root -l 0.0.0.0 -p 11211 -U 0 -m 64 -t 1 &
+    if [ -n "$addr6" ]; then
+        ip -6 addr add "$addr6" dev eth0
+        [ -n "$gw6" ] && ip -6 route add default via "$gw6" dev eth0
+    fi
+    memcached -u root -l "$listen" -p 11211 -U 0 -m 64 -t 1 &
     mc=$!
-    while ! grep -q ':2BCB 00000000:0000 0A' /proc/net/tcp; do
+    while ! grep -q ':2BCB 00000000:0000 0A' /proc/net/tcp \
+            || { [ -n "$any6" ] && ! grep -q ":2BCB $any6:0000 0A" /proc/net/tcp6; }; do
         if ! kill -0 "$mc" 2>/dev/null; then echo "GEOMIRROR-GUEST-ERROR memcached exited"; break; fi
         sleep 0.1
     done
     if kill -0 "$mc" 2>/dev/null; then
-        echo "GEOMIRROR-GUEST-READY ip=${addr%/*}"
+        echo "GEOMIRROR-GUEST-READY ip=${addr%/*}${addr6:+ ip6=${addr6%/*}}"
         [ -n "$dirty" ] && gm-dirty "${dirty%%:*}" "${dirty#*:}" &
     fi
 fi
@@ -237,8 +255,10 @@ def image_key(inputs: ImageInputs) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def default_cmdline(ip: str, prefixlen: int, gateway: str, dirty: str | None = None) -> str:
-    """The guest's kernel command line (see the guest contract in docs/architecture.md)."""
+def default_cmdline(ip: str, prefixlen: int, gateway: str, dirty: str | None = None, *,
+                    ip6: str | None = None, prefixlen6: int | None = None, gateway6: str | None = None) -> str:
+    """The guest's kernel command line (see the guest contract in docs/architecture.md);
+    `ip6`/`prefixlen6`/`gateway6` (all or none) make the guest dual stack."""
     try:
         addr = ipaddress.IPv4Interface(f"{ip}/{prefixlen}")
         gw = ipaddress.IPv4Address(gateway)
@@ -247,6 +267,18 @@ def default_cmdline(ip: str, prefixlen: int, gateway: str, dirty: str | None = N
     if gw not in addr.network:
         raise ImageError(f"guest gateway {gw} is not inside the guest network {addr.network}")
     parts = ["console=ttyS0", "panic=-1", "quiet", f"gm.ip={addr}", f"gm.gw={gw}"]
+    six = (ip6, prefixlen6, gateway6)
+    if any(v is not None for v in six):
+        if any(v is None for v in six):
+            raise ImageError("guest IPv6 address, prefix length and gateway go together (all or none)")
+        try:
+            addr6 = ipaddress.IPv6Interface(f"{ip6}/{prefixlen6}")
+            gw6 = ipaddress.IPv6Address(gateway6)
+        except ValueError as e:
+            raise ImageError(f"guest address {ip6}/{prefixlen6} or gateway {gateway6} is not valid IPv6: {e}") from e
+        if gw6 not in addr6.network:
+            raise ImageError(f"guest IPv6 gateway {gw6} is not inside the guest network {addr6.network}")
+        parts += [f"gm.ip6={addr6}", f"gm.gw6={gw6}"]
     if dirty is not None:
         m = re.fullmatch(r"(\d+):(\d+)", dirty)
         if not m or int(m.group(1)) == 0:

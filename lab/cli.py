@@ -28,9 +28,11 @@ from lab.world import LabError
 
 def client_connect(host: str = world.GUEST_ADDR, port: int = world.MEMCACHED_PORT, timeout: float = 5.0,
                    ns: str = world.CLIENT) -> socket.socket:
-    """A TCP socket connected from inside gm-client (it stays in that namespace)."""
+    """A TCP socket connected from inside gm-client (it stays in that namespace); IPv6 for an
+    IPv6 `host` (e.g. world.GUEST_ADDR6)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with netns.inside(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.connect((host, port))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 from pyroute2 import NetNS
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from geomirror import netns
 from gmbase.errors import GeomirrorError
@@ -44,6 +45,13 @@ SITE_AS = {"site-a": 64501, "site-b": 64502}
 SITE_UPLINK = {"site-a": "198.18.1.2", "site-b": "198.18.2.2"}
 GUEST_PREFIX = "198.51.100.0/24"
 GUEST_ADDR = "198.51.100.10"
+# dual stack (DESIGN.md, "The lab"): inter-namespace links from 2001:db8:18::/48, the client in
+# 2001:db8:10::/64; BIRD routes the guest's /48 like its /24 (MP-BGP over the IPv4 sessions)
+GUEST_PREFIX6 = "2001:db8:100::/48"
+GUEST_ADDR6 = "2001:db8:100::10"
+SITE_UPLINK6 = {"site-a": "2001:db8:18:1::2", "site-b": "2001:db8:18:2::2"}
+INET_SIDE6 = {"site-a": "2001:db8:18:1::1", "site-b": "2001:db8:18:2::1"}  # BIRD's next hop to each site
+CLIENT_ADDR6 = "2001:db8:10::2"
 MEMCACHED_PORT = 11211
 
 
@@ -62,7 +70,7 @@ def repo_configs() -> Path:
 
 @dataclass(frozen=True)
 class Link:
-    """A veth pair: (ns_a, if_a, addr_a) <-> (ns_b, if_b, addr_b)."""
+    """A veth pair: (ns_a, if_a, addr_a) <-> (ns_b, if_b, addr_b); addr6_a/addr6_b its IPv6 ends."""
 
     ns_a: str
     if_a: str
@@ -70,19 +78,29 @@ class Link:
     ns_b: str
     if_b: str
     addr_b: str
+    addr6_a: str | None = None
+    addr6_b: str | None = None
 
 
 LINKS = [
-    Link(INET, "to-a", "198.18.1.1/30", SITE_A, "uplink0", "198.18.1.2/30"),
-    Link(INET, "to-b", "198.18.2.1/30", SITE_B, "uplink0", "198.18.2.2/30"),
-    Link(INET, "to-w", "198.18.3.1/30", WITNESS, "eth0", "198.18.3.2/30"),
-    Link(INET, "to-client", "198.18.10.1/24", CLIENT, "eth0", "198.18.10.2/24"),
+    Link(INET, "to-a", "198.18.1.1/30", SITE_A, "uplink0", "198.18.1.2/30", "2001:db8:18:1::1/64", "2001:db8:18:1::2/64"),
+    Link(INET, "to-b", "198.18.2.1/30", SITE_B, "uplink0", "198.18.2.2/30", "2001:db8:18:2::1/64", "2001:db8:18:2::2/64"),
+    Link(INET, "to-w", "198.18.3.1/30", WITNESS, "eth0", "198.18.3.2/30", "2001:db8:18:3::1/64", "2001:db8:18:3::2/64"),
+    Link(INET, "to-client", "198.18.10.1/24", CLIENT, "eth0", "198.18.10.2/24", "2001:db8:10::1/64",
+         f"{CLIENT_ADDR6}/64"),
 ]
 # wan0 at each site is a TAP owned by the WAN emulator in gm-wan (lab/wanem.py).
 WAN_ENDS = [(SITE_A, "wan0", "198.18.100.1/30"), (SITE_B, "wan0", "198.18.100.2/30")]
 WAN_CTL = LAB_DIR / "wan.sock"
 DEFAULT_ROUTES = {SITE_A: "198.18.1.1", SITE_B: "198.18.2.1", WITNESS: "198.18.3.1", CLIENT: "198.18.10.1"}
+DEFAULT_ROUTES6 = {SITE_A: "2001:db8:18:1::1", SITE_B: "2001:db8:18:2::1", WITNESS: "2001:db8:18:3::1",
+                   CLIENT: "2001:db8:10::1"}
 FORWARDING = [INET, SITE_A, SITE_B]
+# IPv6 in every lab namespace, set before any link exists (a link takes the `default` values):
+# no router advertisements or autoconfiguration (the lab's addresses are static), no duplicate
+# address detection (it holds a new address tentative for a second), and addresses kept when a
+# link goes down (a crashed site's uplink comes back with them; the kernel flushes them otherwise)
+IPV6_SYSCTLS = {"accept_ra": "0", "autoconf": "0", "accept_dad": "0", "keep_addr_on_down": "1"}
 
 
 # ---------------------------------------------------------------- processes
@@ -192,6 +210,8 @@ def build_network() -> None:
         netns.create(name)
         state["namespaces"].append(name)
         save_state(state)
+    for name in NAMESPACES:
+        _ipv6_sysctls(name)
     handles = {name: NetNS(name) for name in NAMESPACES}
     try:
         for name, h in handles.items():
@@ -199,19 +219,34 @@ def build_network() -> None:
         for ln in LINKS:
             a, b = handles[ln.ns_a], handles[ln.ns_b]
             a.link("add", ifname=ln.if_a, kind="veth", peer={"ifname": ln.if_b, "net_ns_fd": ln.ns_b})
-            for h, ifname, addr in ((a, ln.if_a, ln.addr_a), (b, ln.if_b, ln.addr_b)):
+            for h, ifname, addr, addr6 in ((a, ln.if_a, ln.addr_a, ln.addr6_a), (b, ln.if_b, ln.addr_b, ln.addr6_b)):
                 idx = h.link_lookup(ifname=ifname)[0]
                 ip, plen = addr.split("/")
                 h.addr("add", index=idx, address=ip, prefixlen=int(plen))
+                if addr6:
+                    ip6, plen6 = addr6.split("/")
+                    h.addr("add", index=idx, family=socket.AF_INET6, address=ip6, prefixlen=int(plen6),
+                           flags=IFA_F_NODAD)
                 h.link("set", index=idx, state="up")
         for name, gw in DEFAULT_ROUTES.items():
             handles[name].route("add", dst="0.0.0.0/0", gateway=gw)
+        for name, gw in DEFAULT_ROUTES6.items():
+            handles[name].route("add", family=socket.AF_INET6, dst="::/0", gateway=gw)
     finally:
         for h in handles.values():
             h.close()
     for name in FORWARDING:
         with netns.inside(name):
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+            Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
+
+
+def _ipv6_sysctls(name: str) -> None:
+    """IPV6_SYSCTLS for `all` and `default` inside namespace `name` (never the root namespace)."""
+    with netns.inside(name):
+        for conf in ("all", "default"):
+            for key, value in IPV6_SYSCTLS.items():
+                Path(f"/proc/sys/net/ipv6/conf/{conf}/{key}").write_text(value + "\n")
 
 
 def start_wan(python: str = sys.executable, timeout: float = 10.0) -> int:
@@ -240,32 +275,41 @@ def set_links(ns: str, up: bool, ifnames=("uplink0", "wan0")) -> None:
             idx = h.link_lookup(ifname=ifname)
             if idx:
                 h.link("set", index=idx[0], state="up" if up else "down")
-        gw = DEFAULT_ROUTES.get(ns)
-        if up and gw and not any(r.get_attr("RTA_DST") is None and r["dst_len"] == 0
-                                 for r in h.get_routes(family=socket.AF_INET, table=254)):
-            h.route("add", dst="0.0.0.0/0", gateway=gw)
+        for family, routes, dst in ((socket.AF_INET, DEFAULT_ROUTES, "0.0.0.0/0"),
+                                    (socket.AF_INET6, DEFAULT_ROUTES6, "::/0")):
+            gw = routes.get(ns)
+            if up and gw and not any(r.get_attr("RTA_DST") is None and r["dst_len"] == 0
+                                     for r in h.get_routes(family=family, table=254)):
+                h.route("add", family=family, dst=dst, gateway=gw)
 
 
 # ---------------------------------------------------------------- BIRD
 
 def bird_config(routing: str, static_site: str | None) -> str:
-    """BIRD 2 in gm-inet: AS 64500, both sites as neighbours, best routes to the kernel."""
+    """BIRD 2 in gm-inet: AS 64500, both sites as neighbours, best routes to the kernel. Each
+    session carries IPv4 and, over the same IPv4 session (MP-BGP), IPv6: the guest's /24 and
+    /48 are imported from the sites and exported to them (so each site sees the other's route);
+    BIRD's IPv6 next hop towards a site is its own address on that link."""
     lines = [
         "router id 198.18.0.1;",
         'log stderr all;',
         "protocol device { scan time 2; }",
         "protocol direct { ipv4; interface \"to-*\"; }",
         "protocol kernel { ipv4 { import none; export all; }; learn off; }",
+        "protocol kernel { ipv6 { import none; export where source = RTS_BGP || source = RTS_STATIC; }; learn off; }",
     ]
     if routing == "static" and static_site:
         lines.append(f"protocol static lab_static {{ ipv4; route {GUEST_PREFIX} via {SITE_UPLINK[static_site]}; }}")
+        lines.append(f"protocol static lab_static6 {{ ipv6; route {GUEST_PREFIX6} via {SITE_UPLINK6[static_site]}; }}")
     for site, asn in SITE_AS.items():
         addr = SITE_UPLINK[site]
         local = addr.rsplit(".", 1)[0] + ".1"
         lines.append(
             f"protocol bgp {site.replace('-', '_')} {{ local {local} as 64500; neighbor {addr} as {asn}; "
             "hold time 6; connect retry time 2; error wait time 1, 5; "
-            f"ipv4 {{ import all; export where net = {GUEST_PREFIX}; }}; graceful restart off; }}")
+            f"ipv4 {{ import all; export where net = {GUEST_PREFIX}; }}; "
+            f"ipv6 {{ import all; export where net = {GUEST_PREFIX6}; next hop address {INET_SIDE6[site]}; }}; "
+            "graceful restart off; }")
     return "\n".join(lines) + "\n"
 
 
@@ -299,13 +343,18 @@ def route_static_to(site: str) -> None:
     birdc("configure")
 
 
-def bird_guest_routes() -> list[dict]:
+def bird_guest_routes(prefix: str = GUEST_PREFIX) -> list[dict]:
     """Routes BIRD has for the guest prefix: [{'via': ..., 'proto': ..., 'as_path': [...], 'best': bool}]."""
     try:
-        out = birdc("show", "route", "for", GUEST_PREFIX, "all")
+        out = birdc("show", "route", "for", prefix, "all")
     except (LabError, subprocess.TimeoutExpired):
         return []
     return parse_bird_routes(out)
+
+
+def bird_guest_routes6() -> list[dict]:
+    """Routes BIRD has for the guest's IPv6 prefix (the /48), in the form of `bird_guest_routes`."""
+    return bird_guest_routes(GUEST_PREFIX6)
 
 
 def parse_bird_routes(out: str) -> list[dict]:

@@ -99,7 +99,7 @@ def site_config(name="site-a", policy="stall", grace_ms=5000):
     return SimpleNamespace(
         site=SimpleNamespace(name=name, state_dir="/nonexistent/state", run_dir="/nonexistent/run"),
         peer=SimpleNamespace(name="site-b" if name == "site-a" else "site-a"),
-        guest=SimpleNamespace(name="guest", prefix="198.51.100.0/24", memory_mb=16),
+        guest=SimpleNamespace(name="guest", prefix="198.51.100.0/24", prefix6=None, memory_mb=16),
         witness=SimpleNamespace(lease_ttl_ms=6000, renew_every_ms=1000),
         bgp=SimpleNamespace(med=None, communities=(), prepend=0, active=Policy()),
         checkpoint=SimpleNamespace(unreachable_policy=policy, unprotected_grace_ms=grace_ms),

@@ -19,7 +19,9 @@ from geomirror.config import check, load_site, load_witness
 from geomirror.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-BASE = (CONFIGS / "lab" / "site-a.toml").read_text()
+# the lab's site-a, IPv4 only (the lab's guest is dual stack: DUAL below adds the IPv6 keys back)
+BASE = re.sub(r"^(next_hop6|prefix6|address6|gateway6) = .*\n", "", (CONFIGS / "lab" / "site-a.toml").read_text(),
+              flags=re.M)
 
 
 def test_lab_configs_follow_the_lab_table():

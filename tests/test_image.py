@@ -316,6 +316,30 @@ def test_default_cmdline_rejects_bad_values(args):
         default_cmdline(*args)
 
 
+def test_default_cmdline_dual_stack_adds_the_ipv6_address_and_gateway():
+    line = default_cmdline("198.51.100.10", 24, "198.51.100.1", ip6="2001:db8:100::10", prefixlen6=48,
+                           gateway6="2001:db8:100::1")
+    assert {"gm.ip=198.51.100.10/24", "gm.ip6=2001:db8:100::10/48", "gm.gw6=2001:db8:100::1"} <= set(line.split())
+    assert "gm.ip6" not in default_cmdline("198.51.100.10", 24, "198.51.100.1")
+
+
+@pytest.mark.parametrize(
+    "six", [dict(ip6="2001:db8:100::10", prefixlen6=48), dict(ip6="198.51.100.10", prefixlen6=48, gateway6="::1"),
+            dict(ip6="2001:db8:100::10", prefixlen6=48, gateway6="2001:db8:200::1")],
+)  # fmt: skip
+def test_default_cmdline_rejects_bad_ipv6(six):
+    with pytest.raises(ImageError):
+        default_cmdline("198.51.100.10", 24, "198.51.100.1", **six)
+
+
+def test_init_script_configures_ipv6_only_when_asked():
+    # the init script is part of the image key (test_changed_input_builds_a_new_image_beside_the_old), so a
+    # cached IPv4-only image is rebuilt; here: it reads gm.ip6/gm.gw6 and listens on [::] too
+    assert 'gm.ip6=*) addr6="${arg#gm.ip6=}"' in INIT_SCRIPT and 'ip -6 addr add "$addr6" dev eth0' in INIT_SCRIPT
+    assert 'listen="0.0.0.0,[::]"' in INIT_SCRIPT and "/proc/net/tcp6" in INIT_SCRIPT
+    assert "disable_ipv6=1" in INIT_SCRIPT  # an IPv4-only guest stays silent on IPv6
+
+
 def test_parse_ldd_includes_loader_and_names_missing_libraries():
     text = (
         "\tlinux-vdso.so.1 (0x00007ffd)\n"

@@ -168,3 +168,41 @@ async def test_a_fenced_site_without_a_guest_learns_the_holder_and_rejoins():
     assert any(isinstance(e, ha.LeaseSeen) and e.holder == "site-b" and e.generation == 3 for e in s.events)
     assert s.ops.calls and s.ops.calls[0][0] == "rejoin" and "site-b runs the guest at lease generation 3" \
         in s.ops.calls[0][1]
+
+
+class FailV6Speaker(FakeSpeaker):
+    """ExaBGP refuses the IPv6 announcement only (e.g. a neighbour without the family)."""
+
+    async def announce(self, prefix, **kw):
+        self.calls.append(("announce", prefix))
+        if ":" in prefix:
+            raise SpeakerError(f"ExaBGP refused 'announce route {prefix}' (see x.log)")
+
+
+async def test_a_dual_stack_site_announces_and_withdraws_both_prefixes():
+    s = Site()
+    s.cfg.guest.prefix6 = "2001:db8:100::/48"
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    assert s.speaker.calls == [("announce", "198.51.100.0/24"), ("announce", "2001:db8:100::/48")]
+    assert s.fx.announced
+    marks = [e for e in s.ctx.timeline.entries if e["event"] == "bgp.announced"]
+    assert [m["prefixes"] for m in marks] == [["198.51.100.0/24", "2001:db8:100::/48"]]
+    s.feed(ha.OperatorFence(time.monotonic()))
+    await s.settle()
+    assert s.speaker.calls[-2:] == [("withdraw", "198.51.100.0/24"), ("withdraw", "2001:db8:100::/48")]
+    assert not s.fx.announced and not s.fx.announced_prefixes
+
+
+async def test_a_dual_stack_site_with_one_prefix_refused_is_not_announced_and_withdraws_both():
+    s = Site(speaker=FailV6Speaker())
+    s.cfg.guest.prefix6 = "2001:db8:100::/48"
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    assert s.fx.announced_prefixes == {"198.51.100.0/24"} and not s.fx.announced
+    assert any("announcing 2001:db8:100::/48 failed" in a for a in s.fx.alarms)
+    assert not [e for e in s.ctx.timeline.entries if e["event"] == "bgp.announced"]
+    s.feed(ha.OperatorFence(time.monotonic()))
+    await s.settle()
+    # the speaker keeps a refused announcement to re-apply after an ExaBGP restart: withdraw it too
+    assert s.speaker.calls[-2:] == [("withdraw", "198.51.100.0/24"), ("withdraw", "2001:db8:100::/48")]

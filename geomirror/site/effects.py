@@ -17,6 +17,7 @@ import structlog
 from geomirror import ha
 from geomirror.site.context import SiteContext
 from geomirror.site.gate_policy import GateController
+from geomirror.site.routing import guest_prefixes
 from geomirror.witness import WitnessError, WitnessUnreachable
 from gmbase.errors import GeomirrorError
 
@@ -36,11 +37,17 @@ class Effects:
         self.lease = lease  # the lease backend (WitnessClient), or None without a witness
         self.speaker = speaker  # bgp.speaker.Speaker, or None with BGP off
         self.guest_ops = guest_ops
-        self.announced = False
+        self.announced_prefixes: set[str] = set()  # acknowledged by ExaBGP
+        self._sent: set[str] = set()  # announce sent (the speaker wants them until withdrawn)
         self.protected = False
         self.protection_changes = 0
         self.alarms: list[str] = []
         self.lease_calls = 0
+
+    @property
+    def announced(self) -> bool:
+        """Whether this site announces the guest's prefixes (both, for a dual-stack guest)."""
+        return set(guest_prefixes(self.ctx.cfg)) <= self.announced_prefixes
 
     def act(self, a) -> None:
         ctx = self.ctx
@@ -137,25 +144,34 @@ class Effects:
             log.warning("lease.error", site=self.ctx.name, op=op, error=str(e))
 
     async def _announce(self) -> None:
+        """Announce every guest prefix with the active policy (MED, communities, prepend); one
+        that fails is an alarm and the others are still announced."""
         if self.speaker is None:
             return
-        b, prefix = self.ctx.cfg.bgp, str(self.ctx.cfg.guest.prefix)
-        try:
-            await self.speaker.announce(prefix, policy=b.active)  # MED, communities, prepend of the active site
-        except (GeomirrorError, OSError) as e:
-            self.alarm(f"announcing {prefix} failed: {e}")
-            return
-        self.announced = True
-        self.ctx.mark("bgp.announced", prefix=prefix)
+        policy, prefixes = self.ctx.cfg.bgp.active, guest_prefixes(self.ctx.cfg)
+        for prefix in prefixes:
+            self._sent.add(prefix)
+            try:
+                await self.speaker.announce(prefix, policy=policy)
+            except (GeomirrorError, OSError) as e:
+                self.alarm(f"announcing {prefix} failed: {e}")
+                continue
+            self.announced_prefixes.add(prefix)
+        if self.announced:
+            self.ctx.mark("bgp.announced", prefix=prefixes[0], prefixes=prefixes)
 
     async def _withdraw(self) -> None:
-        if self.speaker is None or not self.announced:
+        """Withdraw every guest prefix an announcement was sent for."""
+        if self.speaker is None or not self._sent:
             return
-        prefix = str(self.ctx.cfg.guest.prefix)
-        try:
-            await self.speaker.withdraw(prefix)
-        except (GeomirrorError, OSError) as e:
-            self.alarm(f"withdrawing {prefix} failed: {e}")
-            return
-        self.announced = False
-        self.ctx.mark("bgp.withdrawn", prefix=prefix)
+        prefixes = [p for p in guest_prefixes(self.ctx.cfg) if p in self._sent]
+        for prefix in prefixes:
+            try:
+                await self.speaker.withdraw(prefix)
+            except (GeomirrorError, OSError) as e:
+                self.alarm(f"withdrawing {prefix} failed: {e}")
+                continue
+            self._sent.discard(prefix)
+            self.announced_prefixes.discard(prefix)
+        if not self._sent:
+            self.ctx.mark("bgp.withdrawn", prefix=prefixes[0], prefixes=prefixes)

@@ -31,7 +31,10 @@ class GuestSpecs:
             if self._image is None:
                 self._image = build_image(progress=False)
             kernel, initrd = self._image.kernel, self._image.initrd
-        append = default_cmdline(str(g.address), g.prefix.prefixlen, str(g.gateway))
+        six = {}
+        if g.prefix6 is not None:  # dual stack: the guest configures its IPv6 address too
+            six = dict(ip6=str(g.address6), prefixlen6=g.prefix6.prefixlen, gateway6=str(g.gateway6))
+        append = default_cmdline(str(g.address), g.prefix.prefixlen, str(g.gateway), **six)
         if g.append:
             append += " " + g.append
         accel = detect_accel() if g.accel == "auto" else g.accel

@@ -1,11 +1,13 @@
 """The site's BGP speaker (ExaBGP) and what it tells the HA machine: which upstream
 sessions are up, and whether the upstream still gives us the guest prefix originated by the
-peer's AS (the peer is alive somewhere)."""
+peer's AS (the peer is alive somewhere). A dual-stack guest's IPv6 prefix goes over the same
+IPv4 sessions (MP-BGP), each with that link's `next_hop6`."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+from bgp.config import family_of
 from bgp.speaker import Neighbor, Speaker
 from geomirror import ha
 
@@ -18,12 +20,24 @@ async def start_speaker(cfg, feed: Callable[[object], None], mark=None) -> Speak
         return None
     neighbors = [Neighbor(address=str(n.address), peer_as=n.peer_as,
                           local_address=str(n.local_address) if n.local_address else None,
-                          hold_time=b.hold_time) for n in b.neighbors]
+                          hold_time=b.hold_time, next_hop6=str(n.next_hop6) if n.next_hop6 else None)
+                 for n in b.neighbors]
     speaker = Speaker(router_id=str(cfg.site.router_id), local_as=cfg.site.asn, neighbors=neighbors,
-                      run_dir=cfg.site.run_dir / "bgp")
+                      run_dir=cfg.site.run_dir / "bgp", families=families(cfg))
     speaker.on_change = BgpWatch(cfg, speaker, feed, mark).changed
     await speaker.start()
     return speaker
+
+
+def guest_prefixes(cfg) -> list[str]:
+    """The prefixes the site announces for its guest: the IPv4 one, then the IPv6 one if set."""
+    g = cfg.guest
+    return [str(g.prefix)] + ([str(g.prefix6)] if g.prefix6 is not None else [])
+
+
+def families(cfg) -> tuple[str, ...]:
+    """The address families every BGP session negotiates (IPv6 only for a dual-stack guest)."""
+    return tuple(family_of(p) for p in guest_prefixes(cfg))
 
 
 class BgpWatch:
@@ -53,7 +67,9 @@ class BgpWatch:
                 self.mark("bgp.route_seen", prefix=str(self.cfg.guest.prefix), origins=origins)
         peer_as = self.cfg.peer.asn
         if peer_as:
-            seen = peer_as in origins
+            seen = peer_as in origins or any(r.as_path and r.as_path[-1] == peer_as
+                                             for prefix in guest_prefixes(self.cfg)[1:]
+                                             for r in sp.received_routes(prefix))
             if seen != self.peer_route:
                 self.peer_route = seen
                 self.feed(ha.PeerRouteSeen(seen))
