@@ -185,6 +185,7 @@ class CheckpointSection:
     compression_level: int = 1
     unreachable_policy: str = "stall"
     unprotected_grace_ms: int = 5000
+    verify_bytes_per_epoch: int = 256 << 10  # replica check: live RAM hashed per epoch (0: off)
 
 
 @dataclass(frozen=True)
@@ -560,7 +561,11 @@ def load_site(path) -> SiteConfig:
                    {"unreachable_policy": _choice("stall", "continue-unprotected")},
                    {"interval_ms": (1, 60_000), "min_interval_ms": (1, 60_000), "max_interval_ms": (1, 60_000),
                     "latency_budget_ms": (1, 600_000), "max_wan_mbit": (0, 1e6), "max_in_flight": (1, 64),
-                    "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000)})
+                    "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000),
+                    "verify_bytes_per_epoch": (0, 64 << 20)})
+    if ck.verify_bytes_per_epoch % 4096:
+        raise L.err("checkpoint.verify_bytes_per_epoch", f"{ck.verify_bytes_per_epoch} is not a multiple of the "
+                    "4096-byte page (e.g. 262144 for 256 KiB; 0 turns the replica check off)")
     if ck.min_interval_ms > ck.max_interval_ms:
         raise L.err("checkpoint.min_interval_ms", f"{ck.min_interval_ms:g} is above max_interval_ms "
                     f"{ck.max_interval_ms:g}")

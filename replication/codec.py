@@ -19,15 +19,17 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gmbase.errors import GeomirrorError
+from replication.verify import DIGEST_SIZE, RangeCheck
 
 MAGIC = b"GMCK"
-VERSION = 2  # 2: per-page XOR-or-raw choice in DELTA frames
+VERSION = 3  # 3: the replica check section; 2: per-page XOR-or-raw choice in DELTA frames
 KIND_DELTA = 1
 KIND_FULL = 2
 DEV_DELTA = 0x80  # flag in the kind byte: the device state is XOR against the previous epoch's
 _DEV_HASH = 8  # blake2b-64 of the full device state, checked after undoing the XOR
-# magic, version, kind, page_size, epoch, n_pages, index_len, pages_len, dev_len, body_len, nonce
-_HDR = struct.Struct(">4sBBIQIIQIQ12s")
+# magic, version, kind, page_size, epoch, n_pages, index_len, pages_len, dev_len, check_len, body_len, nonce
+_HDR = struct.Struct(">4sBBIQIIQIHQ12s")
+_CHECK = struct.Struct(f">QQ{DIGEST_SIZE}s")  # a replica check: offset, length, digest (replication/verify.py)
 HEADER_SIZE = _HDR.size
 TAG_SIZE = 16
 MAX_PAGES_BYTES = 64 << 30
@@ -62,6 +64,7 @@ class FrameHeader:
     body_len: int
     nonce: bytes
     dev_delta: bool = False
+    check_len: int = 0
 
     @property
     def total_len(self) -> int:
@@ -75,6 +78,7 @@ class DecodedCheckpoint:
     payload: np.ndarray  # (n, page_size) uint8: XOR deltas or contents (DELTA, see raw_mask); contents (FULL)
     device_state: bytes
     raw_mask: np.ndarray | None = None  # DELTA: bool per page, True where the payload is the contents
+    check: RangeCheck | None = None  # the primary's live-RAM range digest of this epoch, if it sent one
 
     def new_pages(self, old_pages: np.ndarray) -> np.ndarray:
         """The pages' new contents, given their previous contents (FULL: the payload)."""
@@ -109,7 +113,7 @@ def peek_header(buf) -> FrameHeader:
     """Parse and bounds-check the clear header (no key needed)."""
     if len(buf) < HEADER_SIZE:
         raise TruncatedFrame(f"frame of {len(buf)} bytes is shorter than its {HEADER_SIZE}-byte header")
-    magic, ver, kind, ps, epoch, n, ilen, plen, dlen, blen, nonce = _HDR.unpack_from(buf, 0)
+    magic, ver, kind, ps, epoch, n, ilen, plen, dlen, clen, blen, nonce = _HDR.unpack_from(buf, 0)
     if magic != MAGIC:
         raise FrameFormatError(f"not a checkpoint frame (magic {magic!r})")
     if ver != VERSION:
@@ -123,9 +127,12 @@ def peek_header(buf) -> FrameHeader:
     if n * ps > MAX_PAGES_BYTES or dlen > MAX_DEVICE_STATE:
         raise FrameFormatError(f"frame for epoch {epoch} claims {n} pages and {dlen} bytes of device state: "
                                "over the limits")
-    if blen != ilen + plen + dlen:
+    if clen not in (0, _CHECK.size):
+        raise FrameFormatError(f"frame for epoch {epoch}: a replica check of {clen} bytes (expected 0 or "
+                               f"{_CHECK.size})")
+    if blen != ilen + plen + dlen + clen:
         raise FrameFormatError(f"frame for epoch {epoch}: section lengths do not add up")
-    h = FrameHeader(epoch, kind, ps, n, ilen, plen, dlen, blen, nonce, dev_delta)
+    h = FrameHeader(epoch, kind, ps, n, ilen, plen, dlen, blen, nonce, dev_delta, clen)
     if len(buf) < h.total_len:
         raise TruncatedFrame(f"frame for epoch {epoch} is cut off: {len(buf)} of {h.total_len} bytes")
     if len(buf) > h.total_len:
@@ -184,9 +191,10 @@ class Codec:
 
     def encode(self, *, epoch: int, kind: int, page_size: int, page_numbers: np.ndarray,
                new_pages: np.ndarray, old_pages: np.ndarray | None = None, device_state: bytes = b"",
-               device_base: bytes | None = None) -> bytes:
+               device_base: bytes | None = None, check: RangeCheck | None = None) -> bytes:
         """`device_base`: the previous epoch's device state the receiver holds; when given (and of
-        the same length) only the XOR goes on the wire, with a hash of the full state."""
+        the same length) only the XOR goes on the wire, with a hash of the full state. `check`:
+        a digest of a range of the primary's live RAM at this epoch, for the standby to compare."""
         n = int(page_numbers.size)
         if new_pages.shape != (n, page_size):
             raise ValueError(f"new_pages has shape {new_pages.shape}, expected {(n, page_size)}")
@@ -213,10 +221,11 @@ class Codec:
             device_state = hashlib.blake2b(device_state, digest_size=_DEV_HASH).digest() + x.tobytes()
             flag = DEV_DELTA
         dev = self._cctx.compress(device_state) if device_state else b""
+        chk = _CHECK.pack(check.offset, check.length, check.digest) if check is not None else b""
         nonce = os.urandom(12)
         hdr = _HDR.pack(MAGIC, VERSION, kind | flag, page_size, epoch, n, len(index), len(pages), len(dev),
-                        len(index) + len(pages) + len(dev), nonce)
-        return hdr + self._aead.encrypt(nonce, b"".join((index, pages, dev)), hdr)
+                        len(chk), len(index) + len(pages) + len(dev) + len(chk), nonce)
+        return hdr + self._aead.encrypt(nonce, b"".join((index, pages, dev, chk)), hdr)
 
     def decode(self, frame) -> DecodedCheckpoint:
         h = peek_header(frame)
@@ -226,7 +235,7 @@ class Codec:
         except InvalidTag:
             raise IntegrityError(f"frame for epoch {h.epoch} failed its integrity check "
                                  "(wrong key or corrupted)") from None
-        i0, i1, i2 = h.index_len, h.index_len + h.pages_len, h.body_len
+        i0, i1, i2 = h.index_len, h.index_len + h.pages_len, h.body_len - h.check_len
         per_page = 5 if h.kind == KIND_DELTA else 4  # u32 gap (+ the raw/XOR byte for DELTA)
         try:
             raw_index = self._dctx.decompress(body[:i0], max_output_size=per_page * h.n_pages) if i0 else b""
@@ -248,4 +257,5 @@ class Codec:
             raise FrameFormatError(f"frame for epoch {h.epoch}: page numbers not sorted and unique")
         numbers = np.cumsum(deltas, dtype=np.uint64) if h.n_pages else np.empty(0, np.uint64)
         payload = np.frombuffer(raw_pages, dtype=np.uint8).reshape(h.n_pages, h.page_size)
-        return DecodedCheckpoint(h, numbers, payload, dev, raw_mask)
+        check = RangeCheck(*_CHECK.unpack_from(body, i2)) if h.check_len else None
+        return DecodedCheckpoint(h, numbers, payload, dev, raw_mask, check)

@@ -26,7 +26,8 @@ import structlog
 
 from replication.progress import Progress
 from replication import codec as codec_mod
-from replication.capture import Capture
+from replication import verify
+from replication.capture import Capture, DirtySet
 from replication.gate import Gate
 from replication.qemu import Guest
 from replication.session import (BLOCK_PAGES, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
@@ -66,6 +67,9 @@ class PrimaryConfig:
     block_pages: int = BLOCK_PAGES
     min_timeout_ms: float = 600.0
     max_timeout_ms: float = 5000.0
+    # Bytes of live RAM hashed per epoch for the standby to compare with its replica (0: off);
+    # replication/verify.py. The ranges cycle through all of RAM.
+    verify_bytes_per_epoch: int = verify.DEFAULT_BYTES_PER_EPOCH
 
 
 @dataclass
@@ -100,6 +104,10 @@ class PrimaryStatus:
     wire_bytes_total: int = 0  # checkpoint and sync frames sent to the standby since this primary began
     pause_total_ms: float = 0.0
     pauses_ms: list = field(default_factory=list)
+    verify_bytes_per_epoch: int = 0
+    verify_cycle_epochs: int = 0  # epochs for the replica checks to cover all of RAM once
+    diverged: int = 0  # times the standby found its replica different from this RAM (replica.diverged)
+    last_divergence: dict | None = None
 
 
 class Primary:
@@ -113,7 +121,11 @@ class Primary:
         self._connect = connect
         self._interval_fn = interval_fn
         self.link = LinkStats()
-        self.status = PrimaryStatus(interval_ms=cfg.interval_ms, ram_bytes=capture.size)
+        self.status = PrimaryStatus(interval_ms=cfg.interval_ms, ram_bytes=capture.size,
+                                    verify_bytes_per_epoch=cfg.verify_bytes_per_epoch)
+        if cfg.verify_bytes_per_epoch:
+            self.status.verify_cycle_epochs = verify.cycle_epochs(capture.size, cfg.verify_bytes_per_epoch,
+                                                                  capture.page_size)
         self.records: dict[int, EpochRecord] = {}
         self.history: list[EpochRecord] = []
         self._acked = asyncio.Event()
@@ -429,7 +441,7 @@ class Primary:
             t0 = time.perf_counter()
             # One unit, in its own task: cancelling this caller (session teardown) waits for
             # the `cont` instead of cutting the pause short and leaving the guest stopped.
-            dirty, dev = await run_to_end(asyncio.ensure_future(self._pause(n, final)))
+            (dirty, check), dev = await run_to_end(asyncio.ensure_future(self._pause(n, final)))
             pause_ms = (time.perf_counter() - t0) * 1000
         self.status.epoch = n
         self.status.last_pause_ms = pause_ms
@@ -439,7 +451,7 @@ class Primary:
         frame = await asyncio.to_thread(
             codec.encode, epoch=n, kind=codec_mod.KIND_DELTA, page_size=self.capture.page_size,
             page_numbers=dirty.page_numbers, new_pages=dirty.new_pages, old_pages=dirty.old_pages,
-            device_state=dev, device_base=getattr(self, "_prev_dev", None))
+            device_state=dev, device_base=getattr(self, "_prev_dev", None), check=check)
         self._prev_dev = dev
         rec = EpochRecord(n, pause_ms, len(dirty.page_numbers), dirty.nbytes, len(frame), len(dev),
                           time.monotonic(), interval_ms)
@@ -457,7 +469,7 @@ class Primary:
         try:
             await self.guest.stop_vcpus()
             self.gate.seal(n)
-            scan = asyncio.create_task(asyncio.to_thread(self.capture.capture))
+            scan = asyncio.create_task(asyncio.to_thread(self._capture, n))
             try:
                 dev = await self.guest.save_device_state()
             finally:
@@ -469,6 +481,14 @@ class Primary:
             else:
                 await self.guest.cont()
 
+    def _capture(self, n: int) -> tuple[DirtySet, verify.RangeCheck | None]:
+        """In the pause (a thread): epoch n's dirty pages, then the digest of this epoch's range
+        of live RAM (the vCPUs are still stopped, so it is the RAM the standby must hold at n)."""
+        dirty = self.capture.capture()
+        nbytes = self.cfg.verify_bytes_per_epoch
+        check = verify.take(n, self.capture.ram, nbytes, self.capture.page_size) if nbytes else None
+        return dirty, check
+
     # ------------------------------------------------------------ incoming
     async def _reader(self, ch: Channel) -> None:
         while True:
@@ -477,6 +497,8 @@ class Primary:
             if mtype is MsgType.ACK:
                 (epoch,) = _U64.unpack(payload)
                 self._on_ack(epoch)
+            elif mtype is MsgType.DIVERGED:
+                self._on_diverged(ch, payload)
             elif await on_heartbeat_message(ch, mtype, payload, self.link, self.on_heartbeat):
                 pass
             else:
@@ -501,6 +523,23 @@ class Primary:
         self._acked.set()
         if self.on_commit:
             self.on_commit(epoch)
+
+    def _on_diverged(self, ch: Channel, payload: bytes) -> None:
+        """The standby's replica is not this RAM: the epoch it names is not acknowledged (its output
+        stays held), the session ends, and the next one resyncs by block hashes."""
+        try:
+            info = json.loads(payload)
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            raise ChannelError(f"standby {ch.peer} sent a malformed DIVERGED")
+        self.status.diverged += 1
+        self.status.last_divergence = info
+        log.error("replica.diverged", peer=ch.peer, side="primary", diverged=self.status.diverged,
+                  **{k: info.get(k) for k in ("epoch", "offset", "length", "expected", "found")},
+                  hint="a checkpoint missed a write; resyncing the standby by block hashes")
+        raise ChannelError(f"standby {ch.peer} found its replica different from this RAM at epoch "
+                           f"{info.get('epoch')} (bytes {info.get('offset')}+{info.get('length')}); resyncing")
 
     async def _heartbeats(self, ch: Channel) -> None:
         await send_heartbeats(ch, self.cfg.heartbeat_ms / 1000, self.generation_fn)

@@ -26,6 +26,7 @@ import numpy as np
 import structlog
 
 from replication import codec as codec_mod
+from replication import verify
 from replication.progress import Progress
 from replication.qemu import Guest, GuestSpec
 from replication.session import (BLOCK_PAGES, LinkStats, compat_mismatch, new_nonce, on_heartbeat_message,
@@ -49,6 +50,10 @@ class StandbyStatus:
     rejected_frames: int = 0
     sessions: int = 0
     problem: str | None = None  # why this site is not protecting the guest (one sentence), or None
+    verified: int = 0  # epochs whose replica check matched the primary's live RAM
+    verified_bytes: int = 0
+    diverged: int = 0  # epochs whose replica check did not match (replica.diverged)
+    last_divergence: dict | None = None
 
 
 _NOT_PROTECTING = ("disk_full", "disk_failed")
@@ -228,8 +233,10 @@ class Standby:
                     self._bar = None
                 t0 = time.perf_counter()
                 async with self._lock:
-                    epoch = await asyncio.to_thread(self._apply_checkpoint, codec, payload)
+                    epoch, diverged = await asyncio.to_thread(self._apply_checkpoint, codec, payload)
                 self.status.last_apply_ms = (time.perf_counter() - t0) * 1000
+                if diverged is not None:
+                    await self._on_diverged(ch, diverged)
                 self.status.committed_epoch = epoch
                 self.status.valid = True
                 self.status.state = "replicating"
@@ -283,7 +290,23 @@ class Standby:
             return int(pages[-1]) + 1
         return 0
 
-    def _apply_checkpoint(self, codec, payload: bytes) -> int:
+    async def _on_diverged(self, ch: Channel, div: verify.Divergence) -> None:
+        """The replica, at the epoch just applied, is not the primary's RAM. No ack: output of this
+        epoch stays held at the primary. The replica is no longer trusted for a resume (only as a
+        resync base), the primary is told, and the session ends: the next one resyncs."""
+        self.status.diverged += 1
+        self.status.last_divergence = div.as_dict()
+        self.status.valid = False
+        self.status.problem = (f"site {self.site} cannot resume the guest until the resync completes: "
+                               f"{div.sentence()}")
+        log.error("replica.diverged", peer=ch.peer, side="standby", diverged=self.status.diverged,
+                  **div.as_dict(), hint="a checkpoint missed a write; the primary resyncs this replica")
+        async with self._lock:
+            await asyncio.to_thread(self.replica.mark_diverged, div.sentence())
+        await ch.send_json(MsgType.DIVERGED, div.as_dict())
+        raise ChannelError(f"replica diverged from {ch.peer}'s RAM at epoch {div.epoch}")
+
+    def _apply_checkpoint(self, codec, payload: bytes) -> tuple[int, verify.Divergence | None]:
         hdr = codec_mod.peek_header(payload)
         if hdr.epoch <= self.replica.committed_epoch:
             raise ReplicaError(f"checkpoint for epoch {hdr.epoch} rejected: epoch {self.replica.committed_epoch} "
@@ -294,8 +317,16 @@ class Standby:
         old = self.replica.old_pages(d.page_numbers)
         new = d.new_pages(old)
         base = self.replica.device_state() if d.header.dev_delta else b""
+        if d.check is not None and (why := verify.problem(d.check, self.replica.size)):
+            raise ChannelError(f"the checkpoint of epoch {d.epoch} carries a bad replica check: {why}")
         self.replica.commit(d.epoch, d.page_numbers, new, d.device_state_from(base))
-        return d.epoch
+        if d.check is None:
+            return d.epoch, None
+        div = verify.compare(d.epoch, d.check, self.replica.ram.reshape(-1))
+        if div is None:
+            self.status.verified += 1
+            self.status.verified_bytes += d.check.length
+        return d.epoch, div
 
     async def _heartbeats(self, ch: Channel) -> None:
         try:

@@ -700,6 +700,13 @@ class Replica:
                 self._write_meta(committed_epoch=epoch, valid=True, problem=None)
                 _crash_point("after-meta")
 
+    def mark_diverged(self, why: str) -> None:
+        """The committed epoch was found to differ from the primary's RAM (a replica check):
+        not resumable any more, but a resync base (its block hashes say what ram.img holds, so
+        the resync sends the blocks that differ). Recorded on disk: a restart keeps it."""
+        self._write_meta(valid=False, seeded=True, problem=f"the replica in {self.dir} is not usable: {why}")
+        log.warning("replica.untrusted", dir=str(self.dir), committed_epoch=self.committed_epoch, problem=why)
+
     def device_state(self) -> bytes:
         if self._device_state is None:
             self._device_state = self.device_state_path.read_bytes()

@@ -36,7 +36,7 @@ from gmbase.errors import GeomirrorError
 
 log = structlog.get_logger(__name__)
 
-PROTOCOL_VERSION = 3  # 3: 64-bit frame lengths; 2: checkpoint frames v2 (per-page raw/XOR)
+PROTOCOL_VERSION = 4  # 4: checkpoint frames v3 (replica check), DIVERGED; 3: 64-bit frame lengths
 _HDR = struct.Struct(">BQ")
 HEADER_SIZE = _HDR.size
 DEFAULT_MAX_FRAME = 64 << 20
@@ -56,6 +56,7 @@ class MsgType(enum.IntEnum):
     HEARTBEAT = 9  # u64 seq, u64 sender monotonic ns, u64 sender lease generation
     HEARTBEAT_ECHO = 10  # the same 24 bytes, echoed
     SWITCHOVER = 11  # u64 epoch: primary -> standby, "take over from this epoch" (planned switchover)
+    DIVERGED = 12  # JSON {epoch, offset, length, expected, found}: standby -> primary, then close
 
 
 _JSON_CAP = 64 << 10
@@ -63,7 +64,7 @@ _JSON_CAP = 64 << 10
 # (HASHES, SYNC, CHECKPOINT) are bounded by the channel's max_frame only.
 TYPE_CAPS: dict[MsgType, int] = {
     MsgType.HELLO: _JSON_CAP, MsgType.HELLO_REPLY: _JSON_CAP, MsgType.ERROR: _JSON_CAP,
-    MsgType.SYNC_BEGIN: _JSON_CAP, MsgType.ACK: 8, MsgType.SWITCHOVER: 8,
+    MsgType.SYNC_BEGIN: _JSON_CAP, MsgType.DIVERGED: _JSON_CAP, MsgType.ACK: 8, MsgType.SWITCHOVER: 8,
     MsgType.HEARTBEAT: 64, MsgType.HEARTBEAT_ECHO: 64,
 }
 

@@ -139,6 +139,10 @@ BAD = {
                       "multicast"),
     "pause share": (put("checkpoint", "max_pause_share", "1.0"),
                     "checkpoint.max_pause_share", "between 0 and 1"),
+    "replica check not whole pages": (put("checkpoint", "verify_bytes_per_epoch", "1000"),
+                                      "checkpoint.verify_bytes_per_epoch", "not a multiple of the 4096-byte page"),
+    "replica check too large": (put("checkpoint", "verify_bytes_per_epoch", str(128 << 20)),
+                                "checkpoint.verify_bytes_per_epoch", "out of range"),
     "table is a value": ("control = 5\n" + BASE[:BASE.index("[control]")], "control", "must be a table"),
     "missing table": (BASE[:BASE.index("[guest]")] + BASE[BASE.index("[checkpoint]"):], "guest",
                       "missing table [guest]"),
@@ -346,3 +350,8 @@ def test_announcement_policy_per_role(tmp_path):
                                                     put("bgp", "standby_prepend", "3", text))))
     _, own = _load(tmp_path, own)
     assert own.bgp.standby == Policy(med=500, communities=("64501:200",), large_communities=(), prepend=3)
+
+
+def test_replica_check_is_on_by_default_and_can_be_turned_off(tmp_path):
+    assert _load(tmp_path, BASE)[1].checkpoint.verify_bytes_per_epoch == 256 << 10
+    assert _load(tmp_path, put("checkpoint", "verify_bytes_per_epoch", "0"))[1].checkpoint.verify_bytes_per_epoch == 0

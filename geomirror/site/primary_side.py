@@ -114,7 +114,8 @@ class PrimarySide:
         pcfg = PrimaryConfig(site=ctx.name, compat=self.spec.compat(), run_id=self.run_id,
                              interval_ms=ck.interval_ms, max_in_flight=ck.max_in_flight,
                              heartbeat_ms=hb.interval_ms, compression_level=ck.compression_level,
-                             min_timeout_ms=hb.min_timeout_ms, max_timeout_ms=hb.max_timeout_ms)
+                             min_timeout_ms=hb.min_timeout_ms, max_timeout_ms=hb.max_timeout_ms,
+                             verify_bytes_per_epoch=ck.verify_bytes_per_epoch)
 
         async def connect():
             return await transport.connect(str(peer.address), peer.port, ssl=ctx.tls.client,
