@@ -29,6 +29,9 @@ class FakeGuestOps:
     async def rejoin(self, reason):
         self.calls.append(("rejoin", reason))
 
+    async def hand_over(self, reason):
+        self.calls.append(("hand_over", reason))
+
 
 class Site:
     """A real HA machine wired to Effects, the way the daemon wires them."""

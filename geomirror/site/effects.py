@@ -1,8 +1,9 @@
 """Carries out the HA machine's actions; what comes of them goes back to it as events.
 
 The machine decides (geomirror/ha.py); this job does: lease calls to the lease backend
-(the witness), announce/withdraw through the BGP speaker, the gate's permission through
-the gate policy, and resume/stop of the guest through the daemon's guest operations.
+(the witness), announce/drain/withdraw through the BGP speaker, the gate's permission through
+the gate policy, where the guest's traffic goes (`GuestRoutes`: the TAP here, or forwarded to
+the peer), and resume/stop/hand-over of the guest through the daemon's guest operations.
 Every dependency is injected, so the sequences are tested on fakes
 (tests/test_site_effects.py)."""
 
@@ -27,10 +28,24 @@ class GuestOps(Protocol):
     async def resume_guest(self) -> None: ...  # feeds ResumeDone or ResumeFailed
     async def stop_guest(self, reason: str) -> None: ...
     async def rejoin(self, reason: str) -> None: ...  # stop ours, seed the replica, BecameStandby
+    async def hand_over(self, reason: str) -> None: ...  # a planned switchover to the peer
+
+
+class RouteApplier(Protocol):
+    async def apply(self, mode: str) -> None: ...  # raises OSError (NetlinkError) when it cannot
+
+
+def guest_prefixes(cfg) -> list[str]:
+    """The prefixes this site announces, drains and withdraws for the guest (one list, so a
+    second address family is one more entry)."""
+    return [str(cfg.guest.prefix)]
 
 
 class Effects:
-    def __init__(self, ctx: SiteContext, gatectl: GateController, lease, speaker, guest_ops: GuestOps):
+    ROUTE_RETRY_S = 1.0
+
+    def __init__(self, ctx: SiteContext, gatectl: GateController, lease, speaker, guest_ops: GuestOps,
+                 routes: RouteApplier | None = None):
         self.ctx = ctx
         self.gatectl = gatectl
         self.lease = lease  # the lease backend (WitnessClient), or None without a witness
@@ -41,6 +56,10 @@ class Effects:
         self.protection_changes = 0
         self.alarms: list[str] = []
         self.lease_calls = 0
+        self.routes = routes  # None: this site's routing is not managed (tests, BGP-less set-ups)
+        self.route_mode: str | None = None  # wanted
+        self.route_applied: str | None = None
+        self._route_task: asyncio.Task | None = None
 
     def act(self, a) -> None:
         ctx = self.ctx
@@ -77,6 +96,13 @@ class Effects:
             ctx.spawn(self._announce(), "bgp.announce")
         elif isinstance(a, ha.Withdraw):
             ctx.spawn(self._withdraw(), "bgp.withdraw")
+        elif isinstance(a, ha.Drain):
+            ctx.spawn(self._drain(), "bgp.drain")
+        elif isinstance(a, ha.SetGuestRoute):
+            self.set_route(a.mode)
+        elif isinstance(a, ha.HandOver):
+            ctx.mark("upstream_loss.handover", reason=a.reason, peer=ctx.cfg.peer.name)
+            ctx.spawn(self.guest_ops.hand_over(a.reason), "switchover.upstream_loss")
         elif isinstance(a, ha.SetProtection):
             self._protection(a.protected)
         else:  # a new action nobody carries out is a bug: say so loudly
@@ -136,26 +162,65 @@ class Effects:
         except WitnessError as e:
             log.warning("lease.error", site=self.ctx.name, op=op, error=str(e))
 
+    def set_route(self, mode: str) -> None:
+        """Where the guest's traffic goes now: one applier task carries out the latest wish, in order."""
+        self.route_mode = mode
+        if self.routes is None:
+            self.route_applied = mode
+            return
+        if self._route_task is None or self._route_task.done():
+            self._route_task = self.ctx.spawn(self._apply_routes(), "guest.route")
+
+    async def _apply_routes(self) -> None:
+        while self.route_mode != self.route_applied:
+            mode = self.route_mode
+            try:
+                await self.routes.apply(mode)
+            except OSError as e:  # NetlinkError is an OSError: e.g. the inter-site link is down
+                log.warning("guest.route_failed", site=self.ctx.name, mode=mode, error=str(e),
+                            retry_s=self.ROUTE_RETRY_S)
+                await asyncio.sleep(self.ROUTE_RETRY_S)
+                continue
+            self.route_applied = mode
+            self.ctx.mark("guest.route", mode=mode)
+
     async def _announce(self) -> None:
         if self.speaker is None:
             return
-        b, prefix = self.ctx.cfg.bgp, str(self.ctx.cfg.guest.prefix)
-        try:
-            await self.speaker.announce(prefix, policy=b.active)  # MED, communities, prepend of the active site
-        except (GeomirrorError, OSError) as e:
-            self.alarm(f"announcing {prefix} failed: {e}")
-            return
+        b = self.ctx.cfg.bgp
+        for prefix in guest_prefixes(self.ctx.cfg):
+            try:
+                await self.speaker.announce(prefix, policy=b.active)  # MED, communities, prepend of the active site
+            except (GeomirrorError, OSError) as e:
+                self.alarm(f"announcing {prefix} failed: {e}")
+                return
+            self.ctx.mark("bgp.announced", prefix=prefix)
         self.announced = True
-        self.ctx.mark("bgp.announced", prefix=prefix)
+
+    async def _drain(self) -> None:
+        """Keep the prefix routed here, drained (GRACEFUL_SHUTDOWN), until the peer's route is
+        seen: the HA machine then asks for the withdrawal (or after its timeout)."""
+        if self.speaker is None or not self.announced:
+            return
+        b = self.ctx.cfg.bgp
+        for prefix in guest_prefixes(self.ctx.cfg):
+            try:
+                await self.speaker.drain(prefix, b.drain)
+            except (GeomirrorError, OSError) as e:  # the next step (withdraw) still comes
+                self.alarm(f"draining {prefix} failed: {e}")
+                continue
+            self.ctx.mark("bgp.drained", prefix=prefix)
 
     async def _withdraw(self) -> None:
         if self.speaker is None or not self.announced:
             return
-        prefix = str(self.ctx.cfg.guest.prefix)
-        try:
-            await self.speaker.withdraw(prefix)
-        except (GeomirrorError, OSError) as e:
-            self.alarm(f"withdrawing {prefix} failed: {e}")
-            return
-        self.announced = False
-        self.ctx.mark("bgp.withdrawn", prefix=prefix)
+        failed = False
+        for prefix in guest_prefixes(self.ctx.cfg):
+            try:
+                await self.speaker.withdraw(prefix)
+            except (GeomirrorError, OSError) as e:
+                self.alarm(f"withdrawing {prefix} failed: {e}")
+                failed = True
+                continue
+            self.ctx.mark("bgp.withdrawn", prefix=prefix)
+        self.announced = failed

@@ -4,6 +4,7 @@ peer's AS (the peer is alive somewhere)."""
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from bgp.speaker import Neighbor, Speaker
@@ -36,10 +37,11 @@ class BgpWatch:
     def changed(self) -> None:
         sp = self.speaker
         now_up = {n for n, st in sp.neighbor_states.items() if st == "up"}
+        now = time.monotonic()
         for n in now_up - self.up:
-            self.feed(ha.BgpNeighborUp(n))
+            self.feed(ha.BgpNeighborUp(n, now))
         for n in self.up - now_up:
-            self.feed(ha.BgpNeighborDown(n))
+            self.feed(ha.BgpNeighborDown(n, now))
         self.up = now_up
         peer_as = self.cfg.peer.asn
         if peer_as:
