@@ -256,6 +256,9 @@ def bird_config(routing: str, static_site: str | None) -> str:
         "protocol direct { ipv4; interface \"to-*\"; }",
         "protocol kernel { ipv4 { import none; export all; }; learn off; }",
     ]
+    # RFC 8326: a route tagged GRACEFUL_SHUTDOWN (65535:0) gets local-pref 0 on import, so any
+    # other path wins while it stays as the fallback (make before break on a planned move)
+    lines.append("filter gshut { if (65535, 0) ~ bgp_community then bgp_local_pref = 0; accept; }")
     if routing == "static" and static_site:
         lines.append(f"protocol static lab_static {{ ipv4; route {GUEST_PREFIX} via {SITE_UPLINK[static_site]}; }}")
     for site, asn in SITE_AS.items():
@@ -264,7 +267,7 @@ def bird_config(routing: str, static_site: str | None) -> str:
         lines.append(
             f"protocol bgp {site.replace('-', '_')} {{ local {local} as 64500; neighbor {addr} as {asn}; "
             "hold time 6; connect retry time 2; error wait time 1, 5; "
-            f"ipv4 {{ import all; export where net = {GUEST_PREFIX}; }}; graceful restart off; }}")
+            f"ipv4 {{ import filter gshut; export where net = {GUEST_PREFIX}; }}; graceful restart off; }}")
     return "\n".join(lines) + "\n"
 
 

@@ -6,11 +6,12 @@ peer over the inter-site link (make before break: nothing that still arrives her
 from __future__ import annotations
 
 import asyncio
-import socket
+import errno
 from pathlib import Path
 
 import structlog
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 log = structlog.get_logger(__name__)
 
@@ -77,10 +78,12 @@ def apply_guest_route(mode: str, prefixes: list[tuple[str, int]], peer: str, tap
         for dst, dst_len in prefixes:
             if mode == "peer":
                 ip.route("replace", dst=dst, dst_len=dst_len, gateway=peer, proto=ROUTE_PROTO)
-            else:
-                for r in ip.get_routes(family=socket.AF_INET, dst=dst, dst_len=dst_len, proto=ROUTE_PROTO):
-                    if r["dst_len"] == dst_len and r["proto"] == ROUTE_PROTO:
-                        ip.route("del", dst=dst, dst_len=dst_len, proto=ROUTE_PROTO)
+            else:  # the kernel matches the protocol too: only our route goes, never the TAP's
+                try:
+                    ip.route("del", dst=dst, dst_len=dst_len, proto=ROUTE_PROTO)
+                except NetlinkError as e:
+                    if e.code != errno.ESRCH:  # none there: nothing to do
+                        raise
         if mode == "peer":
             loosened = _rp_filter_loose(ip, peer)
     return loosened
