@@ -25,14 +25,24 @@ def configure_tap(name: str, gateway: str, prefixlen: int, up: bool) -> None:
         idx = ip.link_lookup(ifname=name)[0]
         ip.link("set", index=idx, address=GATEWAY_MAC)
         have = [a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)]
+        # two callers may race here (the primary/standby side and the route applier, each from a
+        # thread): an address already added or already gone is what was wanted
         if up:
             if gateway not in have:
-                ip.addr("add", index=idx, address=gateway, prefixlen=prefixlen)
+                _tolerate(errno.EEXIST, ip.addr, "add", index=idx, address=gateway, prefixlen=prefixlen)
             ip.link("set", index=idx, state="up")
         else:
             ip.link("set", index=idx, state="down")
             if gateway in have:
-                ip.addr("del", index=idx, address=gateway, prefixlen=prefixlen)
+                _tolerate(errno.EADDRNOTAVAIL, ip.addr, "del", index=idx, address=gateway, prefixlen=prefixlen)
+
+
+def _tolerate(code: int, fn, *args, **kw) -> None:
+    try:
+        fn(*args, **kw)
+    except NetlinkError as e:
+        if e.code != code:
+            raise
 
 
 async def set_tap(cfg, up: bool) -> None:
