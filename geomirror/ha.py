@@ -634,7 +634,10 @@ class HaMachine:
             self._emit(Withdraw(), Log("ha.drain_timeout", {
                 "why": f"the peer's route did not reach us within {self.config.drain_timeout_s:g}s: "
                        "withdrawing anyway"}))
-        self._active_since = (self._active_since or now) if self.state in ACTIVE else None
+        if self.state not in ACTIVE:
+            self._active_since = None
+        elif self._active_since is None:
+            self._active_since = now
         self._maybe_hand_over(now)
         if self.state == STARTING and not self.config.witness:
             self._emit(Log("ha.no_witness", {"why": "no witness configured: running without a lease"}))

@@ -171,3 +171,27 @@ async def test_a_fenced_site_without_a_guest_learns_the_holder_and_rejoins():
     assert any(isinstance(e, ha.LeaseSeen) and e.holder == "site-b" and e.generation == 3 for e in s.events)
     assert s.ops.calls and s.ops.calls[0][0] == "rejoin" and "site-b runs the guest at lease generation 3" \
         in s.ops.calls[0][1]
+
+
+async def test_route_modes_are_applied_in_order_latest_wins_and_failures_retry():
+    from tests.site_fakes import FakeRoutes
+
+    s = Site()
+    s.fx.routes = FakeRoutes(fail=1)
+    s.fx.ROUTE_RETRY_S = 0
+    s.fx.act(ha.SetGuestRoute(ha.GUEST_ROUTE_PEER))
+    s.fx.act(ha.SetGuestRoute(ha.GUEST_ROUTE_HERE))
+    await s.settle()
+    assert s.fx.routes.applied == [ha.GUEST_ROUTE_HERE] and s.fx.route_applied == ha.GUEST_ROUTE_HERE
+
+
+async def test_drain_then_withdraw_and_an_upstream_handover_goes_to_the_guest_operations():
+    s = Site()
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    s.fx.act(ha.Drain())
+    s.fx.act(ha.HandOver("upstream lost: test"))
+    await s.settle()
+    assert s.speaker.calls[-1][0] == "drain" and s.speaker.calls[-1][2].communities == ("65535:0",)
+    assert ("hand_over", "upstream lost: test") in s.ops.calls
+    assert any(e["event"] == "upstream_loss.handover" for e in s.ctx.timeline.entries)
