@@ -58,6 +58,9 @@ class PeerSection:
     port: int = 7788
     listen_port: int = 7788
     asn: int | None = None  # the peer site's AS: its routes for the guest prefix are recognised by it
+    # the peer's IPv6 address on the inter-site link: stray IPv6 traffic for a dual-stack guest
+    # is forwarded to it (make before break); without it only IPv4 is forwarded
+    address6: ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,14 @@ class BGPSection:
     drain_communities: tuple[str, ...] = ()
     drain_large_communities: tuple[str, ...] = ()
     hold_time: int = 9
+    # planned switchover, make before break: withdraw once the peer's route is seen, or after this
+    drain_timeout_s: float = 10.0
+    # hand the guest to the peer when every session has been down this long (0 = off), the
+    # peer's sessions up for upstream_loss_peer_stable_s; none within upstream_loss_hold_down_s
+    # of becoming active or of the last one
+    upstream_loss_handover_s: float = 0.0
+    upstream_loss_peer_stable_s: float = 30.0
+    upstream_loss_hold_down_s: float = 300.0
     neighbors: tuple[Neighbor, ...] = ()
 
     @property
@@ -736,7 +747,9 @@ def _load_bgp(L: _Loader, data: dict | None) -> BGPSection:
                      "drain_communities": _communities, "large_communities": _large_communities,
                      "standby_large_communities": _large_communities, "drain_large_communities": _large_communities},
                     {"prepend": (0, MAX_PREPEND), "standby_prepend": (0, MAX_PREPEND), "med": (0, MAX_ASN),
-                     "standby_med": (0, MAX_ASN), "hold_time": (0, 65535)},
+                     "standby_med": (0, MAX_ASN), "hold_time": (0, 65535), "drain_timeout_s": (0, 600),
+                     "upstream_loss_handover_s": (0, 3600), "upstream_loss_peer_stable_s": (0, 3600),
+                     "upstream_loss_hold_down_s": (0, 86400)},
                     file_keys={"neighbors": "neighbor"})
     if bgp.standby_prepend:
         if bgp.standby_prepend <= bgp.prepend:
@@ -748,6 +761,10 @@ def _load_bgp(L: _Loader, data: dict | None) -> BGPSection:
             if k in data:
                 raise L.err(f"bgp.{k}", "is used only by the standby's pre-announcement, which is off: set "
                             f"bgp.standby_prepend (more than bgp.prepend) to turn it on, or remove {k}")
+    if bgp.upstream_loss_handover_s and bgp.upstream_loss_hold_down_s < bgp.upstream_loss_handover_s:
+        raise L.err("bgp.upstream_loss_hold_down_s", f"{bgp.upstream_loss_hold_down_s:g} must be at least "
+                    f"bgp.upstream_loss_handover_s ({bgp.upstream_loss_handover_s:g}), or a flapping upstream "
+                    "could move the guest to and fro")
     if 0 < bgp.hold_time < 3:
         raise L.err("bgp.hold_time", f"{bgp.hold_time} is not allowed by BGP (0, or 3..65535 seconds)")
     if bgp.enabled and not neighbors:

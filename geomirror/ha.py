@@ -82,6 +82,17 @@ class HaConfig:
     # restart slower than the lease) becomes the peer's standby by itself; False keeps it
     # fenced until the operator runs `geomirror rejoin`.
     auto_rejoin: bool = True
+    # Planned switchover, make before break: the old site re-announces the prefix drained
+    # (GRACEFUL_SHUTDOWN) and withdraws once its upstream gives it the peer's route, or after
+    # this many seconds at the latest.
+    drain_timeout_s: float = 10.0
+    # Upstream loss at the active site: hand the guest over (a planned switchover) once every BGP
+    # session has been down this long while the peer's have been up for `upstream_loss_peer_stable_s`
+    # and the guest is protected; 0 = off. No such handover within `upstream_loss_hold_down_s` of
+    # becoming active (nor of the last one), so a flapping upstream cannot move the guest to and fro.
+    upstream_loss_handover_s: float = 0.0
+    upstream_loss_peer_stable_s: float = 30.0
+    upstream_loss_hold_down_s: float = 300.0
 
     def __post_init__(self):
         if not 0 < self.heartbeat_interval_ms <= self.min_timeout_ms <= self.max_timeout_ms:
@@ -90,6 +101,13 @@ class HaConfig:
                                 f"({self.max_timeout_ms:g} ms)")
         if self.renew_every_ms <= 0 or self.max_clock_skew_ms < 0:
             raise HaConfigError("renew_every_ms must be positive and max_clock_skew_ms not negative")
+        if self.drain_timeout_s < 0 or self.upstream_loss_handover_s < 0 or self.upstream_loss_peer_stable_s < 0 \
+                or self.upstream_loss_hold_down_s < 0:
+            raise HaConfigError("drain_timeout_s and the upstream_loss_* times must not be negative")
+        if self.upstream_loss_handover_s and self.upstream_loss_hold_down_s < self.upstream_loss_handover_s:
+            raise HaConfigError(f"upstream_loss_hold_down_s ({self.upstream_loss_hold_down_s:g}) must be at least "
+                                f"upstream_loss_handover_s ({self.upstream_loss_handover_s:g}), or a flapping "
+                                "upstream could move the guest to and fro")
         if self.witness and self.lease_ttl_ms < self.fence_margin_ms + self.renew_every_ms:
             raise HaConfigError(
                 f"lease_ttl_ms {self.lease_ttl_ms:g} is too short: a site fences {self.fence_margin_ms:g} ms "
@@ -105,8 +123,12 @@ class HaConfig:
     @classmethod
     def from_site_config(cls, cfg, max_clock_skew_ms: float = 250.0) -> "HaConfig":
         """From a `geomirror.config.SiteConfig` (duck-typed)."""
-        hb, w = cfg.heartbeat, cfg.witness
+        hb, w, b = cfg.heartbeat, cfg.witness, cfg.bgp
         extra = dict(lease_ttl_ms=w.lease_ttl_ms, renew_every_ms=w.renew_every_ms) if w else {}
+        extra.update(drain_timeout_s=b.drain_timeout_s,
+                     upstream_loss_handover_s=b.upstream_loss_handover_s if b.enabled else 0.0,
+                     upstream_loss_peer_stable_s=b.upstream_loss_peer_stable_s,
+                     upstream_loss_hold_down_s=b.upstream_loss_hold_down_s)
         return cls(site=cfg.site.name, heartbeat_interval_ms=hb.interval_ms, min_timeout_ms=hb.min_timeout_ms,
                    max_timeout_ms=hb.max_timeout_ms, witness=w is not None, max_clock_skew_ms=max_clock_skew_ms,
                    auto_rejoin=cfg.site.auto_rejoin,
@@ -127,6 +149,9 @@ class HeartbeatReceived:
     rtt_ms: float | None
     peer_generation: int = 0  # the lease generation the peer holds or last held
     rtt_var_ms: float = 0.0
+    # how long (ms) the peer has had a BGP session up without a break, as its heartbeat says;
+    # 0: none up now; None: not reported (a peer of an older version, or BGP off there)
+    peer_upstream_up_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -182,11 +207,13 @@ class WitnessReachable:
 @dataclass(frozen=True)
 class BgpNeighborUp:
     neighbor: str
+    now: float | None = None  # None: counted from the next Tick
 
 
 @dataclass(frozen=True)
 class BgpNeighborDown:
     neighbor: str
+    now: float | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +236,8 @@ class OperatorFence:
 @dataclass(frozen=True)
 class HandoverPrepared:
     """Planned switchover: the last epoch is committed by the peer with the guest paused here.
-    Fence now (gate closed, prefix withdrawn) and release the lease once, for the peer to take."""
+    Fence now (gate closed, prefix drained, traffic forwarded to the peer) and release the lease
+    once, for the peer to take; withdraw once the peer's route is seen (or drain_timeout_s)."""
     now: float
     epoch: int
 
@@ -305,6 +333,29 @@ class Withdraw:
 
 
 @dataclass(frozen=True)
+class Drain:
+    """Re-announce the prefix with GRACEFUL_SHUTDOWN (RFC 8326): routers prefer any other path
+    (the peer's) but keep this one until it appears, so the prefix is never unrouted."""
+
+
+GUEST_ROUTE_HERE = "here"  # the guest runs (or resumes) here: its traffic goes to the guest's TAP
+GUEST_ROUTE_PEER = "peer"  # the peer runs it (or takes it over): forward its traffic over the inter-site link
+GUEST_ROUTE_NONE = "none"  # nobody known to run it: no route of ours (never a loop between the sites)
+
+
+@dataclass(frozen=True)
+class SetGuestRoute:
+    """Where this site sends traffic for the guest's prefixes (GUEST_ROUTE_*)."""
+    mode: str
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """Start a planned switchover to the peer (the upstream is lost here, the peer's is up)."""
+    reason: str
+
+
+@dataclass(frozen=True)
 class SetProtection:
     protected: bool
 
@@ -354,6 +405,7 @@ class HaMachine:
         self.witness_reachable: bool | None = None
         self.peer_route_seen: bool | None = None
         self.bgp_up: set[str] = set()
+        self._bgp_seen = False  # a BGP event arrived (BGP is on here)
         self.takeover_by: str | None = None  # "peer_lost" | "operator"
         self.force_pending = False
         self.resuming = False
@@ -366,7 +418,16 @@ class HaMachine:
         self._next_query: float | None = None
         self._next_acquire: float | None = None
         self._last_renew: float | None = None
+        self.draining_since: float | None = None  # a drained announcement waits for the peer's route
+        self._route_mode: str | None = None  # the last SetGuestRoute emitted
+        self._now: float | None = None  # the latest time an event carried
+        self._bgp_down_since: float | None = None  # every BGP session down (while active), since
+        self._bgp_up_since: float | None = None  # some BGP session up without a break, since
+        self._active_since: float | None = None
+        self.peer_upstream_up_ms: float | None = None
+        self.upstream_handover_at: float | None = None  # the last upstream-loss handover asked for
         self._out: list = []
+        self._route_mode = self.guest_route()  # the daemon applies the first one at start
 
     @property
     def lease_generation(self) -> int:
@@ -380,8 +441,35 @@ class HaMachine:
 
     def handle(self, event) -> list:
         self._out = []
+        now = getattr(event, "now", None)
+        if now is not None:
+            self._now = now
         getattr(self, "_on_" + type(event).__name__)(event)
+        mode = self.guest_route()
+        if mode != self._route_mode:
+            self._route_mode = mode
+            self._emit(SetGuestRoute(mode))
         return self._out
+
+    def guest_route(self) -> str:
+        """Where this site's traffic for the guest goes, from the HA state alone. The site that
+        runs the guest (or resumes it) delivers to it; a site handing over forwards to the peer,
+        which takes it over; a standby forwards to a live peer (which runs it). Both sites forward
+        to each other only between a handover's release and the peer's takeover (a fraction of a
+        second, while the guest runs nowhere); never while one of them runs it."""
+        s = self.state
+        if s in ACTIVE or s in (STARTING, TAKING_OVER) or (s is FENCED and self.guest_running and not self.stale):
+            return GUEST_ROUTE_HERE
+        if s is HANDING_OVER:
+            return GUEST_ROUTE_PEER
+        return GUEST_ROUTE_PEER if self.peer_alive else GUEST_ROUTE_NONE
+
+    def upstream_status(self, now: float) -> int | None:
+        """For the peer (in heartbeats): ms some BGP session has been up here without a break
+        (0: none up), None when unknown (no BGP event yet)."""
+        if self._bgp_up_since is not None:
+            return int(max(0.0, now - self._bgp_up_since) * 1000)
+        return 0 if self._bgp_down_since is not None or self._bgp_seen else None
 
     def snapshot(self) -> dict:
         return {"site": self.config.site, "state": self.state.value, "lease_generation": self.generation,
@@ -391,7 +479,9 @@ class HaMachine:
                 "rtt_ms": self.rtt_ms, "detection_timeout_ms": self.timeout_ms,
                 "witness_reachable": self.witness_reachable, "peer_route_seen": self.peer_route_seen,
                 "bgp_neighbors_up": sorted(self.bgp_up), "replica_epoch": self.replica_epoch,
-                "lease_lapsed": self.lapsed, "alarms": dict(self.alarms)}
+                "lease_lapsed": self.lapsed, "draining": self.draining_since is not None,
+                "guest_route": self.guest_route(), "peer_upstream_up_ms": self.peer_upstream_up_ms,
+                "alarms": dict(self.alarms)}
 
     # ------------------------------------------------------------ helpers
     def _emit(self, *actions) -> None:
@@ -433,6 +523,7 @@ class HaMachine:
     def _fence(self, why: str, *, stale: bool = False, release: bool = False, operator: bool = False) -> None:
         """Stop releasing output and withdraw; `stale`: another site ran the guest since, so stop ours."""
         self._emit(CloseGate(), Withdraw())
+        self.draining_since = None
         if release and self.holding:
             self._emit(ReleaseLease(self.generation))
         self.gate_open = self.holding = self.forced = self.resuming = self.force_pending = False
@@ -541,6 +632,16 @@ class HaMachine:
         now = e.now
         if self.last_heard is None:
             self.last_heard, self.peer_alive = now, True  # grace: as if heard at start
+        if self.draining_since is not None and now - self.draining_since >= self.config.drain_timeout_s:
+            self.draining_since = None
+            self._emit(Withdraw(), Log("ha.drain_timeout", {
+                "why": f"the peer's route did not reach us within {self.config.drain_timeout_s:g}s: "
+                       "withdrawing anyway"}))
+        if self.state not in ACTIVE:
+            self._active_since = None
+        elif self._active_since is None:
+            self._active_since = now
+        self._maybe_hand_over(now)
         if self.state == STARTING and not self.config.witness:
             self._emit(Log("ha.no_witness", {"why": "no witness configured: running without a lease"}))
             self._open("started without a witness")
@@ -579,6 +680,43 @@ class HaMachine:
             self._emit(QueryLease())
             self._next_query = now + self.config.renew_every_ms / 1000
 
+    def upstream_loss(self, now: float) -> tuple[bool, str]:
+        """Whether to hand the guest over because this site's upstream is lost: (due, why). Pure:
+        reads only the machine's state and `now`."""
+        c = self.config
+        if c.upstream_loss_handover_s <= 0 or self.state not in ACTIVE or self.bgp_up:
+            return False, ""
+        since = [t for t in (self._bgp_down_since, self._active_since) if t is not None]
+        if not since or now - max(since) < c.upstream_loss_handover_s:
+            return False, ""
+        lost = f"every BGP session has been down for {c.upstream_loss_handover_s:g}s or more"
+        if self._active_since is None or now - self._active_since < c.upstream_loss_hold_down_s:
+            return False, f"{lost}, but this site became active less than {c.upstream_loss_hold_down_s:g}s ago " \
+                          "(hold-down)"
+        if self.upstream_handover_at is not None and now - self.upstream_handover_at < c.upstream_loss_hold_down_s:
+            return False, f"{lost}, but the last upstream-loss handover was less than " \
+                          f"{c.upstream_loss_hold_down_s:g}s ago (hold-down)"
+        if not (self.state is ACTIVE_PROTECTED and self.protected and self.peer_alive and self.standby_ready
+                and self.holding and not self.forced and not self.lapsed):
+            return False, f"{lost}, but the guest is not protected under a lease: a handover could lose state"
+        up = self.peer_upstream_up_ms
+        if up is None:
+            return False, f"{lost}, but the peer does not report its BGP sessions"
+        if up < c.upstream_loss_peer_stable_s * 1000:
+            return False, (f"{lost}, but the peer's BGP sessions have not been up for "
+                           f"{c.upstream_loss_peer_stable_s:g}s without a break")
+        return True, (f"every BGP session has been down for {now - max(since):.1f}s; the peer's have been up "
+                      f"for {up / 1000:.1f}s and the guest is protected")
+
+    def _maybe_hand_over(self, now: float) -> None:
+        due, why = self.upstream_loss(now)
+        if due:
+            self.upstream_handover_at = now
+            self._clear("upstream")
+            self._emit(Log("ha.upstream_loss_handover", {"why": why}), HandOver(f"upstream lost: {why}"))
+        elif why:
+            self._alarm("upstream", f"upstream lost, not handing over: {why}")
+
     def _wants_to_know_holder(self) -> bool:
         """A fenced site asks who holds the lease: without a guest (it died, or was gone after a
         restart) to rejoin as the standby once the peer runs the guest; with one, to learn that
@@ -592,6 +730,7 @@ class HaMachine:
         if e.rtt_ms is not None:
             self.rtt_ms, self.rtt_var_ms = e.rtt_ms, e.rtt_var_ms
         self.last_heard = e.now
+        self.peer_upstream_up_ms = e.peer_upstream_up_ms
         self.seen_generation = max(self.seen_generation, e.peer_generation)
         if e.peer_generation > self.generation and (self.holding or self.guest_running) and not self.forced \
                 and self.state is not HANDING_OVER:  # a handover expects the peer's newer lease
@@ -751,16 +890,28 @@ class HaMachine:
             self._maybe_acquire(e.now)
 
     def _on_BgpNeighborUp(self, e: BgpNeighborUp) -> None:
+        self._bgp_seen = True
+        if not self.bgp_up:
+            self._bgp_up_since = e.now if e.now is not None else self._now
         self.bgp_up.add(e.neighbor)
-        self._clear("bgp")
+        self._bgp_down_since = None
+        self._clear("bgp", "upstream")
 
     def _on_BgpNeighborDown(self, e: BgpNeighborDown) -> None:
+        self._bgp_seen = True
         self.bgp_up.discard(e.neighbor)
+        if not self.bgp_up:
+            self._bgp_up_since = None
+            if self._bgp_down_since is None:
+                self._bgp_down_since = e.now if e.now is not None else self._now
         if not self.bgp_up and self.gate_open:
             self._alarm("bgp", "active but no BGP neighbour is up: the guest prefix reaches nobody")
 
     def _on_PeerRouteSeen(self, e: PeerRouteSeen) -> None:
         self.peer_route_seen = e.originated_by_peer
+        if e.originated_by_peer and self.draining_since is not None:
+            self.draining_since = None
+            self._emit(Withdraw(), Log("ha.drain_done", {"why": "the upstream gives us the peer's route"}))
         if e.originated_by_peer and self.gate_open:
             self._alarm("route", "the peer's AS also originates the guest prefix while this site is active")
         elif not e.originated_by_peer:
@@ -807,7 +958,8 @@ class HaMachine:
         if self.state not in ACTIVE or not self.holding:
             self._emit(Log("ha.handover_refused", {"state": self.state.value, "holding": self.holding}))
             return
-        self._emit(CloseGate(), Withdraw(), ReleaseLease(self.generation))
+        self._emit(CloseGate(), Drain(), ReleaseLease(self.generation))
+        self.draining_since = e.now
         self.gate_open = self.holding = self.protected = self.lapsed = False
         self.expires_at, self._next_acquire = None, None
         self._goto(HANDING_OVER, f"planned switchover at epoch {e.epoch}: the peer takes the lease")
@@ -816,6 +968,9 @@ class HaMachine:
         if self.state is not HANDING_OVER:
             return
         self._emit(Log("ha.handover_aborted", {"reason": e.reason}))
+        if self.draining_since is not None:  # fenced until the lease is back: announce nothing
+            self.draining_since = None
+            self._emit(Withdraw())
         self._goto(FENCED, f"handover aborted ({e.reason}); taking the lease back")
         self._next_acquire = None
         self._maybe_acquire(e.now)

@@ -16,12 +16,14 @@ import json
 import os
 import random
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
 import uvloop
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from geomirror import logging as gmlog
 from geomirror import netns
@@ -139,6 +141,11 @@ class WanEmulator:
                     a, plen = addr.split("/")
                     ip.addr("add", index=idx, address=a, prefixlen=int(plen))
                     ip.link("set", index=idx, state="up", mtu=1500)
+                    a6 = world.WAN_ENDS6.get(ns)
+                    if a6:  # the inter-site link carries IPv6 too (forwarding on a planned move)
+                        a, plen = a6.split("/")
+                        ip.addr("add", index=idx, family=socket.AF_INET6, address=a, prefixlen=int(plen),
+                                flags=IFA_F_NODAD)
             self.fds.append(fd)
 
     async def run(self) -> None:

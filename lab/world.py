@@ -91,6 +91,7 @@ LINKS = [
 ]
 # wan0 at each site is a TAP owned by the WAN emulator in gm-wan (lab/wanem.py).
 WAN_ENDS = [(SITE_A, "wan0", "198.18.100.1/30"), (SITE_B, "wan0", "198.18.100.2/30")]
+WAN_ENDS6 = {SITE_A: "2001:db8:18:100::1/64", SITE_B: "2001:db8:18:100::2/64"}
 WAN_CTL = LAB_DIR / "wan.sock"
 DEFAULT_ROUTES = {SITE_A: "198.18.1.1", SITE_B: "198.18.2.1", WITNESS: "198.18.3.1", CLIENT: "198.18.10.1"}
 DEFAULT_ROUTES6 = {SITE_A: "2001:db8:18:1::1", SITE_B: "2001:db8:18:2::1", WITNESS: "2001:db8:18:3::1",
@@ -298,6 +299,9 @@ def bird_config(routing: str, static_site: str | None) -> str:
         "protocol kernel { ipv4 { import none; export all; }; learn off; }",
         "protocol kernel { ipv6 { import none; export where source = RTS_BGP || source = RTS_STATIC; }; learn off; }",
     ]
+    # RFC 8326: a route tagged GRACEFUL_SHUTDOWN (65535:0) gets local-pref 0 on import, so any
+    # other path wins while it stays as the fallback (make before break on a planned move)
+    lines.append("filter gshut { if (65535, 0) ~ bgp_community then bgp_local_pref = 0; accept; }")
     if routing == "static" and static_site:
         lines.append(f"protocol static lab_static {{ ipv4; route {GUEST_PREFIX} via {SITE_UPLINK[static_site]}; }}")
         lines.append(f"protocol static lab_static6 {{ ipv6; route {GUEST_PREFIX6} via {SITE_UPLINK6[static_site]}; }}")
@@ -307,8 +311,8 @@ def bird_config(routing: str, static_site: str | None) -> str:
         lines.append(
             f"protocol bgp {site.replace('-', '_')} {{ local {local} as 64500; neighbor {addr} as {asn}; "
             "hold time 6; connect retry time 2; error wait time 1, 5; "
-            f"ipv4 {{ import all; export where net = {GUEST_PREFIX}; }}; "
-            f"ipv6 {{ import all; export where net = {GUEST_PREFIX6}; next hop address {INET_SIDE6[site]}; }}; "
+            f"ipv4 {{ import filter gshut; export where net = {GUEST_PREFIX}; }}; "
+            f"ipv6 {{ import filter gshut; export where net = {GUEST_PREFIX6}; next hop address {INET_SIDE6[site]}; }}; "
             "graceful restart off; }")
     return "\n".join(lines) + "\n"
 

@@ -30,7 +30,7 @@ from replication import verify
 from replication.capture import Capture, DirtySet
 from replication.gate import Gate
 from replication.qemu import Guest
-from replication.session import (BLOCK_PAGES, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
+from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
                                  send_heartbeats,
                                  session_key)
 from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
@@ -132,8 +132,13 @@ class Primary:
         self._last_heard = time.monotonic()
         self._pause_lock = asyncio.Lock()  # one checkpoint at a time (also vs. operator actions)
         self.on_commit: Callable[[int], None] | None = None
-        self.on_heartbeat: Callable[[int, LinkStats], None] | None = None  # (peer generation, the link)
+        # (peer generation, the link, the peer's upstream-up ms or None)
+        self.on_heartbeat: Callable[[int, LinkStats, int | None], None] | None = None
         self.generation_fn: Callable[[], int] = lambda: 0
+        # this site's upstream-up ms for the peer's heartbeats (None: not reported); sent only to a
+        # standby whose HELLO_REPLY says it reads them
+        self.upstream_fn: Callable[[], int | None] = lambda: None
+        self._peer_reads_upstream = False
         self._stop = asyncio.Event()
         self._hold_checkpoints = asyncio.Event()
         self._hold_checkpoints.set()
@@ -236,8 +241,9 @@ class Primary:
         nonce = new_nonce()
         await ch.send_json(MsgType.HELLO, {
             "proto": PROTOCOL_VERSION, "site": self.cfg.site, "compat": self.cfg.compat, "run_id": self.cfg.run_id,
-            "nonce": nonce.hex(), "ram_bytes": self.capture.size})
+            "nonce": nonce.hex(), "ram_bytes": self.capture.size, HELLO_UPSTREAM_KEY: 1})
         reply = await asyncio.wait_for(ch.recv_json(MsgType.HELLO_REPLY), 30)
+        self._peer_reads_upstream = reply.get(HELLO_UPSTREAM_KEY) == 1
         if reply.get("proto") != PROTOCOL_VERSION:
             raise ChannelError(f"standby speaks protocol {reply.get('proto')}, we speak {PROTOCOL_VERSION}")
         hashes = None
@@ -542,7 +548,8 @@ class Primary:
                            f"{info.get('epoch')} (bytes {info.get('offset')}+{info.get('length')}); resyncing")
 
     async def _heartbeats(self, ch: Channel) -> None:
-        await send_heartbeats(ch, self.cfg.heartbeat_ms / 1000, self.generation_fn)
+        await send_heartbeats(ch, self.cfg.heartbeat_ms / 1000, self.generation_fn,
+                              self.upstream_fn if self._peer_reads_upstream else None)
 
     def silence_ms(self) -> float:
         return (time.monotonic() - self._last_heard) * 1000

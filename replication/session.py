@@ -15,6 +15,35 @@ from replication.transport import ChannelError, MsgType
 
 BLOCK_PAGES = 16  # resync granularity: 64 KiB blocks
 HEARTBEAT = struct.Struct(">QQQ")  # seq, sender's monotonic ns, sender's lease generation
+# The extended heartbeat appends the sender's upstream: u32 flags (bit 0: reported), u32 ms some
+# BGP session has been up there without a break (0: none up; saturates). Sent only to a peer whose
+# HELLO / HELLO_REPLY carries HELLO_UPSTREAM_KEY; read in either form (an older peer sends 24 bytes).
+HEARTBEAT_UPSTREAM = struct.Struct(">II")
+HEARTBEAT_EXT_SIZE = HEARTBEAT.size + HEARTBEAT_UPSTREAM.size
+HELLO_UPSTREAM_KEY = "heartbeat_upstream"
+_U32_MAX = 0xFFFFFFFF
+
+
+def heartbeat_payload(seq: int, sent_ns: int, generation: int, upstream=False) -> bytes:
+    """A HEARTBEAT's payload: the 24-byte form, or (`upstream` not False: a peer that reads it) the
+    32-byte form with the sender's upstream-up ms (None: not reported)."""
+    base = HEARTBEAT.pack(seq, sent_ns, generation)
+    if upstream is False:
+        return base
+    if upstream is None:
+        return base + HEARTBEAT_UPSTREAM.pack(0, 0)
+    return base + HEARTBEAT_UPSTREAM.pack(1, min(_U32_MAX, max(0, int(upstream))))
+
+
+def parse_heartbeat(payload: bytes) -> tuple[int, int, int, int | None]:
+    """(seq, sender's ns, generation, upstream-up ms or None); ValueError for any other size."""
+    if len(payload) == HEARTBEAT.size:
+        return (*HEARTBEAT.unpack(payload), None)
+    if len(payload) == HEARTBEAT_EXT_SIZE:
+        seq, ns, gen = HEARTBEAT.unpack_from(payload)
+        flags, up_ms = HEARTBEAT_UPSTREAM.unpack_from(payload, HEARTBEAT.size)
+        return seq, ns, gen, (up_ms if flags & 1 else None)
+    raise ValueError(f"{len(payload)} bytes")
 
 
 def new_nonce() -> bytes:
@@ -103,25 +132,29 @@ class LinkStats:
 
 
 async def on_heartbeat_message(ch, mtype, payload: bytes, link: LinkStats, on_heartbeat) -> bool:
-    """Both ends: echo a HEARTBEAT (and report the peer's generation and the link), time an ECHO.
-    Returns False for other messages. A heartbeat of the wrong size is a protocol error."""
+    """Both ends: echo a HEARTBEAT (and report the peer's generation, the link and the peer's
+    upstream-up ms, None if not reported: `on_heartbeat(generation, link, upstream_up_ms)`), time
+    an ECHO. Returns False for other messages. A heartbeat of the wrong size is a protocol error."""
     if mtype not in (MsgType.HEARTBEAT, MsgType.HEARTBEAT_ECHO):
         return False
-    if len(payload) != HEARTBEAT.size:
-        raise ChannelError(f"malformed {mtype.name} ({len(payload)} bytes)")
-    _, sent_ns, generation = HEARTBEAT.unpack(payload)
+    try:
+        _, sent_ns, generation, upstream = parse_heartbeat(payload)
+    except ValueError:
+        raise ChannelError(f"malformed {mtype.name} ({len(payload)} bytes)") from None
     if mtype is MsgType.HEARTBEAT:
         await ch.send(MsgType.HEARTBEAT_ECHO, payload)
         if on_heartbeat:
-            on_heartbeat(generation, link)
+            on_heartbeat(generation, link, upstream)
     else:
         link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
     return True
 
 
-async def send_heartbeats(ch, period_s: float, generation_fn) -> None:
+async def send_heartbeats(ch, period_s: float, generation_fn, upstream_fn=None) -> None:
+    """`upstream_fn` (ms up, or None): only for a peer that said in its hello it reads it."""
     seq = 0
     while True:
         seq += 1
-        await ch.send_heartbeat(HEARTBEAT.pack(seq, time.monotonic_ns(), generation_fn()))
+        up = False if upstream_fn is None else upstream_fn()
+        await ch.send_heartbeat(heartbeat_payload(seq, time.monotonic_ns(), generation_fn(), up))
         await asyncio.sleep(period_s)

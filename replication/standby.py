@@ -29,9 +29,8 @@ from replication import codec as codec_mod
 from replication import verify
 from replication.progress import Progress
 from replication.qemu import Guest, GuestSpec
-from replication.session import (BLOCK_PAGES, LinkStats, compat_mismatch, new_nonce, on_heartbeat_message,
-                                 own_lateness,
-                                 send_heartbeats, session_key)
+from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, compat_mismatch, new_nonce,
+                                 on_heartbeat_message, own_lateness, send_heartbeats, session_key)
 from replication.store import Replica, ReplicaError, ReplicaStorageError
 from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
 
@@ -83,8 +82,10 @@ class Standby:
         self.on_commit = None
         self.on_switchover = None  # callable(epoch): the primary hands the guest over (planned)
         self.on_heard = None
-        self.on_heartbeat = None  # (peer generation, LinkStats)
+        self.on_heartbeat = None  # (peer generation, LinkStats, peer's upstream-up ms or None)
         self.generation_fn = lambda: 0
+        self.upstream_fn = lambda: None  # this site's upstream-up ms, for a primary that reads it
+        self._peer_reads_upstream = False
 
     def silence_ms(self) -> float:
         return (time.monotonic() - self._last_heard) * 1000
@@ -101,6 +102,7 @@ class Standby:
             await ch.refuse(f"site {self.site} has taken over the guest; it no longer accepts checkpoints")
             return
         hello = await asyncio.wait_for(ch.recv_json(MsgType.HELLO), 10)
+        self._peer_reads_upstream = hello.get(HELLO_UPSTREAM_KEY) == 1
         if hello.get("proto") != PROTOCOL_VERSION:
             msg = f"protocol mismatch: ours {PROTOCOL_VERSION}, theirs {hello.get('proto')!r}"
             log.error("standby.refused", peer=ch.peer, reason=msg)
@@ -134,7 +136,7 @@ class Standby:
                 await ch.send_json(MsgType.HELLO_REPLY, {
                     "proto": PROTOCOL_VERSION, "site": self.site, "nonce": nonce.hex(),
                     "committed_epoch": self.replica.committed_epoch, "valid": valid, "hashes": base,
-                    "block_pages": BLOCK_PAGES})
+                    "block_pages": BLOCK_PAGES, HELLO_UPSTREAM_KEY: 1})
                 if base:
                     await ch.send(MsgType.HASHES, await asyncio.to_thread(self._hashes_blob))
         if refused is not None:
@@ -330,7 +332,8 @@ class Standby:
 
     async def _heartbeats(self, ch: Channel) -> None:
         try:
-            await send_heartbeats(ch, self.heartbeat_ms / 1000, self.generation_fn)
+            await send_heartbeats(ch, self.heartbeat_ms / 1000, self.generation_fn,
+                                  self.upstream_fn if self._peer_reads_upstream else None)
         except (ChannelError, ConnectionError, OSError):
             pass
 

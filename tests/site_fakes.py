@@ -94,6 +94,25 @@ class FakeSpeaker:
         if self.fail:
             raise self.fail
 
+    async def drain(self, prefix, policy):
+        self.calls.append(("drain", prefix, policy))
+        if self.fail:
+            raise self.fail
+
+
+class FakeRoutes:
+    """Where the guest's traffic goes (host.GuestRoutes): records each mode applied."""
+
+    def __init__(self, fail: int = 0):
+        self.applied: list[str] = []
+        self.fail = fail
+
+    async def apply(self, mode):
+        if self.fail:
+            self.fail -= 1
+            raise OSError(101, "Network is unreachable (test)")
+        self.applied.append(mode)
+
 
 def site_config(name="site-a", policy="stall", grace_ms=5000):
     return SimpleNamespace(
@@ -101,7 +120,8 @@ def site_config(name="site-a", policy="stall", grace_ms=5000):
         peer=SimpleNamespace(name="site-b" if name == "site-a" else "site-a"),
         guest=SimpleNamespace(name="guest", prefix="198.51.100.0/24", prefix6=None, memory_mb=16),
         witness=SimpleNamespace(lease_ttl_ms=6000, renew_every_ms=1000),
-        bgp=SimpleNamespace(med=None, communities=(), prepend=0, active=Policy()),
+        bgp=SimpleNamespace(med=None, communities=(), prepend=0, active=Policy(),
+                            drain=Policy(communities=("65535:0",))),
         checkpoint=SimpleNamespace(unreachable_policy=policy, unprotected_grace_ms=grace_ms),
         heartbeat=SimpleNamespace(interval_ms=100, min_timeout_ms=600, max_timeout_ms=5000),
     )

@@ -29,6 +29,9 @@ class FakeGuestOps:
     async def rejoin(self, reason):
         self.calls.append(("rejoin", reason))
 
+    async def hand_over(self, reason):
+        self.calls.append(("hand_over", reason))
+
 
 class Site:
     """A real HA machine wired to Effects, the way the daemon wires them."""
@@ -206,3 +209,27 @@ async def test_a_dual_stack_site_with_one_prefix_refused_is_not_announced_and_wi
     await s.settle()
     # the speaker keeps a refused announcement to re-apply after an ExaBGP restart: withdraw it too
     assert s.speaker.calls[-2:] == [("withdraw", "198.51.100.0/24"), ("withdraw", "2001:db8:100::/48")]
+
+
+async def test_route_modes_are_applied_in_order_latest_wins_and_failures_retry():
+    from tests.site_fakes import FakeRoutes
+
+    s = Site()
+    s.fx.routes = FakeRoutes(fail=1)
+    s.fx.ROUTE_RETRY_S = 0
+    s.fx.act(ha.SetGuestRoute(ha.GUEST_ROUTE_PEER))
+    s.fx.act(ha.SetGuestRoute(ha.GUEST_ROUTE_HERE))
+    await s.settle()
+    assert s.fx.routes.applied == [ha.GUEST_ROUTE_HERE] and s.fx.route_applied == ha.GUEST_ROUTE_HERE
+
+
+async def test_drain_then_withdraw_and_an_upstream_handover_goes_to_the_guest_operations():
+    s = Site()
+    s.feed(ha.Tick(time.monotonic()))
+    await s.settle()
+    s.fx.act(ha.Drain())
+    s.fx.act(ha.HandOver("upstream lost: test"))
+    await s.settle()
+    assert s.speaker.calls[-1][0] == "drain" and s.speaker.calls[-1][2].communities == ("65535:0",)
+    assert ("hand_over", "upstream lost: test") in s.ops.calls
+    assert any(e["event"] == "upstream_loss.handover" for e in s.ctx.timeline.entries)

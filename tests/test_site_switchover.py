@@ -85,7 +85,11 @@ async def test_switchover_releases_once_tells_the_peer_after_and_demotes():
     for k in ("paused_at_ms", "fenced_at_ms", "peer_holds_lease_at_ms", "standby_at_ms"):
         assert isinstance(report[k], float)
     assert [a for a in r.actions if isinstance(a, ha.ReleaseLease)] == [ha.ReleaseLease(3)], "released once"
-    assert ha.CloseGate() in r.actions and ha.Withdraw() in r.actions
+    assert ha.CloseGate() in r.actions and ha.Drain() in r.actions
+    assert ha.Withdraw() not in r.actions, "make before break: no withdrawal before the peer's route is seen"
+    assert ha.SetGuestRoute(ha.GUEST_ROUTE_PEER) in r.actions, "traffic still arriving here goes to the peer"
+    r.feed(ha.PeerRouteSeen(True))
+    assert r.actions[-2:][0] == ha.Withdraw() and r.m.draining_since is None
     assert ("announce_switchover", 42, None) in r.primary.calls, "the peer is told once the lease is free"
     assert r.demoted == ["switchover to site-b"] and r.m.state is ha.STANDBY
     assert not r.m.guest_running and not r.m.gate_open

@@ -83,6 +83,9 @@ class SiteContext:
     timeline: Timeline
     tasks: Tasks
     unsafe_no_output_commit: bool = False
+    # this site's upstream for the peer's heartbeats: ms some BGP session has been up without a
+    # break (0: none), None when not known (BGP off)
+    upstream: Callable[[], int | None] = lambda: None
     name: str = field(init=False)
     state_dir: Path = field(init=False)
     run_dir: Path = field(init=False)

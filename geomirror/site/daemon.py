@@ -27,7 +27,7 @@ from geomirror.site.effects import Effects
 from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePolicy
 from geomirror.site.guest_ops import GuestOperations
 from geomirror.site.guest_spec import GuestSpecs
-from geomirror.site.host import TAP_NAME
+from geomirror.site.host import TAP_NAME, GuestRoutes
 from geomirror.site.primary_side import PrimarySide
 from geomirror.site.role import GuestRecord, RoleState, RoleStore
 from geomirror.site.routing import start_speaker
@@ -102,7 +102,7 @@ class SiteDaemon(GuestOperations):
             log.warning("config.warning", site=self.name, file=str(cfg.path), key=key, problem=problem)
         gate = UserspaceGate(None, open_tap(TAP_NAME), mode=GateMode.FENCED)  # it dials each guest's NIC
         self.ctx = SiteContext(cfg, self.tls, gate, self.feed, lambda: self.ha.generation, self.timeline,
-                               self.tasks, self.unsafe_no_output_commit)
+                               self.tasks, self.unsafe_no_output_commit, self.upstream_status)
         if self.unsafe_no_output_commit:
             log.warning("gate.output_commit_disabled", site=self.name,
                         hint="GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT=1: clients can see state the standby never got")
@@ -127,7 +127,8 @@ class SiteDaemon(GuestOperations):
                                guest_here=(ha_role is Role.PRIMARY) or fenced_guest,  # `promote` may reopen it
                                fenced_by_operator=lost is None)
         self.gatectl.update(ha_state=self.ha.state)
-        self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self)
+        self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self, GuestRoutes(cfg))
+        self.effects.act(ha.SetGuestRoute(self.ha.guest_route()))  # later changes come from the machine
         self.switchover_job = Switchover(self.ctx, self.witness, lambda: self._primary(),
                                          lambda: self.ha.state, self._demote)
         self.speaker = await start_speaker(cfg, self.feed, mark=self.timeline.mark)
@@ -234,6 +235,24 @@ class SiteDaemon(GuestOperations):
 
     async def switchover(self, timeout: float = 15.0) -> dict:
         return await self.switchover_job.run(timeout)
+
+    async def hand_over(self, reason: str) -> None:
+        """The HA machine asks for a planned switchover (its upstream is lost): run it, and say
+        so when it cannot (the guest runs on here; the machine's hold-down spaces the retries)."""
+        try:
+            report = await self.switchover_job.run()
+        except Refused as e:
+            self.effects.alarm(f"handover for upstream loss refused: {e}")
+            self.timeline.mark("upstream_loss.handover_refused", reason=reason, error=str(e))
+            return
+        self.timeline.mark("upstream_loss.handed_over", reason=reason, to=report["to"],
+                           epoch=report["final_epoch"])
+
+    def upstream_status(self) -> int | None:
+        """For the peer, in heartbeats: ms some BGP session has been up here without a break."""
+        if self.speaker is None or self.ha is None:
+            return None
+        return self.ha.upstream_status(time.monotonic())
 
     async def fence(self, reason: str = "operator") -> dict:
         self.timeline.mark("fence", reason=reason)

@@ -1,8 +1,9 @@
 """Carries out the HA machine's actions; what comes of them goes back to it as events.
 
 The machine decides (geomirror/ha.py); this job does: lease calls to the lease backend
-(the witness), announce/withdraw through the BGP speaker, the gate's permission through
-the gate policy, and resume/stop of the guest through the daemon's guest operations.
+(the witness), announce/drain/withdraw through the BGP speaker, the gate's permission through
+the gate policy, where the guest's traffic goes (`GuestRoutes`: the TAP here, or forwarded to
+the peer), and resume/stop/hand-over of the guest through the daemon's guest operations.
 Every dependency is injected, so the sequences are tested on fakes
 (tests/test_site_effects.py)."""
 
@@ -28,10 +29,24 @@ class GuestOps(Protocol):
     async def resume_guest(self) -> None: ...  # feeds ResumeDone or ResumeFailed
     async def stop_guest(self, reason: str) -> None: ...
     async def rejoin(self, reason: str) -> None: ...  # stop ours, seed the replica, BecameStandby
+    async def hand_over(self, reason: str) -> None: ...  # a planned switchover to the peer
+
+
+class RouteApplier(Protocol):
+    async def apply(self, mode: str) -> None: ...  # raises OSError (NetlinkError) when it cannot
+
+
+def guest_prefixes(cfg) -> list[str]:
+    """The prefixes this site announces, drains and withdraws for the guest (one list, so a
+    second address family is one more entry)."""
+    return [str(cfg.guest.prefix)]
 
 
 class Effects:
-    def __init__(self, ctx: SiteContext, gatectl: GateController, lease, speaker, guest_ops: GuestOps):
+    ROUTE_RETRY_S = 1.0
+
+    def __init__(self, ctx: SiteContext, gatectl: GateController, lease, speaker, guest_ops: GuestOps,
+                 routes: RouteApplier | None = None):
         self.ctx = ctx
         self.gatectl = gatectl
         self.lease = lease  # the lease backend (WitnessClient), or None without a witness
@@ -43,6 +58,10 @@ class Effects:
         self.protection_changes = 0
         self.alarms: list[str] = []
         self.lease_calls = 0
+        self.routes = routes  # None: this site's routing is not managed (tests, BGP-less set-ups)
+        self.route_mode: str | None = None  # wanted
+        self.route_applied: str | None = None
+        self._route_task: asyncio.Task | None = None
 
     @property
     def announced(self) -> bool:
@@ -84,6 +103,13 @@ class Effects:
             ctx.spawn(self._announce(), "bgp.announce")
         elif isinstance(a, ha.Withdraw):
             ctx.spawn(self._withdraw(), "bgp.withdraw")
+        elif isinstance(a, ha.Drain):
+            ctx.spawn(self._drain(), "bgp.drain")
+        elif isinstance(a, ha.SetGuestRoute):
+            self.set_route(a.mode)
+        elif isinstance(a, ha.HandOver):
+            ctx.mark("upstream_loss.handover", reason=a.reason, peer=ctx.cfg.peer.name)
+            ctx.spawn(self.guest_ops.hand_over(a.reason), "switchover.upstream_loss")
         elif isinstance(a, ha.SetProtection):
             self._protection(a.protected)
         else:  # a new action nobody carries out is a bug: say so loudly
@@ -143,6 +169,28 @@ class Effects:
         except WitnessError as e:
             log.warning("lease.error", site=self.ctx.name, op=op, error=str(e))
 
+    def set_route(self, mode: str) -> None:
+        """Where the guest's traffic goes now: one applier task carries out the latest wish, in order."""
+        self.route_mode = mode
+        if self.routes is None:
+            self.route_applied = mode
+            return
+        if self._route_task is None or self._route_task.done():
+            self._route_task = self.ctx.spawn(self._apply_routes(), "guest.route")
+
+    async def _apply_routes(self) -> None:
+        while self.route_mode != self.route_applied:
+            mode = self.route_mode
+            try:
+                await self.routes.apply(mode)
+            except OSError as e:  # NetlinkError is an OSError: e.g. the inter-site link is down
+                log.warning("guest.route_failed", site=self.ctx.name, mode=mode, error=str(e),
+                            retry_s=self.ROUTE_RETRY_S)
+                await asyncio.sleep(self.ROUTE_RETRY_S)
+                continue
+            self.route_applied = mode
+            self.ctx.mark("guest.route", mode=mode)
+
     async def _announce(self) -> None:
         """Announce every guest prefix with the active policy (MED, communities, prepend); one
         that fails is an alarm and the others are still announced."""
@@ -159,6 +207,20 @@ class Effects:
             self.announced_prefixes.add(prefix)
         if self.announced:
             self.ctx.mark("bgp.announced", prefix=prefixes[0], prefixes=prefixes)
+
+    async def _drain(self) -> None:
+        """Keep the prefix routed here, drained (GRACEFUL_SHUTDOWN), until the peer's route is
+        seen: the HA machine then asks for the withdrawal (or after its timeout)."""
+        if self.speaker is None or not self._sent:
+            return
+        b = self.ctx.cfg.bgp
+        for prefix in [p for p in guest_prefixes(self.ctx.cfg) if p in self._sent]:
+            try:
+                await self.speaker.drain(prefix, b.drain)
+            except (GeomirrorError, OSError) as e:  # the next step (withdraw) still comes
+                self.alarm(f"draining {prefix} failed: {e}")
+                continue
+            self.ctx.mark("bgp.drained", prefix=prefix)
 
     async def _withdraw(self) -> None:
         """Withdraw every guest prefix an announcement was sent for."""

@@ -127,8 +127,9 @@ class PrimarySide:
         # them, and a replica (here or at the peer) rejects anything not after its committed one.
         p.status.epoch = max(ctx.gate.current_epoch, first_epoch)
         p.generation_fn = ctx.generation
-        p.on_heartbeat = lambda gen, link: ctx.feed(
-            ha.HeartbeatReceived(time.monotonic(), link.rtt_ms, gen, link.rtt_var_ms))
+        p.upstream_fn = ctx.upstream
+        p.on_heartbeat = lambda gen, link, upstream: ctx.feed(
+            ha.HeartbeatReceived(time.monotonic(), link.rtt_ms, gen, link.rtt_var_ms, upstream))
         p.on_commit = lambda epoch: ctx.feed(ha.StandbyReady(epoch))
         p.on_session_commits = lambda: self.gatectl.update(session_committing=True)
         p.on_session_ended = lambda acked: self.gatectl.update(

@@ -5,6 +5,7 @@ IPv4 sessions (MP-BGP), each with that link's `next_hop6`."""
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from bgp.config import family_of
@@ -54,10 +55,11 @@ class BgpWatch:
     def changed(self) -> None:
         sp = self.speaker
         now_up = {n for n, st in sp.neighbor_states.items() if st == "up"}
+        now = time.monotonic()
         for n in now_up - self.up:
-            self.feed(ha.BgpNeighborUp(n))
+            self.feed(ha.BgpNeighborUp(n, now))
         for n in self.up - now_up:
-            self.feed(ha.BgpNeighborDown(n))
+            self.feed(ha.BgpNeighborDown(n, now))
         self.up = now_up
         routes = sp.received_routes(str(self.cfg.guest.prefix))
         origins = sorted({r.as_path[-1] for r in routes if r.as_path})

@@ -68,8 +68,9 @@ class StandbySide:
                      allowed_peer=lambda ch: pairing.check_peer(ch.ssl_object(), expected),
                      min_timeout_ms=hb.min_timeout_ms, max_timeout_ms=hb.max_timeout_ms)
         sb.generation_fn = ctx.generation
-        sb.on_heartbeat = lambda gen, link: ctx.feed(
-            ha.HeartbeatReceived(time.monotonic(), link.rtt_ms, gen, link.rtt_var_ms))
+        sb.upstream_fn = ctx.upstream
+        sb.on_heartbeat = lambda gen, link, upstream: ctx.feed(
+            ha.HeartbeatReceived(time.monotonic(), link.rtt_ms, gen, link.rtt_var_ms, upstream))
         sb.on_commit = self._on_commit
         self.standby = sb
         await set_tap(cfg, False)

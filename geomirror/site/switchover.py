@@ -2,8 +2,10 @@
 
 At the primary:
  1. the last epoch is taken with the guest left paused, and committed by the peer;
- 2. the HA machine is told (`HandoverPrepared`): gate closed, prefix withdrawn, lease
-    released, once; this job waits until the lease backend shows it free;
+ 2. the HA machine is told (`HandoverPrepared`): gate closed, prefix drained (re-announced
+    with GRACEFUL_SHUTDOWN, withdrawn only once the upstream gives us the peer's route, or after
+    bgp.drain_timeout_s), the guest's traffic that still arrives here forwarded to the peer over
+    the inter-site link, lease released, once; this job waits until the lease backend shows it free;
  3. the peer is told (SWITCHOVER on the replication channel); it takes the lease at the
     next generation by the ordinary rules, resumes from that epoch (its hot standby),
     opens and announces;
