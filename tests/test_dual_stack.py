@@ -32,8 +32,8 @@ def test_lab_bird_config_carries_the_48_over_each_ipv4_session():
     conf = world.bird_config("bgp", None)
     for site, asn in world.SITE_AS.items():
         block = next(ln for ln in conf.splitlines() if f"neighbor {world.SITE_UPLINK[site]} as {asn}" in ln)
-        assert f"ipv4 {{ import all; export where net = {world.GUEST_PREFIX}; }}" in block
-        assert (f"ipv6 {{ import all; export where net = {world.GUEST_PREFIX6}; "
+        assert f"ipv4 {{ import filter gshut; export where net = {world.GUEST_PREFIX}; }}" in block
+        assert (f"ipv6 {{ import filter gshut; export where net = {world.GUEST_PREFIX6}; "
                 f"next hop address {world.INET_SIDE6[site]}; }}") in block
     assert "protocol kernel { ipv6 {" in conf
     assert "lab_static6" not in conf

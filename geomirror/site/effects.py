@@ -36,12 +36,6 @@ class RouteApplier(Protocol):
     async def apply(self, mode: str) -> None: ...  # raises OSError (NetlinkError) when it cannot
 
 
-def guest_prefixes(cfg) -> list[str]:
-    """The prefixes this site announces, drains and withdraws for the guest (one list, so a
-    second address family is one more entry)."""
-    return [str(cfg.guest.prefix)]
-
-
 class Effects:
     ROUTE_RETRY_S = 1.0
 
