@@ -41,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import structlog
@@ -105,31 +105,55 @@ class SealedExtents:
 
     epoch: int
     slots: dict[int, int] = field(repr=False)  # block number -> slot in the arena
-    chunks: list[bytearray] = field(repr=False)  # the arena: CHUNK_BLOCKS blocks each
+    order: list[int] = field(repr=False)  # slot -> block number
+    chunks: list[bytearray] = field(repr=False)  # the arena: chunk_blocks blocks each
     block_size: int = BLOCK_SIZE
+    chunk_blocks: int = CHUNK_BLOCKS
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self.order)
 
     @property
     def nbytes(self) -> int:
-        return len(self.slots) * self.block_size
+        return len(self.order) * self.block_size
+
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(block numbers ascending, the slot of each)."""
+        by_slot = np.array(self.order, dtype=np.uint64)
+        perm = np.argsort(by_slot, kind="stable")
+        return by_slot[perm], perm
 
     def block_numbers(self) -> np.ndarray:
-        return np.fromiter(sorted(self.slots), dtype=np.uint64, count=len(self.slots))
+        return self._sorted()[0]
 
     def contents(self) -> np.ndarray:
-        """(n, block_size) uint8, in the order of ``block_numbers()``."""
-        if not self.slots:
-            return np.empty((0, self.block_size), dtype=np.uint8)
-        arena = np.concatenate([np.frombuffer(c, dtype=np.uint8) for c in self.chunks]).reshape(-1, self.block_size)
-        order = np.fromiter((self.slots[b] for b in sorted(self.slots)), dtype=np.int64, count=len(self.slots))
-        return arena[order]
+        """(n, block_size) uint8, in the order of ``block_numbers()``: one copy out of the arena."""
+        n, bs = len(self.order), self.block_size
+        out = np.empty((n, bs), dtype=np.uint8)
+        if not n:
+            return out
+        _, perm = self._sorted()
+        where = np.empty(n, dtype=np.int64)  # slot -> row of the output
+        where[perm] = np.arange(n)
+        for ci, chunk in enumerate(self.chunks):
+            lo, hi = ci * self.chunk_blocks, min(n, (ci + 1) * self.chunk_blocks)
+            out[where[lo:hi]] = np.frombuffer(chunk, dtype=np.uint8).reshape(self.chunk_blocks, bs)[:hi - lo]
+        return out
+
+    def by_chunk(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Zero-copy: per arena chunk, (block numbers in slot order, their contents as a
+        (k, block_size) uint8 view). For a consumer that does not need the blocks sorted
+        (a compressor): no copy and no sort."""
+        n, bs, cb = len(self.order), self.block_size, self.chunk_blocks
+        for ci, chunk in enumerate(self.chunks):
+            lo, hi = ci * cb, min(n, (ci + 1) * cb)
+            yield (np.array(self.order[lo:hi], dtype=np.uint64),
+                   np.frombuffer(chunk, dtype=np.uint8).reshape(cb, bs)[:hi - lo])
 
     def block(self, b: int) -> bytes:
         s = self.slots[b]
-        c = self.chunks[s // CHUNK_BLOCKS]
-        o = (s % CHUNK_BLOCKS) * self.block_size
+        c = self.chunks[s // self.chunk_blocks]
+        o = (s % self.chunk_blocks) * self.block_size
         return bytes(c[o:o + self.block_size])
 
 
@@ -142,13 +166,16 @@ class ExtentLog:
     per block); measured here, per 4 KiB block: arena copy 2.4 us, a ``bytes`` copy
     5.5 us, reading the block back from the image at seal time 6-9 us (inside the pause)."""
 
-    def __init__(self, block_size: int = BLOCK_SIZE, cap_bytes: int | None = None, first_epoch: int = 1):
+    def __init__(self, block_size: int = BLOCK_SIZE, cap_bytes: int | None = None, first_epoch: int = 1,
+                 chunk_blocks: int = CHUNK_BLOCKS):
         self.block_size = block_size
+        self.chunk_blocks = chunk_blocks
         self.cap_bytes = cap_bytes
         self.lock = threading.Lock()
         self._cond = threading.Condition(self.lock)
         self.epoch = first_epoch
         self._slots: dict[int, int] = {}
+        self._order: list[int] = []
         self._chunks: list[bytearray] = []
         self._views: list[memoryview] = []
         self.unsent_bytes = 0
@@ -160,14 +187,38 @@ class ExtentLog:
         """The arena slot of block ``b`` in the open epoch, allocated on its first write."""
         s = self._slots.get(b)
         if s is None:
-            s = self._slots[b] = len(self._slots)
-            if s // CHUNK_BLOCKS == len(self._chunks):
-                c = bytearray(CHUNK_BLOCKS * self.block_size)
-                self._chunks.append(c)
-                self._views.append(memoryview(c))
-            self.unsent_bytes += self.block_size
-        o = (s % CHUNK_BLOCKS) * self.block_size
-        return self._views[s // CHUNK_BLOCKS][o:o + self.block_size]
+            s = self._new_slots(b, 1)
+        o = (s % self.chunk_blocks) * self.block_size
+        return self._views[s // self.chunk_blocks][o:o + self.block_size]
+
+    def _new_slots(self, b: int, k: int) -> int:
+        """Give blocks b..b+k-1 (none recorded yet, k <= room left in the last chunk or
+        self.chunk_blocks) consecutive slots; returns the first."""
+        s = len(self._order)
+        if s // self.chunk_blocks == len(self._chunks):
+            c = bytearray(self.chunk_blocks * self.block_size)
+            self._chunks.append(c)
+            self._views.append(memoryview(c))
+        self._slots.update(zip(range(b, b + k), range(s, s + k)))
+        self._order.extend(range(b, b + k))
+        self.unsent_bytes += k * self.block_size
+        return s
+
+    def _copy_whole_blocks(self, b0: int, b1: int, src: memoryview) -> None:
+        """Blocks b0..b1-1 are wholly covered by ``src``: runs of new blocks go into
+        consecutive slots with one copy per run (a 64 KiB write is one copy, not 16)."""
+        bs, slots = self.block_size, self._slots
+        if any(b in slots for b in range(b0, b1)):  # rewritten in this epoch: block by block
+            for b in range(b0, b1):
+                self._slot_view(b)[:] = src[(b - b0) * bs:(b - b0 + 1) * bs]
+            return
+        b = b0
+        while b < b1:
+            si = len(self._order) % self.chunk_blocks
+            k = min(b1 - b, self.chunk_blocks - si)
+            s = self._new_slots(b, k)
+            self._views[s // self.chunk_blocks][si * bs:(si + k) * bs] = src[(b - b0) * bs:(b - b0 + k) * bs]
+            b += k
 
     def record(self, offset: int, data: bytes | bytearray | memoryview,
                read_block: Callable[[int], bytes]) -> None:
@@ -179,12 +230,15 @@ class ExtentLog:
             return
         mv = memoryview(data)
         end = offset + len(mv)
-        for b in range(offset // bs, (end - 1) // bs + 1):
-            lo = b * bs
-            if lo >= offset and lo + bs <= end:
-                self._slot_view(b)[:] = mv[lo - offset:lo - offset + bs]
-            else:
-                self._slot_view(b)[:] = read_block(b)
+        first, last = offset // bs, (end - 1) // bs
+        whole0 = -(-offset // bs)  # the first block the write covers whole
+        whole1 = end // bs  # one past the last
+        if first < whole0:
+            self._slot_view(first)[:] = read_block(first)
+        if whole0 < whole1:
+            self._copy_whole_blocks(whole0, whole1, mv[whole0 * bs - offset:whole1 * bs - offset])
+        if last >= whole1 and not (last == first and first < whole0):  # a partial last block, not done above
+            self._slot_view(last)[:] = read_block(last)
 
     def record_zeroes(self, offset: int, length: int, read_block: Callable[[int], bytes]) -> None:
         """Record a zeroed range (WRITE_ZEROES). Call with ``lock`` held."""
@@ -221,8 +275,8 @@ class ExtentLog:
     def seal(self) -> SealedExtents:
         """Close the open epoch and open the next; O(1)."""
         with self._cond:
-            sealed = SealedExtents(self.epoch, self._slots, self._chunks, self.block_size)
-            self._slots, self._chunks, self._views = {}, [], []
+            sealed = SealedExtents(self.epoch, self._slots, self._order, self._chunks, self.block_size, self.chunk_blocks)
+            self._slots, self._order, self._chunks, self._views = {}, [], [], []
             self.epoch += 1
             self._stop_pending = False
         return sealed
@@ -240,7 +294,7 @@ class ExtentLog:
 
     @property
     def open_blocks(self) -> int:
-        return len(self._slots)
+        return len(self._order)
 
 
 # -- the server -----------------------------------------------------------------------------
