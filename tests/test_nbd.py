@@ -92,10 +92,11 @@ def test_sealed_contents_are_a_snapshot_not_a_view_of_later_writes():
     image = bytearray(IMAGE_BLOCKS * BS)
     log = ExtentLog()
     _write(log, image, 0, b"\x01" * BS)
-    sealed = log.seal()
+    sealed = log.seal(epoch=41)  # numbered by the checkpoint
     _write(log, image, 0, b"\x02" * BS)
-    assert sealed.block(0) == b"\x01" * BS
-    assert log.seal().block(0) == b"\x02" * BS
+    assert sealed.epoch == 41 and sealed.block(0) == b"\x01" * BS
+    nxt = log.seal()
+    assert nxt.epoch == 42 and nxt.block(0) == b"\x02" * BS
 
 
 def _writer_waiting(log: ExtentLog, done: threading.Event) -> threading.Thread:
