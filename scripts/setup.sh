@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils bird2 busybox-static memcached gcc libc6-dev iproute2 procps kmod zstd ca-certificates etcd-server)
+APT_PACKAGES=(qemu-system-x86 qemu-utils bird2 busybox-static memcached sip-tester gcc libc6-dev iproute2 procps kmod zstd ca-certificates etcd-server)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
