@@ -30,6 +30,7 @@ from typing import BinaryIO, Callable, Iterable
 import structlog
 import zstandard
 
+from geomirror import guest_sip
 from geomirror.errors import ImageError
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,7 @@ STEPS = (
     "collect modules",
     "compile gm-dirty",
     "collect memcached libs",
+    "unpack kamailio",
     "write initramfs",
 )
 
@@ -122,7 +124,9 @@ else
         if ! kill -0 "$mc" 2>/dev/null; then echo "GEOMIRROR-GUEST-ERROR memcached exited"; break; fi
         sleep 0.1
     done
-    if kill -0 "$mc" 2>/dev/null; then
+    # SIP (geomirror/guest_sip.py): Kamailio on UDP+TCP 5060 and the echo UA; READY waits for them.
+    sip=ok; [ -x /usr/bin/gm-sip-start ] && { gm-sip-start "${addr%/*}" || sip=failed; }
+    if kill -0 "$mc" 2>/dev/null && [ "$sip" = ok ]; then
         echo "GEOMIRROR-GUEST-READY ip=${addr%/*}${addr6:+ ip6=${addr6%/*}}"
         [ -n "$dirty" ] && gm-dirty "${dirty%%:*}" "${dirty#*:}" &
     fi
@@ -156,6 +160,7 @@ class ImageInputs:
     dirty_source: str
     modules: tuple[str, ...] = VIRTIO_NET_MODULES
     format_version: int = FORMAT_VERSION
+    sip: guest_sip.SipInputs | None = None  # None: an image without the SIP PBX
 
 
 @dataclass(frozen=True)
@@ -244,6 +249,7 @@ def input_digests(inputs: ImageInputs) -> dict:
             "init_sha256": hashlib.sha256(inputs.init_script.encode()).hexdigest(),
             "dirty_sha256": hashlib.sha256(inputs.dirty_source.encode()).hexdigest(),
             "modules": list(inputs.modules),
+            "sip": guest_sip.digests(inputs.sip, _sha256_file) if inputs.sip else None,
         }
     except OSError as e:
         raise ImageError(f"cannot read image input {e.filename}: {e.strerror}") from e
@@ -287,7 +293,7 @@ def default_cmdline(ip: str, prefixlen: int, gateway: str, dirty: str | None = N
     return " ".join(parts)
 
 
-def parse_ldd(text: str) -> list[Path]:
+def parse_ldd(text: str, binary: str = "memcached") -> list[Path]:
     """Library paths from `ldd` output, the dynamic loader included; vdso skipped."""
     libs: list[Path] = []
     for line in text.splitlines():
@@ -296,7 +302,7 @@ def parse_ldd(text: str) -> list[Path]:
             name, _, rest = line.partition("=>")
             rest = rest.strip()
             if rest.startswith("not found"):
-                raise ImageError(f"memcached needs {name.strip()}, which ldd cannot find on this host")
+                raise ImageError(f"{binary} needs {name.strip()}, which ldd cannot find on this host")
             target = rest.split(" (")[0].strip()
             if target.startswith("/"):
                 libs.append(Path(target))
@@ -337,6 +343,15 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def candidate_version(package: str) -> str:
+    """apt's candidate version of `package`."""
+    show = _run(["apt-cache", "show", "--no-all-versions", package], what=f"ask apt about {package}")
+    ver = re.search(r"^Version:\s*(\S+)", show.stdout, re.M)
+    if not ver:
+        raise ImageError(f"apt cannot find the package {package} (run apt-get update?)")
+    return ver.group(1)
+
+
 def resolve_kernel_package(meta: str = KERNEL_METAPACKAGE) -> tuple[str, str]:
     """The concrete linux-image package `meta` depends on, and apt's candidate version."""
     for attempt in (0, 1):
@@ -355,14 +370,22 @@ def resolve_kernel_package(meta: str = KERNEL_METAPACKAGE) -> tuple[str, str]:
     raise ImageError(f"apt cannot find the kernel package {meta} or the linux-image package it depends on")
 
 
-def shared_libraries(binary: Path) -> tuple[Path, ...]:
-    """Shared libraries `binary` loads (via ldd); empty for a static binary."""
-    res = _run(["ldd", str(binary)], what=f"list the libraries of {binary}")
+def shared_libraries(binary: Path, lib_dirs: Iterable[Path] = ()) -> tuple[Path, ...]:
+    """Shared libraries `binary` loads (via ldd); empty for a static binary. `lib_dirs` are
+    searched first (LD_LIBRARY_PATH): where an unpacked package keeps its own libraries."""
+    env = None
+    dirs = [str(d) for d in lib_dirs]
+    if dirs:
+        env = {**os.environ, "LD_LIBRARY_PATH": ":".join(dirs)}
+    try:
+        res = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False, env=env)
+    except FileNotFoundError as e:
+        raise ImageError(f"cannot list the libraries of {binary}: the program ldd is not installed") from e
     if res.returncode != 0:
         if "not a dynamic executable" in res.stdout + res.stderr:
             return ()
         raise ImageError(f"ldd {binary} failed: {_last_line(res.stderr or res.stdout)}")
-    return tuple(parse_ldd(res.stdout))
+    return tuple(parse_ldd(res.stdout, binary.name))
 
 
 def _deb_glob(package: str, version: str) -> str:
@@ -390,12 +413,18 @@ def apt_download(package: str, version: str, debs_dir: Path) -> Path:
         shutil.rmtree(part, ignore_errors=True)
 
 
-def unpack_kernel(deb: Path, dest: Path) -> KernelTree:
-    """`dpkg -x` the kernel package into dest (never installed) and find vmlinuz and the modules."""
+def unpack_deb(deb: Path, dest: Path) -> Path:
+    """`dpkg -x` a package into dest (never installed); a .deb that fails is removed from the cache."""
     res = _run(["dpkg", "-x", str(deb), str(dest)], what=f"unpack {deb.name}")
     if res.returncode != 0:
         deb.unlink(missing_ok=True)  # likely a torn download: fetch it again next time
         raise ImageError(f"dpkg -x {deb.name} failed (the cached .deb was removed): {_last_line(res.stderr)}")
+    return dest
+
+
+def unpack_kernel(deb: Path, dest: Path) -> KernelTree:
+    """`dpkg -x` the kernel package into dest (never installed) and find vmlinuz and the modules."""
+    unpack_deb(deb, dest)
     kernels = sorted((dest / "boot").glob("vmlinuz-*"))
     releases = sorted(p for p in (dest / "lib" / "modules").glob("*") if p.is_dir())
     if len(kernels) != 1 or len(releases) != 1:
@@ -454,9 +483,13 @@ def compile_dirty(source: str, work: Path) -> bytes:
 
 
 def initramfs_entries(
-    inputs: ImageInputs, modules: list[tuple[str, bytes]], dirty_binary: bytes
+    inputs: ImageInputs,
+    modules: list[tuple[str, bytes]],
+    dirty_binary: bytes,
+    sip_files: Iterable[tuple[Path, str]] = (),
 ) -> list[CpioEntry]:
-    """The initramfs members, every directory before what it holds."""
+    """The initramfs members, every directory before what it holds. `sip_files` are
+    (source, guest path) of the SIP part's binaries and libraries (see `collect_sip`)."""
     files: list[CpioEntry] = [
         CpioEntry.file("init", inputs.init_script.encode(), 0o755),
         CpioEntry.file("bin/busybox", inputs.busybox.read_bytes(), 0o755),
@@ -471,11 +504,39 @@ def initramfs_entries(
         CpioEntry.chardev("dev/console", 5, 1),
         CpioEntry.chardev("dev/null", 1, 3, 0o666),
     ]
+    if inputs.sip is not None:
+        have = {e.path.strip("/") for e in files}  # a library memcached also loads goes in once
+        for src, guest in sip_files:
+            if guest not in have:
+                have.add(guest)
+                files.append(CpioEntry.file(guest, src.read_bytes(), 0o755))
+        files += [CpioEntry.file(g, data, perm) for g, data, perm in
+                  guest_sip.guest_files(inputs.sip.config, inputs.sip.start_script)]
     dirs = {"dev", "proc", "sys", "tmp", "root", "run"}
     for e in files:
         parts = e.path.strip("/").split("/")[:-1]
         dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
     return [CpioEntry.dir(d) for d in sorted(dirs)] + files
+
+
+def collect_sip(sip: guest_sip.SipInputs, download: Downloader, debs_dir: Path, work: Path) -> list[tuple[Path, str]]:
+    """Fetch and unpack the kamailio package; (source, guest path) of the Kamailio binary, the
+    modules the config loads, sipp, and every library they load (ldd; the package's own
+    libraries are looked up inside the unpacked tree, the rest on the host)."""
+    guest_sip.check_config_modules(sip.config, sip.modules)
+    deb = download(sip.kamailio_package, sip.kamailio_package_version, debs_dir)
+    tree = unpack_deb(deb, work)
+    picks = guest_sip.kamailio_files(tree, sip.modules)
+    libs: list[Path] = []
+    for src, _ in picks:
+        libs += shared_libraries(src, [tree / guest_sip.KAMAILIO_LIB_DIR])
+    files = [
+        *picks,
+        *guest_sip.place_libraries(libs, tree),
+        (sip.sipp, "usr/bin/sipp"),
+        *((p, str(p).lstrip("/")) for p in sip.sipp_libs),
+    ]
+    return list({guest: (src, guest) for src, guest in reversed(files)}.values())[::-1]  # first wins
 
 
 # ---------------------------------------------------------------- cache
@@ -562,10 +623,15 @@ def build_from_inputs(
         dirty = compile_dirty(inputs.dirty_source, work)
         prog.step("collect memcached libs")
         log.info("image.memcached_libs", libs=[str(p) for p in inputs.memcached_libs])
+        prog.step("unpack kamailio")
+        sip_files: list[tuple[Path, str]] = []
+        if inputs.sip is not None:
+            sip_files = collect_sip(inputs.sip, download, cache_dir / "debs", work / "kamailio")
+            log.info("image.sip_files", files=[g for _, g in sip_files])
         prog.step("write initramfs")
         with open(out / "initrd.img", "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
-                write_newc(initramfs_entries(inputs, modules, dirty), gz)
+                write_newc(initramfs_entries(inputs, modules, dirty, sip_files), gz)
             raw.flush()
             os.fsync(raw.fileno())
         shutil.copyfile(tree.vmlinuz, out / "vmlinuz")
@@ -582,6 +648,7 @@ def build_from_inputs(
             },
             "modules": [n for n, _ in modules],
             "modules_builtin": builtin,
+            "sip_files": sorted(g for _, g in sip_files),
             "files": files,
         }
         _write_file(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
@@ -619,11 +686,19 @@ def build_image(cache_dir: Path | None = None, *, force: bool = False, progress:
     prog = _Progress(sys.stderr.isatty() if progress is None else progress)
     prog.step("resolve kernel")
     package, version = resolve_kernel_package()
-    for p, apt in ((BUSYBOX, "busybox-static"), (MEMCACHED, "memcached")):
+    for p, apt in ((BUSYBOX, "busybox-static"), (MEMCACHED, "memcached"), (guest_sip.SIPP, "sip-tester")):
         if not p.is_file():
             raise ImageError(f"{p} is missing; install the apt package {apt}")
     if not DIRTY_SOURCE.is_file():
         raise ImageError(f"the gm-dirty source {DIRTY_SOURCE} is missing from the geomirror tree")
+    if not guest_sip.KAMAILIO_CFG.is_file():
+        raise ImageError(f"the Kamailio config {guest_sip.KAMAILIO_CFG} is missing from the geomirror tree")
+    sip = guest_sip.SipInputs(
+        kamailio_package_version=candidate_version(guest_sip.KAMAILIO_PACKAGE),
+        config=guest_sip.KAMAILIO_CFG.read_text(),
+        sipp=guest_sip.SIPP,
+        sipp_libs=shared_libraries(guest_sip.SIPP),
+    )
     inputs = ImageInputs(
         kernel_package=package,
         kernel_package_version=version,
@@ -632,5 +707,6 @@ def build_image(cache_dir: Path | None = None, *, force: bool = False, progress:
         memcached_libs=shared_libraries(MEMCACHED),
         init_script=INIT_SCRIPT,
         dirty_source=DIRTY_SOURCE.read_text(),
+        sip=sip,
     )
     return build_from_inputs(inputs, cache_dir, force=force, progress=prog)
