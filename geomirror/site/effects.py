@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 
 from geomirror import ha
 from geomirror.site.context import SiteContext
@@ -177,7 +178,7 @@ class Effects:
             mode = self.route_mode
             try:
                 await self.routes.apply(mode)
-            except OSError as e:  # NetlinkError is an OSError: e.g. the inter-site link is down
+            except (OSError, NetlinkError) as e:  # e.g. the inter-site link is down: try again
                 log.warning("guest.route_failed", site=self.ctx.name, mode=mode, error=str(e),
                             retry_s=self.ROUTE_RETRY_S)
                 await asyncio.sleep(self.ROUTE_RETRY_S)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import threading
 from pathlib import Path
 
 import structlog
@@ -22,6 +23,7 @@ TAP_NAME = "gm-guest0"
 # the same at both sites: the guest's ARP entry (IPv4) and neighbour entry (IPv6) for its
 # gateway survive failover, and the new site answers ARP and neighbour solicitations with it
 GATEWAY_MAC = "02:47:4d:00:00:01"
+_TAP_LOCK = threading.Lock()  # one change of the TAP at a time (callers run in worker threads)
 
 
 def configure_tap(name: str, gateway: str, prefixlen: int, up: bool,
@@ -32,22 +34,24 @@ def configure_tap(name: str, gateway: str, prefixlen: int, up: bool,
     configuration; DAD would hold it tentative for a second after a takeover) and after the
     link is up; it is removed before the link goes down (the kernel flushes IPv6 addresses of a
     link that goes down, so removing it afterwards would find nothing)."""
-    with IPRoute() as ip:
+    with _TAP_LOCK, IPRoute() as ip:
         idx = ip.link_lookup(ifname=name)[0]
         ip.link("set", index=idx, address=GATEWAY_MAC)
         have = [a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)]
-        # two callers may race here (the primary/standby side and the route applier, each from a
-        # thread): an address already added or already gone is what was wanted
+        # two callers (the primary/standby side and the route applier, each from a thread) are
+        # serialised by _TAP_LOCK; an address already added or already gone (by someone else,
+        # e.g. the kernel flushing IPv6 on link down) is what was wanted
         if up:
             if gateway not in have:
                 _tolerate(errno.EEXIST, ip.addr, "add", index=idx, address=gateway, prefixlen=prefixlen)
             ip.link("set", index=idx, state="up")
             if gateway6 is not None and gateway6 not in have:
-                ip.addr("add", index=idx, family=socket.AF_INET6, address=gateway6, prefixlen=prefixlen6,
-                        flags=IFA_F_NODAD)
+                _tolerate(errno.EEXIST, ip.addr, "add", index=idx, family=socket.AF_INET6, address=gateway6,
+                          prefixlen=prefixlen6, flags=IFA_F_NODAD)
         else:
             if gateway6 is not None and gateway6 in have:
-                ip.addr("del", index=idx, family=socket.AF_INET6, address=gateway6, prefixlen=prefixlen6)
+                _tolerate(errno.EADDRNOTAVAIL, ip.addr, "del", index=idx, family=socket.AF_INET6,
+                          address=gateway6, prefixlen=prefixlen6)
             ip.link("set", index=idx, state="down")
             if gateway in have:
                 _tolerate(errno.EADDRNOTAVAIL, ip.addr, "del", index=idx, address=gateway, prefixlen=prefixlen)
