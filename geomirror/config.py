@@ -790,7 +790,7 @@ def _load_drill(L: _Loader, data: dict | None) -> DrillSection:
     for i, p in enumerate(raw):
         if not isinstance(p, dict):
             raise L.err(f"drill.probe[{i}]", f"must be a table, not {_tname(p)}")
-        pr = L.section(DrillProbe, p, f"drill.probe[{i}]", {"name": _name, "kind": _choice("tcp", "memcached")},
+        pr = L.section(DrillProbe, p, f"drill.probe[{i}]", {"name": _name, "kind": _choice("tcp", "memcached", "sip-options")},
                        {"port": PORT, "interval_ms": (10, 60_000), "timeout_ms": (10, 600_000),
                         "max_stall_ms": (0, 3_600_000)})
         if any(pr.name == o.name for o in probes):

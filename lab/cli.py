@@ -16,7 +16,7 @@ from pathlib import Path
 from geomirror import netns
 from geomirror.control import ControlClient, ControlError
 from geomirror.drill import report as drill_report
-from geomirror.drill.probes import Probe, ProbeSpec
+from geomirror.drill.probes import Probe, ProbeSpec, udp_socket
 from geomirror.drill.runner import DrillOptions, exit_code, run_and_keep, where_kept
 from geomirror.plugins import Extensions, SiteEndpoint, SiteSource
 from lab import etcd as lab_etcd
@@ -323,11 +323,20 @@ async def client_open(host: str, port: int):
     return await asyncio.open_connection(sock=s)
 
 
+def client_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket made inside gm-client (the drill's SIP probe in the lab)."""
+    with netns.inside(world.CLIENT):
+        return udp_socket(host, port)
+
+
 def lab_probes() -> list[Probe]:
-    """A new client's view (TCP connect) and an existing client's (memcached `version` on one connection)."""
+    """A new client's view (TCP connect), an existing client's (memcached `version` on one
+    connection) and a phone's (SIP OPTIONS to the PBX over UDP)."""
     return [Probe(ProbeSpec("memcached", "memcached", world.GUEST_ADDR, world.MEMCACHED_PORT), client_open),
             Probe(ProbeSpec("tcp-connect", "tcp", world.GUEST_ADDR, world.MEMCACHED_PORT, timeout_ms=1000),
-                  client_open)]
+                  client_open),
+            Probe(ProbeSpec("sip-options", "sip-options", world.GUEST_ADDR, 5060, timeout_ms=1000),
+                  client_open, udp=client_udp)]
 
 
 def drill(there_and_back: bool = False, budgets: list[str] | None = None, probes: bool = True) -> tuple[dict, dict]:

@@ -475,3 +475,50 @@ def test_a_drill_without_the_peers_control_api_is_one_sentence(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err == (f"geomirror: a drill needs site-b's control API too: set drill.peer_control and "
                    f"drill.peer_token_file in {cfg}")
+
+
+class SipResponder(asyncio.DatagramProtocol):
+    """A PBX's answer to OPTIONS: 200 (or `code`) echoing the Call-ID; also a stray 200 first."""
+
+    def __init__(self, code=b"200 OK"):
+        self.code, self.seen = code, []
+
+    def connection_made(self, transport):
+        self.t = transport
+
+    def datagram_received(self, data, addr):
+        self.seen.append(data)
+        call_id = next(ln for ln in data.split(b"\r\n") if ln.startswith(b"Call-ID:"))
+        self.t.sendto(b"SIP/2.0 200 OK\r\nCall-ID: someone-else\r\nContent-Length: 0\r\n\r\n", addr)  # not ours
+        self.t.sendto(b"SIP/2.0 100 Trying\r\n" + call_id + b"\r\nContent-Length: 0\r\n\r\n", addr)
+        self.t.sendto(b"SIP/2.0 " + self.code + b"\r\n" + call_id + b"\r\nContent-Length: 0\r\n\r\n", addr)
+
+
+async def test_a_sip_options_probe_waits_for_the_200_to_its_own_request():
+    loop = asyncio.get_running_loop()
+    t, pbx = await loop.create_datagram_endpoint(SipResponder, local_addr=("127.0.0.1", 0))
+    port = t.get_extra_info("sockname")[1]
+    p = Probe(ProbeSpec("sip", "sip-options", "127.0.0.1", port, timeout_ms=1000))
+    assert await p.attempt() and await p.attempt() and p.failures == 0
+    first = pbx.seen[0].decode()
+    assert first.startswith(f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n") and "CSeq: 1 OPTIONS" in first
+    assert "CSeq: 2 OPTIONS" in pbx.seen[1].decode() and first.endswith("\r\n\r\n")
+    t.close()
+    t2, _ = await loop.create_datagram_endpoint(lambda: SipResponder(b"503 Service Unavailable"),
+                                                local_addr=("127.0.0.1", 0))
+    busy = Probe(ProbeSpec("sip", "sip-options", "127.0.0.1", t2.get_extra_info("sockname")[1], timeout_ms=500))
+    assert not await busy.attempt() and "error" in busy.last_error
+    t2.close()
+    silent = Probe(ProbeSpec("sip", "sip-options", "127.0.0.1", port, timeout_ms=200))  # nobody there now
+    assert not await silent.attempt()
+
+
+def test_sip_replies_are_matched_by_call_id_and_final_code():
+    from geomirror.drill.probes import sip_reply_ok
+
+    ok = b"SIP/2.0 200 OK\r\nVia: x\r\nCall-ID: abc@h\r\n\r\n"
+    assert sip_reply_ok(ok, "abc@h") is True
+    assert sip_reply_ok(ok, "other") is None
+    assert sip_reply_ok(b"SIP/2.0 180 Ringing\r\nCall-ID: abc@h\r\n\r\n", "abc@h") is None
+    assert sip_reply_ok(b"SIP/2.0 404 Not Found\r\ni: abc@h\r\n\r\n", "abc@h") is False
+    assert sip_reply_ok(b"garbage", "abc@h") is None and sip_reply_ok(b"", "abc@h") is None

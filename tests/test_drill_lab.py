@@ -37,7 +37,7 @@ def test_drill_there_and_back_loses_nothing_and_times_every_step(lab_up):
         timed = [m[f"{s}_ms"] for s in STEPS]
         assert all(v is not None and v >= 0 for v in timed), m
         assert m["paused_ms"] <= m["resumed_ms"] <= m["announced_ms"] <= m["route_moved_ms"], json.dumps(m)
-    assert {p["name"] for p in report["probes"]} == {"memcached", "tcp-connect"}
+    assert {p["name"] for p in report["probes"]} == {"memcached", "tcp-connect", "sip-options"}
     assert all(p["attempts"] > 10 for p in report["probes"]), report["probes"]
     assert len(res.incrs) > 50
     for site in ("site-a", "site-b"):

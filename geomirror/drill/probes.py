@@ -2,7 +2,9 @@
 
 `tcp` opens a new connection to address:port every interval (a new client's view: SYN to
 established); `memcached` keeps one connection and asks `version` every interval (an existing
-client's view: the guest's TCP session carries on across the move, replies are only late).
+client's view: the guest's TCP session carries on across the move, replies are only late);
+`sip-options` sends a SIP OPTIONS over UDP every interval and waits for its 200 (the PBX's
+view: what a phone's keep-alive sees).
 The longest stall is the longest time without a good answer, from the drill's start to its end.
 How a connection is opened is injected (the lab opens them inside its client namespace).
 """
@@ -10,12 +12,16 @@ How a connection is opened is injected (the lab opens them inside its client nam
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 Connect = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-KINDS = ("tcp", "memcached")
+UdpSocket = Callable[[str, int], socket.socket]  # a non-blocking UDP socket connected to (host, port)
+KINDS = ("tcp", "memcached", "sip-options")
 
 
 @dataclass(frozen=True)
@@ -33,12 +39,59 @@ async def _open(host: str, port: int):
     return await asyncio.open_connection(host, port)
 
 
+def udp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    try:
+        s.connect((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def sip_options(target: str, port: int, local: tuple, cseq: int, call_id: str) -> bytes:
+    """A SIP OPTIONS request to the PBX itself (no user part), answered by the proxy (pure)."""
+    host = f"[{target}]" if ":" in target else target
+    lhost = f"[{local[0]}]" if ":" in local[0] else local[0]
+    return "\r\n".join([
+        f"OPTIONS sip:{host}:{port} SIP/2.0",
+        f"Via: SIP/2.0/UDP {lhost}:{local[1]};branch=z9hG4bK{secrets.token_hex(8)};rport",
+        "Max-Forwards: 70",
+        f"From: <sip:drill@{lhost}>;tag={secrets.token_hex(4)}",
+        f"To: <sip:{host}>",
+        f"Call-ID: {call_id}",
+        f"CSeq: {cseq} OPTIONS",
+        "User-Agent: geomirror-drill",
+        "Content-Length: 0", "", ""]).encode()
+
+
+def sip_reply_ok(data: bytes, call_id: str) -> bool | None:
+    """True: a 200 to our request; False: another final answer to it; None: not ours (pure)."""
+    head, _, _ = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines or not lines[0].startswith(b"SIP/2.0 "):
+        return None
+    if not any(ln.lower().startswith((b"call-id:", b"i:")) and ln.split(b":", 1)[1].strip() == call_id.encode()
+               for ln in lines[1:]):
+        return None
+    code = lines[0][8:11]
+    if code.startswith(b"1"):
+        return None  # provisional: keep waiting
+    return code == b"200"
+
+
 class Probe:
-    def __init__(self, spec: ProbeSpec, connect: Connect = _open, clock=time.monotonic):
+    def __init__(self, spec: ProbeSpec, connect: Connect = _open, clock=time.monotonic,
+                 udp: UdpSocket = udp_socket):
         if spec.kind not in KINDS:
             raise ValueError(f"probe {spec.name}: kind {spec.kind!r} is not one of {', '.join(KINDS)}")
         self.spec = spec
         self.connect = connect
+        self.udp = udp
+        self._sip: socket.socket | None = None
+        self._cseq = 0
         self.clock = clock
         self.attempts = 0
         self.failures = 0
@@ -73,6 +126,9 @@ class Probe:
             _, w = await self.connect(s.address, s.port)
             w.close()
             return
+        if s.kind == "sip-options":
+            await self._options()
+            return
         if self._conn is None:
             self._conn = await self.connect(s.address, s.port)
         r, w = self._conn
@@ -82,7 +138,25 @@ class Probe:
         if not line.startswith(b"VERSION"):
             raise ConnectionError(f"memcached answered {line[:60]!r} to version")
 
+    async def _options(self) -> None:
+        s, loop = self.spec, asyncio.get_running_loop()
+        if self._sip is None:
+            self._sip = self.udp(s.address, s.port)
+        self._cseq += 1
+        call_id = f"{secrets.token_hex(8)}@geomirror-drill"
+        await loop.sock_sendall(self._sip, sip_options(s.address, s.port, self._sip.getsockname()[:2],
+                                                       self._cseq, call_id))
+        while True:  # a late answer to an earlier attempt is not this one's
+            ok = sip_reply_ok(await loop.sock_recv(self._sip, 65535), call_id)
+            if ok is True:
+                return
+            if ok is False:
+                raise ConnectionError("the PBX answered OPTIONS with an error")
+
     def _drop(self) -> None:
+        if self._sip is not None:
+            self._sip.close()
+            self._sip = None
         if self._conn is not None:
             self._conn[1].close()
             self._conn = None
