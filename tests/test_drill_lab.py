@@ -36,7 +36,10 @@ def test_drill_there_and_back_loses_nothing_and_times_every_step(lab_up):
         assert m["epochs_lost"] == 0 and m["final_epoch"] == m["resumed_epoch"] > 0, m
         timed = [m[f"{s}_ms"] for s in STEPS]
         assert all(v is not None and v >= 0 for v in timed), m
-        assert m["paused_ms"] <= m["resumed_ms"] <= m["announced_ms"] <= m["route_moved_ms"], json.dumps(m)
+        # "announced" is both prefixes of the dual-stack guest; the route seen moved is the IPv4 one,
+        # which may move before the IPv6 announcement is through
+        assert m["paused_ms"] <= m["resumed_ms"] <= m["announced_ms"], json.dumps(m)
+        assert m["resumed_ms"] <= m["route_moved_ms"], json.dumps(m)
     assert {p["name"] for p in report["probes"]} == {"memcached", "tcp-connect", "sip-options"}
     assert all(p["attempts"] > 10 for p in report["probes"]), report["probes"]
     assert len(res.incrs) > 50
