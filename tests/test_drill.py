@@ -522,3 +522,22 @@ def test_sip_replies_are_matched_by_call_id_and_final_code():
     assert sip_reply_ok(b"SIP/2.0 180 Ringing\r\nCall-ID: abc@h\r\n\r\n", "abc@h") is None
     assert sip_reply_ok(b"SIP/2.0 404 Not Found\r\ni: abc@h\r\n\r\n", "abc@h") is False
     assert sip_reply_ok(b"garbage", "abc@h") is None and sip_reply_ok(b"", "abc@h") is None
+
+
+class DropsFirst(SipResponder):
+    def datagram_received(self, data, addr):
+        self.seen.append(data)
+        if len(self.seen) > 1:
+            super().datagram_received(data, addr)
+
+
+async def test_a_sip_options_probe_sends_its_request_again_after_t1_as_a_phone_does(monkeypatch):
+    from geomirror.drill import probes
+
+    monkeypatch.setattr(probes, "SIP_T1_S", 0.05)
+    loop = asyncio.get_running_loop()
+    t, pbx = await loop.create_datagram_endpoint(DropsFirst, local_addr=("127.0.0.1", 0))
+    p = Probe(ProbeSpec("sip", "sip-options", "127.0.0.1", t.get_extra_info("sockname")[1], timeout_ms=2000))
+    assert await p.attempt()
+    assert len(pbx.seen) == 2 and pbx.seen[0] == pbx.seen[1]  # the same request (branch, CSeq) again
+    t.close()

@@ -22,6 +22,7 @@ from typing import Awaitable, Callable
 Connect = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 UdpSocket = Callable[[str, int], socket.socket]  # a non-blocking UDP socket connected to (host, port)
 KINDS = ("tcp", "memcached", "sip-options")
+SIP_T1_S = 0.5  # RFC 3261's T1: a UDP request is sent again after T1, then 2·T1, …
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,18 @@ class Probe:
             self._sip = self.udp(s.address, s.port)
         self._cseq += 1
         call_id = f"{secrets.token_hex(8)}@geomirror-drill"
-        await loop.sock_sendall(self._sip, sip_options(s.address, s.port, self._sip.getsockname()[:2],
-                                                       self._cseq, call_id))
+        request = sip_options(s.address, s.port, self._sip.getsockname()[:2], self._cseq, call_id)
+        t1 = SIP_T1_S
+        while True:  # RFC 3261 timer E: the same request again after T1, 2·T1, … (as a phone does)
+            await loop.sock_sendall(self._sip, request)
+            try:
+                await asyncio.wait_for(self._sip_answer(call_id), t1)
+                return
+            except asyncio.TimeoutError:
+                t1 = min(2 * t1, 4.0)
+
+    async def _sip_answer(self, call_id: str) -> None:
+        loop = asyncio.get_running_loop()
         while True:  # a late answer to an earlier attempt is not this one's
             ok = sip_reply_ok(await loop.sock_recv(self._sip, 65535), call_id)
             if ok is True:
