@@ -120,14 +120,20 @@ def main(argv=None) -> int:
         pt = one_lab(Path(tmp), True, a.steady)
     if a.json:
         print(json.dumps({"output_commit": oc, "pass_through": pt}, indent=1))
-        return 0
+    else:
+        report(oc, pt)
+    return 0
+
+
+def report(oc: dict, pt: dict) -> None:
     s_oc, s_pt = oc["steady"], pt["steady"]
     print(f"RTP through the guest's echo, 20 ms packets, checkpoint interval {oc['interval_ms']} / "
           f"{pt['interval_ms']} ms (adaptive)")
     for name, r in (("output commit (default)", oc), ("pass-through udp:6000-6100", pt)):
         s = r["steady"]
         print(f"  steady, {name:27s}: RTT median {s['rtt_median_ms']:6.1f} ms, p99 {s['rtt_p99_ms']:6.1f} ms, "
-              f"jitter {s['jitter_ms']:5.1f} ms, longest gap {s['longest_gap_ms']:5.0f} ms, lost {s['lost']}")
+              f"jitter {s['jitter_ms']:5.1f} ms, longest gap {s['longest_gap_ms']:5.0f} ms, lost {s['lost']} of "
+              f"{s['sent']}")
     added = s_oc["rtt_median_ms"] - s_pt["rtt_median_ms"]
     print(f"  output commit adds {added:.1f} ms one-way (median; the gate holds only the guest's output); "
           f"RTT ratio {ratio(s_oc['rtt_median_ms'], s_pt['rtt_median_ms']):.1f}x, jitter ratio "
@@ -138,7 +144,6 @@ def main(argv=None) -> int:
               f"duplicates {sw['duplicates']} (protected again {sw['command_to_protected_s']:.1f}s after the command)")
         print(f"  {name:13s} site loss of B:  media gap {lo['longest_gap_ms']:5.0f} ms, lost {lo['lost']}, "
               f"duplicates {lo['duplicates']} (A took over {lo['takeover_s']:.2f}s after the kill)")
-    return 0
 
 
 if __name__ == "__main__":
