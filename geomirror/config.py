@@ -197,6 +197,9 @@ class CheckpointSection:
     unreachable_policy: str = "stall"
     unprotected_grace_ms: int = 5000
     verify_bytes_per_epoch: int = 256 << 10  # replica check: live RAM hashed per epoch (0: off)
+    # guest UDP flows (source-port ranges, inclusive) whose output the gate releases at once
+    # instead of at the epoch's commit (RTP media); empty: everything under output commit
+    pass_through: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -513,6 +516,34 @@ def _large_communities(v) -> tuple[str, ...]:
     return tuple(v)
 
 
+_FLOW = re.compile(r"^([a-z0-9]+):(\d{1,5})(?:-(\d{1,5}))?$")
+
+
+def _pass_through(v) -> tuple[tuple[int, int], ...]:
+    """["udp:6000-6100", "udp:7078"] -> ((6000, 6100), (7078, 7078)): UDP source-port ranges."""
+    if not isinstance(v, list) or not all(isinstance(f, str) for f in v):
+        raise TypeError(f"must be an array of strings like \"udp:6000-6100\", not {v!r}")
+    out: list[tuple[int, int]] = []
+    for f in v:
+        m = _FLOW.match(f.strip().lower())
+        if not m:
+            raise ValueError(f"{f!r} is not a flow (udp:PORT or udp:LOW-HIGH, e.g. \"udp:6000-6100\")")
+        proto, lo = m.group(1), int(m.group(2))
+        hi = int(m.group(3)) if m.group(3) else lo
+        if proto != "udp":
+            raise ValueError(f"{f!r}: only udp flows can pass through; TCP (and anything else) stays under "
+                             "output commit, since a peer that saw unreplicated TCP output cannot be resumed")
+        if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
+            raise ValueError(f"{f!r}: ports are 1..65535")
+        if lo > hi:
+            raise ValueError(f"{f!r}: the range ends ({hi}) below where it starts ({lo})")
+        for a, b in out:
+            if lo <= b and a <= hi:
+                raise ValueError(f"{f!r} overlaps udp:{a}-{b}")
+        out.append((lo, hi))
+    return tuple(out)
+
+
 def _mac(v) -> str:
     if not isinstance(v, str) or not _MAC.match(v.lower()):
         raise ValueError(f"{v!r} is not a MAC address (like 52:54:00:12:34:56)")
@@ -569,7 +600,7 @@ def load_site(path) -> SiteConfig:
     guest = _load_guest(L, L.table(data, "guest"))
 
     ck = L.section(CheckpointSection, L.table(data, "checkpoint", required=False), "checkpoint",
-                   {"unreachable_policy": _choice("stall", "continue-unprotected")},
+                   {"unreachable_policy": _choice("stall", "continue-unprotected"), "pass_through": _pass_through},
                    {"interval_ms": (1, 60_000), "min_interval_ms": (1, 60_000), "max_interval_ms": (1, 60_000),
                     "latency_budget_ms": (1, 600_000), "max_wan_mbit": (0, 1e6), "max_in_flight": (1, 64),
                     "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000),
@@ -620,13 +651,22 @@ def load_site(path) -> SiteConfig:
             raise L.err(f"bgp.neighbor[{i}].next_hop6", f"{n.next_hop6} is not a global unicast address "
                         "(a BGP next hop must be reachable beyond the link-local scope)")
     drill = _load_drill(L, L.table(data, "drill", required=False))
-    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl, lease, drill, _warnings(guest))
+    cfg = SiteConfig(resolved, site, peer, tls, guest, witness, bgp, ck, hb, ctl, lease, drill,
+                     _warnings(guest, ck))
     _check_ha_timing(L, cfg)
     return cfg
 
 
-def _warnings(g: GuestSection) -> tuple[tuple[str, str], ...]:
+SIP_PORTS = (5060, 5061)
+
+
+def _warnings(g: GuestSection, ck: CheckpointSection) -> tuple[tuple[str, str], ...]:
     out = []
+    sip = [p for p in SIP_PORTS for lo, hi in ck.pass_through if lo <= p <= hi]
+    if sip:
+        out.append(("checkpoint.pass_through", f"covers UDP {', '.join(map(str, sip))} (SIP): signalling released "
+                    "before its epoch commits can be answered twice or forgotten after a failover; pass media "
+                    "(RTP) only"))
     for key, net in (("guest.prefix", g.prefix), ("guest.prefix6", g.prefix6)):
         if net is not None and net.prefixlen > MAX_ROUTED_LEN[net.version]:
             out.append((key, f"{net} is longer than /{MAX_ROUTED_LEN[net.version]}: most networks on the "

@@ -18,6 +18,14 @@ QEMU does not read stop at `max_to_guest_bytes`; what does not fit is dropped (l
 full link: TCP in the guest and at the client retransmits) and counted per reason in
 `GateStats`.
 
+Pass-through (off unless flows are configured): in HOLD, guest output of the configured UDP
+flows (`pass_through`: source-port ranges; IPv4 and IPv6, unfragmented) leaves at once
+instead of waiting for its epoch's commit, while the HA layer allows output and the policy
+turned it on (`set_pass_through`); everything else stays held. Media released this way may
+be repeated after a failover (the resumed guest replays what it sent since the last
+committed epoch). `udp_source_port` is the classifier: bytes in, a port or None, never an
+exception.
+
 Output needs the HA layer's permission, `allow(True, until=...)`: `until` is the
 lease's deadline on CLOCK_BOOTTIME (seconds; `boottime()`), checked at the moment a
 frame would leave, not only at the HA tick, so a site whose lease ran out sends
@@ -51,11 +59,55 @@ IFF_NO_PI = 0x1000
 MAX_FRAME = 65536 + 64
 DEFAULT_MAX_HELD_BYTES = 64 << 20
 DEFAULT_MAX_TO_GUEST_BYTES = 4 << 20  # a few checkpoint pauses of inbound traffic at 1 Gbit/s
+ETH_HLEN = 14
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_IPV6 = 0x86DD
+ETHERTYPE_VLAN = (0x8100, 0x88A8)
+IPPROTO_UDP = 17
 
 
 def boottime() -> float:
     """CLOCK_BOOTTIME in seconds: monotonic and counting through a suspend, the clock of `allow(until=)`."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def udp_source_port(frame: bytes) -> int | None:
+    """The UDP source port of an Ethernet frame carrying an unfragmented IPv4 or IPv6 UDP
+    datagram (one VLAN tag allowed), else None (other protocols, fragments, IPv6 extension
+    headers, anything short or malformed)."""
+    n = len(frame)
+    if n < ETH_HLEN:
+        return None
+    off = 12
+    ethertype = (frame[off] << 8) | frame[off + 1]
+    if ethertype in ETHERTYPE_VLAN:
+        if n < ETH_HLEN + 4:
+            return None
+        off += 4
+        ethertype = (frame[off] << 8) | frame[off + 1]
+    ip = off + 2
+    if ethertype == ETHERTYPE_IPV4:
+        if n < ip + 20 or frame[ip] >> 4 != 4 or frame[ip + 9] != IPPROTO_UDP:
+            return None
+        ihl = (frame[ip] & 0x0F) * 4
+        if ihl < 20 or (frame[ip + 6] & 0x3F) or frame[ip + 7]:  # options too short; MF or an offset: a fragment
+            return None
+        udp = ip + ihl
+    elif ethertype == ETHERTYPE_IPV6:
+        if n < ip + 40 or frame[ip] >> 4 != 6 or frame[ip + 6] != IPPROTO_UDP:
+            return None
+        udp = ip + 40
+    else:
+        return None
+    if n < udp + 8:
+        return None
+    return (frame[udp] << 8) | frame[udp + 1]
+
+
+def port_matcher(ranges) -> Callable[[int], bool]:
+    """A test for "port in one of `ranges`" ((low, high) pairs, inclusive)."""
+    ports = frozenset(p for lo, hi in ranges for p in range(lo, hi + 1))
+    return ports.__contains__
 
 
 class GateMode(enum.Enum):
@@ -71,6 +123,7 @@ class GateStats:
     bytes_out: int = 0
     frames_held: int = 0
     bytes_held: int = 0
+    frames_passed_through: int = 0  # outbound frames of a pass-through flow released before their epoch committed
     frames_dropped: int = 0  # all drops; the dropped_* fields say why
     dropped_to_guest: int = 0  # inbound: the guest's QEMU does not read and its queue is at the cap
     dropped_no_guest: int = 0  # inbound: no guest connected (e.g. between two QEMUs at a resume)
@@ -145,6 +198,10 @@ class Gate:
         """OPEN, HOLD or FENCED (fencing discards what is held)."""
         raise NotImplementedError
 
+    def set_pass_through(self, on: bool) -> None:
+        """In HOLD, release frames of the configured pass-through flows at once (if allowed)."""
+        raise NotImplementedError
+
     @property
     def current_epoch(self) -> int:
         """The epoch a frame read now belongs to."""
@@ -161,13 +218,16 @@ class UserspaceGate(Gate):
     def __init__(self, socket_path: Path | None, tap_fd: int, *, mode: GateMode = GateMode.HOLD,
                  max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
                  max_to_guest_bytes: int = DEFAULT_MAX_TO_GUEST_BYTES,
-                 clock: Callable[[], float] = boottime):
+                 clock: Callable[[], float] = boottime, pass_through: tuple[tuple[int, int], ...] = ()):
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.tap_fd = tap_fd
         self.mode = mode
         self.max_held_bytes = max_held_bytes
         self.max_to_guest_bytes = max_to_guest_bytes
         self.stats = GateStats()
+        self.pass_through = tuple(pass_through)  # UDP source-port ranges released at once in HOLD
+        self._passes = port_matcher(self.pass_through)
+        self._pass_on = False  # the policy's word (set_pass_through): only while a session commits
         # Held frames: deque of (epoch, frame). Frames read now are tagged `self._epoch`.
         self._held: deque[tuple[int, bytes]] = deque()
         self._epoch = 0  # epoch the next frame read belongs to
@@ -265,12 +325,19 @@ class UserspaceGate(Gate):
         mode = self.mode
         if mode is GateMode.FENCED:
             self._drop("dropped_fenced")
+        elif mode is GateMode.HOLD and self._pass_on and self._is_pass_through(frame) and self._may_send():
+            self.stats.frames_passed_through += 1
+            self._to_tap(frame)
         elif mode is GateMode.OPEN and self._may_send():
             if self._held:  # what waited (not yet allowed, or past a deadline) leaves first
                 self._flush()
             self._to_tap(frame)
         else:  # HOLD, or OPEN while not allowed: held, released by release() / allow()
             self._hold(frame)
+
+    def _is_pass_through(self, frame: bytes) -> bool:
+        port = udp_source_port(frame)
+        return port is not None and self._passes(port)
 
     def _hold(self, frame: bytes) -> None:
         if self.stats.bytes_held + len(frame) > self.max_held_bytes:
@@ -391,6 +458,12 @@ class UserspaceGate(Gate):
         elif mode is GateMode.OPEN and self._held and self._may_send():
             # Leaving protection (continue-unprotected): what was held goes out in order.
             self._flush()
+
+    def set_pass_through(self, on: bool) -> None:
+        on = bool(on and self.pass_through)
+        if on != self._pass_on:
+            log.info("gate.pass_through", on=on, flows=[f"udp:{lo}-{hi}" for lo, hi in self.pass_through])
+        self._pass_on = on
 
     def _flush(self) -> None:
         while self._held:

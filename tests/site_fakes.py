@@ -16,7 +16,11 @@ class FakeGate:
         self.allowed = False
         self.current_epoch = 0
         self.until = None
+        self.pass_through = False
         self.calls: list = []
+
+    def set_pass_through(self, on):
+        self.pass_through = on
 
     def set_mode(self, mode):
         self.calls.append(("mode", mode))

@@ -143,6 +143,20 @@ BAD = {
                                       "checkpoint.verify_bytes_per_epoch", "not a multiple of the 4096-byte page"),
     "replica check too large": (put("checkpoint", "verify_bytes_per_epoch", str(128 << 20)),
                                 "checkpoint.verify_bytes_per_epoch", "out of range"),
+    "pass-through not an array": (put("checkpoint", "pass_through", '"udp:6000"'), "checkpoint.pass_through",
+                                  "must be an array of strings"),
+    "pass-through no port": (put("checkpoint", "pass_through", '["udp"]'), "checkpoint.pass_through",
+                             "is not a flow (udp:PORT or udp:LOW-HIGH"),
+    "pass-through tcp": (put("checkpoint", "pass_through", '["tcp:6000-6100"]'), "checkpoint.pass_through",
+                         "only udp flows can pass through"),
+    "pass-through port 0": (put("checkpoint", "pass_through", '["udp:0-100"]'), "checkpoint.pass_through",
+                            "ports are 1..65535"),
+    "pass-through port too high": (put("checkpoint", "pass_through", '["udp:65000-70000"]'),
+                                   "checkpoint.pass_through", "ports are 1..65535"),
+    "pass-through reversed": (put("checkpoint", "pass_through", '["udp:6100-6000"]'), "checkpoint.pass_through",
+                              "ends (6000) below where it starts (6100)"),
+    "pass-through overlap": (put("checkpoint", "pass_through", '["udp:6000-6100", "udp:6050"]'),
+                             "checkpoint.pass_through", "'udp:6050' overlaps udp:6000-6100"),
     "table is a value": ("control = 5\n" + BASE[:BASE.index("[control]")], "control", "must be a table"),
     "missing table": (BASE[:BASE.index("[guest]")] + BASE[BASE.index("[checkpoint]"):], "guest",
                       "missing table [guest]"),
@@ -350,6 +364,17 @@ def test_announcement_policy_per_role(tmp_path):
                                                     put("bgp", "standby_prepend", "3", text))))
     _, own = _load(tmp_path, own)
     assert own.bgp.standby == Policy(med=500, communities=("64501:200",), large_communities=(), prepend=3)
+
+
+def test_pass_through_is_off_by_default_and_parses_udp_ranges(tmp_path):
+    assert _load(tmp_path, BASE)[1].checkpoint.pass_through == ()
+    _, cfg = _load(tmp_path, put("checkpoint", "pass_through", '["udp:6000-6100", "UDP:7078", "udp:10000-10000"]'))
+    assert cfg.checkpoint.pass_through == ((6000, 6100), (7078, 7078), (10000, 10000))
+    assert not [k for k, _ in cfg.warnings if k == "checkpoint.pass_through"]
+    _, sip = _load(tmp_path, put("checkpoint", "pass_through", '["udp:5000-5100"]'))
+    assert [p for k, p in sip.warnings if k == "checkpoint.pass_through"] == [
+        "covers UDP 5060, 5061 (SIP): signalling released before its epoch commits can be answered twice or "
+        "forgotten after a failover; pass media (RTP) only"]
 
 
 def test_replica_check_is_on_by_default_and_can_be_turned_off(tmp_path):

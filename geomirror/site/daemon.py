@@ -100,7 +100,8 @@ class SiteDaemon(GuestOperations):
                            guest_pid=role.guest.pid if role.guest else None)
         for key, problem in cfg.warnings:  # e.g. a prefix longer than the Internet accepts
             log.warning("config.warning", site=self.name, file=str(cfg.path), key=key, problem=problem)
-        gate = UserspaceGate(None, open_tap(TAP_NAME), mode=GateMode.FENCED)  # it dials each guest's NIC
+        gate = UserspaceGate(None, open_tap(TAP_NAME), mode=GateMode.FENCED,  # it dials each guest's NIC
+                             pass_through=cfg.checkpoint.pass_through)
         self.ctx = SiteContext(cfg, self.tls, gate, self.feed, lambda: self.ha.generation, self.timeline,
                                self.tasks, self.unsafe_no_output_commit, self.upstream_status)
         if self.unsafe_no_output_commit:

@@ -11,7 +11,10 @@ The safety rule (tests/test_gate_policy.py checks it on random histories against
 real gate): a frame leaves only while this site holds the current lease, and only for an
 epoch the standby committed, unless nothing is protecting the guest by design (the only
 copy after a takeover, before a session commits; continue-unprotected after its grace;
-the unsafe test switch).
+the unsafe test switch). The one exception an operator may configure: frames of the
+pass-through flows ([checkpoint] pass_through, UDP media) leave at once while a session
+commits and this site may release; never while fenced or without the lease, and not while
+output waits for a lost standby (the stall policy's promise: nothing unprotected leaves).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class GateDecision:
     mode: GateMode
     allowed: bool
     why: str
+    pass_through: bool = False  # the gate may release its pass-through flows before their epoch commits
 
 
 def decide(i: GateInputs) -> GateDecision:
@@ -65,7 +69,8 @@ def decide(i: GateInputs) -> GateDecision:
     if i.unsafe:
         return GateDecision(GateMode.OPEN, i.may_release, "UNSAFE: output commit disabled")
     if i.session_committing:
-        return GateDecision(GateMode.HOLD, i.may_release, "output waits for the standby's acks")
+        return GateDecision(GateMode.HOLD, i.may_release, "output waits for the standby's acks",
+                            pass_through=i.may_release)
     if i.promised:
         if (i.policy is UnreachablePolicy.CONTINUE_UNPROTECTED and i.unprotected_ms is not None
                 and i.unprotected_ms >= i.grace_ms):
@@ -118,8 +123,12 @@ class GateController:
 
     def _apply(self, d: GateDecision) -> None:
         g = self.gate
+        if not d.pass_through:
+            g.set_pass_through(False)
         if not d.allowed:
             g.allow(False)
         g.set_mode(d.mode)
+        if d.pass_through:
+            g.set_pass_through(True)
         if d.allowed:
             g.allow(True, until=self.inputs.until)

@@ -82,7 +82,8 @@ _HA_FLAGS = (
     ("geomirror_peer_alive", "peer_alive", "1 while the peer's heartbeats arrive"),
 )
 HA_STATES = tuple(st.value for st in STATES)
-_GATE = ("frames_held", "bytes_held", "frames_out", "frames_dropped", "last_release_delay_ms", "epochs_released")
+_GATE = ("frames_held", "bytes_held", "frames_out", "frames_dropped", "last_release_delay_ms", "epochs_released",
+         "frames_passed_through")
 
 
 class StatusCollector:
