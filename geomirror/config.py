@@ -197,6 +197,9 @@ class CheckpointSection:
     unreachable_policy: str = "stall"
     unprotected_grace_ms: int = 5000
     verify_bytes_per_epoch: int = 256 << 10  # replica check: live RAM hashed per epoch (0: off)
+    # planned switchover: the guest's inbound frames that reach the old primary after its final
+    # epoch are sent to the new site and given to the resumed guest (else lost to TCP retransmission)
+    handover_forward_frames: bool = True
 
 
 @dataclass(frozen=True)
