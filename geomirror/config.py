@@ -200,6 +200,9 @@ class CheckpointSection:
     # guest UDP flows (source-port ranges, inclusive) whose output the gate releases at once
     # instead of at the epoch's commit (RTP media); empty: everything under output commit
     pass_through: tuple[tuple[int, int], ...] = ()
+    # planned switchover: the guest's inbound frames that reach the old primary after its final
+    # epoch are sent to the new site and given to the resumed guest (else lost to TCP retransmission)
+    handover_forward_frames: bool = True
 
 
 @dataclass(frozen=True)

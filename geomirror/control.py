@@ -117,7 +117,10 @@ def make_app(daemon, token: str, *, peer_name: str | None = None, drills_dir: Pa
         body = await _json(request)
         adaptive = _field(body, "adaptive", bool, None)
         interval_ms = _field(body, "interval_ms", (int, float), None)
-        return web.json_response(daemon.set_checkpoint(adaptive, interval_ms))
+        forward = _field(body, "handover_forward_frames", bool, None)
+        if forward is None:  # keeps the two-argument call of daemons (and fakes) without it
+            return web.json_response(daemon.set_checkpoint(adaptive, interval_ms))
+        return web.json_response(daemon.set_checkpoint(adaptive, interval_ms, handover_forward_frames=forward))
 
     async def switchover(request: web.Request):
         body = await _json(request)

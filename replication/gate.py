@@ -26,6 +26,16 @@ be repeated after a failover (the resumed guest replays what it sent since the l
 committed epoch). `udp_source_port` is the classifier: bytes in, a port or None, never an
 exception.
 
+Inbound frames can be held too (a planned switchover, replication/primary.py `handover()`):
+from the final epoch's pause on, frames for the guest are not written into the socket of a
+QEMU that will never run again; they are held (bounded by `max_inbound_hold_bytes`, counted)
+and either handed to a sink (`forward_inbound`: sent to the site that resumes the guest) or,
+when the handover is abandoned, given to this guest after all (`end_inbound_hold(deliver=True)`).
+The site that resumes the guest holds its own inbound frames from the switchover on, puts the
+frames the old site forwarded in front of them (`inject_inbound`) and delivers both in that
+order once the guest runs (`end_inbound_hold(deliver=True)`, on the guest's connection if it
+is not connected yet).
+
 Output needs the HA layer's permission, `allow(True, until=...)`: `until` is the
 lease's deadline on CLOCK_BOOTTIME (seconds; `boottime()`), checked at the moment a
 frame would leave, not only at the HA tick, so a site whose lease ran out sends
@@ -59,6 +69,7 @@ IFF_NO_PI = 0x1000
 MAX_FRAME = 65536 + 64
 DEFAULT_MAX_HELD_BYTES = 64 << 20
 DEFAULT_MAX_TO_GUEST_BYTES = 4 << 20  # a few checkpoint pauses of inbound traffic at 1 Gbit/s
+DEFAULT_MAX_INBOUND_HOLD_BYTES = 4 << 20  # inbound held through a handover (a few hundred ms at most)
 ETH_HLEN = 14
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
@@ -132,6 +143,12 @@ class GateStats:
     dropped_tap: int = 0  # outbound: the TAP would block or is gone
     withheld_lease_expired: int = 0  # times output was due to leave but the lease deadline had passed
     epochs_released: int = 0
+    inbound_held: int = 0  # inbound frames held now (a handover), not yet delivered or forwarded
+    inbound_held_bytes: int = 0
+    inbound_forwarded: int = 0  # inbound frames handed to the forward sink (sent to the peer)
+    inbound_injected: int = 0  # frames the peer forwarded, put in front of this site's inbound
+    dropped_inbound_hold_cap: int = 0  # inbound: held at max_inbound_hold_bytes
+    dropped_inbound_hold: int = 0  # inbound: held, and this site stopped running the guest
     last_release_delay_ms: float = 0.0
     max_release_delay_ms: float = 0.0
 
@@ -211,6 +228,25 @@ class Gate:
         """How many epochs have frames waiting."""
         raise NotImplementedError
 
+    def hold_inbound(self) -> None:
+        """From now on inbound frames are held (bounded), not given to the guest (a handover)."""
+        raise NotImplementedError
+
+    def forward_inbound(self, sink: Callable[[list[bytes]], None] | None) -> None:
+        """While holding: the held frames go to `sink` now, in order, and each later inbound frame
+        at once. None: hold them here again (the sink's channel is gone)."""
+        raise NotImplementedError
+
+    def inject_inbound(self, frames: list[bytes]) -> None:
+        """Frames for the guest that reached the peer: delivered ahead of those held here (at once
+        when nothing is held)."""
+        raise NotImplementedError
+
+    def end_inbound_hold(self, deliver: bool) -> int:
+        """Inbound passes again; what is held goes to the guest in order (`deliver`, as soon as it
+        is connected) or is dropped and counted. Returns how many frames were held."""
+        raise NotImplementedError
+
 
 class UserspaceGate(Gate):
     """Relays frames between QEMU's stream socket and a TAP fd, holding output per epoch."""
@@ -218,12 +254,14 @@ class UserspaceGate(Gate):
     def __init__(self, socket_path: Path | None, tap_fd: int, *, mode: GateMode = GateMode.HOLD,
                  max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
                  max_to_guest_bytes: int = DEFAULT_MAX_TO_GUEST_BYTES,
+                 max_inbound_hold_bytes: int = DEFAULT_MAX_INBOUND_HOLD_BYTES,
                  clock: Callable[[], float] = boottime, pass_through: tuple[tuple[int, int], ...] = ()):
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.tap_fd = tap_fd
         self.mode = mode
         self.max_held_bytes = max_held_bytes
         self.max_to_guest_bytes = max_to_guest_bytes
+        self.max_inbound_hold_bytes = max_inbound_hold_bytes
         self.stats = GateStats()
         self.pass_through = tuple(pass_through)  # UDP source-port ranges released at once in HOLD
         self._passes = port_matcher(self.pass_through)
@@ -244,6 +282,11 @@ class UserspaceGate(Gate):
         self._writer: asyncio.StreamWriter | None = None
         self._connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Inbound hold (a handover): frames toward the guest wait here, or go to the sink.
+        self._in_held: deque[bytes] = deque()
+        self._in_holding = False
+        self._in_sink: Callable[[list[bytes]], None] | None = None
+        self._in_deliver_on_connect = False  # released while no guest was connected: on connection
 
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -304,6 +347,8 @@ class UserspaceGate(Gate):
         self._writer = writer
         self._connected.set()
         log.info("gate.guest_connected")
+        if self._in_deliver_on_connect:
+            self._deliver_held()
         try:
             while True:
                 hdr = await reader.readexactly(4)
@@ -391,6 +436,15 @@ class UserspaceGate(Gate):
             self._inbound(frame)
 
     def _inbound(self, frame: bytes) -> None:
+        if self._in_sink is not None:
+            self.stats.inbound_forwarded += 1
+            self._in_sink([frame])
+        elif self._in_holding:
+            self._hold_in(frame)
+        else:
+            self._to_guest(frame)
+
+    def _to_guest(self, frame: bytes) -> None:
         w = self._writer
         if w is None or w.is_closing():
             self._drop("dropped_no_guest")
@@ -476,6 +530,70 @@ class UserspaceGate(Gate):
             self._drop(reason, len(self._held))
         self._held.clear()
         self.stats.frames_held = self.stats.bytes_held = 0
+
+    # -- inbound hold (a handover) ----------------------------------------
+    def hold_inbound(self) -> None:
+        if not self._in_holding:
+            log.info("gate.inbound_hold")
+        self._in_holding = True
+        self._in_deliver_on_connect = False
+
+    def forward_inbound(self, sink: Callable[[list[bytes]], None] | None) -> None:
+        if sink is not None:
+            self.hold_inbound()  # forwarding implies that nothing goes to this guest any more
+        self._in_sink = sink
+        if sink is not None and self._in_held:
+            frames = list(self._in_held)
+            self._in_held.clear()
+            self.stats.inbound_held = self.stats.inbound_held_bytes = 0
+            self.stats.inbound_forwarded += len(frames)
+            sink(frames)
+
+    def inject_inbound(self, frames: list[bytes]) -> None:
+        self.stats.inbound_injected += len(frames)
+        if not self._in_holding:
+            for f in frames:
+                self._to_guest(f)
+            return
+        keep = self._in_held  # the peer's frames are older: they go first, this site's after them
+        self._in_held = deque()
+        self.stats.inbound_held = self.stats.inbound_held_bytes = 0
+        for f in list(frames) + list(keep):
+            self._hold_in(f)
+
+    def end_inbound_hold(self, deliver: bool) -> int:
+        n = len(self._in_held)
+        was = self._in_holding
+        self._in_sink = None
+        if not deliver:
+            if n:
+                self._drop("dropped_inbound_hold", n)
+            self._in_held.clear()
+            self.stats.inbound_held = self.stats.inbound_held_bytes = 0
+            self._in_holding = self._in_deliver_on_connect = False
+        elif self._writer is None or self._writer.is_closing():
+            self._in_deliver_on_connect = True  # keeps holding (in order) until the guest connects
+        else:
+            self._deliver_held()
+        if was:
+            log.info("gate.inbound_hold_end", deliver=deliver, frames=n,
+                     pending_connection=self._in_deliver_on_connect)
+        return n
+
+    def _hold_in(self, frame: bytes) -> None:
+        if self.stats.inbound_held_bytes + len(frame) > self.max_inbound_hold_bytes:
+            self._drop("dropped_inbound_hold_cap")  # like a full link: the client retransmits
+            return
+        self._in_held.append(frame)
+        self.stats.inbound_held += 1
+        self.stats.inbound_held_bytes += len(frame)
+
+    def _deliver_held(self) -> None:
+        self._in_holding = self._in_deliver_on_connect = False
+        held, self._in_held = self._in_held, deque()
+        self.stats.inbound_held = self.stats.inbound_held_bytes = 0
+        for f in held:
+            self._to_guest(f)
 
     @property
     def current_epoch(self) -> int:

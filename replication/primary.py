@@ -5,6 +5,11 @@ One epoch: stop the vCPUs → seal the gate at N → in parallel, the device sta
 Everything else (XOR-delta, zstd, AES-GCM, sending) happens while the guest runs.
 The standby's ack of N releases the gate's frames of epochs <= N.
 
+A planned switchover (`handover`) holds the guest's inbound frames at the gate from the final
+epoch on (the paused guest here never reads them) and, with the SWITCHOVER, sends them to the
+standby in GUEST_FRAMES messages, followed by any that still arrive until the session ends; the
+standby gives them to the guest it resumes. Abandoned, the handover gives them to this guest.
+
 At most `max_in_flight` checkpoints are unacknowledged; when the link is slower than
 the guest dirties memory, the loop waits, and the pages dirtied meanwhile simply
 merge into the next checkpoint (the scan is against the shadow, not a log), so the
@@ -18,6 +23,7 @@ import asyncio
 import json
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -33,7 +39,8 @@ from replication.qemu import Guest
 from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
                                  send_heartbeats,
                                  session_key)
-from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
+from replication.transport import (HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError, MsgType,
+                                   pack_frames)
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
@@ -108,6 +115,8 @@ class PrimaryStatus:
     verify_cycle_epochs: int = 0  # epochs for the replica checks to cover all of RAM once
     diverged: int = 0  # times the standby found its replica different from this RAM (replica.diverged)
     last_divergence: dict | None = None
+    frames_forwarded: int = 0  # inbound guest frames sent to the standby in handovers (GUEST_FRAMES)
+    frames_forward_lost: int = 0  # ... that could not be sent (the session ended first)
 
 
 class Primary:
@@ -154,6 +163,14 @@ class Primary:
         self._ch: Channel | None = None  # the current session (for a planned switchover)
         self._codec = None
         self._frozen = False  # a handover paused the guest: no epoch may `cont` it
+        # Handover: hold the guest's inbound frames from the final epoch on and send them to the
+        # standby with the SWITCHOVER (read at each handover: an operator may switch it at run time)
+        self.forward_frames_fn: Callable[[], bool] = lambda: True
+        self._peer_takes_frames = False  # the standby's HELLO_REPLY said it takes GUEST_FRAMES
+        self._holding_inbound = False  # this handover holds the gate's inbound frames
+        self._fwd: deque[bytes] = deque()  # frames waiting to be sent to the standby, in order
+        self._fwd_ch: Channel | None = None  # the session they go over
+        self._fwd_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -213,6 +230,8 @@ class Primary:
                 ch.close()
                 if self._ch is ch:
                     self._ch = self._codec = None
+                if self._fwd_ch is ch:
+                    self._stop_forwarding()
                 if self._session_committing:
                     self._session_committing = False
                     if not self._session_acked:
@@ -244,6 +263,7 @@ class Primary:
             "nonce": nonce.hex(), "ram_bytes": self.capture.size, HELLO_UPSTREAM_KEY: 1})
         reply = await asyncio.wait_for(ch.recv_json(MsgType.HELLO_REPLY), 30)
         self._peer_reads_upstream = reply.get(HELLO_UPSTREAM_KEY) == 1
+        self._peer_takes_frames = reply.get(HELLO_FRAMES_KEY) == 1
         if reply.get("proto") != PROTOCOL_VERSION:
             raise ChannelError(f"standby speaks protocol {reply.get('proto')}, we speak {PROTOCOL_VERSION}")
         hashes = None
@@ -402,6 +422,10 @@ class Primary:
         if ch is None or self.status.state != "protected":
             raise ChannelError(f"no protected session to hand over on (replication is {self.status.state})")
         self._hold_checkpoints.clear()
+        if self.forward_frames_fn():
+            # before the final pause: a frame given to the guest now may never be read by it
+            self._holding_inbound = True
+            self.gate.hold_inbound()
         try:
             taken = await self.checkpoint(codec, self.status.interval_ms, final=True)
             rec, frame = taken
@@ -424,13 +448,65 @@ class Primary:
         return rec.epoch
 
     async def announce_switchover(self, epoch: int) -> None:
-        """Step 2: tell the standby to take over from `epoch` (which it has committed)."""
-        if self._ch is None:
+        """Step 2: tell the standby to take over from `epoch` (which it has committed). The guest's
+        inbound frames held since the final epoch go first, and any arriving later follow."""
+        ch = self._ch
+        if ch is None:
             raise ChannelError("the session to the standby is gone")
-        await self._ch.send(MsgType.SWITCHOVER, _U64.pack(epoch))
+        if self._holding_inbound and self._peer_takes_frames:
+            self._fwd_ch = ch
+            self.gate.forward_inbound(self._forward)
+            if self._fwd_task is not None:
+                await self._fwd_task
+            if self._ch is not ch:
+                raise ChannelError("the session to the standby ended while sending the guest's frames")
+            log.info("primary.frames_forwarded", frames=self.status.frames_forwarded, peer=ch.peer,
+                     lost=self.status.frames_forward_lost)
+        elif self._holding_inbound:
+            log.warning("primary.frames_not_forwarded", peer=ch.peer,
+                        why="the standby does not take GUEST_FRAMES (an older build): frames for the guest "
+                            "that arrive here until the route moves are lost, as before")
+        await ch.send(MsgType.SWITCHOVER, _U64.pack(epoch))
+
+    def _forward(self, frames: list[bytes]) -> None:
+        """The gate's sink during a handover: queue, and one pump sends them in order."""
+        self._fwd.extend(frames)
+        if self._fwd_task is None or self._fwd_task.done():
+            self._fwd_task = asyncio.get_running_loop().create_task(self._pump_frames(self._fwd_ch),
+                                                                    name="primary.forward_frames")
+
+    async def _pump_frames(self, ch: Channel) -> None:
+        fwd = self._fwd
+        while fwd and self._fwd_ch is ch:
+            payload, n = pack_frames(list(fwd)[:1024])
+            for _ in range(n):
+                fwd.popleft()
+            try:
+                await ch.send(MsgType.GUEST_FRAMES, payload)
+            except (ChannelError, OSError) as e:
+                self.status.frames_forward_lost += n + len(fwd)
+                fwd.clear()
+                log.info("primary.frames_forward_failed", peer=ch.peer, error=str(e) or type(e).__name__)
+                return
+            self.status.frames_forwarded += n
+
+    def _stop_forwarding(self) -> None:
+        """The session the frames went over ended: hold them at the gate again (the guest's
+        stop drops them, an abandoned handover delivers them)."""
+        self._fwd_ch = None
+        if self._fwd:
+            self.status.frames_forward_lost += len(self._fwd)
+            self._fwd.clear()
+        if self._holding_inbound:
+            self.gate.forward_inbound(None)
 
     async def abort_handover(self) -> None:
-        """The switchover did not happen: run the guest again and take epochs as before."""
+        """The switchover did not happen: run the guest again and take epochs as before (the
+        inbound frames held meanwhile reach it first)."""
+        if self._holding_inbound:
+            self._holding_inbound = False
+            self._fwd_ch = None
+            self.gate.end_inbound_hold(deliver=True)
         if self._frozen:
             self._frozen = False
             await self.guest.cont()

@@ -12,6 +12,11 @@ with backoff), `StandbyStatus.state` is ``disk_full`` / ``disk_failed`` with
 until the replica is settled and the space the failed write needed is back; then the
 session's resync brings protection back by itself. O(RAM) work (block hashes, the
 apply, binding) runs in a thread, never on the event loop that carries heartbeats.
+
+In a planned switchover the primary sends, with the SWITCHOVER, the guest's inbound frames
+that reached it after its final epoch (GUEST_FRAMES). They are kept here, bounded
+(`max_forwarded_bytes`, the rest dropped and counted), until the site resumes the guest and
+takes them (`take_forwarded`); a later committed epoch (the primary went on) discards them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import json
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +38,8 @@ from replication.qemu import Guest, GuestSpec
 from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, compat_mismatch, new_nonce,
                                  on_heartbeat_message, own_lateness, send_heartbeats, session_key)
 from replication.store import Replica, ReplicaError, ReplicaStorageError
-from replication.transport import PROTOCOL_VERSION, Channel, ChannelError, MsgType
+from replication.transport import (HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError, MsgType,
+                                   unpack_frames)
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
@@ -53,6 +60,8 @@ class StandbyStatus:
     verified_bytes: int = 0
     diverged: int = 0  # epochs whose replica check did not match (replica.diverged)
     last_divergence: dict | None = None
+    frames_received: int = 0  # guest frames the primary forwarded in handovers (GUEST_FRAMES)
+    frames_dropped: int = 0  # ... over max_forwarded_bytes, or stale (the primary went on)
 
 
 _NOT_PROTECTING = ("disk_full", "disk_failed")
@@ -61,7 +70,7 @@ _NOT_PROTECTING = ("disk_full", "disk_failed")
 class Standby:
     def __init__(self, replica: Replica, compat: dict, site: str, heartbeat_ms: float = 100.0,
                  allowed_peer=None, min_timeout_ms: float = 600.0, max_timeout_ms: float = 5000.0,
-                 refuse_delay_s: float = 1.0):
+                 refuse_delay_s: float = 1.0, max_forwarded_bytes: int = 4 << 20):
         # A refused primary reconnects at once; answering a disk-full refusal after this delay
         # keeps that loop (a TLS handshake and a log line each) slow. Resumption waits at most this.
         self.refuse_delay_s = refuse_delay_s
@@ -86,6 +95,25 @@ class Standby:
         self.generation_fn = lambda: 0
         self.upstream_fn = lambda: None  # this site's upstream-up ms, for a primary that reads it
         self._peer_reads_upstream = False
+        self.max_forwarded_bytes = max_forwarded_bytes
+        self._forwarded: deque[bytes] = deque()  # guest frames for the resume, in arrival order
+        self._forwarded_bytes = 0
+
+    def take_forwarded(self) -> list[bytes]:
+        """The guest frames the primary forwarded in its handover, oldest first (then none)."""
+        frames = list(self._forwarded)
+        self._forwarded.clear()
+        self._forwarded_bytes = 0
+        return frames
+
+    def _keep_forwarded(self, frames: list[bytes]) -> None:
+        for f in frames:
+            if self._forwarded_bytes + len(f) > self.max_forwarded_bytes:
+                self.status.frames_dropped += 1
+                continue
+            self._forwarded.append(f)
+            self._forwarded_bytes += len(f)
+        self.status.frames_received += len(frames)
 
     def silence_ms(self) -> float:
         return (time.monotonic() - self._last_heard) * 1000
@@ -136,7 +164,7 @@ class Standby:
                 await ch.send_json(MsgType.HELLO_REPLY, {
                     "proto": PROTOCOL_VERSION, "site": self.site, "nonce": nonce.hex(),
                     "committed_epoch": self.replica.committed_epoch, "valid": valid, "hashes": base,
-                    "block_pages": BLOCK_PAGES, HELLO_UPSTREAM_KEY: 1})
+                    "block_pages": BLOCK_PAGES, HELLO_UPSTREAM_KEY: 1, HELLO_FRAMES_KEY: 1})
                 if base:
                     await ch.send(MsgType.HASHES, await asyncio.to_thread(self._hashes_blob))
         if refused is not None:
@@ -245,9 +273,14 @@ class Standby:
                 if self.status.problem is not None:
                     log.info("standby.protecting_again", epoch=epoch, peer=ch.peer, was=self.status.problem)
                     self.status.problem = None
+                if self._forwarded:  # a handover's frames, and the primary went on: they are its guest's
+                    self.status.frames_dropped += len(self._forwarded)
+                    self.take_forwarded()
                 await ch.send(MsgType.ACK, _U64.pack(epoch))
                 if self.on_commit:
                     self.on_commit(epoch)
+            elif mtype is MsgType.GUEST_FRAMES:
+                self._keep_forwarded(unpack_frames(payload, ch.peer))
             elif mtype is MsgType.SWITCHOVER and len(payload) == _U64.size:
                 (epoch,) = _U64.unpack(payload)
                 if epoch != self.replica.committed_epoch or not self.replica.valid:

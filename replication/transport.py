@@ -19,6 +19,11 @@ Heartbeats (replication/session.py) are HEARTBEAT messages of three u64: a seque
 number, the sender's monotonic clock in ns and the sender's lease generation. The
 receiver sends the same 24 bytes back as HEARTBEAT_ECHO and reports the generation;
 the sender times the echo against its own clock for the RTT estimate.
+
+GUEST_FRAMES (a planned switchover) carries Ethernet frames for the guest that reached the old
+primary after its final epoch, to be given to the guest where it resumes: `pack_frames` /
+`unpack_frames`. It is sent only to a standby whose HELLO_REPLY carries `HELLO_FRAMES_KEY`, so
+builds of the same protocol version without it still pair (they lose those frames, as before).
 """
 
 from __future__ import annotations
@@ -57,6 +62,13 @@ class MsgType(enum.IntEnum):
     HEARTBEAT_ECHO = 10  # the same 24 bytes, echoed
     SWITCHOVER = 11  # u64 epoch: primary -> standby, "take over from this epoch" (planned switchover)
     DIVERGED = 12  # JSON {epoch, offset, length, expected, found}: standby -> primary, then close
+    GUEST_FRAMES = 13  # (u32 length, Ethernet frame)*: primary -> standby in a handover, frames for the guest
+
+
+HELLO_FRAMES_KEY = "guest_frames"  # in HELLO_REPLY: this standby takes GUEST_FRAMES
+GUEST_FRAMES_CAP = 1 << 20  # one GUEST_FRAMES message; more frames go in several
+MAX_GUEST_FRAME = 65536 + 64  # an Ethernet frame from the TAP (replication/gate.py MAX_FRAME)
+_U32 = struct.Struct(">I")
 
 
 _JSON_CAP = 64 << 10
@@ -65,7 +77,7 @@ _JSON_CAP = 64 << 10
 TYPE_CAPS: dict[MsgType, int] = {
     MsgType.HELLO: _JSON_CAP, MsgType.HELLO_REPLY: _JSON_CAP, MsgType.ERROR: _JSON_CAP,
     MsgType.SYNC_BEGIN: _JSON_CAP, MsgType.DIVERGED: _JSON_CAP, MsgType.ACK: 8, MsgType.SWITCHOVER: 8,
-    MsgType.HEARTBEAT: 64, MsgType.HEARTBEAT_ECHO: 64,
+    MsgType.HEARTBEAT: 64, MsgType.HEARTBEAT_ECHO: 64, MsgType.GUEST_FRAMES: GUEST_FRAMES_CAP,
 }
 
 
@@ -217,6 +229,37 @@ class Channel:
         obj = self.ssl_object()
         cert = obj.getpeercert() if obj is not None else None
         return cert.get("serialNumber") if cert else None
+
+
+def pack_frames(frames: list[bytes], cap: int = GUEST_FRAMES_CAP) -> tuple[bytes, int]:
+    """The payload of one GUEST_FRAMES message: as many of `frames` (from the first) as fit in
+    `cap`, at least one. Returns it and how many frames it carries."""
+    out, n, size = [], 0, 0
+    for f in frames:
+        if len(f) > MAX_GUEST_FRAME:
+            raise ChannelError(f"a guest frame of {len(f)} bytes is over {MAX_GUEST_FRAME}")
+        if n and size + _U32.size + len(f) > cap:
+            break
+        out += (_U32.pack(len(f)), f)
+        size += _U32.size + len(f)
+        n += 1
+    return b"".join(out), n
+
+
+def unpack_frames(payload: bytes, peer: str = "peer") -> list[bytes]:
+    """The frames of a GUEST_FRAMES payload; a length that does not fit is a `ChannelError`."""
+    frames, off, end = [], 0, len(payload)
+    while off < end:
+        if off + _U32.size > end:
+            raise ChannelError(f"{peer} sent a GUEST_FRAMES cut inside a frame length")
+        (n,) = _U32.unpack_from(payload, off)
+        off += _U32.size
+        if n > MAX_GUEST_FRAME or off + n > end:
+            raise ChannelError(f"{peer} sent a GUEST_FRAMES with a frame of {n} bytes that does not fit "
+                               f"({end - off} left, at most {MAX_GUEST_FRAME})")
+        frames.append(payload[off:off + n])
+        off += n
+    return frames
 
 
 def _json(payload: bytes):

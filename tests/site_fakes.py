@@ -126,7 +126,8 @@ def site_config(name="site-a", policy="stall", grace_ms=5000):
         witness=SimpleNamespace(lease_ttl_ms=6000, renew_every_ms=1000),
         bgp=SimpleNamespace(med=None, communities=(), prepend=0, active=Policy(),
                             drain=Policy(communities=("65535:0",))),
-        checkpoint=SimpleNamespace(unreachable_policy=policy, unprotected_grace_ms=grace_ms),
+        checkpoint=SimpleNamespace(unreachable_policy=policy, unprotected_grace_ms=grace_ms,
+                                   handover_forward_frames=True),
         heartbeat=SimpleNamespace(interval_ms=100, min_timeout_ms=600, max_timeout_ms=5000),
     )
 

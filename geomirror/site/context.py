@@ -89,9 +89,12 @@ class SiteContext:
     name: str = field(init=False)
     state_dir: Path = field(init=False)
     run_dir: Path = field(init=False)
+    # checkpoint.handover_forward_frames, switchable at run time (POST /v1/checkpoint)
+    handover_forward_frames: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = self.cfg.site.name
+        self.handover_forward_frames = self.cfg.checkpoint.handover_forward_frames
         self.state_dir = Path(self.cfg.site.state_dir)
         self.run_dir = Path(self.cfg.site.run_dir)
 

@@ -261,7 +261,13 @@ class SiteDaemon(GuestOperations):
         self._save_role(Role.FENCED, f"fenced by the {reason}")
         return self.site_status().as_dict()
 
-    def set_checkpoint(self, adaptive: bool | None = None, interval_ms: float | None = None) -> dict:
+    def set_checkpoint(self, adaptive: bool | None = None, interval_ms: float | None = None,
+                       handover_forward_frames: bool | None = None) -> dict:
+        if handover_forward_frames is not None:  # read by either side at its next switchover
+            self.ctx.handover_forward_frames = handover_forward_frames
+            self.timeline.mark("checkpoint.handover_forward_frames", enabled=handover_forward_frames)
+            if adaptive is None and interval_ms is None:
+                return {"handover_forward_frames": handover_forward_frames}
         if self.primary_side is None or self.primary_side.primary is None:
             raise Refused(f"site {self.name} takes no checkpoints now ({self.ha.state.value}): "
                           "tune the checkpoint interval at the site that runs the guest")

@@ -128,6 +128,7 @@ class PrimarySide:
         p.status.epoch = max(ctx.gate.current_epoch, first_epoch)
         p.generation_fn = ctx.generation
         p.upstream_fn = ctx.upstream
+        p.forward_frames_fn = lambda: ctx.handover_forward_frames
         p.on_heartbeat = lambda gen, link, upstream: ctx.feed(
             ha.HeartbeatReceived(time.monotonic(), link.rtt_ms, gen, link.rtt_var_ms, upstream))
         p.on_commit = lambda epoch: ctx.feed(ha.StandbyReady(epoch))
@@ -195,6 +196,9 @@ class PrimarySide:
         guest, self.guest = self.guest, None
         if self._watch is not None:
             self._watch.cancel()
+        dropped = self.ctx.gate.end_inbound_hold(deliver=False)  # a handover's, not forwarded in time
+        if dropped:
+            self.ctx.mark("gate.inbound_dropped", frames=dropped, reason=reason)
         self.ctx.gate.detach_guest()
         if guest is not None:
             self.ctx.mark("guest.stop", reason=reason, pid=guest.pid)

@@ -1,5 +1,9 @@
 """The standby's job: hold the replica, take checkpoints, keep a hot standby QEMU ready,
-watch the witness; on takeover, resume the guest from the last committed epoch."""
+watch the witness; on takeover, resume the guest from the last committed epoch.
+
+In a planned switchover (checkpoint.handover_forward_frames) the guest's inbound frames are held
+at this site's gate from the SWITCHOVER on; after the resume the frames the old primary
+forwarded go to the guest first, then those held here, in arrival order."""
 
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ class StandbySide:
         self._hot_starting = False
         self._server: asyncio.AbstractServer | None = None
         self._probe: asyncio.Task | None = None
+        self._handover_hold = False  # the gate holds inbound frames for a switchover's resume
 
     async def start(self, hot_record=None) -> None:
         """Open the replica and serve the primary. `hot_record`: the hot standby QEMU a previous
@@ -108,9 +113,19 @@ class StandbySide:
     def set_switchover_handler(self, fn) -> None:
         """`fn(epoch)`: the primary handed the guest over at `epoch` (committed here)."""
         if self.standby is not None:
-            self.standby.on_switchover = fn
+            def on_switchover(epoch: int) -> None:
+                if self.ctx.handover_forward_frames:
+                    # frames reaching this site before the resume wait for the guest to run, after
+                    # those the old primary forwards (older)
+                    self._handover_hold = True
+                    self.ctx.gate.hold_inbound()
+                fn(epoch)
+            self.standby.on_switchover = on_switchover
 
     def _on_commit(self, epoch: int) -> None:
+        if self._handover_hold:  # the switchover did not happen: the primary goes on
+            self._handover_hold = False
+            self.ctx.gate.end_inbound_hold(deliver=False)
         self.ctx.feed(ha.ReplicaCommitted(epoch))
         self._want_hot()
 
@@ -156,8 +171,20 @@ class StandbySide:
         await set_tap(self.ctx.cfg, True)
         guest, timings = await resume(self.replica, self.spec, hot)
         self.ctx.gate.attach_guest(self.spec.net_socket)
+        self._deliver_handover_frames()
         self.hot = None
         return guest, timings, self.replica.run_id
+
+    def _deliver_handover_frames(self) -> None:
+        """Right after the resume: the frames the old primary forwarded, then those held here."""
+        forwarded = self.standby.take_forwarded()
+        if forwarded:
+            self.ctx.gate.inject_inbound(forwarded)
+        held = self.ctx.gate.end_inbound_hold(deliver=True) - len(forwarded) if self._handover_hold else 0
+        if self._handover_hold or forwarded:
+            self.ctx.mark("switchover.frames_delivered", forwarded=len(forwarded), held_here=max(0, held),
+                          dropped=self.standby.status.frames_dropped)
+        self._handover_hold = False
 
     @property
     def committed_epoch(self) -> int:
@@ -170,7 +197,8 @@ class StandbySide:
                                 "peer_cert_serial": st.peer_cert_serial, "rejected_frames": st.rejected_frames,
                                 "last_apply_ms": round(st.last_apply_ms, 2), "hot_standby": self.hot is not None,
                                 "verified": st.verified, "verified_bytes": st.verified_bytes,
-                                "diverged": st.diverged, "last_divergence": st.last_divergence}}
+                                "diverged": st.diverged, "last_divergence": st.last_divergence,
+                                "frames_received": st.frames_received, "frames_dropped": st.frames_dropped}}
 
     async def close(self, *, keep_replica_open: bool = False, keep_hot: bool = False) -> None:
         """Stop being the standby: no server, no hot standby (`keep_hot`: left running for the next
