@@ -13,7 +13,9 @@ import pytest
 from geomirror import ha
 from geomirror.errors import Refused
 from geomirror.site.switchover import Switchover, on_peer_handover
-from replication.transport import ChannelError
+from replication.session import LinkStats, heartbeat_payload, on_heartbeat_message, parse_heartbeat
+from replication.standby import Standby
+from replication.transport import ChannelError, MsgType
 from tests.site_fakes import FakeGate, FakeLease, ha_config, make_ctx, site_config
 
 
@@ -234,3 +236,46 @@ async def test_a_handover_the_machine_refuses_runs_on_at_once():
         await r.job.run(timeout=0.2)
     assert r.primary.calls[-1] == "abort_handover" and r.m.gate_open
     assert not [a for a in r.actions if isinstance(a, ha.CloseGate)]
+
+
+class RecordingChannel:
+    peer = "198.18.100.1:40000"
+
+    def __init__(self, fail: Exception | None = None):
+        self.sent: list = []
+        self.closed = False
+        self.fail = fail
+
+    async def send_heartbeat(self, payload):
+        if self.fail:
+            raise self.fail
+        self.sent.append(payload)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("fail", [None, ChannelError("the primary closed the connection")])
+async def test_a_standby_that_takes_over_tells_the_primary_its_new_generation_before_it_hangs_up(fail):
+    """The only way a primary that cannot reach the lease authority learns the peer's takeover:
+    the session's last heartbeat carries the generation the standby now holds."""
+    sb = Standby(SimpleNamespace(committed_epoch=42, valid=True), {}, "site-b")
+    sb.generation_fn = lambda: 4
+    ch = RecordingChannel(fail)
+    sb._current = ch
+    await sb.stop_accepting()
+    assert ch.closed and not sb.accepting
+    if fail is None:
+        assert len(ch.sent) == 1 and parse_heartbeat(ch.sent[0])[2] == 4
+
+
+async def test_a_heartbeat_is_reported_even_when_its_echo_cannot_go():
+    class Closed:
+        async def send(self, mtype, payload):
+            raise ChannelError("site-b closed the connection")
+
+    seen = []
+    with pytest.raises(ChannelError):
+        await on_heartbeat_message(Closed(), MsgType.HEARTBEAT, heartbeat_payload(0, 1, 4), LinkStats(),
+                                   lambda gen, link, up: seen.append(gen))
+    assert seen == [4]
