@@ -244,7 +244,8 @@ class HandoverPrepared:
 
 @dataclass(frozen=True)
 class HandoverAborted:
-    """The peer did not take over: take the lease back (nobody held it since) and run on here."""
+    """The peer did not take over: fenced, take the lease back (granted only if nobody held it
+    since) and run on here once it is held; the switchover job keeps the guest paused until then."""
     now: float
     reason: str
 
@@ -696,9 +697,9 @@ class HaMachine:
         if self.upstream_handover_at is not None and now - self.upstream_handover_at < c.upstream_loss_hold_down_s:
             return False, f"{lost}, but the last upstream-loss handover was less than " \
                           f"{c.upstream_loss_hold_down_s:g}s ago (hold-down)"
-        if not (self.state is ACTIVE_PROTECTED and self.protected and self.peer_alive and self.standby_ready
-                and self.holding and not self.forced and not self.lapsed):
-            return False, f"{lost}, but the guest is not protected under a lease: a handover could lose state"
+        if not self._may_hand_over():
+            return False, (f"{lost}, but the guest is not protected under a lease (held, or lapsed while "
+                           f"protected): a handover could lose state")
         up = self.peer_upstream_up_ms
         if up is None:
             return False, f"{lost}, but the peer does not report its BGP sessions"
@@ -707,6 +708,13 @@ class HaMachine:
                            f"{c.upstream_loss_peer_stable_s:g}s without a break")
         return True, (f"every BGP session has been down for {now - max(since):.1f}s; the peer's have been up "
                       f"for {up / 1000:.1f}s and the guest is protected")
+
+    def _may_hand_over(self) -> bool:
+        """A planned handover needs the guest protected (the standby commits every epoch) under a
+        lease this site holds, or one that lapsed while protected (its authority unreachable: the
+        ride-through) — the guest's output has only ever left on the standby's acks. Not forced."""
+        return (self.state is ACTIVE_PROTECTED and self.protected and self.peer_alive and self.standby_ready
+                and (self.holding or self.lapsed) and not self.forced)
 
     def _maybe_hand_over(self, now: float) -> None:
         due, why = self.upstream_loss(now)
@@ -955,10 +963,22 @@ class HaMachine:
         self._fence("operator fence", release=True, operator=True)
 
     def _on_HandoverPrepared(self, e: HandoverPrepared) -> None:
-        if self.state not in ACTIVE or not self.holding:
-            self._emit(Log("ha.handover_refused", {"state": self.state.value, "holding": self.holding}))
+        if self.state not in ACTIVE or not (self.holding or self.lapsed) or self.forced:
+            self._emit(Log("ha.handover_refused", {"state": self.state.value, "holding": self.holding,
+                                                   "lapsed": self.lapsed, "forced": self.forced}))
             return
-        self._emit(CloseGate(), Drain(), ReleaseLease(self.generation))
+        # Closed for good under this generation: nothing here reopens it but a new grant after an
+        # abort (g or g+1: nobody held the lease since). The release is a courtesy that lets the
+        # peer in at once; without it (lapsed, or the authority unreachable) the peer gets the next
+        # generation once ours has expired at the authority, which never grants two at a time.
+        self._emit(CloseGate(), Drain())
+        if self.holding:
+            self._emit(ReleaseLease(self.generation))
+        else:
+            self._emit(Log("ha.handover_without_lease", {
+                "generation": self.generation,
+                "why": f"the lease lapsed ({self.config.authority} unreachable): the peer takes the next "
+                       "generation once it has expired"}))
         self.draining_since = e.now
         self.gate_open = self.holding = self.protected = self.lapsed = False
         self.expires_at, self._next_acquire = None, None

@@ -142,9 +142,11 @@ async def on_heartbeat_message(ch, mtype, payload: bytes, link: LinkStats, on_he
     except ValueError:
         raise ChannelError(f"malformed {mtype.name} ({len(payload)} bytes)") from None
     if mtype is MsgType.HEARTBEAT:
-        await ch.send(MsgType.HEARTBEAT_ECHO, payload)
-        if on_heartbeat:
-            on_heartbeat(generation, link, upstream)
+        try:
+            await ch.send(MsgType.HEARTBEAT_ECHO, payload)
+        finally:  # reported even when the echo cannot go: a taking-over standby's last heartbeat
+            if on_heartbeat:
+                on_heartbeat(generation, link, upstream)
     else:
         link.add_rtt((time.monotonic_ns() - sent_ns) / 1e6)
     return True

@@ -35,8 +35,8 @@ from replication import codec as codec_mod
 from replication import verify
 from replication.progress import Progress
 from replication.qemu import Guest, GuestSpec
-from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, compat_mismatch, new_nonce,
-                                 on_heartbeat_message, own_lateness, send_heartbeats, session_key)
+from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, compat_mismatch, heartbeat_payload,
+                                 new_nonce, on_heartbeat_message, own_lateness, send_heartbeats, session_key)
 from replication.store import Replica, ReplicaError, ReplicaStorageError
 from replication.transport import (HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError, MsgType,
                                    unpack_frames)
@@ -370,11 +370,22 @@ class Standby:
         except (ChannelError, ConnectionError, OSError):
             pass
 
-    async def stop_accepting(self) -> None:
-        """Before a takeover: no more checkpoints; wait for any apply in progress to finish."""
+    async def stop_accepting(self, last_word_s: float = 0.2) -> None:
+        """Before a takeover: no more checkpoints; wait for any apply in progress to finish. The
+        primary's last word from this session is a heartbeat with the generation this site holds
+        now (the takeover's): a primary that handed over without reaching the lease authority
+        learns from it that this site runs the guest (no other session carries heartbeats to it
+        until it is the standby)."""
         self.accepting = False
-        if self._current is not None:
-            self._current.close()
+        ch = self._current
+        if ch is not None:
+            up = self.upstream_fn() if self._peer_reads_upstream and self.upstream_fn else False
+            try:
+                await asyncio.wait_for(ch.send_heartbeat(heartbeat_payload(
+                    0, time.monotonic_ns(), self.generation_fn(), up)), last_word_s)
+            except (ChannelError, ConnectionError, OSError, asyncio.TimeoutError) as e:
+                log.info("standby.last_heartbeat_lost", peer=ch.peer, error=str(e) or type(e).__name__)
+            ch.close()
         async with self._lock:
             pass
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from geomirror import ha
-from geomirror.ha import (ACTIVE_PROTECTED, BecameStandby, LeaseSeen, QueryLease, Rejoin, ACTIVE_UNPROTECTED, FENCED, STANDBY, STARTING, TAKING_OVER, AcquireLease,
+from geomirror.ha import (HANDING_OVER, HandoverAborted, HandoverPrepared, ACTIVE_PROTECTED, BecameStandby, LeaseSeen, QueryLease, Rejoin, ACTIVE_UNPROTECTED, FENCED, STANDBY, STARTING, TAKING_OVER, AcquireLease,
                           Alarm, Announce, BgpNeighborUp, CloseGate, HaConfig, HaConfigError, HaMachine,
                           HeartbeatReceived, LeaseDenied, LeaseGranted, LeaseLost, LeaseRenewed, OpenGate,
                           OperatorFence, OperatorPromote, PeerRouteSeen, ReleaseLease, RenewLease,
@@ -504,6 +504,33 @@ class TwoSites(RuleBasedStateMachine):
         self.feed(s, OperatorFence(s.now(self.t)))
 
     @rule(name=st.sampled_from(["site-a", "site-b"]))
+    def hand_over(self, name):
+        """A planned switchover (or an upstream-loss handover): the last epoch is committed, the
+        machine is told, and the peer is told over the WAN (SWITCHOVER: it promotes) — whether
+        or not the lease backend answered the release, as when the authority is unreachable."""
+        s, peer = self.sites[name], self.sites["site-b" if name == "site-a" else "site-a"]
+        if s.m.state is not ACTIVE_PROTECTED:
+            return
+        self.feed(s, HandoverPrepared(s.now(self.t), 1))
+        if s.m.state is HANDING_OVER and self.wan_up and peer.alive:
+            self.note("handed over")
+            self.feed(peer, OperatorPromote(peer.now(self.t)))
+
+    @rule(name=st.sampled_from(["site-a", "site-b"]), abort=st.booleans())
+    def handover_ends(self, name, abort):
+        """The switchover job: the peer is seen at a newer generation (heartbeats or the lease
+        backend) → demote; or it gives up → HandoverAborted (the machine asks for the lease back)."""
+        s = self.sites[name]
+        if s.m.state is not HANDING_OVER:
+            return
+        if s.m.seen_generation > s.m.generation:
+            self.note("demoted after a handover")
+            self.feed(s, BecameStandby(s.now(self.t), "switchover"))
+            self.feed(s, ReplicaCommitted(1))
+        elif abort:
+            self.feed(s, HandoverAborted(s.now(self.t), "test"))
+
+    @rule(name=st.sampled_from(["site-a", "site-b"]))
     def crash(self, name):
         s = self.sites[name]
         s.alive, s.gate, s.resume_pending = False, False, False  # a dead site releases nothing
@@ -515,7 +542,7 @@ class TwoSites(RuleBasedStateMachine):
         if old.alive:
             return
         st_ = old.m.state
-        role = "primary" if st_ in (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED, STARTING) else "fenced" if st_ == FENCED else "standby"
+        role = "primary" if st_ in (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED, STARTING, HANDING_OVER) else "fenced" if st_ == FENCED else "standby"
         new = Site(name, role, old.rate, old.offset, generation=old.m.generation)
         new.requests = old.requests
         self.sites[name] = new
@@ -577,6 +604,29 @@ def test_isolated_primary_fences_and_the_standby_takes_over_once():
     w.witness_link("site-a", False)
     w.advance(10, 30, heartbeats=True, lease_io=True)
     assert a.m.stale and a.m.state == FENCED and b.gate == 2
+
+
+@pytest.mark.parametrize("abort_early", [False, True])
+def test_a_handover_with_the_witness_cut_from_the_old_site_keeps_one_active_site(abort_early):
+    """The upstream-loss case: site A's way to the witness goes with its upstream, it hands over
+    anyway (no release gets through); B is granted generation 2 only once A's lease has expired at
+    the witness, and A learns it from B's heartbeats. An impatient A that aborts first stays fenced
+    (it cannot reach the witness) and then rejoins. The invariants are checked after every step."""
+    w = _world()
+    w.advance(20, 30, heartbeats=True, lease_io=True)
+    a, b = w.sites["site-a"], w.sites["site-b"]
+    assert a.m.state == ACTIVE_PROTECTED and a.gate == 1
+    w.witness_link("site-a", True)
+    w.hand_over("site-a")
+    assert a.m.state == HANDING_OVER and a.gate is False and b.m.state == TAKING_OVER
+    if abort_early:
+        w.handover_ends("site-a", abort=True)
+        assert a.m.state == FENCED
+    for _ in range(4):  # ~1.6 s: A's lease (1 s TTL) expires at the witness, B takes generation 2
+        w.advance(20, 20, heartbeats=True, lease_io=True)
+        w.handover_ends("site-a", abort=False)
+    assert b.gate == 2 and b.m.state in (ACTIVE_PROTECTED, ACTIVE_UNPROTECTED) and w.opened == {1: "site-a", 2: "site-b"}
+    assert a.gate is False and (a.m.state == STANDBY if not abort_early else a.m.stale)
 
 
 def test_without_a_witness_the_primary_runs_and_the_standby_never_takes_over_alone():

@@ -4,6 +4,7 @@ holds a newer generation, and a clean abort otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 
@@ -12,7 +13,9 @@ import pytest
 from geomirror import ha
 from geomirror.errors import Refused
 from geomirror.site.switchover import Switchover, on_peer_handover
-from replication.transport import ChannelError
+from replication.session import LinkStats, heartbeat_payload, on_heartbeat_message, parse_heartbeat
+from replication.standby import Standby
+from replication.transport import ChannelError, MsgType
 from tests.site_fakes import FakeGate, FakeLease, ha_config, make_ctx, site_config
 
 
@@ -96,17 +99,30 @@ async def test_switchover_releases_once_tells_the_peer_after_and_demotes():
     assert ha.StopGuest() not in r.actions, "the demotion stops the guest, not a stale-fence"
 
 
-async def test_a_peer_that_does_not_take_over_aborts_and_the_guest_runs_on():
+async def settle(r, until, polls=500):
+    """Let the job's background task run (it polls every 1 ms) until `until()` or `polls` passes."""
+    for _ in range(polls):
+        if until():
+            return True
+        await asyncio.sleep(0.001)
+    return until()
+
+
+async def test_a_peer_that_does_not_take_over_aborts_and_the_guest_stays_paused_until_the_lease_is_back():
     r = Rig(peer_takes=False)
-    with pytest.raises(Refused, match="site-b did not take over within 0.2s; the guest runs on here"):
+    with pytest.raises(Refused, match="site-b did not take over within 0.2s; the guest stays paused"):
         await r.job.run(timeout=0.2)
-    assert "abort_handover" in r.primary.calls and not r.demoted
-    assert any(isinstance(e, ha.HandoverAborted) for e in r.events)
+    assert not r.demoted and any(isinstance(e, ha.HandoverAborted) for e in r.events)
     assert r.m.state is ha.FENCED and ha.AcquireLease() in r.actions, "it asks for the lease back"
+    assert not await settle(r, lambda: "abort_handover" in r.primary.calls, polls=50), \
+        "never running behind a closed gate: paused until the lease is held again"
+    with pytest.raises(Refused, match="paused until this site holds the lease again"):
+        await r.job.run(timeout=0.2)
     now = time.monotonic()
     for a in r.m.handle(ha.LeaseGranted(4, now + 60, now)):
         r.actions.append(a)
     assert r.m.state in ha.ACTIVE and r.m.gate_open, "nobody held it since: it runs on here"
+    assert await settle(r, lambda: "abort_handover" in r.primary.calls), "the guest runs again"
 
 
 async def test_a_broken_session_is_retried_within_the_timeout():
@@ -141,3 +157,125 @@ def test_the_standby_takes_over_on_the_peers_word_by_the_ordinary_rules():
     ctx = make_ctx(site_config("site-b"), FakeGate(), events.append)
     on_peer_handover(ctx, 42)
     assert isinstance(events[0], ha.OperatorPromote) and events[0].force is False
+
+
+class LeaselessRig(Rig):
+    """Site A's upstream is lost with its way to the lease authority: the lease lapsed while
+    protected (ride-through), the backend answers nothing; the peer reaches the authority and
+    takes the next generation, which A learns from the peer's heartbeats."""
+
+    def __init__(self, peer_takes_after_polls: int | None = 0, lease_ttl_s: float = 5.0):
+        super().__init__(peer_takes=False)
+        m, t = self.m, time.monotonic()
+        self.m = ha.HaMachine("primary", ha_config())
+        for e in (ha.Tick(t), ha.LeaseGranted(3, t + 6, t), ha.HeartbeatReceived(t, 1.0, 0),
+                  ha.StandbyReady(40), ha.WitnessUnreachable(t, "uplink0 down")):
+            self.m.handle(e)
+        while not self.m.lapsed:  # renewals get no answer: past the deadline it rides through
+            t += 0.1
+            self.m.handle(ha.HeartbeatReceived(t, 1.0, 0))
+            self.m.handle(ha.Tick(t))
+        assert self.m.state is ha.ACTIVE_PROTECTED and self.m.gate_open and not self.m.holding
+        self.t = t
+        self.lease.unreachable = True
+        self.polls = 0
+        self.takes_after = peer_takes_after_polls
+
+        def peer_generation():  # what the heartbeats tell the machine; the peer moves once told
+            told = any(isinstance(c, tuple) and c[0] == "announce_switchover" for c in self.primary.calls)
+            if told and self.takes_after is not None:
+                self.polls += 1
+                if self.polls > self.takes_after and self.m.seen_generation < 4:
+                    self.t += 0.1
+                    self.feed(ha.HeartbeatReceived(self.t, 1.0, 4))
+            return self.m.seen_generation
+
+        self.job = Switchover(self.ctx, self.lease, lambda: self.primary, lambda: self.m.state, self.job._demote,
+                              poll_s=0.001, peer_generation=peer_generation, lease_ttl_s=lease_ttl_s)
+        del m
+
+
+async def test_without_the_lease_authority_the_handover_goes_by_the_peers_heartbeats():
+    r = LeaselessRig()
+    report = await r.job.run(timeout=1.0)
+    assert report["lease_backend"] == "unreachable" and report["peer_generation_seen_via"] == "heartbeat"
+    assert ("announce_switchover", 42, "site-a") in r.primary.calls, "told without waiting for the lease"
+    assert not [a for a in r.actions if isinstance(a, ha.ReleaseLease)], "nothing held, nothing released"
+    assert ha.CloseGate() in r.actions and not [a for a in r.actions if isinstance(a, ha.OpenGate)]
+    assert r.demoted == ["switchover to site-b"] and r.m.state is ha.STANDBY and not r.m.gate_open
+    assert "abort_handover" not in r.primary.calls
+    assert any(e["event"] == "switchover.lease_unreachable" for e in r.ctx.timeline.entries)
+
+
+async def test_an_unreleased_lease_gives_the_peer_one_lease_ttl_more():
+    r = LeaselessRig(peer_takes_after_polls=300, lease_ttl_s=5.0)  # ≥ 0.3 s of 1 ms polls: past the timeout
+    report = await r.job.run(timeout=0.05)
+    assert r.demoted and report["peer_generation_seen_via"] == "heartbeat"
+
+
+async def test_without_the_authority_an_aborted_handover_stays_fenced_and_paused():
+    r = LeaselessRig(peer_takes_after_polls=None, lease_ttl_s=0.0)
+    with pytest.raises(Refused, match="did not take over within 0.1s; the guest stays paused"):
+        await r.job.run(timeout=0.1)
+    assert r.m.state is ha.FENCED and not r.m.gate_open and ha.AcquireLease() in r.actions
+    for _ in range(30):  # the authority stays unreachable: no output, no guest running
+        r.t += 0.1
+        for a in r.m.handle(ha.WitnessUnreachable(r.t)) + r.m.handle(ha.Tick(r.t)):
+            r.actions.append(a)
+    assert r.m.state is ha.FENCED and not [a for a in r.actions if isinstance(a, ha.OpenGate)]
+    assert not await settle(r, lambda: "abort_handover" in r.primary.calls, polls=50)
+    r.feed(ha.HeartbeatReceived(r.t, 1.0, 4))  # the peer did take over after all
+    assert any(isinstance(a, ha.Rejoin) for a in r.actions), "its guest is stale now: rejoin as the standby"
+    assert "abort_handover" not in r.primary.calls
+
+
+async def test_a_handover_the_machine_refuses_runs_on_at_once():
+    r = Rig()
+    r.m.forced = True  # e.g. a forced promotion: not protected under a lease
+    with pytest.raises(Refused, match="switchover refused by the HA machine"):
+        await r.job.run(timeout=0.2)
+    assert r.primary.calls[-1] == "abort_handover" and r.m.gate_open
+    assert not [a for a in r.actions if isinstance(a, ha.CloseGate)]
+
+
+class RecordingChannel:
+    peer = "198.18.100.1:40000"
+
+    def __init__(self, fail: Exception | None = None):
+        self.sent: list = []
+        self.closed = False
+        self.fail = fail
+
+    async def send_heartbeat(self, payload):
+        if self.fail:
+            raise self.fail
+        self.sent.append(payload)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("fail", [None, ChannelError("the primary closed the connection")])
+async def test_a_standby_that_takes_over_tells_the_primary_its_new_generation_before_it_hangs_up(fail):
+    """The only way a primary that cannot reach the lease authority learns the peer's takeover:
+    the session's last heartbeat carries the generation the standby now holds."""
+    sb = Standby(SimpleNamespace(committed_epoch=42, valid=True), {}, "site-b")
+    sb.generation_fn = lambda: 4
+    ch = RecordingChannel(fail)
+    sb._current = ch
+    await sb.stop_accepting()
+    assert ch.closed and not sb.accepting
+    if fail is None:
+        assert len(ch.sent) == 1 and parse_heartbeat(ch.sent[0])[2] == 4
+
+
+async def test_a_heartbeat_is_reported_even_when_its_echo_cannot_go():
+    class Closed:
+        async def send(self, mtype, payload):
+            raise ChannelError("site-b closed the connection")
+
+    seen = []
+    with pytest.raises(ChannelError):
+        await on_heartbeat_message(Closed(), MsgType.HEARTBEAT, heartbeat_payload(0, 1, 4), LinkStats(),
+                                   lambda gen, link, up: seen.append(gen))
+    assert seen == [4]

@@ -12,13 +12,13 @@ from tests.site_fakes import ha_config
 HANDOVER_S, STABLE_S, HOLD_S = 3.0, 5.0, 20.0
 
 
-def active(t=0.0, **kw):
-    """A protected primary holding generation 1 at time t, one BGP session up."""
+def active(t=0.0, lease_s=1e6, **kw):
+    """A protected primary holding generation 1 at time t (for `lease_s`), one BGP session up."""
     kw = {"upstream_loss_handover_s": HANDOVER_S, "upstream_loss_peer_stable_s": STABLE_S,
           "upstream_loss_hold_down_s": HOLD_S, **kw}
     m = ha.HaMachine("primary", ha_config(**kw))
     m.handle(ha.Tick(t))
-    m.handle(ha.LeaseGranted(1, t + 1e6, t))
+    m.handle(ha.LeaseGranted(1, t + lease_s, t))
     m.handle(ha.StandbyReady(5))
     m.handle(ha.BgpNeighborUp("198.18.1.1", t))
     m.handle(ha.Tick(t))
@@ -155,3 +155,65 @@ def test_heartbeat_forms_round_trip(up):
 def test_a_heartbeat_of_another_size_is_refused():
     with pytest.raises(ValueError):
         parse_heartbeat(bytes(28))
+
+
+def lapsed(t=30.0):
+    """`active()` whose upstream and lease authority went together at t: renewals get no answer, so
+    past the deadline the lease lapses while protected (the ride-through)."""
+    m = active(lease_s=t + 2.0)
+    ticks(m, 0, t)
+    m.handle(ha.LeaseRenewed(1, t + 2.0, t))  # the last renewal that got through
+    m.handle(ha.BgpNeighborDown("198.18.1.1", t))
+    m.handle(ha.WitnessUnreachable(t, "uplink0 down"))
+    ticks(m, t, t + 1.0)
+    assert m.lapsed and not m.holding and m.state is ha.ACTIVE_PROTECTED
+    return m
+
+
+def test_a_lapsed_protected_site_hands_over_its_guest_when_the_upstream_is_lost():
+    m = lapsed(30.0)
+    out = ticks(m, 31.1, 34)
+    assert len(handovers(out)) == 1, m.alarms.get("upstream")
+
+
+def test_handing_over_without_the_lease_closes_for_good_and_releases_nothing():
+    m = lapsed(30.0)
+    out = m.handle(ha.HandoverPrepared(33.5, 9))
+    assert ha.CloseGate() in out and ha.Drain() in out and m.state is ha.HANDING_OVER
+    assert not [a for a in out if isinstance(a, ha.ReleaseLease)]
+    assert any(isinstance(a, ha.Log) and a.event == "ha.handover_without_lease" for a in out)
+    assert not m.lapsed and not m.gate_open
+    out = ticks(m, 33.6, 36) + m.handle(ha.WitnessReachable(36.0)) + m.handle(ha.Tick(36.1))
+    assert not [a for a in out if isinstance(a, (ha.AcquireLease, ha.OpenGate))], "it asks for nothing back"
+    out = m.handle(ha.LeaseGranted(2, 40.0, 36.2))  # a request from before the handover, answered late
+    assert ha.ReleaseLease(2) in out and not m.gate_open and m.state is ha.HANDING_OVER
+    out = m.handle(ha.HeartbeatReceived(36.3, 1.0, 3, 0.1, 60_000))  # the peer took generation 3
+    assert m.seen_generation == 3 and m.state is ha.HANDING_OVER, "the switchover job demotes, not a fence"
+    m.handle(ha.BecameStandby(36.4, "switchover to site-b"))
+    assert m.state is ha.STANDBY and not m.gate_open
+
+
+@pytest.mark.parametrize("granted, reopens", [(2, True), (3, False)])
+def test_after_an_aborted_handover_without_the_lease_only_a_grant_nobody_held_since_reopens(granted, reopens):
+    m = lapsed(30.0)
+    m.handle(ha.HandoverPrepared(33.5, 9))
+    m.handle(ha.HandoverAborted(50.0, "site-b did not take over"))
+    assert m.state is ha.FENCED and not m.gate_open
+    out = []
+    for i in range(30):  # the authority stays unreachable: fenced, asking for the lease
+        t = 50.0 + i / 10
+        out += m.handle(ha.WitnessUnreachable(t)) + m.handle(ha.Tick(t))
+    assert any(isinstance(a, ha.AcquireLease) for a in out) and not any(isinstance(a, ha.OpenGate) for a in out)
+    assert m.state is ha.FENCED
+    out = m.handle(ha.LeaseGranted(granted, 60.0, 53.1))
+    if reopens:
+        assert ha.OpenGate(2) in out and m.state in ha.ACTIVE
+    else:
+        assert not any(isinstance(a, ha.OpenGate) for a in out) and m.stale and m.state is ha.FENCED
+        assert any(isinstance(a, (ha.Rejoin, ha.StopGuest)) for a in out)
+
+
+def test_handover_refused_when_forced_or_fenced():
+    m = active()
+    m.handle(ha.OperatorFence(1.0))
+    assert ha.CloseGate() not in m.handle(ha.HandoverPrepared(2.0, 3)) and m.state is ha.FENCED

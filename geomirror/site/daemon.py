@@ -131,7 +131,9 @@ class SiteDaemon(GuestOperations):
         self.effects = Effects(self.ctx, self.gatectl, self.witness, self.speaker, self, GuestRoutes(cfg))
         self.effects.act(ha.SetGuestRoute(self.ha.guest_route()))  # later changes come from the machine
         self.switchover_job = Switchover(self.ctx, self.witness, lambda: self._primary(),
-                                         lambda: self.ha.state, self._demote)
+                                         lambda: self.ha.state, self._demote,
+                                         peer_generation=lambda: self.ha.seen_generation,
+                                         lease_ttl_s=cfg.witness.lease_ttl_ms / 1000 if cfg.witness else 0.0)
         self.speaker = await start_speaker(cfg, self.feed, mark=self.timeline.mark)
         self.effects.speaker = self.speaker
         if lost is not None:
