@@ -130,10 +130,15 @@ def test_pre_announced_backup_path_switchover_and_site_loss(lab_pre_announce):
     there = switchover("site-a", "site-b", AS_B)
     a, b = labcli.site_status("site-a"), labcli.site_status("site-b")
     drained, withdrawn = first_wall(a, "bgp.drained", wall0), first_wall(a, "bgp.withdrawn", wall0)
-    announced = first_wall(b, "bgp.announced", wall0)
-    assert drained and withdrawn and announced, [e["event"] for e in a["timeline"] if e["wall"] >= wall0]
-    assert withdrawn >= announced, (f"site-a withdrew {announced - withdrawn:.3f}s before site-b announced "
-                                    "its active route: the backup path was taken for it")
+    resumed_b = first_wall(b, "takeover.resumed", wall0)
+    assert drained and withdrawn and resumed_b, [e["event"] for e in a["timeline"] if e["wall"] >= wall0]
+    # site-b's backup path reaches site-a as soon as it drains; site-b's active route only after
+    # it resumed: a withdrawal before that resume would have taken the backup path for the move
+    assert withdrawn >= resumed_b, f"site-a withdrew {resumed_b - withdrawn:.3f}s before site-b resumed the guest"
+    seen = [e for e in a["timeline"] if e["event"] == "bgp.route_seen" and drained <= e["wall"] <= withdrawn]
+    backup_seen = any(AS_B in (e.get("backup") or []) and AS_B not in e["origins"] for e in seen)
+    active_seen = [e["wall"] for e in seen if AS_B in e["origins"]]
+    assert active_seen, seen
     wait_for(lambda: backup_held(AS_B, AS_A), 60, "the demoted site-a to pre-announce the backup path")
 
     # site loss: the backup path is already in BIRD, so the prefix is never unrouted
@@ -148,7 +153,8 @@ def test_pre_announced_backup_path_switchover_and_site_loss(lab_pre_announce):
     a = labcli.site_status("site-a")
     resumed = first_wall(a, "takeover.resumed", t_crash)
     print(f"\npre-announcement (standby_prepend {STANDBY_PREPEND}): switchover routed after "
-          f"{there['routed_s']:.2f}s, site-a withdrew {withdrawn - announced:.3f}s after site-b announced; "
+          f"{there['routed_s']:.2f}s, site-a withdrew {withdrawn - resumed_b:.3f}s after site-b resumed (its backup path seen while "
+          f"draining: {backup_seen}); "
           f"site-b lost: site-a resumed {resumed - t_crash:.2f}s and its route best {t_routed - t_crash:.2f}s "
           f"after the crash; BIRD samples {samples}, without a route {gaps}; client {len(res.incrs)} "
           f"consecutive replies, longest stall {res.longest_stall_s:.2f}s")
