@@ -115,7 +115,8 @@ def this_site(s: dict, rates: Rates) -> dict:
         "rtt_ms": _round(s.get("rtt_ms"), 2), "backlog_epochs": s.get("backlog_epochs"),
         "wan_bytes": rep.get("wire_bytes_total") if running else None,
         "wan_bytes_per_s": _round(rates.wan_bytes_per_s, 0) if running else None,
-        "bgp_announced": bool(s.get("bgp_announced")), "bgp_neighbors": bgp.get("neighbors") or {},
+        "bgp_announced": bool(s.get("bgp_announced")), "bgp_backup": bool(s.get("bgp_backup")),
+        "bgp_neighbors": bgp.get("neighbors") or {},
         "alarms": distinct_alarms(s.get("alarms") or []),
     }
 

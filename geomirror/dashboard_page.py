@@ -181,7 +181,7 @@ SCRIPT = r"""
         ['RTT to peer', [num(c.rtt_ms, 'ms', 2)]],
         ['Backlog', [num(c.backlog_epochs, c.backlog_epochs === 1 ? 'epoch' : 'epochs'), c.backlog_epochs > 2 ? 'bad' : '']],
         ['WAN sent', running ? [bytes(c.wan_bytes) + (c.wan_bytes_per_s !== null ? '  (' + bytes(c.wan_bytes_per_s) + '/s)' : '')] : ['—']],
-        ['BGP', [(c.bgp_announced ? 'announcing the prefix' : 'not announcing') + (nb ? ' · ' + nb : '')]],
+        ['BGP', [(c.bgp_announced ? 'announcing the prefix' : c.bgp_backup ? 'announcing the backup path' : 'not announcing') + (nb ? ' · ' + nb : '')]],
       ];
     }
     return [

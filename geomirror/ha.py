@@ -93,6 +93,9 @@ class HaConfig:
     upstream_loss_handover_s: float = 0.0
     upstream_loss_peer_stable_s: float = 30.0
     upstream_loss_hold_down_s: float = 300.0
+    # The standby pre-announces the guest's prefixes with a longer AS path (bgp.standby_prepend)
+    # while it holds a replica and its peer is alive, so routers already hold a backup path.
+    pre_announce: bool = False
 
     def __post_init__(self):
         if not 0 < self.heartbeat_interval_ms <= self.min_timeout_ms <= self.max_timeout_ms:
@@ -128,7 +131,8 @@ class HaConfig:
         extra.update(drain_timeout_s=b.drain_timeout_s,
                      upstream_loss_handover_s=b.upstream_loss_handover_s if b.enabled else 0.0,
                      upstream_loss_peer_stable_s=b.upstream_loss_peer_stable_s,
-                     upstream_loss_hold_down_s=b.upstream_loss_hold_down_s)
+                     upstream_loss_hold_down_s=b.upstream_loss_hold_down_s,
+                     pre_announce=bool(b.enabled and b.standby is not None))
         return cls(site=cfg.site.name, heartbeat_interval_ms=hb.interval_ms, min_timeout_ms=hb.min_timeout_ms,
                    max_timeout_ms=hb.max_timeout_ms, witness=w is not None, max_clock_skew_ms=max_clock_skew_ms,
                    auto_rejoin=cfg.site.auto_rejoin,
@@ -334,6 +338,13 @@ class Withdraw:
 
 
 @dataclass(frozen=True)
+class PreAnnounce:
+    """The standby announces the guest's prefixes with its backup policy (bgp.standby_prepend: a
+    longer AS path): routers hold a path to this site before it is needed, and what arrives by it
+    is forwarded to the peer that runs the guest. Replaced by Announce when this site takes over."""
+
+
+@dataclass(frozen=True)
 class Drain:
     """Re-announce the prefix with GRACEFUL_SHUTDOWN (RFC 8326): routers prefer any other path
     (the peer's) but keep this one until it appears, so the prefix is never unrouted."""
@@ -421,6 +432,7 @@ class HaMachine:
         self._last_renew: float | None = None
         self.draining_since: float | None = None  # a drained announcement waits for the peer's route
         self._route_mode: str | None = None  # the last SetGuestRoute emitted
+        self._pre_announced = False  # the last announcement sent is the standby's pre-announcement
         self._now: float | None = None  # the latest time an event carried
         self._bgp_down_since: float | None = None  # every BGP session down (while active), since
         self._bgp_up_since: float | None = None  # some BGP session up without a break, since
@@ -446,6 +458,10 @@ class HaMachine:
         if now is not None:
             self._now = now
         getattr(self, "_on_" + type(event).__name__)(event)
+        want = self.wants_pre_announce()
+        if want != self._pre_announced:
+            self._pre_announced = want
+            self._emit(PreAnnounce() if want else Withdraw())
         mode = self.guest_route()
         if mode != self._route_mode:
             self._route_mode = mode
@@ -464,6 +480,17 @@ class HaMachine:
         if s is HANDING_OVER:
             return GUEST_ROUTE_PEER
         return GUEST_ROUTE_PEER if self.peer_alive else GUEST_ROUTE_NONE
+
+    def wants_pre_announce(self) -> bool:
+        """Whether this site announces the guest's prefixes as the backup path, from the HA state
+        alone: a standby with a replica whose peer answers (what arrives is forwarded there), kept
+        while it takes over (Announce replaces it then). Never while it drains or is fenced, and
+        not while the peer is lost: traffic drawn here could go nowhere."""
+        if not self.config.pre_announce or self.draining_since is not None or self.operator_fenced or self.stale:
+            return False
+        if self.state is TAKING_OVER:
+            return True
+        return self.state is STANDBY and self.peer_alive and self.replica_epoch is not None
 
     def upstream_status(self, now: float) -> int | None:
         """For the peer (in heartbeats): ms some BGP session has been up here without a break
@@ -486,6 +513,8 @@ class HaMachine:
 
     # ------------------------------------------------------------ helpers
     def _emit(self, *actions) -> None:
+        if any(isinstance(a, (Announce, Drain, Withdraw)) for a in actions):
+            self._pre_announced = False  # replaced: what the speaker sends now is that
         self._out.extend(actions)
 
     def _goto(self, state: HaState, why: str) -> None:

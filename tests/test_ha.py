@@ -17,7 +17,7 @@ from geomirror.ha import (HANDING_OVER, HandoverAborted, HandoverPrepared, ACTIV
                           HeartbeatReceived, LeaseDenied, LeaseGranted, LeaseLost, LeaseRenewed, OpenGate,
                           OperatorFence, OperatorPromote, PeerRouteSeen, ReleaseLease, RenewLease,
                           ReplicaCommitted, ResumeDone, ResumeFailed, ResumeGuest, SetProtection, StandbyReady,
-                          StopGuest, Tick, Withdraw, WitnessReachable, WitnessUnreachable)
+                          StopGuest, Tick, Withdraw, WitnessReachable, WitnessUnreachable, Drain, PreAnnounce)
 from geomirror.witness import LeaseTable
 
 CFG = dict(heartbeat_interval_ms=50, min_timeout_ms=300, max_timeout_ms=1000, lease_ttl_ms=1000,
@@ -338,6 +338,67 @@ def test_a_grant_that_arrives_too_late_is_not_used():
     assert ResumeGuest not in types(out) and not b.holding
 
 
+# ---------------------------------------------------------------- the standby's pre-announcement
+def pre_announcing_standby(now=0.0):
+    b = HaMachine("standby", cfg("site-b", pre_announce=True))
+    b.handle(Tick(now))
+    b.handle(HeartbeatReceived(now, 20.0, 1))
+    out = b.handle(ReplicaCommitted(7))
+    assert types(out).count(PreAnnounce) == 1, "announced as the backup path once it holds a replica"
+    return b
+
+
+def test_standby_pre_announces_only_when_configured_and_with_a_replica():
+    b = HaMachine("standby", cfg("site-b"))
+    outs = [b.handle(Tick(0.0)), b.handle(HeartbeatReceived(0.0, 20.0, 1)), b.handle(ReplicaCommitted(7))]
+    assert all(PreAnnounce not in types(o) for o in outs), "off unless bgp.standby_prepend is set"
+    b = HaMachine("standby", cfg("site-b", pre_announce=True))
+    assert PreAnnounce not in types(b.handle(Tick(0.0))) + types(b.handle(HeartbeatReceived(0.0, 20.0, 1)))
+    assert PreAnnounce in types(b.handle(ReplicaCommitted(7)))
+    assert PreAnnounce not in types(b.handle(ReplicaCommitted(8))), "once, not per epoch"
+
+
+def test_pre_announcement_stays_through_a_takeover_until_the_active_announcement():
+    b = pre_announcing_standby()
+    seen = []
+    for ev in (Tick(1.5), LeaseGranted(2, 1.5 + TTL_S, 1.5), ResumeDone(1.7)):
+        seen += b.handle(ev)
+    assert Withdraw not in types(seen), "no gap: the active announcement replaces the backup one"
+    assert Announce(2) in seen and b.state == ACTIVE_UNPROTECTED
+    assert PreAnnounce not in types(b.handle(Tick(1.8)))
+
+
+def test_pre_announcement_is_withdrawn_when_the_peer_is_lost_and_no_takeover_follows():
+    b = pre_announcing_standby()
+    b.handle(WitnessUnreachable(0.1))
+    out = b.handle(Tick(1.5))
+    assert b.state == STANDBY and Withdraw in types(out), "traffic drawn here could reach nobody"
+    out = b.handle(HeartbeatReceived(1.6, 20.0, 1))
+    assert PreAnnounce in types(out), "the peer answers again: the backup path is back"
+
+
+def test_operator_fence_withdraws_the_pre_announcement():
+    b = pre_announcing_standby()
+    out = b.handle(OperatorFence(0.5))
+    assert Withdraw in types(out) and PreAnnounce not in types(out)
+
+
+def test_a_draining_old_primary_pre_announces_only_after_the_drain():
+    m = HaMachine("primary", cfg(pre_announce=True))
+    m.handle(Tick(0.0))
+    m.handle(BgpNeighborUp("198.18.1.1"))
+    m.handle(LeaseGranted(1, TTL_S, 0.0))
+    m.handle(HeartbeatReceived(0.0, 20.0))
+    m.handle(StandbyReady(1))
+    out = m.handle(HandoverPrepared(0.1, 9))
+    assert Drain in types(out) and PreAnnounce not in types(out) and m.state == HANDING_OVER
+    out = m.handle(BecameStandby(0.2, "handed over"))
+    out += m.handle(ReplicaCommitted(10))
+    assert PreAnnounce not in types(out), "the drained route stays until the peer's is seen"
+    out = m.handle(PeerRouteSeen(True))
+    assert types(out).index(Withdraw) < types(out).index(PreAnnounce), types(out)
+
+
 # ---------------------------------------------------------------- two sites, one witness, random world
 GUEST = "guest"
 
@@ -345,8 +406,9 @@ GUEST = "guest"
 class Site:
     def __init__(self, name, role, rate, offset, generation=0):
         self.name, self.rate, self.offset = name, rate, offset
-        self.m = HaMachine(role, cfg(name), generation)
+        self.m = HaMachine(role, cfg(name, pre_announce=True), generation)
         self.alive = True
+        self.bgp: str | None = None  # what the speaker announces: active, backup, drained or None
         self.gate: int | None | bool = False  # False = closed, else the generation it opened under
         self.requests: deque = deque()
         self.responses: deque = deque()
@@ -404,6 +466,8 @@ class TwoSites(RuleBasedStateMachine):
                 self.note(f"{s.name} fenced itself")
             elif isinstance(a, CloseGate):
                 s.gate = False
+            elif isinstance(a, (Announce, PreAnnounce, Drain, Withdraw)):
+                s.bgp = {Announce: "active", PreAnnounce: "backup", Drain: "drained", Withdraw: None}[type(a)]
             elif isinstance(a, ResumeGuest):
                 s.resume_pending = True
 
@@ -552,6 +616,12 @@ class TwoSites(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ what must always hold
     def check(self):
+        for s in self.sites.values():
+            if s.alive and s.gate is not False:  # output leaves only where the prefix is announced as active
+                assert s.bgp == "active", f"{s.name} releases output but announces {s.bgp} ({s.m.state})"
+            if s.alive and s.bgp == "backup":  # the backup path only from a standby that can forward or take over
+                assert s.m.state in (STANDBY, TAKING_OVER) and s.gate is False, (s.name, s.m.state)
+                assert s.m.state is TAKING_OVER or s.m.peer_alive, f"{s.name} pre-announces with its peer lost"
         open_ = [s for s in self.sites.values() if s.alive and s.gate is not False]
         assert len(open_) <= 1, f"two sites release output at t={self.t:.3f}: " + \
             ", ".join(f"{s.name} gen {s.gate} ({s.m.state})" for s in open_)

@@ -48,6 +48,7 @@ class Effects:
         self.speaker = speaker  # bgp.speaker.Speaker, or None with BGP off
         self.guest_ops = guest_ops
         self.announced_prefixes: set[str] = set()  # acknowledged by ExaBGP
+        self.backup_prefixes: set[str] = set()  # pre-announced as the backup path, acknowledged
         self._sent: set[str] = set()  # announce sent (the speaker wants them until withdrawn)
         self.protected = False
         self.protection_changes = 0
@@ -96,6 +97,8 @@ class Effects:
             self.gatectl.update(may_release=False)
         elif isinstance(a, ha.Announce):
             ctx.spawn(self._announce(), "bgp.announce")
+        elif isinstance(a, ha.PreAnnounce):
+            ctx.spawn(self._pre_announce(), "bgp.pre_announce")
         elif isinstance(a, ha.Withdraw):
             ctx.spawn(self._withdraw(), "bgp.withdraw")
         elif isinstance(a, ha.Drain):
@@ -200,8 +203,26 @@ class Effects:
                 self.alarm(f"announcing {prefix} failed: {e}")
                 continue
             self.announced_prefixes.add(prefix)
+            self.backup_prefixes.discard(prefix)
         if self.announced:
             self.ctx.mark("bgp.announced", prefix=prefixes[0], prefixes=prefixes)
+
+    async def _pre_announce(self) -> None:
+        """Announce every guest prefix with the standby's backup policy (bgp.standby_prepend):
+        routers keep it as the second path; what arrives by it is forwarded to the peer."""
+        if self.speaker is None or self.ctx.cfg.bgp.standby is None:
+            return
+        policy, prefixes = self.ctx.cfg.bgp.standby, guest_prefixes(self.ctx.cfg)
+        for prefix in prefixes:
+            self._sent.add(prefix)
+            try:
+                await self.speaker.announce(prefix, policy=policy)
+            except (GeomirrorError, OSError) as e:
+                self.alarm(f"pre-announcing {prefix} failed: {e}")
+                continue
+            self.backup_prefixes.add(prefix)
+            self.announced_prefixes.discard(prefix)
+        self.ctx.mark("bgp.pre_announced", prefix=prefixes[0], prefixes=prefixes, prepend=policy.prepend)
 
     async def _drain(self) -> None:
         """Keep the prefix routed here, drained (GRACEFUL_SHUTDOWN), until the peer's route is
@@ -230,5 +251,6 @@ class Effects:
                 continue
             self._sent.discard(prefix)
             self.announced_prefixes.discard(prefix)
+            self.backup_prefixes.discard(prefix)
         if not self._sent:
             self.ctx.mark("bgp.withdrawn", prefix=prefixes[0], prefixes=prefixes)

@@ -104,8 +104,9 @@ def apply_guest_route(mode: str, routes: list[tuple[int, str, int, str | None]],
     None); `tap_up`/`tap_down` the `configure_tap` arguments (both gateways, dual stack).
     here: our forward routes go, the TAP carries the gateways (their connected routes win);
     peer: the TAP's gateways go (so their connected routes do) and each prefix with a peer
-          address of its family is routed via it; strict rp_filter on that link is made loose;
+          address of its family is routed via it;
     none: neither (no loop between the sites while nobody is known to run the guest).
+    In both here and peer, strict rp_filter on the link to the peer is made loose.
     Returns the interface whose rp_filter was loosened, if any."""
     configure_tap(*(tap_up if mode == "here" else tap_down))
     loosened = None
@@ -119,7 +120,9 @@ def apply_guest_route(mode: str, routes: list[tuple[int, str, int, str | None]],
                 except NetlinkError as e:
                     if e.code != errno.ESRCH:  # none there: nothing to do
                         raise
-        if mode == "peer":  # IPv6 has no rp_filter: only IPv4 needs loosening
+        if mode != "none":  # IPv6 has no rp_filter: only IPv4 needs loosening
+            # here too: the peer forwards stray traffic to the site that runs the guest (a
+            # draining old site, a standby that pre-announces)
             loosened = _rp_filter_loose(ip, peer)
     return loosened
 

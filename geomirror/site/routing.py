@@ -61,17 +61,35 @@ class BgpWatch:
         for n in self.up - now_up:
             self.feed(ha.BgpNeighborDown(n, now))
         self.up = now_up
-        routes = sp.received_routes(str(self.cfg.guest.prefix))
-        origins = sorted({r.as_path[-1] for r in routes if r.as_path})
+        b, peer_as = self.cfg.bgp, self.cfg.peer.asn
+        paths = [r.as_path for r in sp.received_routes(str(self.cfg.guest.prefix)) if r.as_path]
+        origins = sorted({p[-1] for p in paths if not is_backup_path(p, b.standby_prepend)})
         if origins != self.origins:
             self.origins = origins
             if self.mark is not None:
-                self.mark("bgp.route_seen", prefix=str(self.cfg.guest.prefix), origins=origins)
-        peer_as = self.cfg.peer.asn
+                backup = sorted({p[-1] for p in paths if is_backup_path(p, b.standby_prepend)})
+                self.mark("bgp.route_seen", prefix=str(self.cfg.guest.prefix), origins=origins, backup=backup)
         if peer_as:
-            seen = peer_as in origins or any(r.as_path and r.as_path[-1] == peer_as
-                                             for prefix in guest_prefixes(self.cfg)[1:]
-                                             for r in sp.received_routes(prefix))
+            seen = any(p[-1] == peer_as and not is_backup_path(p, b.standby_prepend)
+                       for prefix in guest_prefixes(self.cfg)
+                       for p in ([r.as_path for r in sp.received_routes(prefix) if r.as_path]))
             if seen != self.peer_route:
                 self.peer_route = seen
                 self.feed(ha.PeerRouteSeen(seen))
+
+
+def origin_run(path) -> int:
+    """How many times the origin AS stands at the end of an AS path (1 + its prepends)."""
+    n = 0
+    for asn in reversed(path):
+        if asn != path[-1]:
+            break
+        n += 1
+    return n
+
+
+def is_backup_path(path, standby_prepend: int) -> bool:
+    """Whether an AS path is a standby's pre-announcement (its origin prepended standby_prepend
+    times or more; both sites use the same [bgp] prepends) rather than the route of the site that
+    runs the guest. Without pre-announcement (standby_prepend 0) no path is a backup."""
+    return bool(standby_prepend) and bool(path) and origin_run(path) >= 1 + standby_prepend

@@ -23,6 +23,7 @@ class SiteStatus:
     last_pause_ms: float | None = None
     backlog_epochs: int = 0
     bgp_announced: bool = False
+    bgp_backup: bool = False  # the standby pre-announces the guest's prefixes (the backup path)
     protected: bool = False
     protection_changes: int = 0
     alarms: list = field(default_factory=list)
@@ -133,7 +134,8 @@ def build_status(d) -> SiteStatus:
     e = d.effects
     s = SiteStatus(site=d.name, role=d.role.role.value, ha_state=h.get("state", "starting"),
                    lease_generation=h.get("lease_generation", 0),
-                   bgp_announced=bool(e and e.announced), protected=bool(e and e.protected),
+                   bgp_announced=bool(e and e.announced),
+                   bgp_backup=bool(e and e.backup_prefixes), protected=bool(e and e.protected),
                    protection_changes=e.protection_changes if e else 0,
                    alarms=list(h.get("alarms", {}).values()), ha=h, loop_lag_ms=d.loop_lag.as_dict(),
                    tls=d.tls.info() if d.tls else None, takeover=d.takeover_report,
