@@ -113,6 +113,13 @@ def rtt_optimum(inp: ModelInputs) -> float:
     return (lo + hi) / 2
 
 
+def throughput_optimum(pause_ms: float, rtt_ms: float, transfer_ms: float = 0.0) -> float:
+    """The closed form sqrt(2·p·(p + RTT + transfer)) for a transfer that does not depend on the
+    interval (the earlier interface; `rtt_optimum` is the model's)."""
+    p = max(pause_ms, 0.0)
+    return (2 * p * (p + max(rtt_ms, 0.0) + max(transfer_ms, 0.0))) ** 0.5
+
+
 def aligned_interval(inp: ModelInputs) -> float | None:
     """The shortest interval in which a client's next request, sent when its reply is released
     (RTT + transfer after the epoch began), is answered before the epoch ends, with some slack."""
