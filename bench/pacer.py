@@ -7,11 +7,18 @@ client ops/s as a ratio to the unprotected guest, client p50/p99 latency added
 over the unprotected guest, pause share, WAN bytes/s, checkpoints/s.
 
     .venv/bin/python bench/pacer.py [--seconds 8] [--clients 1,16,64] [--rtts 1,10,25,50]
+        [--repeat-adaptive] [--latency-budget MS] [--base FILE] [--out FILE]
+
+The matrix can be run in pieces (the lab is shared): `--base FILE` stores the unprotected
+guest's figures on the first run and reuses them on the next, `--out FILE` appends the rows
+as JSON lines. `--repeat-adaptive` measures adaptive again after the fixed intervals, so each
+RTT has two adaptive rows minutes apart: their spread is the noise the comparison is judged by.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -61,9 +68,13 @@ def measure(seconds: float, clients: int) -> dict:
     a1 = labcli.site_status("site-a")
     w1 = labcli.wan()["stats"]["a->b"]["bytes"]
     p0, p1 = a0["replication"], a1["replication"]
-    r.update(pause_share=(p1["pause_total_ms"] - p0["pause_total_ms"]) / (dt * 1000),
-             wan_mbit=(w1 - w0) * 8 / dt / 1e6, ckpt_s=(p1["epoch"] - p0["epoch"]) / dt,
-             interval=a1["interval_ms"], pause_ms=a1["last_pause_ms"] or 0.0)
+    epochs = p1["epoch"] - p0["epoch"]
+    pause_share = (p1["pause_total_ms"] - p0["pause_total_ms"]) / (dt * 1000)
+    # the mean interval and pause over the row (not one epoch's): cycle = interval + pause
+    cycle = dt * 1000 / max(epochs, 1)
+    r.update(pause_share=pause_share, wan_mbit=(w1 - w0) * 8 / dt / 1e6, ckpt_s=epochs / dt,
+             interval=cycle * (1 - pause_share), pause_ms=cycle * pause_share,
+             reason=(a1.get("pacer") or {}).get("reason", "?"))
     return r
 
 
@@ -72,48 +83,79 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--clients", default="1,16,64", help="connection counts, comma-separated")
     ap.add_argument("--rtts", default="1,10,25,50")
+    ap.add_argument("--repeat-adaptive", action="store_true", help="measure adaptive again after the fixed ones")
+    ap.add_argument("--latency-budget", type=float, help="the sites' checkpoint.latency_budget_ms (lab: 150)")
+    ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each measured row")
+    ap.add_argument("--base", type=Path, help="the unprotected figures: read if present, else measured and written")
+    ap.add_argument("--out", type=Path, help="append each row here as a JSON line")
     a = ap.parse_args()
     from geomirror import logging as gl
 
     gl.setup(level="WARNING")
     conns = [int(x) for x in a.clients.split(",")]
     rows = []
-    # The unprotected guest: no standby (so no checkpoints, no pauses) and output leaves at once.
-    world.down()
-    world.up(env={"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}, guest_append=DIRTY)
-    try:
-        labcli.wait_protected()
-        labcli.wait_reachable()
-        world.crash("site-b")
-        time.sleep(3)
-        base = {n: load(a.seconds, n) for n in conns}
-    finally:
+    base = {int(k): v for k, v in json.loads(a.base.read_text()).items()} if a.base and a.base.exists() else {}
+    if any(n not in base for n in conns):
+        # The unprotected guest: no standby (so no checkpoints, no pauses) and output leaves at once.
         world.down()
+        world.up(env={"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}, guest_append=DIRTY)
+        try:
+            labcli.wait_protected()
+            labcli.wait_reachable()
+            world.crash("site-b")
+            time.sleep(3)
+            for n in conns:
+                load(a.warmup, n)
+                base[n] = load(a.seconds, n)
+        finally:
+            world.down()
+        if a.base:
+            a.base.write_text(json.dumps(base))
+    edits = {"latency_budget_ms = 150": f"latency_budget_ms = {a.latency_budget:g}"} if a.latency_budget else None
+    pacings = [("adaptive", {"adaptive": True}), ("fixed 25ms", {"adaptive": False, "interval_ms": 25}),
+               ("fixed 100ms", {"adaptive": False, "interval_ms": 100})]
+    if a.repeat_adaptive:
+        pacings.append(("adaptive #2", {"adaptive": True}))
     for rtt in [float(x) for x in a.rtts.split(",")]:
-        world.up(guest_append=DIRTY)
+        world.up(guest_append=DIRTY, config_edits=edits)
         try:
             labcli.wait_protected()
             labcli.wait_reachable()
             labcli.wan(rtt=f"{rtt}ms", rate="100mbit")
-            for name, body in (("adaptive", {"adaptive": True}), ("fixed 25ms", {"adaptive": False, "interval_ms": 25}),
-                               ("fixed 100ms", {"adaptive": False, "interval_ms": 100})):
+            for name, body in pacings:
                 labcli.site_call("site-a", "POST", "/v1/checkpoint", body)
                 time.sleep(2)
                 for n in conns:
-                    rows.append((rtt, name, n, measure(a.seconds, n)))
+                    load(a.warmup, n)  # the pacer sees this load before the row is measured
+                    r = measure(a.seconds, n)
+                    rows.append((rtt, name, n, r))
+                    if a.out:
+                        with a.out.open("a") as f:
+                            f.write(json.dumps({"rtt": rtt, "pacing": name, "conn": n, "budget": a.latency_budget or 150,
+                                                "base": base[n], **r}) + "\n")
         finally:
             world.down()
     print(f"\npacer benchmark: memcached clients (incr) for {a.seconds:g}s each, guest workload {DIRTY}, "
           "WAN 100 Mbit/s; unprotected guest: "
           + ", ".join(f"{n} conn {base[n]['ops_s']:.0f} ops/s p50 {base[n]['p50']:.1f} ms" for n in conns))
-    print(f"{'RTT':>5} {'pacing':12} {'conn':>4} {'interval':>9} {'ops/s':>7} {'vs unprot':>9} {'+p50 ms':>8} "
-          f"{'+p99 ms':>8} {'floor':>6} {'pause':>6} {'WAN Mbit/s':>10} {'ckpt/s':>7}")
+    print(f"{'RTT':>5} {'pacing':12} {'conn':>4} {'interval':>9} {'reason':15} {'ops/s':>7} {'vs unprot':>9} "
+          f"{'+p50 ms':>8} {'+p99 ms':>8} {'floor':>6} {'pause':>6} {'WAN Mbit/s':>10} {'ckpt/s':>7}")
     for rtt, name, n, r in rows:
         b0 = base[n]
         floor = rtt + r["pause_ms"] + r["interval"] / 2  # the added latency output commit cannot avoid
-        print(f"{rtt:>4g}ms {name:12} {n:>4} {r['interval']:>7.1f}ms {r['ops_s']:>7.0f} {r['ops_s'] / b0['ops_s']:>9.2f} "
-              f"{r['p50'] - b0['p50']:>8.1f} {r['p99'] - b0['p99']:>8.1f} {floor:>6.1f} {r['pause_share']:>6.1%} "
-              f"{r['wan_mbit']:>10.1f} {r['ckpt_s']:>7.1f}")
+        print(f"{rtt:>4g}ms {name:12} {n:>4} {r['interval']:>7.1f}ms {r['reason']:15} {r['ops_s']:>7.0f} "
+              f"{r['ops_s'] / b0['ops_s']:>9.2f} {r['p50'] - b0['p50']:>8.1f} {r['p99'] - b0['p99']:>8.1f} "
+              f"{floor:>6.1f} {r['pause_share']:>6.1%} {r['wan_mbit']:>10.1f} {r['ckpt_s']:>7.1f}")
+    # adaptive against the best fixed interval, per RTT and connection count
+    for rtt in sorted({r[0] for r in rows}):
+        for n in conns:
+            got = {name: r["ops_s"] for t, name, c, r in rows if t == rtt and c == n}
+            ad = [v for k, v in got.items() if k.startswith("adaptive")]
+            fx = {k: v for k, v in got.items() if k.startswith("fixed")}
+            if ad and fx:
+                best = max(fx, key=fx.get)
+                print(f"{rtt:>4g}ms {n:>3} conn: adaptive {'/'.join(f'{v:.0f}' for v in ad)} vs {best} "
+                      f"{fx[best]:.0f} ops/s: ratio {min(ad) / fx[best]:.2f}..{max(ad) / fx[best]:.2f}")
     return 0
 
 

@@ -175,8 +175,10 @@ def print_status(st: dict) -> None:
               f"{f('backlog_epochs'):>7}  {'announces' if s.get('bgp_route_in_bird') else '-'}")
     for site, s in st["sites"].items():
         if s.get("pacer"):
-            print(f"{site}: interval set by {s['pacer']['reason']}; expected output latency "
-                  f"{s['pacer']['expected_latency_ms']} ms (budget {s['pacer']['budgets']['latency_ms']:g} ms)")
+            pc = s["pacer"]
+            print(f"{site}: interval set by {pc['reason']}; expected output latency "
+                  f"{pc['expected_latency_ms']} ms (budget {pc['budgets']['latency_ms']:g} ms)"
+                  + (f"\n{site}:   {pc['detail']}" if pc.get("detail") else ""))
         for a in s.get("alarms") or []:
             print(f"{site}: ALARM {a}")
 

@@ -151,6 +151,9 @@ class GateStats:
     dropped_inbound_hold: int = 0  # inbound: held, and this site stopped running the guest
     last_release_delay_ms: float = 0.0
     max_release_delay_ms: float = 0.0
+    # The sealed epoch's quiet tail: from its last held frame to the seal (None: it held none).
+    # With the release delay it tells the pacer whether replies to released output made the epoch.
+    last_quiet_ms: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -277,6 +280,7 @@ class UserspaceGate(Gate):
         self._expiry_logged = False  # one log line per deadline passed
         self._guest_full_logged = False  # one log line per episode of a guest not reading
         self._sealed_at: dict[int, float] = {}
+        self._last_held_at: float | None = None  # the current epoch's latest held frame (monotonic)
         self._target: Path | None = None  # the guest NIC's socket this gate connects to
         self._connector: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -389,6 +393,7 @@ class UserspaceGate(Gate):
             self._drop("dropped_held_cap")  # like a full link: the guest's TCP retransmits
             return
         self._held.append((self._epoch, frame))
+        self._last_held_at = time.monotonic()
         self.stats.frames_held += 1
         self.stats.bytes_held += len(frame)
 
@@ -463,7 +468,10 @@ class UserspaceGate(Gate):
     # -- epochs ----------------------------------------------------------
     def seal(self, epoch: int) -> None:
         """Called with the vCPUs stopped for epoch `epoch`: frames read so far are <= epoch."""
-        self._sealed_at[epoch] = time.monotonic()
+        now = self._sealed_at[epoch] = time.monotonic()
+        t = self._last_held_at
+        self.stats.last_quiet_ms = None if t is None else (now - t) * 1000
+        self._last_held_at = None
         self._epoch = epoch + 1
 
     def allow(self, allowed: bool, until: float | None = None) -> None:

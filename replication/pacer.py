@@ -1,20 +1,38 @@
 """The adaptive checkpoint interval (pure). The model and its reasoning: docs/pacer.md.
 
-Each epoch the primary reports what it measured; the pacer returns the next interval:
-the one that delivers the most requests per second to clients waiting on output commit
-(`throughput_optimum`: it grows with the pause and the RTT), raised to whatever a hard
-limit needs (the link keeps up, the pause share, the WAN bandwidth ceiling, checkpoints
-in flight), moved toward by bounded steps so it never oscillates wildly. The output-latency budget is the soft goal: when even the
-shortest admissible interval cannot meet it, the pacer says so once, with the numbers,
-and runs at the best achievable setting.
+`plan_interval` is the model: from the pause, the RTT, the link's bandwidth, the guest's
+wire bytes (its dirty rate after coalescing and compression) and, when clients wait on
+output commit, how long the guest takes to answer what a release let through, it returns
+the interval and the term that decided it (`Plan.reason`, one short word):
+
+- ``rtt-optimum``: the interval that delivers the most requests per second to clients
+  waiting on output commit (`rtt_optimum`: it grows with the pause and the RTT);
+- ``rtt-aligned``: longer, so that the replies to what a release let through (they start
+  coming an RTT + transfer after the epoch began) are out before the epoch ends; one that
+  misses waits a whole extra epoch;
+- ``latency-budget``: shortened to keep interval + pause + transfer + RTT in the budget;
+- ``min-interval``, ``pause-share``, ``bandwidth``, ``wan-ceiling``: raised to a hard limit;
+- ``hard-max``: capped at the longest interval allowed.
+
+`Pacer` is the stateful edge: it smooths what each epoch measured, turns the gate's
+timings into the reply time, adds the back-off for real backlogs (``queued``), moves toward
+the plan by bounded steps, and reports an infeasible latency budget once, with numbers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-ALPHA = 0.7  # wire bytes per epoch grow ~ interval^ALPHA (overwrites coalesce): used for the WAN cap
+ALPHA = 0.7  # wire bytes per epoch grow ~ interval^ALPHA (overwrites coalesce)
 HEADROOM = 1.25  # a checkpoint's transfer must take at most interval/HEADROOM
+ALIGN_SLACK = 0.1  # the aligned interval leaves this share of the reply round trip spare ...
+ALIGN_MIN_SLACK_MS = 3.0  # ... and at least this much
+ALIGN_MAX_FACTOR = 2.0
+SILENT_EPOCHS = 10  # epochs without output after which the measured reply time is forgotten  # alignment lengthens the interval to at most this multiple of the RTT optimum
+
+REASONS = ("min-interval", "pause-share", "bandwidth", "wan-ceiling", "rtt-optimum", "rtt-aligned",
+           "latency-budget", "hard-max", "queued")
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,148 @@ class PacerPolicy:
 
 
 @dataclass(frozen=True)
+class ModelInputs:
+    pause_ms: float
+    rtt_ms: float  # the link's round trip (with a margin for its variance)
+    bandwidth_bytes_per_s: float | None = None  # achieved on recent checkpoints; None/0 = transfer costs nothing
+    wire_bytes_per_ms: float = 0.0  # wire bytes per ms of interval, measured at ref_interval_ms
+    ref_interval_ms: float = 100.0
+    reply_ms: float | None = None  # how long the guest answers a release's worth of clients; None = none seen
+
+    def wire_bytes(self, interval_ms: float) -> float:
+        r = max(self.ref_interval_ms, 1e-3)
+        return self.wire_bytes_per_ms * r * (max(interval_ms, 0.0) / r) ** ALPHA
+
+    def transfer_ms(self, interval_ms: float) -> float:
+        bw = self.bandwidth_bytes_per_s
+        return self.wire_bytes(interval_ms) / bw * 1000 if bw else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    interval_ms: float
+    reason: str  # one of REASONS
+    detail: str  # the numbers behind it, for status and the log
+
+
+def modelled_rate(interval_ms: float, inp: ModelInputs) -> float:
+    """Requests per ms one client waiting on output commit gets at this interval (up to a constant):
+    it waits on average interval/2 + pause + transfer + RTT per request, and the guest runs
+    interval/(interval + pause) of the time."""
+    i, p = interval_ms, max(inp.pause_ms, 0.0)
+    return i / ((i + p) * (i / 2 + p + inp.transfer_ms(i) + max(inp.rtt_ms, 0.0)))
+
+
+def rtt_optimum(inp: ModelInputs) -> float:
+    """The maximum of `modelled_rate`. With a free transfer it is i = sqrt(2·p·(p + RTT)); a transfer
+    that grows as i^ALPHA moves it a little shorter, so it is found by bisection on the sign of the
+    rate's log-derivative (positive below the maximum, negative above: the rate has one peak)."""
+    p, rtt = max(inp.pause_ms, 0.0), max(inp.rtt_ms, 0.0)
+    if p == 0:
+        return 0.0  # no pause: every interval costs nothing, the shortest is best
+
+    def slope(i: float) -> float:
+        t = inp.transfer_ms(i)
+        return p / (i * (i + p)) - (0.5 + ALPHA * t / i) / (i / 2 + p + t + rtt)
+
+    lo, hi = 1e-6, max(2 * (p + rtt) + 10, 1.0)
+    while slope(hi) > 0:
+        hi *= 2
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        if slope(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-9 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def throughput_optimum(pause_ms: float, rtt_ms: float, transfer_ms: float = 0.0) -> float:
+    """The closed form sqrt(2·p·(p + RTT + transfer)) for a transfer that does not depend on the
+    interval (the earlier interface; `rtt_optimum` is the model's)."""
+    p = max(pause_ms, 0.0)
+    return (2 * p * (p + max(rtt_ms, 0.0) + max(transfer_ms, 0.0))) ** 0.5
+
+
+def aligned_interval(inp: ModelInputs) -> float | None:
+    """The shortest interval in which a client's next request, sent when its reply is released
+    (RTT + transfer after the epoch began), is answered before the epoch ends, with some slack."""
+    if inp.reply_ms is None:
+        return None
+    base = max(inp.rtt_ms, 0.0) + max(inp.reply_ms, 0.0)
+
+    def need(i: float) -> float:
+        w = base + inp.transfer_ms(i)
+        return w + max(ALIGN_MIN_SLACK_MS, ALIGN_SLACK * w)
+
+    # need(i) grows as i^ALPHA: the smallest i with need(i) <= i, by doubling then bisection. On a
+    # link too slow for any interval (transfer alone outgrows it) there is none; the bandwidth
+    # floor then decides anyway, and the alignment asks for nothing.
+    hi = max(need(0.0), 1.0)
+    for _ in range(60):
+        if need(hi) <= hi:
+            break
+        hi *= 2
+    else:
+        return None
+    lo = need(0.0)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if need(mid) <= mid:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-9 * hi:
+            break
+    return hi
+
+
+def hard_floors(inp: ModelInputs, policy: PacerPolicy) -> dict[str, float]:
+    """The shortest interval each hard limit allows."""
+    p = max(inp.pause_ms, 0.0)
+    floors = {"min-interval": policy.min_interval_ms,
+              "pause-share": p * (1 - policy.max_pause_share) / policy.max_pause_share}
+    k = inp.transfer_ms(1.0)  # transfer(i) = k · i^ALPHA
+    if k > 0:  # transfer(i) · HEADROOM <= i
+        floors["bandwidth"] = (HEADROOM * k) ** (1 / (1 - ALPHA))
+    if policy.max_wan_bytes_per_s and inp.wire_bytes_per_ms > 0:
+        c = inp.wire_bytes(1.0) * 1000  # bytes/s at interval i = c · i^(ALPHA - 1)
+        floors["wan-ceiling"] = (c / policy.max_wan_bytes_per_s) ** (1 / (1 - ALPHA))
+    return floors
+
+
+def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
+    """The interval the model asks for and the term that decided it (see the module docstring)."""
+    p, rtt = max(inp.pause_ms, 0.0), max(inp.rtt_ms, 0.0)
+    best = rtt_optimum(inp)
+    target, reason = best, "rtt-optimum"
+    detail = f"pause {p:.1f} ms, RTT {rtt:.1f} ms, transfer {inp.transfer_ms(best):.1f} ms: optimum {best:.1f} ms"
+    aligned = aligned_interval(inp)
+    if aligned is not None and aligned > best:
+        target, reason = min(aligned, ALIGN_MAX_FACTOR * best), "rtt-aligned"
+        detail += (f"; replies take {inp.reply_ms:.1f} ms after a release: aligned {aligned:.1f} ms"
+                   + (f" (at most {ALIGN_MAX_FACTOR:g}x the optimum)" if aligned > ALIGN_MAX_FACTOR * best else ""))
+    cap = policy.latency_budget_ms - p - rtt - inp.transfer_ms(target)
+    if target > cap:
+        target, reason = cap, "latency-budget"
+        detail += f"; budget {policy.latency_budget_ms:g} ms allows {cap:.1f} ms"
+    floors = hard_floors(inp, policy)
+    floor_reason = max(floors, key=floors.get)
+    if floors[floor_reason] > target:
+        target, reason = floors[floor_reason], floor_reason
+        detail += f"; {floor_reason} needs {target:.1f} ms"
+    if target > policy.max_interval_ms:
+        target, reason = policy.max_interval_ms, "hard-max"
+        detail += f"; capped at {policy.max_interval_ms:g} ms"
+    return Plan(target, reason, detail)
+
+
+# ---------------------------------------------------------------------------- the stateful edge
+
+
+@dataclass(frozen=True)
 class EpochSample:
     interval_ms: float  # the interval that produced this epoch
     pause_ms: float
@@ -46,27 +206,35 @@ class EpochSample:
     rtt_var_ms: float = 0.0
     bandwidth_bytes_per_s: float | None = None  # achieved on recent checkpoints; None = unknown yet
     in_flight: int = 0
+    # the gate's timings: seal → release of the last released epoch (pause + transfer + RTT), and
+    # the quiet tail of this epoch (last held frame → seal; None: the guest sent nothing)
+    release_delay_ms: float | None = None
+    quiet_ms: float | None = None
 
 
 @dataclass(frozen=True)
 class PacerDecision:
     interval_ms: float
     target_ms: float
-    reason: str  # which limit set the target
+    reason: str  # one of REASONS
     infeasible: str | None = None  # a sentence with numbers, only when newly infeasible
     expected_latency_ms: float = 0.0
+    detail: str = ""
 
 
-def throughput_optimum(pause_ms: float, rtt_ms: float, transfer_ms: float = 0.0) -> float:
-    """The interval that maximises requests per second for clients waiting on output commit.
-
-    A reply waits on average interval/2 (for its epoch to end) + pause + transfer + RTT, and
-    the guest runs interval/(interval + pause) of the time; the rate goes as
-    i / ((i + p) · (i/2 + p + w)) with w = transfer + RTT, whose maximum is at
-    i = sqrt(2·p·(p + w)). A longer RTT makes each epoch's wait dearer relative to the pause,
-    so the interval grows with it (and shrinks towards the pause on a fast link)."""
-    p = max(pause_ms, 0.0)
-    return (2 * p * (p + max(rtt_ms, 0.0) + max(transfer_ms, 0.0))) ** 0.5
+def reply_sample(s: EpochSample) -> float | None:
+    """How long after a release reached the guest it was still sending, in this epoch: the last
+    held frame came interval − quiet into the epoch, and the release (delay − pause after the epoch
+    began, folded into the epoch cycle when the RTT is longer than an interval) let the clients'
+    next requests in. None when the guest sent nothing or the release delay is not known yet."""
+    if s.quiet_ms is None or s.release_delay_ms is None:
+        return None
+    cycle = max(s.interval_ms, 1e-3) + max(s.pause_ms, 0.0)
+    arrival = max(s.release_delay_ms - s.pause_ms, 0.0) % cycle
+    if arrival > s.interval_ms:  # released during the pause: the requests start the next epoch
+        arrival = 0.0
+    last_out = max(s.interval_ms - s.quiet_ms, 0.0)
+    return max(last_out - arrival, 0.0)
 
 
 def _ewma(old: float | None, new: float, a: float = 0.3) -> float:
@@ -78,7 +246,8 @@ class Pacer:
         self.policy = policy
         i = initial_interval_ms if initial_interval_ms is not None else policy.min_interval_ms * 2
         self.interval_ms = min(max(i, policy.min_interval_ms), policy.max_interval_ms)
-        self._pause = self._wire_rate = self._rtt = self._var = None
+        self._pause = self._wire_rate = self._rtt = self._var = self._reply = None
+        self._silent = 0  # epochs in a row in which the guest sent nothing
         self._bw: float | None = None
         self._reported: str | None = None
         self.last: PacerDecision | None = None
@@ -92,48 +261,25 @@ class Pacer:
         self._wire_rate = _ewma(self._wire_rate, s.wire_bytes / iv)  # bytes per ms at this interval
         if s.bandwidth_bytes_per_s:
             self._bw = _ewma(self._bw, s.bandwidth_bytes_per_s)
-        pause, rtt = self._pause, self._rtt + 2 * self._var
-
-        def wire_at(i: float) -> float:  # bytes per epoch at interval i
-            return self._wire_rate * iv * (i / iv) ** ALPHA
-
-        def transfer_ms(i: float) -> float:
-            return 0.0 if not self._bw else wire_at(i) / self._bw * 1000
-
-        # hard lower bounds on the interval
-        bounds = {"minimum interval": p.min_interval_ms,
-                  "pause share": pause * (1 - p.max_pause_share) / p.max_pause_share}
-        if self._bw:
-            # shortest i with transfer(i) * HEADROOM <= i: transfer grows as i^ALPHA, solve directly
-            t_now = transfer_ms(iv)
-            if t_now > 0:
-                bounds["link bandwidth"] = (HEADROOM * t_now / iv ** ALPHA) ** (1 / (1 - ALPHA))
-        if p.max_wan_bytes_per_s:
-            rate_now = self._wire_rate * 1000  # bytes/s at the current interval
-            if rate_now > 0:
-                bounds["WAN ceiling"] = iv * (rate_now / p.max_wan_bytes_per_s) ** (1 / (1 - ALPHA))
-        reason = max(bounds, key=bounds.get)
-        target = bounds[reason]
-        best = throughput_optimum(pause, rtt, transfer_ms(iv))
-        if best > target:  # no hard limit binds: the interval that serves waiting clients best,
-            # unless the latency budget wants a shorter one (never shorter than a hard limit)
-            cap = p.latency_budget_ms - pause - transfer_ms(iv) - rtt
-            if best <= cap:
-                target, reason = best, f"throughput optimum for pause {pause:.0f} ms, RTT {rtt:.0f} ms"
-            elif cap > target:
-                target, reason = cap, "latency budget"
+        r = reply_sample(s)
+        if r is not None:
+            self._reply = _ewma(self._reply, r)
+        self._silent = self._silent + 1 if s.quiet_ms is None else 0
+        if self._silent >= SILENT_EPOCHS:  # nobody is waiting for replies any more
+            self._reply = None
+        inp = ModelInputs(pause_ms=self._pause, rtt_ms=self._rtt + 2 * self._var, bandwidth_bytes_per_s=self._bw,
+                          wire_bytes_per_ms=self._wire_rate, ref_interval_ms=iv, reply_ms=self._reply)
+        plan = plan_interval(inp, p)
+        target, reason, detail = plan.interval_ms, plan.reason, plan.detail
         # In flight because of the RTT is pipelining, not a backlog: acks take rtt + transfer to come
         # back while a checkpoint leaves every interval + pause. Only what that does not explain queues.
-        explained = (rtt + transfer_ms(iv)) / (iv + pause)
+        explained = (inp.rtt_ms + inp.transfer_ms(iv)) / (iv + inp.pause_ms)
         if s.in_flight >= p.max_in_flight and s.in_flight > explained + 1 and self.interval_ms * p.max_step > target:
-            # checkpoints queue: back off whatever the model says
-            target, reason = self.interval_ms * p.max_step, "checkpoints queued"
-        if target > p.max_interval_ms:
-            target, reason = p.max_interval_ms, reason + " (capped at the maximum interval)"
-        target = max(target, p.min_interval_ms)
+            target, reason = min(self.interval_ms * p.max_step, p.max_interval_ms), "queued"
+            detail += f"; {s.in_flight} checkpoints in flight where the RTT explains {explained:.1f}"
 
         def latency(i: float) -> float:
-            return i + pause + transfer_ms(i) + rtt
+            return i + inp.pause_ms + inp.transfer_ms(i) + inp.rtt_ms
 
         infeasible = None
         if latency(target) > p.latency_budget_ms:
@@ -141,12 +287,12 @@ class Pacer:
             if self._reported != key:
                 self._reported = key
                 infeasible = (f"the output-latency budget of {p.latency_budget_ms:g} ms cannot be met: "
-                              f"RTT {rtt:.1f} ms + pause {pause:.1f} ms + transfer {transfer_ms(target):.1f} ms "
-                              f"+ interval {target:.1f} ms (the shortest the {reason} allows) = "
-                              f"{latency(target):.1f} ms; running at that interval")
+                              f"RTT {inp.rtt_ms:.1f} ms + pause {inp.pause_ms:.1f} ms + transfer "
+                              f"{inp.transfer_ms(target):.1f} ms + interval {target:.1f} ms (the shortest "
+                              f"{reason} allows) = {latency(target):.1f} ms; running at that interval")
         elif self._reported is not None:
             self._reported = None
         lo, hi = self.interval_ms / p.max_step, self.interval_ms * p.max_step
         self.interval_ms = min(max(target, lo, p.min_interval_ms), hi, p.max_interval_ms)
-        self.last = PacerDecision(self.interval_ms, target, reason, infeasible, latency(self.interval_ms))
+        self.last = PacerDecision(self.interval_ms, target, reason, infeasible, latency(self.interval_ms), detail)
         return self.last

@@ -396,3 +396,18 @@ async def test_a_renewed_permission_does_not_count_an_epoch_twice(fake_tap_gate)
     gate.seal(2)
     gate.release(2)
     assert gate.stats.epochs_released == 2
+
+
+async def test_seal_reports_the_epochs_quiet_tail(fake_tap_gate):
+    """The pacer's reply measurement: an epoch that held frames has a quiet tail (last frame to
+    seal), one that held none has None, and the next epoch starts afresh."""
+    gate, net, r, w = await fake_tap_gate(GateMode.HOLD)
+    assert gate.stats.last_quiet_ms is None
+    await from_guest(w, 1, 2)
+    gate.seal(1)
+    assert gate.stats.last_quiet_ms is not None and gate.stats.last_quiet_ms >= 0
+    gate.seal(2)
+    assert gate.stats.last_quiet_ms is None
+    await from_guest(w, 3)
+    gate.seal(3)
+    assert gate.stats.last_quiet_ms is not None

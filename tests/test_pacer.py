@@ -1,10 +1,14 @@
-"""The pacer: bounds, bounded steps, convergence, back-off, and one clear infeasibility report."""
+"""The pacer: the pure model (optimum, alignment, limits, reasons) and the stateful edge (bounds,
+bounded steps, convergence, back-off, one clear infeasibility report)."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+import math
 
-from replication.pacer import ALPHA, EpochSample, Pacer, PacerPolicy
+from hypothesis import assume, given, settings, strategies as st
+
+from replication.pacer import (ALIGN_MAX_FACTOR, ALPHA, REASONS, EpochSample, ModelInputs, Pacer, PacerPolicy,
+                               aligned_interval, hard_floors, modelled_rate, plan_interval, reply_sample, rtt_optimum)
 
 samples = st.builds(
     EpochSample,
@@ -56,7 +60,7 @@ def test_backs_off_when_checkpoints_queue(start):
     # 3 in flight with a 1 ms RTT: far more than pipelining explains
     d = p.update(steady(start, pause=1, rtt=1, bw=1e9, in_flight=3))
     assert d.interval_ms > start or d.interval_ms == pol.max_interval_ms
-    assert d.reason.startswith("checkpoints queued")
+    assert d.reason == "queued"
 
 
 def test_pause_share_sets_the_floor():
@@ -65,7 +69,7 @@ def test_pause_share_sets_the_floor():
     for _ in range(100):
         d = p.update(steady(p.interval_ms, pause=20, wire_at_100=1e4))
     # pause 20 ms at share 0.2 needs interval >= 80 ms
-    assert 79 <= p.interval_ms <= 82 and d.reason == "pause share"
+    assert 79 <= p.interval_ms <= 82 and d.reason == "pause-share"
 
 
 def test_shortens_while_the_link_keeps_up():
@@ -81,8 +85,8 @@ def test_slow_link_lengthens_the_interval():
     p = Pacer(pol, 20)
     for _ in range(200):
         d = p.update(steady(p.interval_ms, pause=1, wire_at_100=1e6, bw=1e6))  # 1 MB/s link
-    # transfer(i) = (i/100)^0.7 s must fit in i/1.25: i >= ~1.29 s
-    assert p.interval_ms > 1000 and d.reason.startswith("link bandwidth")
+    # transfer(i) = (i/100 ms)^0.7 s never fits in i/1.25 below the maximum: capped there, and says why
+    assert p.interval_ms == 2000 and d.reason == "hard-max" and "bandwidth needs" in d.detail
 
 
 def test_impossible_latency_budget_is_reported_once_with_numbers():
@@ -100,17 +104,9 @@ def test_in_flight_explained_by_rtt_is_not_a_backlog():
     p = Pacer(pol, 25)
     for _ in range(50):  # 50 ms RTT, 25 ms interval: two checkpoints are always in flight
         d = p.update(steady(p.interval_ms, pause=2, rtt=50, bw=1e9, in_flight=2))
-    assert p.interval_ms < 30 and not d.reason.startswith("checkpoints queued")
+    assert p.interval_ms < 30 and d.reason != "queued"
 
 
-def test_the_optimum_is_the_maximum_of_the_modelled_rate():
-    from replication.pacer import throughput_optimum
-
-    for pause, w in ((5.0, 1.0), (25.0, 1.0), (25.0, 50.0), (40.0, 200.0)):
-        best = throughput_optimum(pause, w)
-        rate = lambda i: i / ((i + pause) * (i / 2 + pause + w))  # noqa: E731
-        grid = [best * f for f in (0.5, 0.8, 0.95, 1.05, 1.25, 2.0)]
-        assert all(rate(best) >= rate(i) for i in grid), (pause, w)
 
 
 @settings(max_examples=60)
@@ -125,5 +121,153 @@ def test_the_interval_follows_the_rtt(pause, rtt):
         for _ in range(300):
             p.update(steady(p.interval_ms, pause, 1e4, r, bw=1e10))
         ivs.append(p.interval_ms)
-        assert p.last.reason.startswith("throughput optimum")
+        assert p.last.reason == "rtt-optimum"
     assert ivs[1] > ivs[0] * 1.05
+
+
+# ---------------------------------------------------------------------------- the pure model
+
+inputs = st.builds(
+    ModelInputs, pause_ms=st.floats(0.5, 200), rtt_ms=st.floats(0, 300),
+    bandwidth_bytes_per_s=st.one_of(st.none(), st.floats(1e5, 1e10)), wire_bytes_per_ms=st.floats(0, 1e5),
+    ref_interval_ms=st.floats(5, 1000), reply_ms=st.one_of(st.none(), st.floats(0, 200)))
+
+
+def test_the_optimum_without_transfer_is_the_closed_form():
+    for pause, rtt in ((5.0, 1.0), (25.0, 1.0), (25.0, 50.0), (40.0, 200.0)):
+        got = rtt_optimum(ModelInputs(pause, rtt))
+        assert math.isclose(got, math.sqrt(2 * pause * (pause + rtt)), rel_tol=1e-6), (pause, rtt)
+
+
+@settings(max_examples=150)
+@given(inputs)
+def test_the_optimum_is_the_maximum_of_a_brute_force_scan(inp):
+    best = rtt_optimum(inp)
+    grid = [0.01 * 1.01 ** k for k in range(1500)]  # 0.01 ms .. ~30 s, 1 % apart
+    scan = max(grid, key=lambda i: modelled_rate(i, inp))
+    assert modelled_rate(best, inp) >= modelled_rate(scan, inp) * (1 - 1e-9)
+    assert abs(best - scan) <= 0.011 * scan  # the scan's argmax is within one grid step
+
+
+@given(inputs, st.floats(0, 300), st.floats(0, 300))
+def test_the_plan_is_monotone_in_the_rtt(inp, r1, r2):
+    """A longer RTT never gives a shorter interval while the latency budget does not bind
+    (the budget is the one term that shortens the interval as the RTT grows)."""
+    pol = PacerPolicy(min_interval_ms=1, max_interval_ms=100_000, latency_budget_ms=1e9, max_pause_share=0.9)
+    lo, hi = sorted((r1, r2))
+    a = plan_interval(ModelInputs(**{**inp.__dict__, "rtt_ms": lo}), pol)
+    b = plan_interval(ModelInputs(**{**inp.__dict__, "rtt_ms": hi}), pol)
+    assert b.interval_ms >= a.interval_ms * (1 - 1e-9)
+
+
+@given(inputs, policies)
+def test_the_plan_respects_the_hard_limits_and_names_its_term(inp, pol):
+    plan = plan_interval(inp, pol)
+    assert plan.reason in REASONS and plan.detail
+    assert plan.interval_ms <= pol.max_interval_ms
+    floors = hard_floors(inp, pol)
+    if plan.reason != "hard-max":
+        assert all(plan.interval_ms >= f * (1 - 1e-9) for f in floors.values())
+        assert plan.interval_ms >= pol.min_interval_ms
+    else:
+        assert plan.interval_ms == pol.max_interval_ms
+
+
+def test_reasons_name_the_deciding_term():
+    free = PacerPolicy(min_interval_ms=1, max_interval_ms=10_000, latency_budget_ms=10_000, max_pause_share=0.9)
+    assert plan_interval(ModelInputs(25, 50), free).reason == "rtt-optimum"
+    assert plan_interval(ModelInputs(25, 50, reply_ms=30), free).reason == "rtt-aligned"
+    assert plan_interval(ModelInputs(25, 50), PacerPolicy(max_pause_share=0.1, latency_budget_ms=10_000)).reason \
+        == "pause-share"
+    assert plan_interval(ModelInputs(25, 50, 1e6, 1e3), free).reason == "bandwidth"
+    assert plan_interval(ModelInputs(25, 50), PacerPolicy(min_interval_ms=100, max_interval_ms=200,
+                                                          latency_budget_ms=10_000)).reason == "min-interval"
+    assert plan_interval(ModelInputs(25, 50), PacerPolicy(min_interval_ms=1, max_interval_ms=30,
+                                                          latency_budget_ms=10_000, max_pause_share=0.9)).reason \
+        == "hard-max"
+    tight = PacerPolicy(min_interval_ms=1, max_interval_ms=10_000, latency_budget_ms=120, max_pause_share=0.9)
+    plan = plan_interval(ModelInputs(25, 50, reply_ms=30), tight)
+    assert plan.reason == "latency-budget" and math.isclose(plan.interval_ms, 120 - 25 - 50)
+
+
+@given(st.floats(1, 60), st.floats(0, 150), st.floats(0, 80))
+def test_aligned_interval_lets_the_replies_out_in_the_same_epoch(pause, rtt, reply):
+    inp = ModelInputs(pause, rtt, 12.5e6, 2e4, 100, reply)
+    pol = PacerPolicy(min_interval_ms=1, max_interval_ms=10_000, latency_budget_ms=1e9, max_pause_share=0.95)
+    plan = plan_interval(inp, pol)
+    i = plan.interval_ms
+    need = rtt + inp.transfer_ms(i) + reply
+    assert plan.reason in ("rtt-optimum", "rtt-aligned", "bandwidth", "min-interval", "pause-share")
+    if plan.reason.startswith("rtt-"):  # aligned, or at the alignment's cap
+        assert i >= need * (1 - 1e-9) or math.isclose(i, ALIGN_MAX_FACTOR * rtt_optimum(inp))
+    a = aligned_interval(inp)
+    assert a >= rtt + inp.transfer_ms(a) + reply
+
+
+def test_the_interval_follows_the_rtt_in_the_lab_case():
+    """The lab's numbers (pause 25 ms, 1..50 ms RTT, 64 clients answered in ~30 ms, ~10 ms transfer):
+    the interval grows with the RTT until the 150 ms latency budget stops it at 50 ms RTT."""
+    pol = PacerPolicy(min_interval_ms=20, max_interval_ms=500, latency_budget_ms=150, max_pause_share=0.4)
+    inp = [ModelInputs(25, r, 12.5e6, 3e3, 50, 30) for r in (1, 10, 25, 50)]
+    ivs = [plan_interval(m, pol) for m in inp]
+    assert [p.reason for p in ivs] == ["rtt-aligned"] * 3 + ["latency-budget"]
+    assert ivs[0].interval_ms < ivs[1].interval_ms < ivs[2].interval_ms
+    assert ivs[2].interval_ms > ivs[0].interval_ms * 1.5
+    assert all(p.interval_ms + 25 + m.rtt_ms + m.transfer_ms(p.interval_ms) <= 150 + 1e-9 for p, m in zip(ivs, inp))
+
+
+# ---------------------------------------------------------------------------- measured reply time
+
+
+def test_reply_sample_from_the_gate_timings():
+    # 60 ms interval, 20 ms pause, release 70 ms after the seal (arrives 50 ms into the next epoch),
+    # last frame 5 ms before the seal: the guest answered for 5 ms
+    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=70, quiet_ms=5)) == 5
+    # release later than one cycle (80 ms): it landed 20 ms into the epoch after next
+    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=120, quiet_ms=10)) == 30
+    # released during the pause: the requests start the next epoch
+    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=95, quiet_ms=10)) == 50
+    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=70, quiet_ms=None)) is None
+    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=None, quiet_ms=3)) is None
+
+
+def closed_loop(interval, pause, w, service):
+    """What the gate measures when clients send their next request the moment a release lets their
+    reply out: the requests arrive `w` into the epoch and take `service` ms to answer; an epoch
+    that ends first cuts the answers off (quiet 0)."""
+    cycle = interval + pause
+    arrival = (w - pause) % cycle if w > pause else 0.0
+    arrival = 0.0 if arrival > interval else arrival
+    last = min(arrival + service, interval)
+    return EpochSample(interval, pause, 10_000, 5_000, w - pause, 1.0, 1e9, 1,
+                       release_delay_ms=w + 0.0, quiet_ms=interval - last)
+
+
+@settings(max_examples=60)
+@given(st.floats(10, 30), st.floats(5, 60), st.floats(2, 40))
+def test_the_pacer_lengthens_the_interval_until_the_replies_make_the_epoch(pause, rtt, service):
+    """Closed-loop clients whose replies spill past the epoch's end: the pacer grows the interval
+    until they fit (or to twice the RTT optimum), then holds it."""
+    pol = PacerPolicy(min_interval_ms=5, max_interval_ms=1000, latency_budget_ms=1e6, max_pause_share=0.9)
+    p = Pacer(pol, 20)
+    w = pause + rtt  # the release comes pause + RTT after the seal
+    for _ in range(400):
+        p.update(closed_loop(p.interval_ms, pause, w, service))
+    opt = rtt_optimum(ModelInputs(pause, rtt + 2))
+    assume(abs(rtt + service - ALIGN_MAX_FACTOR * opt) > 5)  # not on the cap's edge
+    if rtt + service < ALIGN_MAX_FACTOR * opt:
+        assert p.interval_ms >= rtt + service
+        assert p.last.reason in ("rtt-aligned", "rtt-optimum")
+    else:
+        assert math.isclose(p.interval_ms, ALIGN_MAX_FACTOR * opt, rel_tol=0.02)
+
+
+def test_silence_forgets_the_reply_time():
+    pol = PacerPolicy(min_interval_ms=5, max_interval_ms=1000, latency_budget_ms=1e6, max_pause_share=0.9)
+    p = Pacer(pol, 20)
+    for _ in range(200):
+        p.update(closed_loop(p.interval_ms, 20, 70, 30))
+    assert p.last.reason == "rtt-aligned"
+    for _ in range(200):
+        p.update(EpochSample(p.interval_ms, 20, 0, 0, 50, 0, 1e9, 1, release_delay_ms=70, quiet_ms=None))
+    assert p.last.reason == "rtt-optimum"

@@ -144,19 +144,20 @@ class PrimarySide:
             return self.fixed_interval_ms
         if rec is None:
             return self.pacer.interval_ms
-        link = primary.link
+        link, gate = primary.link, self.ctx.gate.stats
         before = self.pacer.last.reason if self.pacer.last else None
         d = self.pacer.update(EpochSample(
             interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
             wire_bytes=rec.wire_bytes, rtt_ms=link.rtt_ms or 0.0, rtt_var_ms=link.rtt_var_ms,
-            bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=primary.status.in_flight))
+            bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=primary.status.in_flight,
+            release_delay_ms=gate.last_release_delay_ms or None, quiet_ms=gate.last_quiet_ms))
         now = time.monotonic()
         if d.reason != before and now - self._pacer_logged >= 10.0:
             # at most one line per 10 s: near a boundary the reason may flip every few epochs
             # (the status output always shows the current one)
             self._pacer_logged = now
             log.info("pacer.reason", site=self.ctx.name, interval_ms=round(d.interval_ms, 1),
-                     target_ms=round(d.target_ms, 1), reason=d.reason)
+                     target_ms=round(d.target_ms, 1), reason=d.reason, detail=d.detail)
         if d.infeasible:
             self.alarms.append(d.infeasible)
             del self.alarms[:-50]
@@ -232,7 +233,9 @@ class PrimarySide:
             "rtt_ms": p["rtt_ms"], "last_pause_ms": round(p["last_pause_ms"], 2),
             "backlog_epochs": p["backlog_epochs"], "replication": p,
             "pacer": {"adaptive": self.adaptive, "interval_ms": round(p["interval_ms"], 1),
-                      "reason": (d.reason if d else "initial") if self.adaptive else "fixed by the operator",
+                      "reason": (d.reason if d else "initial") if self.adaptive else "fixed",
+                      "detail": (d.detail if d else "") if self.adaptive else "fixed by the operator",
+                      "target_ms": round(d.target_ms, 1) if d and self.adaptive else None,
                       "expected_latency_ms": round(d.expected_latency_ms, 1) if d else None,
                       "budgets": {"latency_ms": pol.latency_budget_ms, "max_pause_share": pol.max_pause_share,
                                   "max_wan_mbit": pol.max_wan_bytes_per_s * 8 / 1e6,
