@@ -1,7 +1,8 @@
 """Checkpoint frames: bytes in, bytes out (no I/O). Layout in docs/wire-format.md.
 
 A frame carries one epoch's pages (for DELTA, each page either XOR against its previous
-version or raw, whichever has fewer non-zero words; raw for FULL) and the device state, compressed with zstd and sealed with
+version or raw, whichever has fewer non-zero words; raw for FULL), the device state and
+the guest's disk blocks written in the epoch (whole 4 KiB contents), compressed with zstd and sealed with
 AES-256-GCM: the clear header is associated data, the GCM tag is the integrity check
 over all of it, so a torn, truncated, bit-flipped or forged frame never decodes.
 """
@@ -22,18 +23,21 @@ from gmbase.errors import GeomirrorError
 from replication.verify import DIGEST_SIZE, RangeCheck
 
 MAGIC = b"GMCK"
-VERSION = 3  # 3: the replica check section; 2: per-page XOR-or-raw choice in DELTA frames
+VERSION = 4  # 4: the disk section; 3: the replica check section; 2: per-page XOR-or-raw choice in DELTA frames
 KIND_DELTA = 1
 KIND_FULL = 2
 DEV_DELTA = 0x80  # flag in the kind byte: the device state is XOR against the previous epoch's
 _DEV_HASH = 8  # blake2b-64 of the full device state, checked after undoing the XOR
-# magic, version, kind, page_size, epoch, n_pages, index_len, pages_len, dev_len, check_len, body_len, nonce
-_HDR = struct.Struct(">4sBBIQIIQIHQ12s")
+# magic, version, kind, page_size, epoch, n_pages, index_len, pages_len, dev_len, check_len,
+# n_disk_blocks, disk_index_len, disk_len, body_len, nonce
+_HDR = struct.Struct(">4sBBIQIIQIHIIQQ12s")
 _CHECK = struct.Struct(f">QQ{DIGEST_SIZE}s")  # a replica check: offset, length, digest (replication/verify.py)
 HEADER_SIZE = _HDR.size
 TAG_SIZE = 16
 MAX_PAGES_BYTES = 64 << 30
 MAX_DEVICE_STATE = 64 << 20
+DISK_BLOCK = 4096  # the disk section's unit (replication/nbd.py BLOCK_SIZE)
+MAX_DISK_BYTES = 64 << 30
 
 
 class CodecError(GeomirrorError):
@@ -65,6 +69,9 @@ class FrameHeader:
     nonce: bytes
     dev_delta: bool = False
     check_len: int = 0
+    n_disk_blocks: int = 0
+    disk_index_len: int = 0
+    disk_len: int = 0
 
     @property
     def total_len(self) -> int:
@@ -79,6 +86,8 @@ class DecodedCheckpoint:
     device_state: bytes
     raw_mask: np.ndarray | None = None  # DELTA: bool per page, True where the payload is the contents
     check: RangeCheck | None = None  # the primary's live-RAM range digest of this epoch, if it sent one
+    disk_blocks: np.ndarray | None = None  # uint64, sorted, unique: the disk blocks written (4 KiB each)
+    disk_data: np.ndarray | None = None  # (n, DISK_BLOCK) uint8: their contents at the end of the epoch
 
     def new_pages(self, old_pages: np.ndarray) -> np.ndarray:
         """The pages' new contents, given their previous contents (FULL: the payload)."""
@@ -113,7 +122,7 @@ def peek_header(buf) -> FrameHeader:
     """Parse and bounds-check the clear header (no key needed)."""
     if len(buf) < HEADER_SIZE:
         raise TruncatedFrame(f"frame of {len(buf)} bytes is shorter than its {HEADER_SIZE}-byte header")
-    magic, ver, kind, ps, epoch, n, ilen, plen, dlen, clen, blen, nonce = _HDR.unpack_from(buf, 0)
+    magic, ver, kind, ps, epoch, n, ilen, plen, dlen, clen, nd, dilen, dklen, blen, nonce = _HDR.unpack_from(buf, 0)
     if magic != MAGIC:
         raise FrameFormatError(f"not a checkpoint frame (magic {magic!r})")
     if ver != VERSION:
@@ -130,9 +139,14 @@ def peek_header(buf) -> FrameHeader:
     if clen not in (0, _CHECK.size):
         raise FrameFormatError(f"frame for epoch {epoch}: a replica check of {clen} bytes (expected 0 or "
                                f"{_CHECK.size})")
-    if blen != ilen + plen + dlen + clen:
+    if nd * DISK_BLOCK > MAX_DISK_BYTES:
+        raise FrameFormatError(f"frame for epoch {epoch} claims {nd} disk blocks: over the limit")
+    if (nd == 0) != (dilen == 0) or (dklen and not nd):
+        raise FrameFormatError(f"frame for epoch {epoch}: {nd} disk blocks with a {dilen}-byte index and "
+                               f"{dklen} bytes of contents")
+    if blen != ilen + plen + dlen + clen + dilen + dklen:
         raise FrameFormatError(f"frame for epoch {epoch}: section lengths do not add up")
-    h = FrameHeader(epoch, kind, ps, n, ilen, plen, dlen, blen, nonce, dev_delta, clen)
+    h = FrameHeader(epoch, kind, ps, n, ilen, plen, dlen, blen, nonce, dev_delta, clen, nd, dilen, dklen)
     if len(buf) < h.total_len:
         raise TruncatedFrame(f"frame for epoch {epoch} is cut off: {len(buf)} of {h.total_len} bytes")
     if len(buf) > h.total_len:
@@ -152,6 +166,11 @@ def _encode_index(pages: np.ndarray, raw_mask: np.ndarray | None = None) -> byte
     if raw_mask is not None:
         out += raw_mask.astype(np.uint8).tobytes()
     return out
+
+
+def _encode_disk_index(blocks: np.ndarray) -> bytes:
+    """Sorted disk block numbers as u64 gaps from the previous one (first from 0)."""
+    return np.diff(blocks.astype(np.uint64), prepend=np.uint64(0)).astype(">u8").tobytes()
 
 
 def choose_raw(new_pages: np.ndarray, xor: np.ndarray) -> np.ndarray:
@@ -191,10 +210,13 @@ class Codec:
 
     def encode(self, *, epoch: int, kind: int, page_size: int, page_numbers: np.ndarray,
                new_pages: np.ndarray, old_pages: np.ndarray | None = None, device_state: bytes = b"",
-               device_base: bytes | None = None, check: RangeCheck | None = None) -> bytes:
+               device_base: bytes | None = None, check: RangeCheck | None = None,
+               disk_blocks: np.ndarray | None = None, disk_data: np.ndarray | None = None) -> bytes:
         """`device_base`: the previous epoch's device state the receiver holds; when given (and of
         the same length) only the XOR goes on the wire, with a hash of the full state. `check`:
-        a digest of a range of the primary's live RAM at this epoch, for the standby to compare."""
+        a digest of a range of the primary's live RAM at this epoch, for the standby to compare.
+        `disk_blocks` (sorted, unique) and `disk_data` ((n, DISK_BLOCK) uint8): the guest's disk
+        blocks of this epoch, whole contents (the replica applies them without a base)."""
         n = int(page_numbers.size)
         if new_pages.shape != (n, page_size):
             raise ValueError(f"new_pages has shape {new_pages.shape}, expected {(n, page_size)}")
@@ -222,10 +244,20 @@ class Codec:
             flag = DEV_DELTA
         dev = self._cctx.compress(device_state) if device_state else b""
         chk = _CHECK.pack(check.offset, check.length, check.digest) if check is not None else b""
+        nd, dindex, ddata = 0, b"", b""
+        if disk_blocks is not None and disk_blocks.size:
+            nd = int(disk_blocks.size)
+            if disk_data is None or disk_data.shape != (nd, DISK_BLOCK):
+                raise ValueError(f"disk_data must have shape {(nd, DISK_BLOCK)}")
+            if nd > 1 and not np.all(np.diff(disk_blocks.astype(np.int64)) > 0):
+                raise ValueError("disk block numbers must be sorted and unique")
+            dindex = self._cctx.compress(_encode_disk_index(disk_blocks))
+            ddata = self._cctx.compress(np.ascontiguousarray(disk_data).data)
         nonce = os.urandom(12)
+        sections = (index, pages, dev, chk, dindex, ddata)
         hdr = _HDR.pack(MAGIC, VERSION, kind | flag, page_size, epoch, n, len(index), len(pages), len(dev),
-                        len(chk), len(index) + len(pages) + len(dev) + len(chk), nonce)
-        return hdr + self._aead.encrypt(nonce, b"".join((index, pages, dev, chk)), hdr)
+                        len(chk), nd, len(dindex), len(ddata), sum(len(x) for x in sections), nonce)
+        return hdr + self._aead.encrypt(nonce, b"".join(sections), hdr)
 
     def decode(self, frame) -> DecodedCheckpoint:
         h = peek_header(frame)
@@ -235,16 +267,24 @@ class Codec:
         except InvalidTag:
             raise IntegrityError(f"frame for epoch {h.epoch} failed its integrity check "
                                  "(wrong key or corrupted)") from None
-        i0, i1, i2 = h.index_len, h.index_len + h.pages_len, h.body_len - h.check_len
+        i0, i1 = h.index_len, h.index_len + h.pages_len
+        i2 = i1 + h.dev_len
+        i3 = i2 + h.check_len
+        i4 = i3 + h.disk_index_len
         per_page = 5 if h.kind == KIND_DELTA else 4  # u32 gap (+ the raw/XOR byte for DELTA)
         try:
             raw_index = self._dctx.decompress(body[:i0], max_output_size=per_page * h.n_pages) if i0 else b""
             raw_pages = (self._dctx.decompress(body[i0:i1], max_output_size=h.n_pages * h.page_size)
                          if h.pages_len else b"")
             dev = self._dctx.decompress(body[i1:i2], max_output_size=MAX_DEVICE_STATE) if h.dev_len else b""
+            nd = h.n_disk_blocks
+            raw_dindex = self._dctx.decompress(body[i3:i4], max_output_size=8 * nd) if nd else b""
+            raw_disk = (self._dctx.decompress(body[i4:], max_output_size=nd * DISK_BLOCK)
+                        if h.disk_len else b"")
         except zstandard.ZstdError as e:
             raise FrameFormatError(f"frame for epoch {h.epoch} does not decompress: {e}") from None
-        if len(raw_index) != per_page * h.n_pages or len(raw_pages) != h.n_pages * h.page_size:
+        if len(raw_index) != per_page * h.n_pages or len(raw_pages) != h.n_pages * h.page_size \
+                or len(raw_dindex) != 8 * nd or len(raw_disk) != nd * DISK_BLOCK:
             raise FrameFormatError(f"frame for epoch {h.epoch}: decompressed sizes do not match its header")
         deltas = np.frombuffer(raw_index, dtype=">u4", count=h.n_pages).astype(np.uint64)
         raw_mask = None
@@ -258,4 +298,11 @@ class Codec:
         numbers = np.cumsum(deltas, dtype=np.uint64) if h.n_pages else np.empty(0, np.uint64)
         payload = np.frombuffer(raw_pages, dtype=np.uint8).reshape(h.n_pages, h.page_size)
         check = RangeCheck(*_CHECK.unpack_from(body, i2)) if h.check_len else None
-        return DecodedCheckpoint(h, numbers, payload, dev, raw_mask, check)
+        disk_blocks = disk_data = None
+        if nd:
+            gaps = np.frombuffer(raw_dindex, dtype=">u8").astype(np.uint64)
+            if nd > 1 and not np.all(gaps[1:] > 0):
+                raise FrameFormatError(f"frame for epoch {h.epoch}: disk block numbers not sorted and unique")
+            disk_blocks = np.cumsum(gaps, dtype=np.uint64)
+            disk_data = np.frombuffer(raw_disk, dtype=np.uint8).reshape(nd, DISK_BLOCK)
+        return DecodedCheckpoint(h, numbers, payload, dev, raw_mask, check, disk_blocks, disk_data)

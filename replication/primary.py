@@ -15,12 +15,20 @@ the guest dirties memory, the loop waits, and the pages dirtied meanwhile simply
 merge into the next checkpoint (the scan is against the shadow, not a log), so the
 primary never buffers without bound. After a broken connection it reconnects with
 backoff and resyncs: the standby sends its block hashes, only differing blocks move.
+
+With a guest disk (`nbd`, the NbdServer QEMU's disk is served by), epoch N also carries the
+disk blocks the guest wrote in N: the extent log is sealed right after `stop` (O(1)), and the
+blocks travel in N's frame under the same AEAD as its RAM, so the standby applies both as one
+transaction. Each session first syncs the disk by 64 KiB chunk hashes (the standby sends
+them), so blocks of epochs that were sealed but never committed (a broken session, a
+restarted service whose extent log died with it) reach the standby that way. docs/disk.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import time
 from collections import deque
@@ -32,15 +40,16 @@ import structlog
 
 from replication.progress import Progress
 from replication import codec as codec_mod
-from replication import verify
+from replication import disksync, verify
 from replication.capture import Capture, DirtySet
 from replication.gate import Gate
+from replication.nbd import NbdServer, SealedExtents
 from replication.qemu import Guest
 from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
                                  send_heartbeats,
                                  session_key)
-from replication.transport import (HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError, MsgType,
-                                   pack_frames)
+from replication.transport import (HELLO_DISK_KEY, HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError,
+                                   MsgType, pack_frames)
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
@@ -90,6 +99,8 @@ class EpochRecord:
     sent_at: float
     interval_ms: float
     acked_at: float | None = None
+    disk_blocks: int = 0  # guest disk blocks written in the epoch (4 KiB each), in its frame
+    disk_bytes: int = 0
 
 
 @dataclass
@@ -117,13 +128,20 @@ class PrimaryStatus:
     last_divergence: dict | None = None
     frames_forwarded: int = 0  # inbound guest frames sent to the standby in handovers (GUEST_FRAMES)
     frames_forward_lost: int = 0  # ... that could not be sent (the session ended first)
+    disk_bytes: int = 0  # size of the guest's replicated disk (0: none)
+    disk_blocks_total: int = 0  # disk blocks carried in checkpoints since this primary began
+    last_disk_sync_bytes: int = 0  # wire bytes of the last session's disk sync
+    last_disk_sync_chunks: int = 0  # 64 KiB chunks it sent (of disk_bytes / 64 KiB)
 
 
 class Primary:
     def __init__(self, cfg: PrimaryConfig, guest: Guest, capture: Capture, gate: Gate,
                  connect: Callable[[], Awaitable[Channel]],
-                 interval_fn: Callable[["Primary", EpochRecord | None], float] | None = None):
+                 interval_fn: Callable[["Primary", EpochRecord | None], float] | None = None,
+                 nbd: NbdServer | None = None):
         self.cfg = cfg
+        self.nbd = nbd  # the guest's disk (started: its size is known), or None
+        self._disk_unreleased = 0  # bytes of sealed disk extents not yet handed back to nbd.release
         self.guest = guest
         self.capture = capture
         self.gate = gate
@@ -131,7 +149,8 @@ class Primary:
         self._interval_fn = interval_fn
         self.link = LinkStats()
         self.status = PrimaryStatus(interval_ms=cfg.interval_ms, ram_bytes=capture.size,
-                                    verify_bytes_per_epoch=cfg.verify_bytes_per_epoch)
+                                    verify_bytes_per_epoch=cfg.verify_bytes_per_epoch,
+                                    disk_bytes=nbd.size if nbd is not None else 0)
         if cfg.verify_bytes_per_epoch:
             self.status.verify_cycle_epochs = verify.cycle_epochs(capture.size, cfg.verify_bytes_per_epoch,
                                                                   capture.page_size)
@@ -228,6 +247,8 @@ class Primary:
                 await asyncio.sleep(1.0)
             finally:
                 ch.close()
+                # sealed extents that never left: the next session's disk sync carries their blocks
+                self._release_disk(self._disk_unreleased)
                 if self._ch is ch:
                     self._ch = self._codec = None
                 if self._fwd_ch is ch:
@@ -260,12 +281,17 @@ class Primary:
         nonce = new_nonce()
         await ch.send_json(MsgType.HELLO, {
             "proto": PROTOCOL_VERSION, "site": self.cfg.site, "compat": self.cfg.compat, "run_id": self.cfg.run_id,
-            "nonce": nonce.hex(), "ram_bytes": self.capture.size, HELLO_UPSTREAM_KEY: 1})
+            "nonce": nonce.hex(), "ram_bytes": self.capture.size, HELLO_UPSTREAM_KEY: 1,
+            HELLO_DISK_KEY: self.status.disk_bytes})
         reply = await asyncio.wait_for(ch.recv_json(MsgType.HELLO_REPLY), 30)
         self._peer_reads_upstream = reply.get(HELLO_UPSTREAM_KEY) == 1
         self._peer_takes_frames = reply.get(HELLO_FRAMES_KEY) == 1
         if reply.get("proto") != PROTOCOL_VERSION:
             raise ChannelError(f"standby speaks protocol {reply.get('proto')}, we speak {PROTOCOL_VERSION}")
+        theirs = reply.get(HELLO_DISK_KEY, 0)
+        if theirs != self.status.disk_bytes:
+            raise ChannelError(f"standby {ch.peer} has a replica disk of {theirs} bytes, the guest's disk "
+                               f"{self.nbd.image if self.nbd else '(none)'} is {self.status.disk_bytes} bytes")
         hashes = None
         if reply.get("valid") or reply.get("hashes"):  # a replica, or a seeded one: resync by block hashes
             mtype, raw = await asyncio.wait_for(ch.recv(), 30)
@@ -273,6 +299,15 @@ class Primary:
                 raise ChannelError(f"standby sent {mtype.name} where its block hashes were expected")
             hashes = [raw[i:i + 16] for i in range(0, len(raw), 16)]
         self._hashes = hashes
+        self._disk_hashes = None
+        if self.nbd is not None:  # the standby always describes its replica disk
+            mtype, raw = await asyncio.wait_for(ch.recv(), 60)
+            if mtype is not MsgType.DISK_HASHES:
+                raise ChannelError(f"standby sent {mtype.name} where its disk hashes were expected")
+            try:
+                self._disk_hashes = disksync.split_hashes(raw, self.nbd.size)
+            except ValueError as e:
+                raise ChannelError(f"standby {ch.peer} sent bad disk hashes: {e}") from None
         self._prev_dev = None  # a session starts with a full device state; then XOR against the last
         key = session_key(nonce, bytes.fromhex(reply["nonce"]))
         codec = codec_mod.Codec(key, level=self.cfg.compression_level)
@@ -338,7 +373,8 @@ class Primary:
         self.status.last_sync_mode = mode
         bp = self.cfg.block_pages
         n_blocks = -(-self.capture.n_pages // bp)
-        await ch.send_json(MsgType.SYNC_BEGIN, {"mode": mode, "blocks": n_blocks, "block_pages": bp})
+        await ch.send_json(MsgType.SYNC_BEGIN, {"mode": mode, "blocks": n_blocks, "block_pages": bp,
+                                                "disk_chunks": -(-self.status.disk_bytes // disksync.CHUNK)})
         t0 = time.monotonic()
         sent = sent_blocks = 0
         ps = self.capture.page_size
@@ -366,12 +402,69 @@ class Primary:
             raise
         bar.nbytes = sent
         bar.finish(blocks_sent=sent_blocks, blocks=n_blocks)
+        if self.nbd is not None:
+            sent += await self._sync_disk(ch, codec, mode)
         self.status.sync_progress = 1.0
         self.status.last_sync_bytes = sent
         self.status.wire_bytes_total += sent
         log.info("primary.sync_done", mode=mode, blocks_sent=sent_blocks, blocks=n_blocks,
                  wire_bytes=sent, ram_bytes=self.capture.size, seconds=round(time.monotonic() - t0, 2),
                  page_size=ps)
+
+    async def _sync_disk(self, ch: Channel, codec, mode: str) -> int:
+        """Send every 64 KiB chunk of the guest's disk whose hash differs from the standby's, the
+        guest running: a block written after it was read here is in the open epoch, which the
+        first checkpoint carries (applied after these). Returns the wire bytes."""
+        nbd, t0 = self.nbd, time.monotonic()
+        fd = os.open(nbd.image, os.O_RDONLY | os.O_CLOEXEC)
+        sent = chunks = 0
+        try:
+            it = disksync.differing_chunks(fd, nbd.size, self._disk_hashes or [])
+            while True:
+                frame, k = await asyncio.to_thread(self._disk_sync_frame, codec, it)
+                if not k:
+                    break
+                await ch.send(MsgType.SYNC, frame)
+                sent += len(frame)
+                chunks += k
+        finally:
+            os.close(fd)
+        self.status.last_disk_sync_bytes = sent
+        self.status.last_disk_sync_chunks = chunks
+        log.info("primary.disk_sync_done", mode=mode, chunks_sent=chunks,
+                 chunks=-(-nbd.size // disksync.CHUNK), wire_bytes=sent, disk_bytes=nbd.size,
+                 seconds=round(time.monotonic() - t0, 2))
+        return sent
+
+    def _disk_sync_frame(self, codec, it, max_chunks: int = 64) -> tuple[bytes, int]:
+        """(a SYNC frame of up to `max_chunks` differing chunks, how many) from `it`; (b"", 0) at the end."""
+        blocks, data = [], []
+        for first, contents in it:
+            blocks.append(np.arange(first, first + contents.shape[0], dtype=np.uint64))
+            data.append(contents)
+            if len(data) >= max_chunks:
+                break
+        if not data:
+            return b"", 0
+        ps = self.capture.page_size
+        frame = codec.encode(epoch=self.status.epoch, kind=codec_mod.KIND_FULL, page_size=ps,
+                             page_numbers=np.empty(0, np.uint64), new_pages=np.empty((0, ps), np.uint8),
+                             disk_blocks=np.concatenate(blocks), disk_data=np.concatenate(data))
+        return frame, len(data)
+
+    def _release_disk(self, nbytes: int) -> None:
+        """Sealed disk bytes have left (or are given up): the guest's writes may go on (nbd cap)."""
+        nbytes = min(nbytes, self._disk_unreleased)
+        if self.nbd is not None and nbytes > 0:
+            self._disk_unreleased -= nbytes
+            self.nbd.release(nbytes)
+
+    async def _send_checkpoint(self, ch: Channel, rec: EpochRecord, frame: bytes) -> None:
+        rec.sent_at = time.monotonic()
+        try:
+            await ch.send(MsgType.CHECKPOINT, frame)
+        finally:
+            self._release_disk(rec.disk_bytes)
 
     async def _send_sync(self, ch: Channel, codec, first: int, batch: list) -> int:
         pages = np.concatenate(batch) if len(batch) > 1 else batch[0]
@@ -408,8 +501,7 @@ class Primary:
             if taken is None:  # a handover froze the guest meanwhile
                 continue
             rec, frame = taken
-            rec.sent_at = time.monotonic()
-            await ch.send(MsgType.CHECKPOINT, frame)
+            await self._send_checkpoint(ch, rec, frame)
             last = rec
 
     # ------------------------------------------------------------ planned switchover
@@ -429,8 +521,7 @@ class Primary:
         try:
             taken = await self.checkpoint(codec, self.status.interval_ms, final=True)
             rec, frame = taken
-            rec.sent_at = time.monotonic()
-            await ch.send(MsgType.CHECKPOINT, frame)
+            await self._send_checkpoint(ch, rec, frame)
             deadline = time.monotonic() + timeout
             while self.status.committed_epoch < rec.epoch:
                 if time.monotonic() > deadline or self._ch is not ch:
@@ -523,7 +614,7 @@ class Primary:
             t0 = time.perf_counter()
             # One unit, in its own task: cancelling this caller (session teardown) waits for
             # the `cont` instead of cutting the pause short and leaving the guest stopped.
-            (dirty, check), dev = await run_to_end(asyncio.ensure_future(self._pause(n, final)))
+            (dirty, check), dev, sealed = await run_to_end(asyncio.ensure_future(self._pause(n, final)))
             pause_ms = (time.perf_counter() - t0) * 1000
         self.status.epoch = n
         self.status.last_pause_ms = pause_ms
@@ -531,32 +622,50 @@ class Primary:
         self.status.pauses_ms.append(pause_ms)
         del self.status.pauses_ms[:-1000]
         frame = await asyncio.to_thread(
-            codec.encode, epoch=n, kind=codec_mod.KIND_DELTA, page_size=self.capture.page_size,
-            page_numbers=dirty.page_numbers, new_pages=dirty.new_pages, old_pages=dirty.old_pages,
-            device_state=dev, device_base=getattr(self, "_prev_dev", None), check=check)
+            self._encode_epoch, codec, n, dirty, dev, getattr(self, "_prev_dev", None), check, sealed)
         self._prev_dev = dev
+        disk_blocks, disk_bytes = (len(sealed), sealed.nbytes) if sealed is not None else (0, 0)
         rec = EpochRecord(n, pause_ms, len(dirty.page_numbers), dirty.nbytes, len(frame), len(dev),
-                          time.monotonic(), interval_ms)
+                          time.monotonic(), interval_ms, disk_blocks=disk_blocks, disk_bytes=disk_bytes)
+        self.status.disk_blocks_total += disk_blocks
         self.records[n] = rec
         self.status.wire_bytes_total += rec.wire_bytes
         self.status.in_flight = len(self.records)
-        self.link.add_dirty(dirty.nbytes, interval_ms / 1000)
+        self.link.add_dirty(dirty.nbytes + disk_bytes, interval_ms / 1000)  # the pacer sees disk load too
         log.debug("primary.checkpoint", epoch=n, pause_ms=round(pause_ms, 2), dirty_pages=rec.dirty_pages,
-                  wire_bytes=rec.wire_bytes, device_state_bytes=rec.device_state_bytes)
+                  wire_bytes=rec.wire_bytes, device_state_bytes=rec.device_state_bytes, disk_blocks=disk_blocks)
         return rec, frame
 
+    def _encode_epoch(self, codec, n: int, dirty: DirtySet, dev: bytes, base: bytes | None,
+                      check: verify.RangeCheck | None, sealed: SealedExtents | None) -> bytes:
+        """In the codec thread, after `cont`: epoch n's frame; the disk blocks sorted (one copy)."""
+        blocks = data = None
+        if sealed is not None and len(sealed):
+            blocks, data = sealed.block_numbers(), sealed.contents()
+        return codec.encode(epoch=n, kind=codec_mod.KIND_DELTA, page_size=self.capture.page_size,
+                            page_numbers=dirty.page_numbers, new_pages=dirty.new_pages, old_pages=dirty.old_pages,
+                            device_state=dev, device_base=base, check=check, disk_blocks=blocks, disk_data=data)
+
     async def _pause(self, n: int, final: bool):
-        """stop → seal the gate at n → (device state ∥ dirty scan) → cont (not when `final`).
-        `cont` follows even a failed or unanswered `stop`: QEMU may have stopped anyway."""
+        """stop → seal the gate and the disk's extent log at n → (device state ∥ dirty scan) →
+        cont (not when `final`). `cont` follows even a failed or unanswered `stop`: QEMU may have
+        stopped anyway. QEMU completes in-flight disk writes before `stop` returns, so the seal
+        right after it cuts the disk exactly between epochs n and n+1."""
+        nbd, sealed = self.nbd, None
+        if nbd is not None:
+            nbd.checkpoint_starting()  # write replies held by backpressure go: `stop` waits for them
         try:
             await self.guest.stop_vcpus()
             self.gate.seal(n)
+            if nbd is not None:
+                sealed = nbd.seal(n)
+                self._disk_unreleased += sealed.nbytes
             scan = asyncio.create_task(asyncio.to_thread(self._capture, n))
             try:
                 dev = await self.guest.save_device_state()
             finally:
                 dirty = await scan
-            return dirty, dev
+            return dirty, dev, sealed
         finally:
             if final:
                 self._frozen = True

@@ -1,7 +1,9 @@
 """Standby side: verify, journal, apply, acknowledge; and resume the guest from the replica.
 
 A checkpoint is acknowledged only after it is verified (AEAD), journalled, applied
-and recorded (`Replica.commit`). Anything that fails verification, arrives out of
+and recorded (`Replica.commit`); its disk blocks (a replica with a disk) in the same
+transaction as its RAM. The primary's guest disk must be the replica disk's size (HELLO
+`disk_bytes`), else the session is refused with a sentence naming both and the file. Anything that fails verification, arrives out of
 order (a replayed or stale epoch) or breaks the protocol drops the connection with a
 clear log line and is never applied; the primary reconnects and resyncs.
 
@@ -38,8 +40,8 @@ from replication.qemu import Guest, GuestSpec
 from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, compat_mismatch, heartbeat_payload,
                                  new_nonce, on_heartbeat_message, own_lateness, send_heartbeats, session_key)
 from replication.store import Replica, ReplicaError, ReplicaStorageError
-from replication.transport import (HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError, MsgType,
-                                   unpack_frames)
+from replication.transport import (HELLO_DISK_KEY, HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError,
+                                   MsgType, unpack_frames)
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
@@ -145,6 +147,11 @@ class Standby:
             msg = f"guest RAM size mismatch: ours {self.replica.size}, theirs {hello.get('ram_bytes')}"
             await ch.refuse(msg)
             return
+        bad = self._disk_mismatch(hello.get(HELLO_DISK_KEY, 0))
+        if bad:
+            log.error("standby.refused", peer=ch.peer, reason=bad)
+            await ch.refuse(bad)
+            return
         if self._current is not None:
             log.info("standby.replacing_session", old=self._current.peer, new=ch.peer)
             self._current.close()
@@ -164,9 +171,14 @@ class Standby:
                 await ch.send_json(MsgType.HELLO_REPLY, {
                     "proto": PROTOCOL_VERSION, "site": self.site, "nonce": nonce.hex(),
                     "committed_epoch": self.replica.committed_epoch, "valid": valid, "hashes": base,
-                    "block_pages": BLOCK_PAGES, HELLO_UPSTREAM_KEY: 1, HELLO_FRAMES_KEY: 1})
+                    "block_pages": BLOCK_PAGES, HELLO_UPSTREAM_KEY: 1, HELLO_FRAMES_KEY: 1,
+                    HELLO_DISK_KEY: self.replica.disk_size})
                 if base:
                     await ch.send(MsgType.HASHES, await asyncio.to_thread(self._hashes_blob))
+                if self.replica.disk_size:
+                    # always: they say truthfully what the replica disk holds, valid or not, so an
+                    # initial sync sends only the chunks that differ (a fresh sparse file: the data)
+                    await ch.send(MsgType.DISK_HASHES, b"".join(await asyncio.to_thread(self.replica.disk_hashes)))
         if refused is not None:
             if self._current is ch:
                 self._current = None
@@ -193,6 +205,22 @@ class Standby:
                 self._current = None
                 if self.status.state != "taken_over" and self.status.state not in _NOT_PROTECTING:
                     self.status.state = "waiting"
+
+    def _disk_mismatch(self, theirs) -> str | None:
+        """Why the primary's guest disk (its size in bytes, 0: none) cannot be replicated here."""
+        ours, path = self.replica.disk_size, self.replica.disk_path
+        if not isinstance(theirs, int) or isinstance(theirs, bool) or theirs < 0:
+            return f"the primary sent a malformed guest disk size {theirs!r}"
+        if theirs == ours:
+            return None
+        if not ours:
+            return (f"the primary's guest has a disk of {theirs} bytes, but site {self.site} has no replica disk "
+                    f"configured; give it a raw file of {theirs} bytes")
+        if not theirs:
+            return (f"the primary's guest has no disk, but site {self.site} replicates one into {path} "
+                    f"({ours} bytes): the sites' guest configurations differ")
+        return (f"guest disk size mismatch: the primary's disk is {theirs} bytes, the replica disk {path} at "
+                f"site {self.site} is {ours} bytes; resize one of them")
 
     def _hashes_blob(self) -> bytes:
         return b"".join(self.replica.block_hashes(BLOCK_PAGES))
@@ -255,7 +283,7 @@ class Standby:
             elif mtype is MsgType.SYNC:
                 async with self._lock:
                     end = await asyncio.to_thread(self._apply_sync, codec, payload)
-                if self._bar is not None:
+                if self._bar is not None and end:
                     self._bar.update(end, self._bar.nbytes + len(payload))
             elif mtype is MsgType.CHECKPOINT:
                 if self._bar is not None:  # the first checkpoint after a sync ends it
@@ -320,6 +348,8 @@ class Standby:
         pages = d.page_numbers
         if pages.size and not np.array_equal(pages, np.arange(int(pages[0]), int(pages[0]) + pages.size)):
             raise ChannelError("a SYNC frame's pages are not one contiguous run")
+        if d.disk_blocks is not None:
+            self.replica.write_disk_blocks(d.disk_blocks, d.disk_data)
         if pages.size:
             self.replica.write_block(int(pages[0]), d.payload)
             return int(pages[-1]) + 1
@@ -354,7 +384,7 @@ class Standby:
         base = self.replica.device_state() if d.header.dev_delta else b""
         if d.check is not None and (why := verify.problem(d.check, self.replica.size)):
             raise ChannelError(f"the checkpoint of epoch {d.epoch} carries a bad replica check: {why}")
-        self.replica.commit(d.epoch, d.page_numbers, new, d.device_state_from(base))
+        self.replica.commit(d.epoch, d.page_numbers, new, d.device_state_from(base), d.disk_blocks, d.disk_data)
         if d.check is None:
             return d.epoch, None
         div = verify.compare(d.epoch, d.check, self.replica.ram.reshape(-1))

@@ -9,17 +9,21 @@ Files in the replica directory (all 0600):
 - ``replica.json``  {committed_epoch, valid, compat, run_id, seeded, problem}
 - ``journal``       redo log of the open transaction
 
+and, when the guest has a disk, the replica disk: a raw file given by the caller (`disk`),
+of the guest disk's size, written only through the journal (or by an initial sync).
+
 A transaction is what moves the replica from epoch N-1 to N: the resync blocks that
-arrived since N-1 (if any) and epoch N's pages (already decoded to full contents)
-and device state, closed by a commit record. Each record carries a blake2b checksum.
+arrived since N-1 (if any: RAM blocks, disk blocks), epoch N's disk blocks (whole 4 KiB
+contents) and epoch N's pages (already decoded to full contents) and device state, closed
+by a commit record. Each record carries a blake2b checksum.
 
 What "committed" means on disk, in the order of the writes:
 
 1. journal append (every byte: a short write is continued) and fsync. From here the
    journal holds a complete transaction: epoch N is *durable* — whatever happens next,
    the replica comes out at N, by redo (full page contents, never deltas: idempotent).
-2. RAM apply and msync, ``device.state`` replaced, ``replica.json`` replaced with N:
-   epoch N is *committed* — `commit` returns, the standby acknowledges it.
+2. disk blocks written (``pwrite``), RAM apply and msync, the disk fsynced, ``device.state``
+   replaced, ``replica.json`` replaced with N: epoch N (RAM and disk) is *committed* — `commit` returns, the standby acknowledges it.
 3. journal truncated (a failure here is harmless: a transaction at or below the
    committed epoch is never replayed; the next transaction first empties the journal).
 
@@ -42,7 +46,8 @@ So after a crash or a failed write at any point the replica is exactly N-1 or ex
 N (or says it is invalid and why), and `open` says which (`OpenReport.recovered`).
 
 Initial sync is different: there is no valid replica yet, so blocks go straight into
-``ram.img`` and the replica becomes valid at the first committed epoch.
+``ram.img`` (and disk chunks into the replica disk) and the replica becomes valid at the
+first committed epoch.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat as stat_mod
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +67,15 @@ import structlog
 
 from gmbase.errors import GeomirrorError
 from gmbase.files import atomic_write
+from replication import disksync
 
 log = structlog.get_logger(__name__)
 
 PAGE_SIZE = 4096
 _REC = struct.Struct(">4sBQIIQ")  # magic, kind, epoch, n_pages, dev_len, body_len
 _MAGIC = b"GMJR"
-REC_BLOCK, REC_COMMIT = 1, 2
+REC_BLOCK, REC_COMMIT, REC_DISK = 1, 2, 3  # REC_DISK: disk blocks (numbers + 4 KiB contents)
+DISK_BLOCK = 4096
 _SUM = 32
 _SLACK = 3 * PAGE_SIZE  # a device.state and a replica.json temporary beside the old ones
 
@@ -80,6 +88,9 @@ _STEP_WHAT = {
     "journal-reset": "emptying",
     "journal-truncate": "emptying",
     "ram-flush": "writing back",
+    "disk-alloc": "allocating",
+    "disk-write": "writing",
+    "disk-fsync": "syncing",
     "device-state": "replacing",
     "meta": "replacing",
 }
@@ -134,6 +145,9 @@ class FileOps:
     def fallocate(self, step: str, fd: int, length: int) -> None:
         os.posix_fallocate(fd, 0, length)
 
+    def pwritev(self, step: str, fd: int, parts: list, offset: int) -> int:
+        return os.pwritev(fd, parts, offset)
+
     def read(self, step: str, path: Path) -> bytes:
         return path.read_bytes()
 
@@ -170,8 +184,13 @@ def _meta_problem(meta) -> str | None:
 
 class Replica:
     def __init__(self, directory: Path, size: int, *, fsync: bool = True, page_size: int = PAGE_SIZE,
-                 ops: FileOps | None = None):
+                 ops: FileOps | None = None, disk: Path | None = None):
         self.dir = Path(directory)
+        # The replica of the guest's disk (None: the guest has no disk); its size is the file's.
+        self.disk_path = Path(disk) if disk is not None else None
+        self.disk_size = 0
+        self._disk_fd: int | None = None
+        self._staged_disk: list[tuple[np.ndarray, np.ndarray]] = []  # resync disk blocks of the open transaction
         self.size = size
         self.page_size = page_size
         self.n_pages = size // page_size
@@ -261,6 +280,8 @@ class Replica:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         self._open_ram()
+        if self.disk_path is not None:
+            self._open_disk()
         meta = self._read_meta()
         self.committed_epoch = meta.get("committed_epoch", 0)
         self.valid = meta.get("valid", False)
@@ -313,7 +334,36 @@ class Replica:
             os.close(fd)
         self.ram = np.frombuffer(self._map, dtype=np.uint8).reshape(self.n_pages, self.page_size)
 
+    def _open_disk(self) -> None:
+        """Open the replica disk, preallocated (like ram.img: a full filesystem fails here, by
+        name, not in the middle of an apply)."""
+        path = self.disk_path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ReplicaError(f"the replica disk {path} does not exist; create it with the guest disk's size "
+                               "(qemu-img create -f raw)") from None
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise ReplicaError(f"the replica disk {path} is not a regular file")
+        if st.st_size == 0 or st.st_size % DISK_BLOCK:
+            raise ReplicaError(f"the replica disk {path} is {st.st_size} bytes, not a positive multiple of "
+                               f"{DISK_BLOCK}; resize it to the guest disk's size (qemu-img resize -f raw)")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._storage_error("disk-alloc", path, e) from e
+        try:
+            self._ops.fallocate("disk-alloc", fd, st.st_size)
+        except OSError as e:
+            os.close(fd)
+            raise self._storage_error("disk-alloc", path, e) from e
+        self._disk_fd = fd
+        self.disk_size = st.st_size
+
     def close(self) -> None:
+        if self._disk_fd is not None:
+            os.close(self._disk_fd)
+            self._disk_fd = None
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None
@@ -457,6 +507,7 @@ class Replica:
         emptied now, the next transaction tries again before its first record."""
         self._staged.clear()
         self._staged_list.clear()
+        self._staged_disk.clear()
         self._txn_bytes = 0
         try:
             self._reset_journal()
@@ -469,6 +520,7 @@ class Replica:
         an empty journal."""
         self._staged.clear()
         self._staged_list.clear()
+        self._staged_disk.clear()
         if self._journal_clean and not self._pending:
             return
         if self._pending:  # RAM may be a mix; the disk may still say valid (`_give_up` may not have got through)
@@ -489,15 +541,16 @@ class Replica:
         while off + _REC.size <= len(buf):
             magic, kind, epoch, n, dev_len, body_len = _REC.unpack_from(buf, off)
             end = off + _REC.size + body_len + _SUM
-            if magic != _MAGIC or end > len(buf) or body_len != n * 8 + n * self.page_size + dev_len:
+            unit = DISK_BLOCK if kind == REC_DISK else self.page_size
+            if magic != _MAGIC or end > len(buf) or body_len != n * 8 + n * unit + dev_len:
                 break
             if hashlib.blake2b(buf[off:end - _SUM], digest_size=_SUM).digest() != buf[end - _SUM:end]:
                 break
             b = off + _REC.size
             pages = np.frombuffer(buf, dtype=">u8", count=n, offset=b).astype(np.int64)
-            data = np.frombuffer(buf, dtype=np.uint8, count=n * self.page_size, offset=b + n * 8)
-            dev = bytes(buf[b + n * 8 + n * self.page_size: b + body_len])
-            txn.append((kind, epoch, pages, data.reshape(n, self.page_size), dev))
+            data = np.frombuffer(buf, dtype=np.uint8, count=n * unit, offset=b + n * 8)
+            dev = bytes(buf[b + n * 8 + n * unit: b + body_len])
+            txn.append((kind, epoch, pages, data.reshape(n, unit), dev))
             if kind == REC_COMMIT:
                 recs.extend(txn)
                 txn = []
@@ -600,6 +653,7 @@ class Replica:
         self.syncing_initial = not self.valid
         self._staged.clear()
         self._staged_list.clear()
+        self._staged_disk.clear()
         if self.syncing_initial:
             self.begin_initial_sync()
         else:
@@ -621,6 +675,48 @@ class Replica:
         for i, p in enumerate(numbers):
             self._staged[int(p)] = data[i]
 
+    def _check_disk_blocks(self, blocks: np.ndarray, what: str) -> None:
+        if self._disk_fd is None:
+            raise ReplicaError(f"{what} carries {blocks.size} disk blocks, but this replica has no disk")
+        if blocks.size and int(blocks.max()) >= self.disk_size // DISK_BLOCK:
+            raise ReplicaError(f"{what}: disk block {int(blocks.max())} is outside the replica disk "
+                               f"{self.disk_path} of {self.disk_size // DISK_BLOCK} blocks")
+
+    def write_disk_blocks(self, blocks: np.ndarray, data: np.ndarray) -> None:
+        """Disk blocks (whole contents) from an initial sync or a resync: straight into the replica
+        disk during an initial sync, else journalled and staged with the next epoch."""
+        blocks = blocks.astype(np.int64)
+        self._check_disk_blocks(blocks, "a sync frame")
+        if self.syncing_initial:
+            self._write_disk(blocks, data)
+            return
+        data = np.array(data, copy=True)
+        self._append("resync-append", self._record(REC_DISK, self.committed_epoch, blocks, data, b""))
+        self._staged_disk.append((blocks, data))
+
+    def _write_disk(self, blocks: np.ndarray, data: np.ndarray) -> None:
+        """pwrite each run of consecutive blocks in one call (every byte: a short write goes on)."""
+        if not blocks.size:
+            return
+        breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, blocks.size]):
+            lo, hi = int(lo), int(hi)
+            view = memoryview(np.ascontiguousarray(data[lo:hi])).cast("B")
+            off, done = int(blocks[lo]) * DISK_BLOCK, 0
+            while done < len(view):
+                n = self._io("disk-write", self.disk_path, self._ops.pwritev, self._disk_fd, [view[done:]],
+                             off + done)
+                if n <= 0:
+                    raise self._storage_error("disk-write", self.disk_path,
+                                              OSError(errno_mod.EIO, "the write made no progress"))
+                done += n
+
+    def disk_hashes(self) -> list[bytes]:
+        """blake2b-128 per 64 KiB of the replica disk (holes not read): O(disk data), off the loop."""
+        if self._disk_fd is None:
+            return []
+        return disksync.chunk_hashes(self._disk_fd, self.disk_size)
+
     def old_pages(self, page_numbers: np.ndarray) -> np.ndarray:
         """The standby's current version of these pages (staged resync content wins)."""
         idx = page_numbers.astype(np.intp)
@@ -634,16 +730,25 @@ class Replica:
                     old[i] = s
         return old
 
-    def commit(self, epoch: int, page_numbers: np.ndarray, new_pages: np.ndarray, device_state: bytes) -> None:
+    def commit(self, epoch: int, page_numbers: np.ndarray, new_pages: np.ndarray, device_state: bytes,
+               disk_blocks: np.ndarray | None = None, disk_data: np.ndarray | None = None) -> None:
         """Make epoch `epoch` the replica: journal it, fsync, apply, record. Whole or nothing;
         raises ReplicaStorageError when the disk fails (see the module docstring for the state
-        it leaves)."""
+        it leaves). `disk_blocks`/`disk_data`: the guest disk's blocks written in the epoch
+        (whole contents), journalled before the commit record and applied with the RAM."""
         if epoch <= self.committed_epoch:
             raise ReplicaError(f"epoch {epoch} is not after the committed epoch {self.committed_epoch} "
                                "(a replayed or stale checkpoint)")
         if not device_state:
             raise ReplicaError(f"epoch {epoch} carries no device state")
         pages = page_numbers.astype(np.int64)
+        disk = None
+        if disk_blocks is not None and disk_blocks.size:
+            disk = (disk_blocks.astype(np.int64), disk_data)
+            self._check_disk_blocks(disk[0], f"the checkpoint of epoch {epoch}")
+            if disk_data is None or disk_data.shape != (disk_blocks.size, DISK_BLOCK):
+                raise ReplicaError(f"the checkpoint of epoch {epoch}: disk contents do not match its block list")
+            self._append("journal-append", self._record(REC_DISK, epoch, disk[0], disk_data, b""))
         self._append("journal-append", self._record(REC_COMMIT, epoch, pages, new_pages, device_state))
         _crash_point("before-journal-sync")
         if self.fsync:
@@ -660,9 +765,13 @@ class Replica:
         self._pending = True
         needed = self._txn_bytes + _SLACK
         txn = [(REC_BLOCK, self.committed_epoch, n, d, b"") for n, d in self._staged_list]
+        txn += [(REC_DISK, self.committed_epoch, n, d, b"") for n, d in self._staged_disk]
+        if disk is not None:
+            txn.append((REC_DISK, epoch, disk[0], disk[1], b""))
         txn.append((REC_COMMIT, epoch, pages, new_pages, device_state))
         self._staged.clear()
         self._staged_list.clear()
+        self._staged_disk.clear()
         self._txn_bytes = 0
         self.syncing_initial = False
         try:
@@ -684,6 +793,15 @@ class Replica:
     def _apply(self, txn) -> None:
         """Redo a complete transaction (idempotent)."""
         for kind, epoch, pages, data, dev in txn:
+            if kind == REC_DISK:
+                if self._disk_fd is None:
+                    raise ReplicaError(f"the journal {self.journal_path} holds disk blocks of epoch {epoch}, but no "
+                                       "replica disk is configured; configure the guest's disk again")
+                half = pages.size // 2
+                self._write_disk(pages[:half], data[:half])
+                _crash_point("mid-disk")
+                self._write_disk(pages[half:], data[half:])
+                continue
             if pages.size:
                 half = pages.size // 2
                 self.ram[pages[:half].astype(np.intp)] = data[:half]
@@ -693,6 +811,9 @@ class Replica:
                 if self.fsync:
                     self._io("ram-flush", self.ram_path, self._ops.msync, self._map)
                 _crash_point("after-ram")
+                if self._disk_fd is not None and self.fsync:
+                    self._io("disk-fsync", self.disk_path, self._ops.fsync, self._disk_fd)
+                _crash_point("after-disk")
                 self._io("device-state", self.device_state_path, self._ops.replace, self.device_state_path,
                          bytes(dev), self.fsync)
                 self._device_state = bytes(dev)

@@ -41,7 +41,9 @@ from gmbase.errors import GeomirrorError
 
 log = structlog.get_logger(__name__)
 
-PROTOCOL_VERSION = 4  # 4: checkpoint frames v3 (replica check), DIVERGED; 3: 64-bit frame lengths
+# 5: checkpoint frames v4 (disk section), DISK_HASHES, "disk_bytes" in HELLO/HELLO_REPLY;
+# 4: checkpoint frames v3 (replica check), DIVERGED; 3: 64-bit frame lengths
+PROTOCOL_VERSION = 5
 _HDR = struct.Struct(">BQ")
 HEADER_SIZE = _HDR.size
 DEFAULT_MAX_FRAME = 64 << 20
@@ -63,6 +65,10 @@ class MsgType(enum.IntEnum):
     SWITCHOVER = 11  # u64 epoch: primary -> standby, "take over from this epoch" (planned switchover)
     DIVERGED = 12  # JSON {epoch, offset, length, expected, found}: standby -> primary, then close
     GUEST_FRAMES = 13  # (u32 length, Ethernet frame)*: primary -> standby in a handover, frames for the guest
+    DISK_HASHES = 14  # raw 16-byte hashes of the standby's replica disk, per 64 KiB (after HASHES)
+
+
+HELLO_DISK_KEY = "disk_bytes"  # in HELLO / HELLO_REPLY: the size of the guest's disk (0: none)
 
 
 HELLO_FRAMES_KEY = "guest_frames"  # in HELLO_REPLY: this standby takes GUEST_FRAMES

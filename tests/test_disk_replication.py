@@ -1,0 +1,568 @@
+"""The guest's disk in the checkpoint pipeline (docs/disk.md): epoch N's disk blocks travel in
+N's frame under its AEAD and the standby applies them together with N's RAM, whole or not at
+all.
+
+End to end: the real Primary, codec, channel, Standby and replica, and a real QEMU whose disk
+is ``-blockdev driver=nbd,server.type=unix,...,reconnect-delay=`` served by NbdServer over a
+16 MiB raw image. QEMU writes that disk (HMP ``qemu-io aio_write``, i.e. QEMU's own block
+layer, with writes in flight when ``stop`` comes) and is stopped and continued by each
+checkpoint over QMP; the RAM is a stand-in written between pauses (tests/test_replica_verify.py),
+as no guest with a disk exists yet. Store-level crashes and full disks go through the same
+seams as tests/test_store.py and tests/test_store_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+from qemu.qmp import QMPClient, QMPError
+
+from replication import codec as codec_mod
+from replication import disksync, transport
+from replication.capture import Capture
+from replication.nbd import NbdServer
+from replication.primary import Primary, PrimaryConfig
+from replication.standby import Standby
+from replication.store import Replica, ReplicaError, ReplicaStorageError
+from tests import disk_replica_worker as DW
+from tests import replica_worker as W
+from tests.test_primary_pause import NullGate
+from tests.test_replica_verify import PS, RAM, StandInGuest, until
+from tests.test_store_faults import Faults
+
+needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                                reason="qemu-system-x86_64 is not installed")
+DISK = 16 << 20
+
+
+def _h(data) -> bytes:
+    return hashlib.blake2b(memoryview(data), digest_size=16).digest()
+
+
+# -- the guest: stand-in RAM, a real QEMU writing its disk over NBD ----------------------------
+class DiskGuest(StandInGuest):
+    """`stop`/`cont` go to a real QEMU (-machine none) whose only device is the NBD disk; a writer
+    task issues `qemu-io aio_write` to it while the guest runs. At each `stop` the primary's image
+    and RAM are hashed: what the standby must hold once it commits that epoch."""
+
+    def __init__(self, ram_path: Path, tmp: Path, nbd_sock: Path, image: Path):
+        super().__init__(ram_path)
+        self.tmp, self.nbd_sock, self.image = tmp, nbd_sock, image
+        self.proc: subprocess.Popen | None = None
+        self.qmp = QMPClient("disk-guest")
+        self.io = asyncio.Lock()  # a disk write is issued only while running, and never across a stop
+        self.primary: Primary | None = None
+        self.snapshots: dict[int, tuple[bytes, bytes]] = {}  # epoch -> (hash of image, hash of RAM)
+        self.disk_writes = 0
+        self.disk_rng = np.random.default_rng(11)
+
+    async def start(self) -> None:
+        qmp_path = self.tmp / "qmp.sock"
+        self.proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+             "-qmp", f"unix:{qmp_path},server=on,wait=off",
+             "-blockdev", f"driver=nbd,server.type=unix,server.path={self.nbd_sock},node-name=d0,reconnect-delay=10"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(1000):  # the socket file appears at bind, before QEMU listens on it
+            try:
+                await self.qmp.connect(str(qmp_path))
+                return
+            except QMPError:
+                assert self.proc.poll() is None, "QEMU exited"
+                await asyncio.sleep(0.01)
+        raise AssertionError(f"QEMU did not answer on {qmp_path}")
+
+    async def close(self) -> None:
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(self.qmp.execute("quit"), 10)
+            except (QMPError, EOFError, asyncio.TimeoutError):
+                self.proc.kill()
+            try:
+                await self.qmp.disconnect()
+            except EOFError:  # QEMU quit first: the connection is gone either way
+                pass
+            self.proc.wait(timeout=30)
+
+    async def stop_vcpus(self):
+        async with self.io:
+            self.running = False
+            await self.qmp.execute("stop")  # QEMU completes the writes in flight first
+            n = self.primary.status.epoch + 1  # the pause of that epoch runs now
+            self.snapshots[n] = await asyncio.to_thread(
+                lambda: (_h(self.image.read_bytes()), _h(self.ram)))
+
+    async def cont(self):
+        async with self.io:
+            await self.qmp.execute("cont")
+            self.running = True
+
+    async def write_disk_forever(self):
+        rng = self.disk_rng
+        while True:
+            await asyncio.sleep(0.002)
+            async with self.io:
+                if not (self.running and self.writing):
+                    continue
+                length = int(rng.choice([512, 4096, 4096, 8192, 65536, int(rng.integers(1, 20000))]))
+                hot = int(rng.random() < 0.7)  # mostly the first 1 MiB: blocks rewritten across epochs
+                span = (1 << 20) if hot else DISK
+                offset = int(rng.integers(0, span - length))
+                if rng.random() < 0.5:
+                    offset -= offset % 4096
+                cmd = f"aio_write -P {int(rng.integers(1, 256))} {offset} {length}"
+                if rng.random() < 0.05:
+                    cmd = f"aio_write -z {offset - offset % 4096} 8192"  # WRITE_ZEROES
+                await self.qmp.execute("human-monitor-command", {"command-line": f'qemu-io d0 "{cmd}"'})
+                self.disk_writes += 1
+
+
+class DropsOneDiskBlock(Primary):
+    """The deliberately broken variant: once armed, one disk block is left out of one frame."""
+
+    armed = False
+    dropped: int | None = None
+
+    def _encode_epoch(self, codec, n, dirty, dev, base, check, sealed):
+        if self.armed and sealed is not None and len(sealed) >= 2:
+            self.armed = False
+            blocks, data = sealed.block_numbers(), sealed.contents()
+            i = blocks.size // 2
+            self.dropped = int(blocks[i])
+            keep = np.arange(blocks.size) != i
+            return codec.encode(epoch=n, kind=codec_mod.KIND_DELTA, page_size=PS, page_numbers=dirty.page_numbers,
+                                new_pages=dirty.new_pages, old_pages=dirty.old_pages, device_state=dev,
+                                device_base=base, check=check, disk_blocks=blocks[keep], disk_data=data[keep])
+        return super()._encode_epoch(codec, n, dirty, dev, base, check, sealed)
+
+
+class DiskPair:
+    def __init__(self, tmp: Path, *, primary_disk: int = DISK, replica_disk: int | None = DISK,
+                 primary_cls=Primary, image_init=None):
+        ram_path = tmp / "guest.ram"
+        ram_path.write_bytes(np.random.default_rng(1).integers(0, 256, RAM, dtype=np.uint8).tobytes())
+        self.image = tmp / "disk.raw"
+        with open(self.image, "wb") as f:
+            f.truncate(primary_disk)  # sparse
+        if image_init:
+            image_init(self.image)
+        self.nbd = NbdServer(self.image, tmp / "nbd.sock")
+        self.guest = DiskGuest(ram_path, tmp, self.nbd.socket_path, self.image)
+        self.capture = Capture(ram_path, RAM)
+        self.replica_disk = None
+        if replica_disk is not None:
+            self.replica_disk = tmp / "replica-disk.raw"
+            with open(self.replica_disk, "wb") as f:
+                f.truncate(replica_disk)
+        self.replica = Replica(tmp / "replica", RAM, fsync=False, disk=self.replica_disk)
+        self.replica.open()
+        self.standby = Standby(self.replica, {}, "site-b", refuse_delay_s=0)
+        cfg = PrimaryConfig(site="site-a", compat={}, run_id="run", interval_ms=20, verify_bytes_per_epoch=0)
+        self.nbd.start()
+        self.primary = primary_cls(cfg, self.guest, self.capture, NullGate(), connect=self._connect, nbd=self.nbd)
+        self.guest.primary = self.primary
+        self.port = 0
+        self.tasks: list[asyncio.Task] = []
+
+    async def _connect(self):
+        return await transport.connect("127.0.0.1", self.port)
+
+    async def __aenter__(self):
+        await self.guest.start()
+        self.server = await transport.serve("127.0.0.1", 0, self.standby.handle, max_frame=RAM + (16 << 20))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.tasks = [asyncio.create_task(self.primary.run()), asyncio.create_task(self.guest.write_forever()),
+                      asyncio.create_task(self.guest.write_disk_forever())]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.primary.stop()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.guest.close()
+        self.server.close()
+        self.nbd.close()
+        self.capture.close()
+        self.replica.close()
+
+    def protected_past(self, epoch: int) -> bool:
+        return self.primary.status.state == "protected" and self.primary.status.committed_epoch > epoch
+
+    async def quiesce(self) -> None:
+        """No more writes; wait until the standby committed an epoch taken after the last one."""
+        self.guest.writing = False
+        async with self.guest.io:  # a write in flight ends (QEMU's next stop drains it anyway)
+            pass
+        mark = self.primary.status.epoch + 1
+        await until(lambda: self.protected_past(mark), timeout=60, what=f"an acknowledged epoch after {mark}")
+
+    async def committed_matches_snapshot(self) -> int:
+        """Under the standby's lock (no apply running): the replica's disk and RAM are both the
+        primary's at the committed epoch N. Returns N."""
+        async with self.standby._lock:
+            n = self.replica.committed_epoch
+            disk = await asyncio.to_thread(self.replica_disk.read_bytes)
+            got = (_h(disk), _h(self.replica.ram))
+        want = self.guest.snapshots[n]
+        assert got[0] == want[0], f"the replica disk is not the primary's image at the committed epoch {n}"
+        assert got[1] == want[1], f"the replica RAM is not the guest's at the committed epoch {n}"
+        return n
+
+    def disk_equal(self) -> bool:
+        return self.replica_disk.read_bytes() == self.image.read_bytes()
+
+
+@needs_qemu
+async def test_disk_and_ram_of_every_committed_epoch_are_the_primarys_and_the_wire_carries_them(tmp_path):
+    async with DiskPair(tmp_path) as pair:
+        await until(lambda: pair.protected_past(3), timeout=60, what="protection")
+        checked = set()
+        while len(checked) < 6:  # several committed epochs, mid-run, under write load
+            await asyncio.sleep(0.05)
+            checked.add(await pair.committed_matches_snapshot())
+        await until(lambda: pair.guest.disk_writes >= 300, timeout=120, what="300 disk writes")
+        await pair.quiesce()
+        assert pair.disk_equal() and np.array_equal(pair.replica.ram, pair.guest.ram)
+        await pair.committed_matches_snapshot()
+        st = pair.primary.status
+        recs = [r for r in pair.primary.history if r.disk_blocks]
+        assert st.disk_blocks_total > 0 and recs
+        assert st.sessions == 1 and pair.standby.status.rejected_frames == 0
+        assert pair.nbd.extents.unsent_bytes == pair.nbd.extents.open_blocks * 4096  # every sealed byte released
+        disk_raw = sum(r.disk_bytes for r in pair.primary.history)
+        wire = sum(r.wire_bytes for r in pair.primary.history)
+        print(f"\n{len(pair.primary.history)} epochs, {pair.guest.disk_writes} disk writes: "
+              f"{st.disk_blocks_total} disk blocks ({disk_raw} bytes raw) in epochs with disk "
+              f"{len(recs)}; frames on the wire {wire} bytes in all; initial disk sync "
+              f"{st.last_disk_sync_chunks} chunks, {st.last_disk_sync_bytes} bytes")
+
+
+@needs_qemu
+async def test_a_block_left_out_of_one_frame_is_caught_by_the_comparison(tmp_path):
+    """The control: the comparison above would see a single missing block."""
+    async with DiskPair(tmp_path, primary_cls=DropsOneDiskBlock) as pair:
+        await until(lambda: pair.protected_past(3), timeout=60, what="protection")
+        pair.guest.disk_rng = np.random.default_rng(99)
+        pair.primary.armed = True
+        await until(lambda: pair.primary.dropped is not None, timeout=60, what="a dropped block")
+        b = pair.primary.dropped
+        pair.guest.writing = False  # the block is not written again, so only the drop tells
+        await pair.quiesce()
+        with pytest.raises(AssertionError, match="replica disk is not the primary's image"):
+            await pair.committed_matches_snapshot()
+        rep, img = pair.replica_disk.read_bytes(), pair.image.read_bytes()
+        bad = {i // 4096 for i in range(0, DISK, 4096) if rep[i:i + 4096] != img[i:i + 4096]}
+        assert bad == {b}
+
+
+def _fill_chunks(chunks: list[int], seed: int):
+    def init(path: Path):
+        rng = np.random.default_rng(seed)
+        with open(path, "r+b") as f:
+            for c in chunks:
+                f.seek(c * disksync.CHUNK)
+                f.write(rng.integers(0, 256, disksync.CHUNK, dtype=np.uint8).tobytes())
+    return init
+
+
+@needs_qemu
+async def test_initial_sync_sends_only_chunks_with_data_and_a_broken_session_resyncs_the_disk(tmp_path):
+    """The primary's image holds data in 5 chunks of 256, the replica is a fresh sparse file:
+    only those 5 chunks cross (plus what the guest writes meanwhile). Then the session breaks with
+    epochs sealed and not committed; the next session's disk resync makes the replica whole."""
+    data_chunks = [0, 3, 100, 200, 255]
+    async with DiskPair(tmp_path, image_init=_fill_chunks(data_chunks, 5)) as pair:
+        pair.guest.writing = False  # writes would add chunks to the sync
+        await until(lambda: pair.protected_past(1), timeout=60, what="protection")
+        assert pair.primary.status.last_disk_sync_chunks == len(data_chunks)
+        assert pair.primary.status.last_disk_sync_bytes > 0
+        await pair.quiesce()
+        assert pair.disk_equal()
+        pair.guest.writing = True
+        await until(lambda: pair.guest.disk_writes >= 50, timeout=60, what="disk writes")
+        apply, lost = pair.standby._apply_checkpoint, []
+
+        def link_breaks_with_a_disk_frame_in_flight(codec, payload):
+            h = codec_mod.peek_header(payload)
+            if not lost and h.n_disk_blocks:
+                lost.append(h.epoch)
+                pair.guest.writing = False  # its blocks are not written again: only a resync brings them
+                raise transport.ChannelError("the link broke with this frame in flight")
+            return apply(codec, payload)
+
+        pair.standby._apply_checkpoint = link_breaks_with_a_disk_frame_in_flight
+        await until(lambda: lost and pair.primary.status.sessions >= 2 and pair.protected_past(lost[0]),
+                    timeout=60, what="protection again")
+        assert pair.primary.status.last_sync_mode == "resync" and pair.primary.status.last_disk_sync_chunks > 0
+        pair.guest.writing = True
+        await until(lambda: pair.guest.disk_writes >= 150, timeout=60, what="more disk writes")
+        await pair.quiesce()
+        assert pair.disk_equal() and np.array_equal(pair.replica.ram, pair.guest.ram)
+        await pair.committed_matches_snapshot()
+
+
+@needs_qemu
+@pytest.mark.parametrize("replica_disk,sentence", [
+    (8 << 20, r"guest disk size mismatch: the primary's disk is 16777216 bytes, the replica disk "
+              r"\S*replica-disk.raw at site site-b is 8388608 bytes"),
+    (None, r"the primary's guest has a disk of 16777216 bytes, but site site-b has no replica disk configured"),
+])
+async def test_a_standby_whose_replica_disk_does_not_fit_is_refused_with_a_sentence(tmp_path, replica_disk, sentence):
+    with structlog.testing.capture_logs() as logs:
+        async with DiskPair(tmp_path, replica_disk=replica_disk) as pair:
+            await until(lambda: any(e["event"] == "standby.refused" for e in logs), what="the refusal")
+            await until(lambda: any(e["event"] == "primary.session_lost" for e in logs), what="the primary's log")
+            assert pair.primary.status.state != "protected" and pair.replica.committed_epoch == 0
+    refused = [e["reason"] for e in logs if e["event"] == "standby.refused"]
+    lost = [e["error"] for e in logs if e["event"] == "primary.session_lost"]
+    assert re.search(sentence, refused[0]) and re.search(sentence, lost[0]), (refused, lost)
+
+
+async def test_a_primary_without_a_disk_is_refused_by_a_standby_with_one(tmp_path):
+    replica_disk = tmp_path / "replica-disk.raw"
+    replica_disk.write_bytes(bytes(1 << 20))
+    replica = Replica(tmp_path / "replica", RAM, fsync=False, disk=replica_disk)
+    replica.open()
+    sb = Standby(replica, {}, "site-b", refuse_delay_s=0)
+    try:
+        assert "the primary's guest has no disk, but site site-b replicates one into" in sb._disk_mismatch(0)
+        assert sb._disk_mismatch(1 << 20) is None
+        assert "malformed" in sb._disk_mismatch("1048576")
+    finally:
+        replica.close()
+
+
+# -- the frame ---------------------------------------------------------------------------------
+def _frame(codec, nblocks: int = 40):
+    rng = np.random.default_rng(3)
+    blocks = np.unique(rng.choice(4096, nblocks, replace=False)).astype(np.uint64)
+    data = rng.integers(0, 256, (blocks.size, 4096), dtype=np.uint8)
+    data[::3] = 0  # zero blocks: zstd makes them nearly free
+    pages = np.array([1, 5], dtype=np.uint64)
+    new = rng.integers(0, 256, (2, PS), dtype=np.uint8)
+    frame = codec.encode(epoch=7, kind=codec_mod.KIND_DELTA, page_size=PS, page_numbers=pages, new_pages=new,
+                         old_pages=np.zeros_like(new), device_state=b"dev" * 50, disk_blocks=blocks, disk_data=data)
+    return frame, blocks, data
+
+
+def test_a_frame_carries_the_disk_blocks_and_a_tampered_disk_section_never_decodes():
+    c = codec_mod.Codec(bytes(32))
+    frame, blocks, data = _frame(c)
+    d = c.decode(frame)
+    assert np.array_equal(d.disk_blocks, blocks) and np.array_equal(d.disk_data, data) and d.epoch == 7
+    h = codec_mod.peek_header(frame)
+    assert h.n_disk_blocks == blocks.size and h.disk_index_len and h.disk_len
+    disk_at = codec_mod.HEADER_SIZE + h.body_len - h.disk_len  # the disk contents' ciphertext
+    for off in (disk_at, disk_at + h.disk_len // 2, disk_at - 1):  # ... and the disk index before it
+        bad = bytearray(frame)
+        bad[off] ^= 1
+        with pytest.raises(codec_mod.IntegrityError):
+            c.decode(bytes(bad))
+    # the header's disk fields are associated data: a changed count fails the check (or the bounds)
+    bad = bytearray(frame)
+    bad[40:44] = (blocks.size - 1).to_bytes(4, "big")
+    with pytest.raises(codec_mod.CodecError):
+        c.decode(bytes(bad))
+    with pytest.raises(codec_mod.FrameFormatError, match="disk blocks with a"):
+        bad = bytearray(frame)
+        bad[40:44] = (0).to_bytes(4, "big")
+        codec_mod.peek_header(bytes(bad))
+    empty = c.decode(c.encode(epoch=8, kind=codec_mod.KIND_DELTA, page_size=PS, page_numbers=np.empty(0, np.uint64),
+                              new_pages=np.empty((0, PS), np.uint8), old_pages=np.empty((0, PS), np.uint8),
+                              device_state=b"d"))
+    assert empty.disk_blocks is None
+
+
+def test_the_standby_rejects_a_tampered_disk_section_and_applies_nothing(tmp_path):
+    replica_disk = tmp_path / "replica-disk.raw"
+    replica_disk.write_bytes(bytes(16 << 20))
+    replica = Replica(tmp_path / "replica", RAM, fsync=False, disk=replica_disk)
+    replica.open()
+    replica.begin_initial_sync()
+    sb = Standby(replica, {}, "site-b", refuse_delay_s=0)
+    c = codec_mod.Codec(bytes(32))
+    try:
+        frame, blocks, data = _frame(c)
+        h = codec_mod.peek_header(frame)
+        bad = bytearray(frame)
+        bad[codec_mod.HEADER_SIZE + h.body_len - 10] ^= 0x40
+        with pytest.raises(codec_mod.IntegrityError):
+            sb._apply_checkpoint(c, bytes(bad))
+        assert replica.committed_epoch == 0 and replica_disk.read_bytes() == bytes(16 << 20)
+        sb._apply_checkpoint(c, frame)  # the frame as sent applies
+        disk = np.frombuffer(replica_disk.read_bytes(), np.uint8).reshape(-1, 4096)
+        assert replica.committed_epoch == 7 and np.array_equal(disk[blocks.astype(np.intp)], data)
+    finally:
+        replica.close()
+
+
+def test_disk_hashes_are_sparse_aware_and_only_differing_chunks_are_sent(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with open(a, "wb") as f:
+        f.truncate(40 * disksync.CHUNK)  # all holes
+    b.write_bytes(bytes(40 * disksync.CHUNK))  # the same zeros, written
+    fa, fb = os.open(a, os.O_RDWR), os.open(b, os.O_RDWR)
+    try:
+        assert disksync.chunk_hashes(fa, 40 * disksync.CHUNK) == disksync.chunk_hashes(fb, 40 * disksync.CHUNK)
+        os.pwrite(fa, b"x", 5 * disksync.CHUNK + 100)
+        os.pwrite(fa, bytes(4096), 9 * disksync.CHUNK)  # zeros written over a hole: still the zero chunk
+        theirs = disksync.chunk_hashes(fb, 40 * disksync.CHUNK)
+        diff = list(disksync.differing_chunks(fa, 40 * disksync.CHUNK, theirs))
+        assert [first for first, _ in diff] == [5 * disksync.CHUNK_BLOCKS]
+        assert diff[0][1].reshape(-1)[100] == ord("x")
+        with pytest.raises(ValueError, match="expected 640"):
+            disksync.split_hashes(b"x" * 16, 40 * disksync.CHUNK)
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+# -- the replica with a disk: crashes and full disks ---------------------------------------------
+POINTS = ["before-journal-sync", "after-journal", "mid-disk", "mid-ram", "after-ram", "after-disk",
+          "after-device-state", "after-meta"]
+
+
+def run_worker(d: Path, disk: Path, upto: int, resync_at: int = 0, crash_at: str = "") -> int:
+    env = dict(os.environ, GEOMIRROR_CRASH_AT=crash_at, PYTHONPATH=str(Path(__file__).parent.parent))
+    p = subprocess.run([sys.executable, "-m", "tests.disk_replica_worker", str(d), str(disk), str(upto),
+                        str(resync_at)], env=env, cwd=Path(__file__).parent.parent, capture_output=True)
+    assert p.returncode in (0, -signal.SIGKILL), p.stderr.decode()[-800:]
+    return p.returncode
+
+
+def _replica_disk(tmp: Path) -> Path:
+    disk = tmp / "replica-disk.raw"
+    disk.write_bytes(bytes(DW.DISK_BLOCKS * DW.BS))
+    return disk
+
+
+def assert_epoch(r: Replica, disk: Path, epoch: int, resync_at: int = 0) -> None:
+    ram, dev = W.expected(epoch, resync_at=resync_at or None)
+    assert np.array_equal(r.ram, ram), f"replica RAM is not exactly epoch {epoch}'s"
+    assert r.device_state() == dev
+    assert disk.read_bytes() == DW.expected_disk(epoch, resync_at=resync_at or None), \
+        f"replica disk is not exactly epoch {epoch}'s"
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("resync", [False, True])
+def test_killed_mid_apply_disk_and_ram_are_both_at_n_minus_1_or_n(tmp_path, point, resync):
+    disk = _replica_disk(tmp_path)
+    d = tmp_path / "replica"
+    assert run_worker(d, disk, 3) == 0
+    resync_at = 4 if resync else 0
+    assert run_worker(d, disk, 4, resync_at=resync_at, crash_at=point) == -signal.SIGKILL, point
+    r = Replica(d, W.PAGES * W.PS, disk=disk)
+    rep = r.open()
+    try:
+        if point != "before-journal-sync":
+            assert rep.committed_epoch == 4, f"journalled epoch 4 lost after a crash at {point}"
+        assert rep.committed_epoch in (3, 4) and rep.valid
+        assert_epoch(r, disk, rep.committed_epoch, resync_at)
+    finally:
+        r.close()
+    assert run_worker(d, disk, 6, resync_at=resync_at) == 0  # and it carries on from there
+    r = Replica(d, W.PAGES * W.PS, disk=disk)
+    r.open()
+    try:
+        assert r.committed_epoch == 6
+        assert_epoch(r, disk, 6, resync_at)
+    finally:
+        r.close()
+
+
+class DiskFaults(Faults):
+    def pwritev(self, step, fd, parts, offset):
+        self._check(step)
+        if self.short:
+            return os.pwrite(fd, b"".join(bytes(p) for p in parts)[: self.short], offset)
+        return super().pwritev(step, fd, parts, offset)
+
+
+@pytest.mark.parametrize("step", ["disk-write", "disk-fsync", "journal-append", "journal-fsync"])
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_full_or_failing_disk_mid_apply_leaves_n_minus_1_or_n_never_a_mix(tmp_path, step, persistent):
+    disk = _replica_disk(tmp_path)
+    ops = DiskFaults()
+    r = Replica(tmp_path / "replica", W.PAGES * W.PS, ops=ops, disk=disk)
+    r.open()
+    r.begin_initial_sync()
+    for e in (1, 2, 3):
+        r.commit(e, *W.epoch_content(e), *DW.disk_content(e))
+    ops.fail(step, errno.ENOSPC, times=None if persistent else 1)
+    try:
+        r.commit(4, *W.epoch_content(4), *DW.disk_content(4))
+    except ReplicaStorageError as e:
+        assert e.disk_full and str(e.path) in str(e)
+        assert step in ops.failed
+    if r.valid:
+        assert r.committed_epoch in (3, 4)
+        assert_epoch(r, disk, r.committed_epoch)
+    else:  # a replay failed too: not resumable, says why; the next open (disk healed) brings it to 4
+        assert r.problem and "not usable" in r.problem
+    ops.heal()
+    r.close()
+    r = Replica(tmp_path / "replica", W.PAGES * W.PS, disk=disk)
+    r.open()
+    try:
+        assert r.valid and r.committed_epoch in (3, 4)
+        if step in ("disk-write", "disk-fsync"):  # after the journal was durable: epoch 4 survives
+            assert r.committed_epoch == 4
+        assert_epoch(r, disk, r.committed_epoch)
+    finally:
+        r.close()
+
+
+def test_a_short_disk_write_is_continued(tmp_path):
+    disk = _replica_disk(tmp_path)
+    r = Replica(tmp_path / "replica", W.PAGES * W.PS, ops=DiskFaults(short=1000), disk=disk, fsync=False)
+    r.open()
+    try:
+        r.begin_initial_sync()
+        r.commit(1, *W.epoch_content(1), *DW.disk_content(1))
+        assert_epoch(r, disk, 1)
+    finally:
+        r.close()
+
+
+def test_replica_disk_problems_are_named(tmp_path):
+    r = Replica(tmp_path / "replica", W.PAGES * W.PS, disk=tmp_path / "missing.raw")
+    with pytest.raises(ReplicaError, match="missing.raw does not exist"):
+        r.open()
+    r.close()
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(bytes(5000))
+    r = Replica(tmp_path / "replica", W.PAGES * W.PS, disk=odd)
+    with pytest.raises(ReplicaError, match="odd.raw is 5000 bytes, not a positive multiple of 4096"):
+        r.open()
+    r.close()
+    disk = _replica_disk(tmp_path)
+    r = Replica(tmp_path / "replica", W.PAGES * W.PS, disk=disk)
+    r.open()
+    try:
+        r.begin_initial_sync()
+        with pytest.raises(ReplicaError, match="disk block 512 is outside the replica disk"):
+            r.commit(1, *W.epoch_content(1), np.array([512], np.uint64), np.zeros((1, 4096), np.uint8))
+        assert r.committed_epoch == 0
+    finally:
+        r.close()
+    r = Replica(tmp_path / "nodisk", W.PAGES * W.PS)
+    r.open()
+    try:
+        r.begin_initial_sync()
+        with pytest.raises(ReplicaError, match="this replica has no disk"):
+            r.commit(1, *W.epoch_content(1), *DW.disk_content(1))
+    finally:
+        r.close()
