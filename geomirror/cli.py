@@ -14,6 +14,7 @@ import uvloop
 from geomirror import config, netns, pairing, witness
 from geomirror import logging as gmlog
 from geomirror.config import load_site, load_witness
+from geomirror.disk_image import build_disk_image
 from geomirror.image import build_image
 from geomirror.site.daemon import SiteDaemon
 from geomirror.site.rejoin import rejoin
@@ -56,8 +57,11 @@ def cmd_config_check(args) -> int:
 
 
 def cmd_guest_build(args) -> int:
-    img = build_image(Path(args.cache_dir) if args.cache_dir else None, force=args.force)
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    img = build_disk_image(cache, force=args.force) if args.disk else build_image(cache, force=args.force)
     print(f"kernel  {img.kernel}\ninitrd  {img.initrd}\nversion {img.kernel_version}\nkey     {img.key}")
+    if img.disk is not None:
+        print(f"disk    {img.disk}  (read-only: boot a copy, e.g. cp --sparse=always)")
     return 0
 
 
@@ -217,6 +221,8 @@ def build_parser(ext: Extensions | None = None) -> argparse.ArgumentParser:
     gb = g.add_parser("build", help="build (or reuse) the guest kernel + initramfs")
     gb.add_argument("--cache-dir")
     gb.add_argument("--force", action="store_true")
+    gb.add_argument("--disk", action="store_true",
+                    help="the disk guest: a boot initramfs and a raw ext4 root disk (Debian minbase, mmdebstrap)")
     gb.set_defaults(func=cmd_guest_build)
 
     pr = sub.add_parser("pair", help="pairing: CA and certificates").add_subparsers(dest="pair_cmd", required=True)

@@ -145,6 +145,7 @@ class GuestImage:
     key: str
     kernel_version: str
     path: Path
+    disk: Path | None = None  # the raw ext4 root disk of a disk guest (geomirror.disk_image); read-only: copy it
 
 
 @dataclass(frozen=True)
@@ -315,16 +316,18 @@ def parse_ldd(text: str, binary: str = "memcached") -> list[Path]:
 
 
 class _Progress:
-    def __init__(self, bar: bool):
+    def __init__(self, bar: bool, steps: tuple[str, ...] = STEPS):
         self.bar = bar
+        self.steps = steps
         self.n = 0
 
     def step(self, name: str) -> None:
         self.n += 1
-        log.info("image.step", step=name, n=self.n, of=len(STEPS))
+        of = len(self.steps)
+        log.info("image.step", step=name, n=self.n, of=of)
         if self.bar:
-            done = int(20 * self.n / len(STEPS))
-            sys.stderr.write(f"[{'#' * done}{'.' * (20 - done)}] {self.n}/{len(STEPS)} {name}\n")
+            done = int(20 * self.n / of)
+            sys.stderr.write(f"[{'#' * done}{'.' * (20 - done)}] {self.n}/{of} {name}\n")
             sys.stderr.flush()
 
 
@@ -466,20 +469,26 @@ def collect_modules(tree: KernelTree, names: Iterable[str]) -> tuple[list[tuple[
     return modules, skipped
 
 
-def compile_dirty(source: str, work: Path) -> bytes:
-    """Compile gm-dirty statically; ImageError naming the apt packages if the toolchain is missing."""
-    src, out = work / "dirty.c", work / "gm-dirty"
+def compile_static(source: str, name: str, work: Path) -> bytes:
+    """Compile one C file statically into the program `name`; ImageError naming the apt
+    packages if the toolchain is missing."""
+    src, out = work / f"{name}.c", work / name
     src.write_text(source)
     need = "install the apt packages gcc libc6-dev"
     if shutil.which("gcc") is None:
-        raise ImageError(f"cannot compile gm-dirty: gcc is not installed; {need}")
-    res = _run(["gcc", "-static", "-O2", "-s", "-o", str(out), str(src)], what="compile gm-dirty")
+        raise ImageError(f"cannot compile {name}: gcc is not installed; {need}")
+    res = _run(["gcc", "-static", "-O2", "-s", "-o", str(out), str(src)], what=f"compile {name}")
     if res.returncode != 0:
         err = res.stderr
         if "cannot find -lc" in err or "No such file or directory" in err or "crt1.o" in err:
-            raise ImageError(f"cannot compile gm-dirty: a static C library is missing; {need}")
-        raise ImageError(f"gcc failed to compile gm-dirty: {_last_line(err)}")
+            raise ImageError(f"cannot compile {name}: a static C library is missing; {need}")
+        raise ImageError(f"gcc failed to compile {name}: {_last_line(err)}")
     return out.read_bytes()
+
+
+def compile_dirty(source: str, work: Path) -> bytes:
+    """Compile gm-dirty statically (see `compile_static`)."""
+    return compile_static(source, "gm-dirty", work)
 
 
 def initramfs_entries(
@@ -561,6 +570,7 @@ def load_cached(path: Path, key: str) -> GuestImage | None:
             key=key,
             kernel_version=manifest["kernel"]["release"],
             path=path,
+            disk=path / "disk.raw" if "disk.raw" in manifest["files"] else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -586,6 +596,27 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def publish(out: Path, final: Path, tmp: Path, key: str) -> GuestImage | None:
+    """Rename the finished build dir `out` into place as `final` (an old `final` goes into
+    `tmp`, removed with it) and fsync the cache dir; the image another builder put there
+    first if it won the race with the same inputs, else None."""
+    if final.exists():
+        os.replace(final, tmp / "replaced")
+    try:
+        os.rename(out, final)
+    except OSError:
+        hit = load_cached(final, key)
+        if hit:
+            return hit
+        raise
+    dfd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return None
 
 
 def build_from_inputs(
@@ -652,20 +683,9 @@ def build_from_inputs(
             "files": files,
         }
         _write_file(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-        if final.exists():
-            os.replace(final, tmp / "replaced")
-        try:
-            os.rename(out, final)
-        except OSError:
-            hit = load_cached(final, key)  # another builder won the race with the same inputs
-            if hit:
-                return hit
-            raise
-        dfd = os.open(cache_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        hit = publish(out, final, tmp, key)
+        if hit:
+            return hit
         log.info(
             "image.built",
             key=key[:16],

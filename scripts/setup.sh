@@ -11,8 +11,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # chromium: the dashboard tests drive it headless; prometheus: its promtool checks the shipped alert rules;
-# sip-tester: sipp, the SIP client of the PBX tests (and the guest's echo UA, copied into its image)
-APT_PACKAGES=(qemu-system-x86 qemu-utils bird2 busybox-static memcached sip-tester gcc libc6-dev iproute2 procps kmod zstd ca-certificates etcd-server chromium prometheus)
+# sip-tester: sipp, the SIP client of the PBX tests (and the guest's echo UA, copied into its image);
+# mmdebstrap + e2fsprogs: the disk guest's Debian root filesystem and its ext4 image (`guest build --disk`)
+APT_PACKAGES=(qemu-system-x86 qemu-utils bird2 busybox-static memcached sip-tester gcc libc6-dev iproute2 procps kmod zstd ca-certificates etcd-server chromium prometheus mmdebstrap e2fsprogs)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
