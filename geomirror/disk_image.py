@@ -421,15 +421,16 @@ def mmdebstrap_rootfs(spec: RootfsSpec, dest: Path, debs_dir: Path, work: Path) 
     if res.returncode != 0:
         raise ImageError(f"mmdebstrap failed to make the guest root filesystem: {_last_line(res.stderr)}")
     log.info("image.rootfs_made", seconds=round(time.monotonic() - started, 1))
-    old = work / "debs-old"
-    os.replace(debs_dir, old)
-    os.replace(fresh, debs_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    for leftover in debs_dir.iterdir():  # apt's lock and partial/: not packages
+    for leftover in fresh.iterdir():  # apt's lock and partial/: not packages
         if leftover.is_dir():
             shutil.rmtree(leftover)
         elif not leftover.name.endswith(".deb"):
             leftover.unlink()
+    try:  # the package cache is only a speed-up: a concurrent builder swapping it too is harmless
+        os.replace(debs_dir, work / "debs-old")
+        os.replace(fresh, debs_dir)
+    except OSError as e:
+        log.info("image.deb_cache_not_replaced", path=str(debs_dir), error=str(e))
     q = _run(["dpkg-query", f"--admindir={dest / 'var/lib/dpkg'}", "-W", "-f", "${Package} ${Version}\n"],
              what="list the guest's packages")  # fmt: skip
     if q.returncode != 0:

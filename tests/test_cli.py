@@ -210,3 +210,24 @@ def test_lab_site_finds_the_lab_sites_socket_and_token(sites, monkeypatch, capsy
     rc, _, err = run(capsys, ["status", "--lab-site", "site-b"])
     assert rc != 0 and one_line(err) == f"no control token at {d / 'site-b' / 'control.token'}: " \
                                         "is site-b's daemon running?"
+
+
+def test_guest_build_disk_builds_the_disk_guest_and_prints_its_disk(capsys, monkeypatch, tmp_path):
+    from geomirror.image import GuestImage
+
+    calls = []
+
+    def fake(kind):
+        def build(cache, force=False):
+            calls.append((kind, cache, force))
+            disk = tmp_path / "disk.raw" if kind == "disk" else None
+            return GuestImage(tmp_path / "vmlinuz", tmp_path / "initrd.img", "k" * 64, "6.1.0-test", tmp_path, disk)
+        return build
+
+    monkeypatch.setattr(cli, "build_image", fake("initramfs"))
+    monkeypatch.setattr(cli, "build_disk_image", fake("disk"))
+    rc, out, _ = run(capsys, ["guest", "build", "--disk", "--cache-dir", str(tmp_path), "--force"])
+    assert rc == 0 and calls == [("disk", tmp_path, True)]
+    assert f"disk    {tmp_path / 'disk.raw'}" in out
+    rc, out, _ = run(capsys, ["guest", "build"])
+    assert rc == 0 and calls[-1] == ("initramfs", None, False) and "disk " not in out
