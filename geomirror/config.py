@@ -181,6 +181,9 @@ class GuestSection:
     prefix6: ipaddress.IPv6Network | None = None
     address6: ipaddress.IPv6Address | None = None
     gateway6: ipaddress.IPv6Address | None = None
+    # a raw image on this site (each site its own copy): the guest's disk at the primary, the
+    # replica disk at the standby (written only by the service); None: no disk
+    disk: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -278,6 +281,35 @@ class SiteConfig:
         _check_tls(self.path, self.tls, self.site.name)
         if self.lease.backend == "etcd" and self.lease.ca is not None:
             _check_lease_tls(self.path, self.lease)
+        if self.guest.disk is not None:
+            check_guest_disk(self.path, self.guest.disk)
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+DISK_BLOCK = 4096
+
+
+def check_guest_disk(path: Path, disk: Path) -> None:
+    """guest.disk is a raw image whose size is a positive multiple of 4 KiB (the replication unit)."""
+    try:
+        st = disk.stat()
+        with open(disk, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise ConfigError(path, "guest.disk", f"file {disk} does not exist (each site needs its own copy of the "
+                          "guest's raw disk image; at a new standby an empty one of the same size will do: "
+                          "truncate -s SIZE)") from None
+    except OSError as e:
+        raise ConfigError(path, "guest.disk", f"cannot read {disk}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(path, "guest.disk", f"{disk} is not a regular file (a raw image file is needed)")
+    if head == QCOW2_MAGIC:
+        raw = disk.with_suffix(".raw") if disk.suffix != ".raw" else disk.with_name(f"{disk.stem}-converted.raw")
+        raise ConfigError(path, "guest.disk", f"{disk} is a qcow2 image; the disk must be raw: convert it with "
+                          f"qemu-img convert -O raw {disk} {raw} and set guest.disk to {raw}")
+    if st.st_size == 0 or st.st_size % DISK_BLOCK:
+        raise ConfigError(path, "guest.disk", f"{disk} is {st.st_size} bytes, not a positive multiple of "
+                          f"{DISK_BLOCK}; resize it (qemu-img resize -f raw {disk} SIZE)")
 
 
 @dataclass(frozen=True)
@@ -852,13 +884,10 @@ def _load_drill(L: _Loader, data: dict | None) -> DrillSection:
 
 def _load_guest(L: _Loader, data: dict) -> GuestSection:
     data = dict(data)
-    disk = data.pop("disk", "")
-    if disk != "":
-        raise L.err("guest.disk", "guest disks are not replicated (checkpoints carry RAM and device state "
-                    "only), so a standby would resume against a stale disk; keep the guest's state in RAM "
-                    "and leave disk empty")
+    if data.get("disk") == "":  # empty: no disk (as if absent)
+        del data["disk"]
     g = L.section(GuestSection, data, "guest",
-                  {"mac": _mac, "accel": _choice("auto", "kvm", "tcg"), "name": _name},
+                  {"mac": _mac, "accel": _choice("auto", "kvm", "tcg"), "name": _name, "disk": L.path_},
                   {"memory_mb": (16, 65536), "vcpus": (1, 64)})
     for k in ("address", "gateway"):
         a = getattr(g, k)

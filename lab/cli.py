@@ -5,6 +5,7 @@ of the group `geomirror.cli` (pyproject.toml) and calls `register`."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import shutil
@@ -86,6 +87,56 @@ class Memcache:
             pass
 
 
+class Journal:
+    """A client of the disk guest's journal (TCP 7000, DESIGN "Guest services") over one connection."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.f = sock.makefile("rb")
+
+    def _call(self, line: bytes) -> list[bytes]:
+        self.sock.sendall(line + b"\n")
+        reply = self.f.readline()
+        if not reply:
+            raise ConnectionError("the journal closed the connection")
+        words = reply.split()
+        if not words or words[0] == b"err":
+            raise ConnectionError(f"journal: {reply.decode(errors='replace').strip()}")
+        return words
+
+    def append(self, data: bytes) -> int:
+        """Append a record; its number once the guest has it on its disk."""
+        w = self._call(b"append " + data.hex().encode())
+        if w[0] != b"ok" or len(w) != 2:
+            raise ConnectionError(f"append: unexpected reply {b' '.join(w)!r}")
+        return int(w[1])
+
+    def read(self, n: int) -> bytes | None:
+        """Record n as read from the guest's disk (O_DIRECT there), or None if it is missing."""
+        w = self._call(b"read %d" % n)
+        if w[0] == b"missing":
+            return None
+        if w[0] != b"rec" or int(w[1]) != n or len(w) != 3:
+            raise ConnectionError(f"read {n}: unexpected reply {b' '.join(w)[:80]!r}")
+        return bytes.fromhex(w[2].decode())
+
+    def count(self) -> int:
+        w = self._call(b"count")
+        if w[0] != b"count":
+            raise ConnectionError(f"count: unexpected reply {b' '.join(w)!r}")
+        return int(w[1])
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def journal_connect(timeout: float = 5.0) -> Journal:
+    return Journal(client_connect(port=world.JOURNAL_PORT, timeout=timeout))
+
+
 # ---------------------------------------------------------------- site control
 
 def site_endpoint(site: str) -> SiteEndpoint:
@@ -124,13 +175,19 @@ def wait_protected(timeout: float = 180.0, site: str = "site-a") -> dict:
 
 
 def wait_reachable(timeout: float = 60.0) -> float:
+    """Until memcached answers from gm-client (and, with the disk guest, the journal)."""
     t0 = time.monotonic()
     err = None
+    disk = world.load_state().get("disk", False)
     while time.monotonic() - t0 < timeout:
         try:
             mc = Memcache(client_connect(timeout=3))
             mc.version()
             mc.close()
+            if disk:
+                j = journal_connect(timeout=3)
+                j.count()
+                j.close()
             return time.monotonic() - t0
         except OSError as e:
             err = e
@@ -198,6 +255,9 @@ def add_parser(sub) -> None:
     up = lp.add_parser("up", help="build the lab; returns when the guest is protected and reachable")
     up.add_argument("--no-daemons", action="store_true", help="network and BIRD only")
     up.add_argument("--memory", type=int, metavar="MB", help="the guest's RAM (default 128)")
+    up.add_argument("--disk", action=argparse.BooleanOptionalAction, default=False,
+                    help="boot the disk guest from a replicated disk (each site its own copy); --no-disk "
+                         "(the default for now): the initramfs guest")
     up.add_argument("--lease", choices=world.LEASE_BACKENDS, default="witness",
                     help="lease backend: the built-in witness (default) or a 3-member etcd cluster, one "
                          "member in gm-witness and one at each site")
@@ -238,7 +298,7 @@ def main(args) -> int:
     c = args.lab_cmd
     if c == "up":
         t0 = time.monotonic()
-        world.up(with_daemons=not args.no_daemons, lease=args.lease, memory_mb=args.memory)
+        world.up(with_daemons=not args.no_daemons, lease=args.lease, memory_mb=args.memory, disk=args.disk)
         if not args.no_daemons:
             try:
                 wait_protected()
@@ -249,8 +309,9 @@ def main(args) -> int:
         if args.no_daemons:
             print(f"lab network up in {time.monotonic() - t0:.1f}s (BIRD and the WAN emulator; no site daemons)")
         else:
-            print(f"lab up in {time.monotonic() - t0:.1f}s: guest {world.GUEST_ADDR} protected and reachable "
-                  f"from {world.CLIENT}; lease backend: "
+            print(f"lab up in {time.monotonic() - t0:.1f}s: guest {world.GUEST_ADDR} "
+                  + ("(with its disk replicated; journal on TCP 7000) " if args.disk else "")
+                  + f"protected and reachable from {world.CLIENT}; lease backend: "
                   + ("etcd, 3 members" if args.lease == "etcd" else "the built-in witness"))
     elif c == "down":
         removed = world.down()

@@ -53,6 +53,8 @@ SITE_UPLINK6 = {"site-a": "2001:db8:18:1::2", "site-b": "2001:db8:18:2::2"}
 INET_SIDE6 = {"site-a": "2001:db8:18:1::1", "site-b": "2001:db8:18:2::1"}  # BIRD's next hop to each site
 CLIENT_ADDR6 = "2001:db8:10::2"
 MEMCACHED_PORT = 11211
+JOURNAL_PORT = 7000  # the disk guest's journal (DESIGN "Guest services")
+DISK_FILE = "disk.raw"  # each site's own copy of the disk guest's image, in its lab dir
 
 
 # The checkout (or site-packages) this lab was imported from: the lab's processes run the
@@ -385,11 +387,13 @@ LEASE_BACKENDS = ("witness", "etcd")
 
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
        env: dict | None = None, guest_append: str = "", config_edits: dict | None = None,
-       lease: str = "witness", memory_mb: int | None = None) -> None:
+       lease: str = "witness", memory_mb: int | None = None, disk: bool = False) -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only);
     `config_edits` maps text of the site configs to its replacement (a key "site-b|text" edits
     that site's file only); `lease` is the lease backend: the built-in witness, or a 3-member
-    etcd cluster (lab/etcd.py); `memory_mb` the guest's RAM (default: the lab configs' 128)."""
+    etcd cluster (lab/etcd.py); `memory_mb` the guest's RAM (default: the lab configs' 128);
+    `disk`: the disk guest (`geomirror guest build --disk`), booted from a replicated disk, each
+    site with its own copy of the image in its lab dir."""
     _require_root()
     if lease not in LEASE_BACKENDS:
         raise LabError(f"lease backend {lease!r} is not one of {', '.join(LEASE_BACKENDS)}")
@@ -405,23 +409,57 @@ def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.exe
         shutil.rmtree(LAB_DIR)
     LAB_DIR.mkdir(parents=True, exist_ok=True)
     os.chmod(LAB_DIR, 0o700)
+    disk_image = None
     if with_daemons:
         # The site namespaces have no way to the package mirror: build (or find in the cache)
         # the guest image here, on the host's network, before any daemon needs it.
+        from geomirror.disk_image import build_disk_image
         from geomirror.image import build_image
 
-        build_image()
-    save_state({"pids": {}, "namespaces": [], "routing": routing, "static_site": "site-a", "lease": lease})
+        if disk:
+            disk_image = build_disk_image()
+        else:
+            build_image()
+    save_state({"pids": {}, "namespaces": [], "routing": routing, "static_site": "site-a", "lease": lease,
+                "disk": disk_image is not None})
     try:
         build_network()
         start_wan(python)
         start_bird(routing, "site-a" if routing == "static" else None)
         if with_daemons:
+            if disk_image is not None:
+                config_edits = {**(config_edits or {}), **disk_config_edits(disk_image)}
             start_services(python, env, guest_append, config_edits, lease)
     except BaseException:
         log.error("lab.up_failed", hint="tearing down what was made")
         down()
         raise
+
+
+def copy_disk(image: Path, dest: Path) -> None:
+    """A site's own copy of the disk image: sparse (and a reflink where the filesystem has them),
+    writable by the service only."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(dest.parent, 0o700)
+    tmp = dest.with_name(dest.name + ".tmp")
+    r = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(image), str(tmp)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LabError(f"cannot copy the disk image {image} to {tmp}: {r.stderr.strip()}")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, dest)
+
+
+def disk_config_edits(image) -> dict:
+    """Each site's copy of the disk image (made here) and the config lines that name it: the
+    image's kernel and virtio_blk initramfs, and guest.disk (`config_edits` of `up`)."""
+    edits = {}
+    for site in SITES:
+        dest = LAB_DIR / site / DISK_FILE
+        copy_disk(image.disk, dest)
+        edits[f"{site}|[guest]\n"] = (f'[guest]\nkernel = "{image.kernel}"\ninitrd = "{image.initrd}"\n'
+                                       f'disk = "{dest}"\n')
+    return edits
 
 
 def start_services(python: str = sys.executable, env: dict | None = None, guest_append: str = "",

@@ -208,10 +208,15 @@ class GuestSpec:
     accel: str = "tcg"
     incoming: bool = False
     stderr_path: Path | None = None  # QEMU's stderr goes to this file (tailed into the log); None: a pipe
+    # the guest's disk: the unix socket of the NbdServer that serves it (None: no disk). QEMU
+    # reconnects to a new server on the same path (a restarted service) for this long, the
+    # guest's disk requests waiting meanwhile
+    disk_socket: Path | None = None
+    disk_reconnect_s: int = 30
 
     def compat(self) -> dict:
         """What must be identical at both sites for a checkpoint to apply."""
-        return {
+        c = {
             "qemu": qemu_version(),
             "machine": self.machine,
             "memory_mb": self.memory_mb,
@@ -219,6 +224,9 @@ class GuestSpec:
             "mac": self.mac,
             "cpu": "qemu64" if self.accel == "tcg" else "host",
         }
+        if self.disk_socket is not None:  # a virtio-blk device: part of the device state
+            c["disk"] = "virtio-blk"
+        return c
 
 
 _qemu_version: str | None = None
@@ -230,6 +238,11 @@ def qemu_version() -> str:
         out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True, check=True).stdout
         _qemu_version = out.splitlines()[0].strip()
     return _qemu_version
+
+
+def _opt(value) -> str:
+    """A value inside a QEMU `key=value,...` option (a comma is written twice)."""
+    return str(value).replace(",", ",,")
 
 
 def build_argv(spec: GuestSpec) -> list[str]:
@@ -255,6 +268,11 @@ def build_argv(spec: GuestSpec) -> list[str]:
         "-netdev", f"stream,id=net0,server=on,addr.type=unix,addr.path={spec.net_socket}",
         "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
     ]
+    if spec.disk_socket is not None:
+        # the disk over NBD from the site service, which records every write (docs/disk.md)
+        argv += ["-blockdev", f"driver=nbd,server.type=unix,server.path={_opt(spec.disk_socket)},"
+                              f"reconnect-delay={spec.disk_reconnect_s},node-name=disk0",
+                 "-device", "virtio-blk-pci,drive=disk0"]
     if spec.incoming:
         argv += ["-incoming", "defer"]
     return argv

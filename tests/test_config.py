@@ -134,7 +134,7 @@ BAD = {
                                  "witness.lease_ttl_ms", "lease_ttl_ms 900 is too short: a site fences"),
     "kernel without initrd": (put("guest", "kernel", '"vmlinuz"'), "guest.initrd",
                               "kernel and initrd go together"),
-    "disk": (put("guest", "disk", '"pbx.qcow2"'), "guest.disk", "not replicated"),
+    "disk not a path": (put("guest", "disk", "5"), "guest.disk", "must be a non-empty path string"),
     "multicast mac": (put("guest", "mac", '"53:54:00:12:34:56"'), "guest.mac",
                       "multicast"),
     "pause share": (put("checkpoint", "max_pause_share", "1.0"),
@@ -286,6 +286,33 @@ def test_check_files_against_a_real_pair(tmp_path):
     os.chmod(pki / "site-a.key", 0o644)
     with pytest.raises(ConfigError, match=r"tls.key: .* is readable by others \(mode 0644\); chmod 600 it"):
         cfg(f"{pki}/ca.pem", f"{pki}/site-a.pem", f"{pki}/site-a.key").check_files()
+
+
+def test_guest_disk_resolves_against_the_file_and_is_checked_with_the_files(tmp_path):
+    pki = tmp_path / "pki"
+    pairing.create_pair(pki, ["site-a", "site-b"], ["witness"])
+    text = BASE.replace("/run/geomirror-lab/pki/", f"{pki}/")
+    p = tmp_path / "s.toml"
+    p.write_text(put("guest", "disk", '""', text))
+    assert load_site(p).guest.disk is None  # empty: no disk
+    cfg = load_site(p.write_text(put("guest", "disk", '"disks/pbx.raw"', text)) and p)
+    disk = tmp_path / "disks" / "pbx.raw"
+    assert cfg.guest.disk == disk
+    with pytest.raises(ConfigError, match=rf"s.toml: guest.disk: file {disk} does not exist .*truncate -s SIZE"):
+        cfg.check_files()
+    disk.parent.mkdir()
+    disk.write_bytes(b"QFI\xfb" + bytes(8188))
+    with pytest.raises(ConfigError, match=rf"guest.disk: {disk} is a qcow2 image; the disk must be raw: convert it "
+                       rf"with qemu-img convert -O raw {disk} {tmp_path}/disks/pbx-converted.raw and set guest.disk"):
+        cfg.check_files()
+    disk.write_bytes(bytes(4096 * 3 + 512))
+    with pytest.raises(ConfigError, match=r"guest.disk: .*pbx.raw is 12800 bytes, not a positive multiple of 4096"):
+        cfg.check_files()
+    disk.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"is 0 bytes, not a positive multiple"):
+        cfg.check_files()
+    os.truncate(disk, 1 << 20)
+    cfg.check_files()
 
 
 VALUES = st.one_of(

@@ -314,6 +314,48 @@ async def test_initial_sync_sends_only_chunks_with_data_and_a_broken_session_res
 
 
 @needs_qemu
+async def test_a_restarted_service_loses_its_extent_log_and_the_next_sessions_disk_sync_covers_it(tmp_path):
+    """DESIGN property 7 with a disk: the service dies with writes recorded in its open epoch and
+    never sealed (checkpoints held off meanwhile); a new service serves the same image on the same
+    socket (QEMU reconnects) with an empty extent log. The new session's disk sync by chunk hashes
+    brings those writes to the standby: the replica disk ends as the primary's image."""
+    async with DiskPair(tmp_path) as pair:
+        await until(lambda: pair.protected_past(1), timeout=60, what="protection")
+        pair.primary.pause_checkpoints(True)
+        start = pair.guest.disk_writes
+        await until(lambda: pair.guest.disk_writes >= start + 40, timeout=60, what="writes in the open epoch")
+        pair.guest.writing = False
+        async with pair.guest.io:
+            pass
+        unsent = pair.nbd.extents.open_blocks
+        assert unsent > 0
+        # the service dies: its session, its extent log and its server with it
+        pair.primary.stop()
+        pair.tasks[0].cancel()
+        await asyncio.gather(pair.tasks[0], return_exceptions=True)
+        pair.nbd.close()
+        # the new service: the same image on the same socket, an empty extent log
+        pair.nbd = NbdServer(pair.image, pair.guest.nbd_sock)
+        pair.nbd.start()
+        cfg = PrimaryConfig(site="site-a", compat={}, run_id="run", interval_ms=20, verify_bytes_per_epoch=0)
+        pair.primary = Primary(cfg, pair.guest, pair.capture, NullGate(), connect=pair._connect, nbd=pair.nbd)
+        pair.guest.primary = pair.primary
+        pair.tasks[0] = asyncio.create_task(pair.primary.run())
+        await until(lambda: pair.protected_past(1), timeout=60, what="protection by the new service")
+        st = pair.primary.status
+        assert st.last_sync_mode == "resync" and st.last_disk_sync_chunks > 0
+        pair.guest.writing = True  # QEMU writes through the new server (it reconnected)
+        more = pair.guest.disk_writes
+        await until(lambda: pair.guest.disk_writes >= more + 30, timeout=60, what="writes after the restart")
+        await pair.quiesce()
+        assert pair.nbd.connections == 1
+        assert pair.disk_equal() and np.array_equal(pair.replica.ram, pair.guest.ram)
+        await pair.committed_matches_snapshot()
+        print(f"\n{unsent} blocks recorded by the old service and never sent; the new session's disk sync sent "
+              f"{st.last_disk_sync_chunks} chunks ({st.last_disk_sync_bytes} bytes)")
+
+
+@needs_qemu
 @pytest.mark.parametrize("replica_disk,sentence", [
     (8 << 20, r"guest disk size mismatch: the primary's disk is 16777216 bytes, the replica disk "
               r"\S*replica-disk.raw at site site-b is 8388608 bytes"),

@@ -86,6 +86,8 @@ class SiteContext:
     # this site's upstream for the peer's heartbeats: ms some BGP session has been up without a
     # break (0: none), None when not known (BGP off)
     upstream: Callable[[], int | None] = lambda: None
+    # tests only (GEOMIRROR_UNSAFE_NO_DISK_REPLICATION=1): the disk is served but not replicated
+    unsafe_no_disk_replication: bool = False
     name: str = field(init=False)
     state_dir: Path = field(init=False)
     run_dir: Path = field(init=False)

@@ -23,6 +23,7 @@ from geomirror.drill.store import DrillCollector, DrillStore
 from geomirror.errors import Refused
 from geomirror.lease import LeaseBackend, LeaseError, make_lease_backend
 from geomirror.site.context import SiteContext, Tasks, Timeline
+from geomirror.site.disk import unsafe_no_disk_replication
 from geomirror.site.effects import Effects
 from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePolicy
 from geomirror.site.guest_ops import GuestOperations
@@ -61,6 +62,7 @@ class SiteDaemon(GuestOperations):
         self.tls: pairing.TlsIdentity | None = None
         self.takeover_report: dict | None = None
         self.unsafe_no_output_commit = os.environ.get("GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT") == "1"
+        self.unsafe_no_disk_replication = unsafe_no_disk_replication()
         self.loop_lag = LoopLag()
         self._deadline_for: tuple[float | None, float | None] = (None, None)  # (expires_at, on CLOCK_BOOTTIME)
         self._stop = asyncio.Event()
@@ -103,7 +105,8 @@ class SiteDaemon(GuestOperations):
         gate = UserspaceGate(None, open_tap(TAP_NAME), mode=GateMode.FENCED,  # it dials each guest's NIC
                              pass_through=cfg.checkpoint.pass_through)
         self.ctx = SiteContext(cfg, self.tls, gate, self.feed, lambda: self.ha.generation, self.timeline,
-                               self.tasks, self.unsafe_no_output_commit, self.upstream_status)
+                               self.tasks, self.unsafe_no_output_commit, self.upstream_status,
+                               unsafe_no_disk_replication=self.unsafe_no_disk_replication)
         if self.unsafe_no_output_commit:
             log.warning("gate.output_commit_disabled", site=self.name,
                         hint="GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT=1: clients can see state the standby never got")

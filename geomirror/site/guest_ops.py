@@ -35,7 +35,7 @@ class GuestOperations:
             return
         self.takeover_report = {"epoch": sb.committed_epoch, "resume": timings,
                                 "resume_ms": round((time.perf_counter() - t0) * 1000, 1)}
-        self.primary_side.adopt_resumed(guest, sb.spec, run_id, sb.committed_epoch)
+        self.primary_side.adopt_resumed(guest, sb.spec, run_id, sb.committed_epoch, sb.take_disk_server())
         self._save_role(Role.PRIMARY, "took the guest over", run_id=run_id, guest=GuestRecord.of(guest))
         self.timeline.mark("takeover.resumed", **timings)
         self.feed(ha.ResumeDone(time.monotonic()))

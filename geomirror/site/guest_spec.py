@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from geomirror.disk_image import build_disk_image
 from geomirror.image import GuestImage, build_image, default_cmdline
 from replication.qemu import GuestSpec, detect_accel
 
@@ -28,8 +29,8 @@ class GuestSpecs:
         if running_pid is not None and not kernel:
             kernel, initrd = _boot_files_of(running_pid)
         if not kernel:
-            if self._image is None:
-                self._image = build_image(progress=False)
+            if self._image is None:  # a disk guest boots the disk image's kernel and virtio_blk initramfs
+                self._image = build_disk_image(progress=False) if g.disk else build_image(progress=False)
             kernel, initrd = self._image.kernel, self._image.initrd
         six = {}
         if g.prefix6 is not None:  # dual stack: the guest configures its IPv6 address too
@@ -42,7 +43,13 @@ class GuestSpecs:
                          append=append, ram_path=ram_path, qmp_path=self.run_dir / f"qmp-{tag}.sock",
                          serial_path=self.run_dir / f"serial-{tag}.log", net_socket=self.run_dir / f"net-{tag}.sock",
                          stderr_path=self.run_dir / f"qemu-{tag}.log",
-                         mac=g.mac, vcpus=g.vcpus, machine=_machine(g.machine), accel=accel, incoming=incoming)
+                         mac=g.mac, vcpus=g.vcpus, machine=_machine(g.machine), accel=accel, incoming=incoming,
+                         disk_socket=self.disk_socket(tag) if g.disk else None)
+
+    def disk_socket(self, tag: str) -> Path:
+        """Where the site's NbdServer serves the guest's disk to the QEMU of `tag` (primary: the
+        guest booted here; standby: the hot standby, and the guest it resumes at a takeover)."""
+        return self.run_dir / ("disk.sock" if tag == "primary" else f"disk-{tag}.sock")
 
     def primary(self) -> GuestSpec:
         return self.spec(incoming=False, ram_path=self.run_dir / "guest.ram", tag="primary")

@@ -17,11 +17,13 @@ import structlog
 from geomirror import ha
 from geomirror.errors import Refused
 from geomirror.site.context import SiteContext
+from geomirror.site.disk import close_disk, serve_disk
 from geomirror.site.gate_policy import GateController
 from geomirror.site.guest_spec import GuestSpecs
 from geomirror.site.host import set_tap
 from replication import transport
 from replication.capture import Capture
+from replication.nbd import NbdServer
 from replication.pacer import EpochSample, Pacer, PacerPolicy
 from replication.primary import EpochRecord, Primary, PrimaryConfig
 from replication.qemu import Guest, GuestError, GuestSpec
@@ -39,6 +41,7 @@ class PrimarySide:
         self.spec: GuestSpec | None = None
         self.capture: Capture | None = None
         self.primary: Primary | None = None
+        self.nbd: NbdServer | None = None  # serves the guest's disk to its QEMU (guest.disk), records its writes
         self.run_id = ""
         ck = ctx.cfg.checkpoint
         self.pacer_policy = PacerPolicy(
@@ -60,8 +63,14 @@ class PrimarySide:
         spec.ram_path.unlink(missing_ok=True)
         self.run_id = run_id or secrets.token_hex(8)
         await set_tap(self.ctx.cfg, True)
+        self.nbd = serve_disk(self.ctx.cfg, spec.disk_socket, "primary") if spec.disk_socket else None
         guest = Guest(spec)
-        await guest.start()
+        try:
+            await guest.start()
+        except BaseException:
+            close_disk(self.nbd)
+            self.nbd = None
+            raise
         self.ctx.gate.attach_guest(spec.net_socket)
         await guest.wait_ready()
         self.ctx.mark("guest.ready", accel=spec.accel, memory_mb=spec.memory_mb, pid=guest.pid)
@@ -76,11 +85,17 @@ class PrimarySide:
         a sentence saying why the guest cannot be taken up (it is gone)."""
         spec = self.specs.spec(incoming=record.tag == "standby", ram_path=Path(record.ram), tag=record.tag,
                                running_pid=record.pid)
+        # QEMU reconnects to the new server on the same socket (reconnect-delay). The writes since the
+        # last checkpoint sent were recorded by the old daemon's server and died with it: this
+        # session's disk sync by chunk hashes carries them to the standby.
+        nbd = serve_disk(self.ctx.cfg, spec.disk_socket, "primary") if spec.disk_socket else None
         try:
             guest = await Guest.attach(spec, record.pid, record.started_at)
             state = await guest.ensure_running()
         except GuestError as e:
+            close_disk(nbd)
             return str(e)
+        self.nbd = nbd
         self.run_id = run_id
         self.ctx.mark("guest.attached", pid=guest.pid, state_found=state, run_id=run_id,
                       hint="the guest ran on while the daemon was away; its output was held (dropped)")
@@ -89,10 +104,13 @@ class PrimarySide:
         self._adopt(guest, spec)
         return None
 
-    def adopt_resumed(self, guest: Guest, spec: GuestSpec, run_id: str, first_epoch: int) -> None:
+    def adopt_resumed(self, guest: Guest, spec: GuestSpec, run_id: str, first_epoch: int,
+                      nbd: NbdServer | None = None) -> None:
         """After a takeover: the resumed guest is the only copy; protect it again as soon as the old
-        primary comes back as a standby (the gate runs open until a session commits)."""
+        primary comes back as a standby (the gate runs open until a session commits). `nbd`: the
+        standby's disk server, which the resumed guest's disk goes through (it records from now on)."""
         self.run_id = run_id
+        self.nbd = nbd
         self._adopt(guest, spec, first_epoch)
 
     def _adopt(self, guest: Guest, spec: GuestSpec, first_epoch: int = 0) -> None:
@@ -122,7 +140,12 @@ class PrimarySide:
                                            server_hostname=peer.name, max_frame=ctx.max_frame(),
                                            local_addr=(str(peer.listen), 0))
 
-        p = Primary(pcfg, self.guest, self.capture, ctx.gate, connect, interval_fn=self._next_interval)
+        nbd = self.nbd
+        if nbd is not None and ctx.unsafe_no_disk_replication:
+            log.warning("disk.replication_disabled", site=ctx.name, image=str(nbd.image),
+                        hint="GEOMIRROR_UNSAFE_NO_DISK_REPLICATION=1: a takeover resumes on a stale disk")
+            nbd = None
+        p = Primary(pcfg, self.guest, self.capture, ctx.gate, connect, interval_fn=self._next_interval, nbd=nbd)
         # Epoch numbers only grow at a site, across primaries: the gate tags held frames with
         # them, and a replica (here or at the peer) rejects anything not after its committed one.
         p.status.epoch = max(ctx.gate.current_epoch, first_epoch)
@@ -204,6 +227,8 @@ class PrimarySide:
         if guest is not None:
             self.ctx.mark("guest.stop", reason=reason, pid=guest.pid)
             await guest.close()
+        close_disk(self.nbd)  # after QEMU: nothing writes the disk any more (it becomes the replica's)
+        self.nbd = None
         if self.capture is not None:
             self.capture.close()
             self.capture = None
@@ -219,6 +244,8 @@ class PrimarySide:
         if self.capture is not None:
             self.capture.close()
             self.capture = None
+        close_disk(self.nbd)  # QEMU waits for the next daemon's server (reconnect-delay)
+        self.nbd = None
         if guest is None:
             return None
         await guest.detach()

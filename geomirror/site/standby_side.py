@@ -13,10 +13,12 @@ from pathlib import Path
 
 from geomirror import ha, pairing
 from geomirror.site.context import SiteContext
+from geomirror.site.disk import close_disk, serve_disk
 from geomirror.site.guest_spec import GuestSpecs
 from geomirror.site.host import set_tap
 from geomirror.witness import WitnessClient, WitnessError
 from replication import transport
+from replication.nbd import NbdServer
 from replication.qemu import Guest, GuestError, GuestSpec
 from replication.standby import Standby, resume, start_hot_standby
 from replication.store import Replica
@@ -52,6 +54,9 @@ class StandbySide:
         self.standby: Standby | None = None
         self.spec: GuestSpec | None = None
         self.hot: Guest | None = None
+        # serves the replica disk to the hot standby QEMU (inactive until a takeover: it never
+        # writes), and to the guest it resumes, whose writes it records from then on
+        self.nbd: NbdServer | None = None
         self._hot_starting = False
         self._server: asyncio.AbstractServer | None = None
         self._probe: asyncio.Task | None = None
@@ -61,7 +66,12 @@ class StandbySide:
         """Open the replica and serve the primary. `hot_record`: the hot standby QEMU a previous
         daemon left running (taken up again if it still waits, else ended and started anew)."""
         ctx, cfg = self.ctx, self.ctx.cfg
-        self.replica = Replica(ctx.state_dir / "replica", cfg.guest.memory_mb << 20)
+        disk = cfg.guest.disk
+        if disk is not None and ctx.unsafe_no_disk_replication:
+            ctx.mark("disk.replication_disabled", image=str(disk),
+                     hint="GEOMIRROR_UNSAFE_NO_DISK_REPLICATION=1: a takeover resumes on this site's stale disk")
+            disk = None
+        self.replica = Replica(ctx.state_dir / "replica", cfg.guest.memory_mb << 20, disk=disk)
         report = await asyncio.to_thread(self.replica.open)
         ctx.mark("replica.open", committed_epoch=report.committed_epoch, valid=report.valid,
                  recovered=report.recovered)
@@ -79,6 +89,8 @@ class StandbySide:
         sb.on_commit = self._on_commit
         self.standby = sb
         await set_tap(cfg, False)
+        if self.spec.disk_socket is not None:  # before any QEMU of ours connects (a hot standby taken up)
+            self.nbd = serve_disk(cfg, self.spec.disk_socket, "standby")
         peer = cfg.peer
         self._server = await transport.serve(str(peer.listen), peer.listen_port, sb.handle,
                                              ssl=ctx.tls.server, max_frame=ctx.max_frame())
@@ -175,6 +187,12 @@ class StandbySide:
         self.hot = None
         return guest, timings, self.replica.run_id
 
+    def take_disk_server(self) -> NbdServer | None:
+        """After `resume`: the disk server the resumed guest uses, for the primary's side (it records
+        the new primary's epochs); this side no longer closes it."""
+        nbd, self.nbd = self.nbd, None
+        return nbd
+
     def _deliver_handover_frames(self) -> None:
         """Right after the resume: the frames the old primary forwarded, then those held here."""
         forwarded = self.standby.take_forwarded()
@@ -215,5 +233,7 @@ class StandbySide:
                 await hot.detach()
             else:
                 await hot.close()
+        close_disk(self.nbd)  # a hot standby left running reconnects to the next daemon's server
+        self.nbd = None
         if self.replica is not None and not keep_replica_open:
             self.replica.close()
