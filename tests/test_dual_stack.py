@@ -118,16 +118,32 @@ class RoutesSpeaker:
         return [r for r in self.routes if r.prefix == prefix]
 
 
-def test_the_peer_route_is_seen_from_either_guest_prefix():
+def test_the_peer_route_is_seen_from_either_guest_prefix_and_a_drain_ends_on_both():
     cfg = load_site(world.repo_configs() / "site-a.toml")
     events = []
-    for routes, seen in (([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_B), None)], True),
-                         ([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX, (64500, AS_B), None)], True),
-                         ([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_A), None)], False),
-                         ([], False)):
+    v4, v6 = (ReceivedRoute("198.18.1.1", p, (64500, AS_B), None) for p in (world.GUEST_PREFIX, world.GUEST_PREFIX6))
+    for routes, seen in (([v6], (True, False)),
+                         ([v4], (True, False)),
+                         ([v4, v6], (True, True)),
+                         ([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_A), None)], (False, False)),
+                         ([], (False, False))):
         events.clear()
         BgpWatch(cfg, RoutesSpeaker(routes), events.append).changed()
-        assert [e.originated_by_peer for e in events if isinstance(e, ha.PeerRouteSeen)] == [seen], routes
+        assert [(e.originated_by_peer, e.drain_done) for e in events if isinstance(e, ha.PeerRouteSeen)] == [seen], \
+            routes
+
+
+def test_the_peers_second_prefix_is_reported_when_it_arrives():
+    cfg = load_site(world.repo_configs() / "site-a.toml")
+    events = []
+    sp = RoutesSpeaker([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX, (64500, AS_B), None)])
+    watch = BgpWatch(cfg, sp, events.append)
+    watch.changed()
+    sp.routes.append(ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_B), None))
+    watch.changed()
+    watch.changed()  # nothing new: nothing fed
+    assert [e for e in events if isinstance(e, ha.PeerRouteSeen)] == [ha.PeerRouteSeen(True, False),
+                                                                      ha.PeerRouteSeen(True, True)]
 
 
 # ---------------------------------------------------------------- lab

@@ -49,7 +49,7 @@ class BgpWatch:
     def __init__(self, cfg, speaker: Speaker, feed, mark=None):
         self.cfg, self.speaker, self.feed, self.mark = cfg, speaker, feed, mark
         self.up: set[str] = set()
-        self.peer_route: bool | None = None
+        self.peer_route: tuple[bool, bool] | None = None  # the peer's route for (any, every) guest prefix
         self.origins: list[int] | None = None
 
     def changed(self) -> None:
@@ -69,9 +69,9 @@ class BgpWatch:
                 self.mark("bgp.route_seen", prefix=str(self.cfg.guest.prefix), origins=origins)
         peer_as = self.cfg.peer.asn
         if peer_as:
-            seen = peer_as in origins or any(r.as_path and r.as_path[-1] == peer_as
-                                             for prefix in guest_prefixes(self.cfg)[1:]
-                                             for r in sp.received_routes(prefix))
+            each = [peer_as in origins] + [any(r.as_path and r.as_path[-1] == peer_as for r in sp.received_routes(p))
+                                           for p in guest_prefixes(self.cfg)[1:]]
+            seen = (any(each), all(each))
             if seen != self.peer_route:
                 self.peer_route = seen
-                self.feed(ha.PeerRouteSeen(seen))
+                self.feed(ha.PeerRouteSeen(*seen))
