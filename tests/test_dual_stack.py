@@ -22,6 +22,7 @@ from geomirror import ha
 from geomirror.site.routing import BgpWatch, families, guest_prefixes
 from lab import cli as labcli, world
 from tests import torture
+from tests.test_bgp_failover import wait_for
 
 AS_A, AS_B = 64501, 64502
 
@@ -212,16 +213,6 @@ def test_the_peers_second_prefix_is_reported_when_it_arrives():
 
 def best_origin(routes: list[dict]) -> int | None:
     return next((r["as_path"][-1] for r in routes if r["best"] and r["as_path"]), None)
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.lab
