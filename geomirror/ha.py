@@ -222,8 +222,16 @@ class BgpNeighborDown:
 
 @dataclass(frozen=True)
 class PeerRouteSeen:
-    """Whether our upstream still gives us the guest prefix originated by the peer's AS."""
+    """Whether our upstream still gives us a guest prefix originated by the peer's AS (the peer
+    is alive somewhere), and whether it gives us every guest prefix so (`every_prefix`; None:
+    the same, one prefix). Only the latter ends a drain: make before break holds for each
+    prefix of a dual-stack guest, not just for the first the peer's announcement reaches."""
     originated_by_peer: bool
+    every_prefix: bool | None = None
+
+    @property
+    def drain_done(self) -> bool:
+        return self.originated_by_peer if self.every_prefix is None else self.every_prefix
 
 
 @dataclass(frozen=True)
@@ -946,7 +954,7 @@ class HaMachine:
 
     def _on_PeerRouteSeen(self, e: PeerRouteSeen) -> None:
         self.peer_route_seen = e.originated_by_peer
-        if e.originated_by_peer and self.draining_since is not None:
+        if e.drain_done and self.draining_since is not None:
             self.draining_since = None
             self._emit(Withdraw(), Log("ha.drain_done", {"why": "the upstream gives us the peer's route"}))
         if e.originated_by_peer and self.gate_open:

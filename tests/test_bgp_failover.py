@@ -30,11 +30,12 @@ def best_origin() -> int | None:
 
 
 class Client(threading.Thread):
-    """A memcached client on one connection running incr as fast as replies come."""
+    """A memcached client on one connection (to the guest's IPv4 address unless `host` names
+    another, e.g. world.GUEST_ADDR6) running incr as fast as replies come."""
 
-    def __init__(self):
+    def __init__(self, host: str = world.GUEST_ADDR):
         super().__init__(daemon=True)
-        self.mc = labcli.Memcache(labcli.client_connect(timeout=60))
+        self.mc = labcli.Memcache(labcli.client_connect(host, timeout=60))
         self.mc.set("ctr", "0")
         self.res = torture.TrialResult(seed=0, crash_after_s=0)
         self.stop = threading.Event()

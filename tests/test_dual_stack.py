@@ -8,6 +8,7 @@ connection carries on across the loss of site A, and BIRD holds the /48 from AS 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -21,6 +22,7 @@ from geomirror import ha
 from geomirror.site.routing import BgpWatch, families, guest_prefixes
 from lab import cli as labcli, world
 from tests import torture
+from tests.test_bgp_failover import wait_for
 
 AS_A, AS_B = 64501, 64502
 
@@ -84,6 +86,66 @@ def test_parse_bird_routes_reads_the_48():
         {"proto": "site_a", "best": True, "via": "2001:db8:18:1::2", "as_path": [AS_A]}]
 
 
+# the same route as BIRD's control socket sends it (what birdc reads), then the end of the reply
+BIRD_SOCKET_48 = [
+    "1007-Table master6:",
+    " 2001:db8:100::/48    unicast [site_a 06:33:15.198 from 198.18.1.2] * (100) [AS64501i]",
+    " \tvia 2001:db8:18:1::2 on to-a",
+    "1008-\tType: BGP univ",
+    "1012-\tBGP.origin: IGP",
+    " \tBGP.as_path: 64501",
+    " \tBGP.next_hop: 2001:db8:18:1::2",
+    " \tBGP.local_pref: 100",
+    "0000 ",
+]
+
+
+def test_bird_reply_text_is_what_birdc_prints():
+    assert world.bird_reply_text(BIRD_SOCKET_48) == BIRD_SHOW_48.split("\n", 1)[1]
+
+
+def _fake_bird(path, replies: dict[str, list[str]], greeting: str = "0001 BIRD 2.0.12 ready.") -> threading.Thread:
+    """A Unix socket at `path` that greets like BIRD and answers each command line from `replies`."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn, srv, conn.makefile("r") as f:
+            conn.sendall((greeting + "\n").encode())
+            for line in f:
+                conn.sendall("".join(r + "\n" for r in replies[line.strip()]).encode())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_bird_control_reads_routes_and_no_route_over_one_connection(tmp_path):
+    _fake_bird(tmp_path / "b.ctl", {
+        f"show route for {world.GUEST_PREFIX6} all": BIRD_SOCKET_48,
+        f"show route for {world.GUEST_PREFIX} all": ["8001 Network not found"],
+        "show bogus": ["9001 syntax error, unexpected CF_SYM_UNDEFINED"]})
+    b = world.BirdControl(tmp_path / "b.ctl")
+    try:
+        for _ in range(2):  # the connection stays usable from one query to the next
+            assert b.guest_routes(world.GUEST_PREFIX6) == [
+                {"proto": "site_a", "best": True, "via": "2001:db8:18:1::2", "as_path": [AS_A]}]
+            assert b.guest_routes(world.GUEST_PREFIX) == []
+        assert b.reply("show bogus") == (9001, "syntax error, unexpected CF_SYM_UNDEFINED\n")
+    finally:
+        b.close()
+
+
+def test_bird_control_refuses_what_is_not_bird(tmp_path):
+    _fake_bird(tmp_path / "b.ctl", {}, greeting="HTTP/1.1 400 Bad Request")
+    with pytest.raises(world.LabError, match="b.ctl greeted with"):
+        world.BirdControl(tmp_path / "b.ctl")
+    with pytest.raises(world.LabError, match="does not answer"):
+        world.BirdControl(tmp_path / "none.ctl")
+
+
 def test_lab_site_configs_are_dual_stack():
     for site in world.SITES:
         cfg = load_site(world.repo_configs() / f"{site}.toml")
@@ -118,16 +180,32 @@ class RoutesSpeaker:
         return [r for r in self.routes if r.prefix == prefix]
 
 
-def test_the_peer_route_is_seen_from_either_guest_prefix():
+def test_the_peer_route_is_seen_from_either_guest_prefix_and_a_drain_ends_on_both():
     cfg = load_site(world.repo_configs() / "site-a.toml")
     events = []
-    for routes, seen in (([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_B), None)], True),
-                         ([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX, (64500, AS_B), None)], True),
-                         ([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_A), None)], False),
-                         ([], False)):
+    v4, v6 = (ReceivedRoute("198.18.1.1", p, (64500, AS_B), None) for p in (world.GUEST_PREFIX, world.GUEST_PREFIX6))
+    for routes, seen in (([v6], (True, False)),
+                         ([v4], (True, False)),
+                         ([v4, v6], (True, True)),
+                         ([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_A), None)], (False, False)),
+                         ([], (False, False))):
         events.clear()
         BgpWatch(cfg, RoutesSpeaker(routes), events.append).changed()
-        assert [e.originated_by_peer for e in events if isinstance(e, ha.PeerRouteSeen)] == [seen], routes
+        assert [(e.originated_by_peer, e.drain_done) for e in events if isinstance(e, ha.PeerRouteSeen)] == [seen], \
+            routes
+
+
+def test_the_peers_second_prefix_is_reported_when_it_arrives():
+    cfg = load_site(world.repo_configs() / "site-a.toml")
+    events = []
+    sp = RoutesSpeaker([ReceivedRoute("198.18.1.1", world.GUEST_PREFIX, (64500, AS_B), None)])
+    watch = BgpWatch(cfg, sp, events.append)
+    watch.changed()
+    sp.routes.append(ReceivedRoute("198.18.1.1", world.GUEST_PREFIX6, (64500, AS_B), None))
+    watch.changed()
+    watch.changed()  # nothing new: nothing fed
+    assert [e for e in events if isinstance(e, ha.PeerRouteSeen)] == [ha.PeerRouteSeen(True, False),
+                                                                      ha.PeerRouteSeen(True, True)]
 
 
 # ---------------------------------------------------------------- lab
@@ -135,16 +213,6 @@ def test_the_peer_route_is_seen_from_either_guest_prefix():
 
 def best_origin(routes: list[dict]) -> int | None:
     return next((r["as_path"][-1] for r in routes if r["best"] and r["as_path"]), None)
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.lab

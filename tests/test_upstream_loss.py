@@ -110,6 +110,17 @@ def test_handover_drains_forwards_and_withdraws_on_the_peers_route():
     assert ha.Withdraw() not in m.handle(ha.Tick(30.0)), "withdrawn once"
 
 
+def test_the_peers_route_for_one_prefix_of_two_does_not_end_the_drain():
+    """Dual stack: the peer's /24 reaches us before its /48; withdrawing both then would leave the
+    upstream without a route for the /48 until the peer's arrives."""
+    m = active()
+    m.handle(ha.HandoverPrepared(10.0, 7))
+    out = m.handle(ha.PeerRouteSeen(True, every_prefix=False))
+    assert ha.Withdraw() not in out and m.draining_since is not None and m.peer_route_seen
+    out = m.handle(ha.PeerRouteSeen(True, every_prefix=True))
+    assert ha.Withdraw() in out and m.draining_since is None
+
+
 def test_drain_times_out_into_a_withdrawal():
     m = active(drain_timeout_s=10)
     m.handle(ha.HandoverPrepared(10.0, 7))

@@ -49,7 +49,7 @@ class BgpWatch:
     def __init__(self, cfg, speaker: Speaker, feed, mark=None):
         self.cfg, self.speaker, self.feed, self.mark = cfg, speaker, feed, mark
         self.up: set[str] = set()
-        self.peer_route: bool | None = None
+        self.peer_route: tuple[bool, bool] | None = None  # the peer's route for (any, every) guest prefix
         self.origins: list[int] | None = None
 
     def changed(self) -> None:
@@ -70,12 +70,13 @@ class BgpWatch:
                 backup = sorted({p[-1] for p in paths if is_backup_path(p, b.standby_prepend)})
                 self.mark("bgp.route_seen", prefix=str(self.cfg.guest.prefix), origins=origins, backup=backup)
         if peer_as:
-            seen = any(p[-1] == peer_as and not is_backup_path(p, b.standby_prepend)
-                       for prefix in guest_prefixes(self.cfg)
-                       for p in ([r.as_path for r in sp.received_routes(prefix) if r.as_path]))
+            each = [any(p[-1] == peer_as and not is_backup_path(p, b.standby_prepend)
+                        for p in ([r.as_path for r in sp.received_routes(prefix) if r.as_path]))
+                    for prefix in guest_prefixes(self.cfg)]
+            seen = (any(each), all(each))
             if seen != self.peer_route:
                 self.peer_route = seen
-                self.feed(ha.PeerRouteSeen(seen))
+                self.feed(ha.PeerRouteSeen(*seen))
 
 
 def origin_run(path) -> int:
