@@ -41,7 +41,8 @@ class FakePrimary:
 
 
 class Rig:
-    def __init__(self, peer_takes=True, fail_handover=0):
+    def __init__(self, peer_takes=True, fail_handover=0, release_after_s: float | None = None, poll_s=0.001):
+        self.release_after_s = release_after_s  # None: the release is done at once, as the HA machine asks
         self.m = ha.HaMachine("primary", ha_config())
         self.actions: list = []
         self.events: list = []
@@ -70,15 +71,23 @@ class Rig:
             self.demoted.append(reason)
             self.feed(ha.BecameStandby(time.monotonic(), reason))
 
-        self.job = Switchover(self.ctx, self.lease, lambda: self.primary, lambda: self.m.state, demote, poll_s=0.001)
+        self.job = Switchover(self.ctx, self.lease, lambda: self.primary, lambda: self.m.state, demote, poll_s=poll_s)
 
     def feed(self, e):
         self.events.append(e)
         for a in self.m.handle(e):
             self.actions.append(a)
             if isinstance(a, ha.ReleaseLease):  # what Effects would do
-                if self.lease.holder == "site-a" and a.generation == self.lease.generation:
-                    self.lease.holder = None
+                if self.release_after_s is None:
+                    self.release(a.generation)
+                else:
+                    asyncio.get_running_loop().call_later(self.release_after_s, self.release, a.generation)
+
+    def release(self, generation):
+        if self.lease.holder == "site-a" and generation == self.lease.generation:
+            self.lease.holder = None
+            self.ctx.released_generation = generation  # what Effects does once the backend answered
+            self.ctx.lease_released.set()
 
 
 async def test_switchover_releases_once_tells_the_peer_after_and_demotes():
@@ -97,6 +106,15 @@ async def test_switchover_releases_once_tells_the_peer_after_and_demotes():
     assert r.demoted == ["switchover to site-b"] and r.m.state is ha.STANDBY
     assert not r.m.guest_running and not r.m.gate_open
     assert ha.StopGuest() not in r.actions, "the demotion stops the guest, not a stale-fence"
+
+
+async def test_the_switchover_is_woken_by_its_own_release_not_by_the_next_poll():
+    """The release RPC ends after the job first asked the backend: the job must not sleep a poll
+    interval (an hour here) before it tells the peer."""
+    r = Rig(release_after_s=0.01, poll_s=3600.0)
+    report = await asyncio.wait_for(r.job.run(timeout=7200.0), 60)
+    assert report["lease_backend"] == "released"
+    assert ("announce_switchover", 42, None) in r.primary.calls
 
 
 async def settle(r, until, polls=500):

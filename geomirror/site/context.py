@@ -93,6 +93,9 @@ class SiteContext:
     run_dir: Path = field(init=False)
     # checkpoint.handover_forward_frames, switchable at run time (POST /v1/checkpoint)
     handover_forward_frames: bool = field(init=False)
+    # the lease generation this site last released (a planned switchover waits for it) and its signal
+    released_generation: int | None = field(default=None, init=False)
+    lease_released: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def __post_init__(self) -> None:
         self.name = self.cfg.site.name

@@ -162,6 +162,8 @@ class Effects:
             else:
                 await self.lease.release(guest, generation)
                 self.ctx.mark("lease.released", generation=generation)
+                self.ctx.released_generation = generation
+                self.ctx.lease_released.set()
         except WitnessUnreachable as e:
             feed(ha.WitnessUnreachable(time.monotonic(), str(e)))
         except WitnessError as e:

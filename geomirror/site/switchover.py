@@ -137,23 +137,32 @@ class Switchover:
         return report
 
     async def _wait_released(self, gen: int, deadline: float) -> bool | None:
-        """True once the lease backend shows our generation released (or expired); False at once
-        if the backend is unreachable from here (the peer waits out our lease instead); None if
-        it still shows ours held at the deadline."""
-        guest = self.ctx.cfg.guest.name
+        """True once our own release of generation `gen` went through, or the lease backend shows
+        it released (or expired); False at once if the backend is unreachable from here (the peer
+        waits out our lease instead); None if it still shows ours held at the deadline. Woken by
+        the release itself rather than the next poll (a poll interval off every switchover)."""
+        guest, ctx = self.ctx.cfg.guest.name, self.ctx
         while time.monotonic() < deadline:
+            if ctx.released_generation == gen:
+                return True
+            ctx.lease_released.clear()
             try:
                 st = await self.lease.get(guest)
             except WitnessUnreachable as e:
-                self.ctx.mark("switchover.lease_unreachable", generation=gen, error=str(e),
-                              hint=f"{self.ctx.cfg.peer.name} takes the next generation once ours has expired "
-                                   f"(up to {self.lease_ttl_s:g}s)")
+                ctx.mark("switchover.lease_unreachable", generation=gen, error=str(e),
+                         hint=f"{ctx.cfg.peer.name} takes the next generation once ours has expired "
+                              f"(up to {self.lease_ttl_s:g}s)")
                 return False
             except WitnessError:
                 st = None
-            if st is not None and (st.get("holder") != self.ctx.name or not st.get("valid", True)):
+            if st is not None and (st.get("holder") != ctx.name or not st.get("valid", True)):
                 return True
-            await asyncio.sleep(self.poll_s)
+            if ctx.released_generation == gen:
+                return True
+            try:
+                await asyncio.wait_for(ctx.lease_released.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                pass
         return None
 
     async def _wait_peer(self, peer: str, gen: int, deadline: float) -> str | None:
