@@ -19,6 +19,7 @@ from geomirror.config import load_site
 from geomirror.site.routing import BgpWatch, is_backup_path, origin_run
 from lab import cli as labcli, world
 from tests.test_bgp_failover import AS_A, AS_B, Client, wait_for
+from tests.test_dual_stack import RoutesSpeaker
 from tests.test_switchover import switchover
 
 STANDBY_PREPEND = 2
@@ -34,15 +35,6 @@ def test_origin_run_and_backup_paths():
     assert is_backup_path((64500, 64502, 64502, 64502), 2)
     assert not is_backup_path((64500, 64502, 64502), 2), "the active route with one prepend is not the backup"
     assert is_backup_path((64500, 64502, 64502, 64502, 64502), 2)
-
-
-class RoutesSpeaker:
-    def __init__(self, routes):
-        self.neighbor_states = {"198.18.1.1": "up"}
-        self.routes = routes
-
-    def received_routes(self, prefix):
-        return [r for r in self.routes if r.prefix == prefix]
 
 
 def test_the_peers_backup_path_is_not_its_route():

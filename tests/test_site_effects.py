@@ -13,6 +13,7 @@ from geomirror import ha
 from geomirror.site.effects import Effects
 from geomirror.site.gate_policy import GateController, GateInputs, UnreachablePolicy
 from replication.gate import GateMode
+from bgp.config import Policy
 from tests.site_fakes import FakeGate, FakeLease, FakeSpeaker, ha_config, make_ctx, site_config
 
 
@@ -233,3 +234,25 @@ async def test_drain_then_withdraw_and_an_upstream_handover_goes_to_the_guest_op
     assert s.speaker.calls[-1][0] == "drain" and s.speaker.calls[-1][2].communities == ("65535:0",)
     assert ("hand_over", "upstream lost: test") in s.ops.calls
     assert any(e["event"] == "upstream_loss.handover" for e in s.ctx.timeline.entries)
+
+
+class PolicySpeaker(FakeSpeaker):
+    async def announce(self, prefix, **kw):
+        await super().announce(prefix, **kw)
+        self.calls[-1] += (kw["policy"].prepend,)
+
+
+async def test_a_pre_announcing_standby_announces_the_backup_path_and_withdraws_it_when_fenced():
+    s = Site(speaker=PolicySpeaker(), role=ha.Role.STANDBY)
+    s.cfg.bgp.standby = Policy(prepend=2)
+    s.m = ha.HaMachine(ha.Role.STANDBY, ha_config(pre_announce=True))
+    now = time.monotonic()
+    for e in (ha.Tick(now), ha.HeartbeatReceived(now, 20.0, 1), ha.ReplicaCommitted(5)):
+        s.feed(e)
+    await s.settle()
+    assert s.speaker.calls == [("announce", "198.51.100.0/24", 2)], "the backup path: own AS 1 + 2 times"
+    assert s.fx.backup_prefixes == {"198.51.100.0/24"} and not s.fx.announced
+    assert [e["prepend"] for e in s.ctx.timeline.entries if e["event"] == "bgp.pre_announced"] == [2]
+    s.feed(ha.OperatorFence(time.monotonic()))
+    await s.settle()
+    assert s.speaker.calls[-1] == ("withdraw", "198.51.100.0/24") and not s.fx.backup_prefixes

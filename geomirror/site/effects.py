@@ -192,39 +192,37 @@ class Effects:
             self.ctx.mark("guest.route", mode=mode)
 
     async def _announce(self) -> None:
-        """Announce every guest prefix with the active policy (MED, communities, prepend); one
-        that fails is an alarm and the others are still announced."""
+        """Announce every guest prefix with the active policy (MED, communities, prepend)."""
         if self.speaker is None:
             return
-        policy, prefixes = self.ctx.cfg.bgp.active, guest_prefixes(self.ctx.cfg)
-        for prefix in prefixes:
-            self._sent.add(prefix)
-            try:
-                await self.speaker.announce(prefix, policy=policy)
-            except (GeomirrorError, OSError) as e:
-                self.alarm(f"announcing {prefix} failed: {e}")
-                continue
-            self.announced_prefixes.add(prefix)
-            self.backup_prefixes.discard(prefix)
+        prefixes = await self._send(self.ctx.cfg.bgp.active, self.announced_prefixes, self.backup_prefixes,
+                                    "announcing")
         if self.announced:
             self.ctx.mark("bgp.announced", prefix=prefixes[0], prefixes=prefixes)
 
     async def _pre_announce(self) -> None:
         """Announce every guest prefix with the standby's backup policy (bgp.standby_prepend):
         routers keep it as the second path; what arrives by it is forwarded to the peer."""
-        if self.speaker is None or self.ctx.cfg.bgp.standby is None:
+        policy = self.ctx.cfg.bgp.standby
+        if self.speaker is None or policy is None:
             return
-        policy, prefixes = self.ctx.cfg.bgp.standby, guest_prefixes(self.ctx.cfg)
+        prefixes = await self._send(policy, self.backup_prefixes, self.announced_prefixes, "pre-announcing")
+        self.ctx.mark("bgp.pre_announced", prefix=prefixes[0], prefixes=prefixes, prepend=policy.prepend)
+
+    async def _send(self, policy, into: set[str], out_of: set[str], doing: str) -> list[str]:
+        """Announce every guest prefix with `policy`; each acknowledged one moves from `out_of`
+        to `into`. One that fails is an alarm and the others are still announced."""
+        prefixes = guest_prefixes(self.ctx.cfg)
         for prefix in prefixes:
             self._sent.add(prefix)
             try:
                 await self.speaker.announce(prefix, policy=policy)
             except (GeomirrorError, OSError) as e:
-                self.alarm(f"pre-announcing {prefix} failed: {e}")
+                self.alarm(f"{doing} {prefix} failed: {e}")
                 continue
-            self.backup_prefixes.add(prefix)
-            self.announced_prefixes.discard(prefix)
-        self.ctx.mark("bgp.pre_announced", prefix=prefixes[0], prefixes=prefixes, prepend=policy.prepend)
+            into.add(prefix)
+            out_of.discard(prefix)
+        return prefixes
 
     async def _drain(self) -> None:
         """Keep the prefix routed here, drained (GRACEFUL_SHUTDOWN), until the peer's route is
