@@ -14,6 +14,12 @@ replication/primary.py `_pause` does it), so the two pauses are compared under t
     .venv/bin/python bench/colo_spike.py [--qemu PATH] [--sizes 128,1024] [--checkpoints 300,100]
         [--runs 1] [--delay-ms 80] [--dirty 32:2000] [--verify-every 1] [--json out.json]
 
+QEMU: the COLO-fixed 10.0.2 of `scripts/qemu10.sh --colo-fix` by default. Debian's 10.0.2 never
+enters COLO (the run ends with "0 checkpoints"); the system 7.2 (`--qemu system`) deadlocks at
+the first checkpoint under TCG: a read that waits longer than --timeout is reported as a hang,
+with every QEMU thread's stack and the owner of any mutex they wait for (gdb), see
+docs/colo-spike.md.
+
 Times (per checkpoint, from our side of the socket):
 - cycle:  `request` received → `loaded` sent
 - stop:   `reply` sent → `loaded` sent (the primary stops the guest after `reply` and starts it
@@ -526,7 +532,7 @@ def gdb_threads(pid: int, out: Path) -> None:
         out.write_text(f"gdb failed: {e}")
 
 
-async def resume_test(qemu_argv_extra, img, spec: GuestSpec, run: ColoRun, workdir: Path) -> dict:
+async def resume_test(qemu_argv_extra: tuple, spec: GuestSpec, run: ColoRun, workdir: Path) -> dict:
     """Feed the last checkpoint (our RAM image + its device state with the initial stream's file
     header in front) to a fresh QEMU 10 with -incoming defer; does the guest run on?"""
     d = workdir / "resume"
@@ -637,7 +643,7 @@ async def one_run(args, mb: int, checkpoints: int, run_no: int, workdir: Path) -
         res["mismatch_detail"] = run.mismatch_detail
         if args.resume and run.image_at_last is not None and not run.error:
             # the guest keeps running on the primary; the copy is the state at the last checkpoint
-            res["resume"] = await resume_test(extra, img, spec, run, d)
+            res["resume"] = await resume_test(extra, spec, run, d)
     finally:
         try:
             await g.close()
