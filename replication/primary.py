@@ -46,29 +46,13 @@ from replication.gate import Gate
 from replication.nbd import NbdServer, SealedExtents
 from replication.qemu import Guest
 from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
-                                 send_heartbeats,
+                                 run_to_end, send_heartbeats,
                                  session_key)
 from replication.transport import (HELLO_DISK_KEY, HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError,
                                    MsgType, pack_frames)
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
-
-
-async def run_to_end(fut: asyncio.Future):
-    """Await `fut` to its end even if the caller is cancelled meanwhile; then the caller's
-    cancellation is raised (the result of `fut` is dropped; an error of it is logged). For units that must not be cut short; `fut` itself is never cancelled."""
-    cancelled: asyncio.CancelledError | None = None
-    while not fut.done():
-        try:
-            await asyncio.wait({fut})
-        except asyncio.CancelledError as e:
-            cancelled = e
-    if cancelled is None:
-        return fut.result()
-    if not fut.cancelled() and fut.exception() is not None:
-        log.warning("primary.unit_failed_while_cancelled", error=str(fut.exception()) or repr(fut.exception()))
-    raise cancelled
 
 
 @dataclass
