@@ -16,9 +16,13 @@ and prints p50/p99 per step, each step's share of seal → release, the client's
 pause + interval/2 (+ RTT, 0 here).
 
     .venv/bin/python bench/latency.py [--seconds 10] [--interval-ms 25] [--memory 128]
-        [--dirty 16:1000] [--replica-dir /var/tmp]
+        [--dirty 16:1000] [--replica-dir /var/tmp] [--rtt MS [--rate 100mbit]]
 
-Needs root (a TAP in a namespace it makes and removes: gm-t-lat-<pid>).
+`--rtt`: the standby runs in a second namespace behind the lab's user-space WAN emulator
+(lab/wanem.py) set to that RTT (and rate); a UDP echo through it first measures the
+emulator's own delay (configured 0 and --rtt against the measured RTT).
+
+Needs root (a TAP in namespaces it makes and removes: gm-t-lat-<pid>, gm-t-latb-<pid>).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def pct(xs, p):
 
 
 # ------------------------------------------------------------------ the standby (its own process)
-def standby_worker(replica_dir: str, size: int, port_file: str, out_file: str) -> None:
+def standby_worker(replica_dir: str, size: int, port_file: str, out_file: str, host: str = "127.0.0.1") -> None:
     import uvloop
 
     from replication import codec as codec_mod
@@ -99,7 +103,7 @@ def standby_worker(replica_dir: str, size: int, port_file: str, out_file: str) -
         replica = Replica(Path(replica_dir), size, ops=TimedOps())
         replica.open()
         sb = TimedStandby(replica, {}, "bench-b", refuse_delay_s=0)
-        server = await transport.serve("127.0.0.1", 0, sb.handle, max_frame=size + (64 << 20))
+        server = await transport.serve(host, 0, sb.handle, max_frame=size + (64 << 20))
         Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -109,6 +113,63 @@ def standby_worker(replica_dir: str, size: int, port_file: str, out_file: str) -
         os._exit(0)  # the session task may still run; the figures are written
 
     uvloop.run(main())
+
+
+# ------------------------------------------------------------------ the WAN emulator between the two
+WAN_A, WAN_B = "198.18.100.1/30", "198.18.100.2/30"
+
+
+def start_wan(ns_a: str, ns_b: str, workdir: Path) -> subprocess.Popen:
+    """The lab's WAN emulator (lab/wanem.py) between the two namespaces (their `wan0`)."""
+    code = ("import sys, uvloop; from pathlib import Path; from lab.wanem import WanEmulator; "
+            "uvloop.run(WanEmulator([(sys.argv[1], 'wan0', sys.argv[3]), (sys.argv[2], 'wan0', sys.argv[4])], "
+            "Path(sys.argv[5])).run())")
+    return subprocess.Popen([sys.executable, "-c", code, ns_a, ns_b, WAN_A, WAN_B, str(workdir / "wan.sock")],
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)
+
+
+async def wan_settings(workdir: Path, settings: dict) -> dict:
+    from lab import wanem
+
+    for _ in range(200):
+        if (workdir / "wan.sock").exists():
+            break
+        await asyncio.sleep(0.05)
+    return await wanem.control(workdir / "wan.sock", settings)
+
+
+def echo_rtt(host: str, n: int = 60) -> tuple[float, float]:
+    """(min, median) ms of a 64-byte UDP echo to the standby's namespace (its echo: `udp_echo`)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    xs = []
+    for i in range(n):
+        t = time.perf_counter()
+        s.sendto(i.to_bytes(64, "big"), (host, 7))
+        try:
+            s.recvfrom(128)
+        except socket.timeout:
+            continue
+        xs.append((time.perf_counter() - t) * 1000)
+        time.sleep(0.02)
+    s.close()
+    return min(xs), statistics.median(xs)
+
+
+def udp_echo(ns: str, host: str) -> None:
+    """A UDP echo on port 7 in namespace `ns` (a daemon thread serves it)."""
+    from geomirror import netns
+
+    with netns.inside(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((host, 7))
+
+    def serve():
+        while True:
+            data, addr = s.recvfrom(128)
+            s.sendto(data, addr)
+
+    threading.Thread(target=serve, daemon=True).start()
 
 
 # ------------------------------------------------------------------ the client
@@ -151,8 +212,11 @@ async def run(a, workdir: Path, replica_dir: Path) -> dict:
     from replication.primary import Primary, PrimaryConfig
     from replication.qemu import Guest, GuestSpec, detect_accel
 
+    from geomirror import netns
+
     T: dict[int, dict[str, float]] = defaultdict(dict)
     hold_ms: list[float] = []
+    wan_probe: dict = {}
 
     class TimedGate(UserspaceGate):
         def __init__(self, *args, **kw):
@@ -231,8 +295,16 @@ async def run(a, workdir: Path, replica_dir: Path) -> dict:
         client.phase = "open"  # the same guest, no checkpoints, output not held
         await asyncio.sleep(a.seconds)
         port_file, out_file = workdir / "port", workdir / "standby.json"
-        sb_proc = subprocess.Popen([sys.executable, __file__, "--standby-worker", str(replica_dir), str(size),
-                                    str(port_file), str(out_file)])
+        host = "127.0.0.1"
+        if a.rtt is not None:
+            host = WAN_B.split("/")[0]
+            await wan_settings(workdir, {"rtt_ms": 0.0, "rate_bps": 0.0})
+            r0 = await asyncio.to_thread(echo_rtt, host)
+            await wan_settings(workdir, {"rtt_ms": a.rtt, "rate_bps": a.rate_bps})
+            r1 = await asyncio.to_thread(echo_rtt, host)
+            wan_probe.update(zero=r0, set=r1)
+        sb_proc = netns.spawn(a.ns_b, [sys.executable, __file__, "--standby-worker", str(replica_dir), str(size),
+                                       str(port_file), str(out_file), host])
         while not port_file.exists() or not port_file.read_text():
             await asyncio.sleep(0.05)
         port = int(port_file.read_text())
@@ -240,7 +312,7 @@ async def run(a, workdir: Path, replica_dir: Path) -> dict:
         cfg = PrimaryConfig(site="bench-a", compat={}, run_id="bench", interval_ms=a.interval_ms,
                             max_in_flight=a.max_in_flight)
         primary = TimedPrimary(cfg, guest, cap, gate,
-                               connect=lambda: transport.connect("127.0.0.1", port, max_frame=size + (64 << 20)))
+                               connect=lambda: transport.connect(host, port, max_frame=size + (64 << 20)))
         primary.on_session_commits = lambda: gate.set_mode(GateMode.HOLD)
         guest.primary = primary
         task = asyncio.create_task(primary.run())
@@ -269,7 +341,7 @@ async def run(a, workdir: Path, replica_dir: Path) -> dict:
         await gate.close()
         os.close(tap)
     rows = [T[e] for e in range(first, last + 1) if "released" in T[e] and "applied" in T[e] and "stop" in T[e]]
-    return {"rows": rows, "hold_ms": hold_ms, "client": client.lat, "interval_ms": a.interval_ms}
+    return {"rows": rows, "hold_ms": hold_ms, "client": client.lat, "interval_ms": a.interval_ms, "wan": wan_probe}
 
 
 STEPS = [  # (label, from, to)
@@ -287,7 +359,13 @@ STEPS = [  # (label, from, to)
 def report(r: dict, a) -> None:
     rows = r["rows"]
     total = [(x["released"] - x["sealed"]) * 1000 for x in rows]
-    print(f"\noutput-commit latency over loopback: {len(rows)} epochs, interval {a.interval_ms:g} ms, guest "
+    where = "loopback" if a.rtt is None else f"the lab WAN emulator at RTT {a.rtt:g} ms, {a.rate}"
+    w = r.get("wan") or {}
+    if w:
+        print(f"\nWAN emulator, UDP echo min/p50: configured 0 ms → {w['zero'][0]:.2f}/{w['zero'][1]:.2f} ms; "
+              f"configured {a.rtt:g} ms → {w['set'][0]:.2f}/{w['set'][1]:.2f} ms "
+              f"(+{w['set'][1] - a.rtt:.2f} ms over the setting)")
+    print(f"\noutput-commit latency over {where}: {len(rows)} epochs, interval {a.interval_ms:g} ms, guest "
           f"{a.memory} MB gm.dirty={a.dirty}, replica on {a.replica_dir} (fsync on)")
     print(f"{'step':38} {'p50 ms':>8} {'p99 ms':>8} {'share':>6}")
     tot_mean = statistics.mean(total)
@@ -304,9 +382,9 @@ def report(r: dict, a) -> None:
     wire = statistics.median(x["wire_bytes"] for x in rows)
     print(f"cycle (stop → next stop) p50 {cycle:.1f} ms, wire bytes/epoch p50 {wire / 1024:.0f} KiB")
     hold = r["hold_ms"]
-    floor = pause + (cycle - pause) / 2
+    floor = pause + (cycle - pause) / 2 + (a.rtt or 0)
     print(f"held frames: {len(hold)}, hold p50 {pct(hold, 50):.1f} ms p99 {pct(hold, 99):.1f} ms; "
-          f"floor pause + interval/2 = {floor:.1f} ms")
+          f"floor RTT + pause + interval/2 = {floor:.1f} ms")
     c = r["client"]
     if c.get("open") and c.get("protected"):
         o, p = c["open"], c["protected"]
@@ -317,7 +395,7 @@ def report(r: dict, a) -> None:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--standby-worker":
-        standby_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        standby_worker(*sys.argv[2:3], int(sys.argv[3]), *sys.argv[4:])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10)
@@ -327,6 +405,8 @@ def main() -> int:
     ap.add_argument("--dirty", default="16:1000", help="gm-dirty workload in the guest: MB:PAGES_PER_S")
     ap.add_argument("--replica-dir", default="/var/tmp", help="where the replica goes (the lab's is on /run, ext4)")
     ap.add_argument("--json", type=Path, help="also write the per-epoch timestamps here")
+    ap.add_argument("--rtt", type=float, help="put the lab's WAN emulator at this RTT (ms) between the sites")
+    ap.add_argument("--rate", default="100mbit", help="its rate with --rtt (0: unlimited)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/latency.py needs root (a TAP device in a private namespace)", file=sys.stderr)
@@ -337,21 +417,39 @@ def main() -> int:
     from geomirror import netns
 
     gl.setup(level="WARNING")
+    from lab.wanem import parse_rate_bps
+
     ns = f"gm-t-lat-{os.getpid()}"
-    netns.create(ns)
+    a.ns_b = ns if a.rtt is None else f"gm-t-latb-{os.getpid()}"
+    a.rate_bps = parse_rate_bps(a.rate) if a.rate not in ("0", "") else 0.0
+    for n in {ns, a.ns_b}:
+        netns.create(n)
     workdir = Path(tempfile.mkdtemp(prefix="gm-lat-", dir="/dev/shm"))
     replica_dir = Path(tempfile.mkdtemp(prefix="gm-lat-replica-", dir=a.replica_dir))
+    wan = None
     try:
+        for n in {ns, a.ns_b}:
+            with netns.inside(n), IPRoute() as ip:
+                ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
         netns.enter(ns)
-        with IPRoute() as ip:
-            ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+        if a.rtt is not None:
+            wan = start_wan(ns, a.ns_b, workdir)
+            for _ in range(200):
+                if (workdir / "wan.sock").exists():
+                    break
+                time.sleep(0.05)
+            udp_echo(a.ns_b, WAN_B.split("/")[0])
         import uvloop
 
         r = uvloop.run(run(a, workdir, replica_dir))
     finally:
+        if wan is not None:
+            wan.kill()
+            wan.wait()
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(replica_dir, ignore_errors=True)
-        netns.remove(ns)
+        for n in {ns, a.ns_b}:
+            netns.remove(n)
     if a.json:
         a.json.write_text(json.dumps({k: v for k, v in r.items()}))
     report(r, a)
