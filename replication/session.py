@@ -8,10 +8,13 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+import structlog
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from replication.transport import ChannelError, MsgType
+
+log = structlog.get_logger(__name__)
 
 BLOCK_PAGES = 16  # resync granularity: 64 KiB blocks
 HEARTBEAT = struct.Struct(">QQQ")  # seq, sender's monotonic ns, sender's lease generation
@@ -160,3 +163,21 @@ async def send_heartbeats(ch, period_s: float, generation_fn, upstream_fn=None) 
         up = False if upstream_fn is None else upstream_fn()
         await ch.send_heartbeat(heartbeat_payload(seq, time.monotonic_ns(), generation_fn(), up))
         await asyncio.sleep(period_s)
+
+
+async def run_to_end(fut: asyncio.Future):
+    """Await `fut` to its end even if the caller is cancelled meanwhile; then the caller's
+    cancellation is raised (the result of `fut` is dropped; an error of it is logged). For units
+    that must not be cut short (a checkpoint's pause, a standby's apply); `fut` itself is never
+    cancelled."""
+    cancelled: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.wait({fut})
+        except asyncio.CancelledError as e:
+            cancelled = e
+    if cancelled is None:
+        return fut.result()
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("replication.unit_failed_while_cancelled", error=str(fut.exception()) or repr(fut.exception()))
+    raise cancelled

@@ -1,8 +1,11 @@
 """Standby side: verify, journal, apply, acknowledge; and resume the guest from the replica.
 
-A checkpoint is acknowledged only after it is verified (AEAD), journalled, applied
-and recorded (`Replica.commit`); its disk blocks (a replica with a disk) in the same
-transaction as its RAM. The primary's guest disk must be the replica disk's size (HELLO
+A checkpoint is acknowledged once it is verified (AEAD), its replica check compared and its
+transaction durable in the replica's journal (`Replica.journal`); it is applied right after the
+ACK (`Replica.apply_journalled`), under the lock every other reader of the replica takes, so
+the next checkpoint, a new session and a takeover all see it applied, and a crash in between
+replays it (docs/replication.md, "What the ACK means"). Its disk blocks (a replica with a disk)
+are in the same transaction as its RAM. The primary's guest disk must be the replica disk's size (HELLO
 `disk_bytes`), else the session is refused with a sentence naming both and the file. Anything that fails verification, arrives out of
 order (a replayed or stale epoch) or breaks the protocol drops the connection with a
 clear log line and is never applied; the primary reconnects and resyncs.
@@ -38,8 +41,9 @@ from replication import verify
 from replication.progress import Progress
 from replication.qemu import Guest, GuestSpec
 from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, compat_mismatch, heartbeat_payload,
-                                 new_nonce, on_heartbeat_message, own_lateness, send_heartbeats, session_key)
-from replication.store import Replica, ReplicaError, ReplicaStorageError
+                                 new_nonce, on_heartbeat_message, own_lateness, run_to_end, send_heartbeats,
+                                 session_key)
+from replication.store import Replica, ReplicaError, ReplicaStorageError, _crash_point
 from replication.transport import (HELLO_DISK_KEY, HELLO_FRAMES_KEY, PROTOCOL_VERSION, Channel, ChannelError,
                                    MsgType, unpack_frames)
 
@@ -54,7 +58,8 @@ class StandbyStatus:
     valid: bool = False
     peer: str | None = None
     peer_cert_serial: str | None = None
-    last_apply_ms: float = 0.0
+    last_apply_ms: float = 0.0  # the last checkpoint, from its read to applied
+    last_journal_ms: float = 0.0  # ... from its read to durable in the journal (then the ACK goes)
     rejected_frames: int = 0
     sessions: int = 0
     problem: str | None = None  # why this site is not protecting the guest (one sentence), or None
@@ -289,24 +294,7 @@ class Standby:
                 if self._bar is not None:  # the first checkpoint after a sync ends it
                     self._bar.finish()
                     self._bar = None
-                t0 = time.perf_counter()
-                async with self._lock:
-                    epoch, diverged = await asyncio.to_thread(self._apply_checkpoint, codec, payload)
-                self.status.last_apply_ms = (time.perf_counter() - t0) * 1000
-                if diverged is not None:
-                    await self._on_diverged(ch, diverged)
-                self.status.committed_epoch = epoch
-                self.status.valid = True
-                self.status.state = "replicating"
-                if self.status.problem is not None:
-                    log.info("standby.protecting_again", epoch=epoch, peer=ch.peer, was=self.status.problem)
-                    self.status.problem = None
-                if self._forwarded:  # a handover's frames, and the primary went on: they are its guest's
-                    self.status.frames_dropped += len(self._forwarded)
-                    self.take_forwarded()
-                await ch.send(MsgType.ACK, _U64.pack(epoch))
-                if self.on_commit:
-                    self.on_commit(epoch)
+                await self._checkpoint(ch, codec, payload)
             elif mtype is MsgType.GUEST_FRAMES:
                 self._keep_forwarded(unpack_frames(payload, ch.peer))
             elif mtype is MsgType.SWITCHOVER and len(payload) == _U64.size:
@@ -371,7 +359,41 @@ class Standby:
         await ch.send_json(MsgType.DIVERGED, div.as_dict())
         raise ChannelError(f"replica diverged from {ch.peer}'s RAM at epoch {div.epoch}")
 
-    def _apply_checkpoint(self, codec, payload: bytes) -> tuple[int, verify.Divergence | None]:
+    async def _checkpoint(self, ch: Channel, codec, payload: bytes) -> None:
+        """One epoch: verify and journal it (durable), acknowledge it, then apply it. The ACK says
+        "durable in this site's journal" (docs/replication.md, "What the ACK means"): the apply
+        follows under the same lock, run to its end even if this task is cancelled, so nothing
+        that reads the replica (the next checkpoint, a new session, a takeover's stop_accepting)
+        can see it before the apply is done; a crash in between replays it from the journal."""
+        t0 = time.perf_counter()
+        async with self._lock:
+            epoch, diverged = await run_to_end(asyncio.ensure_future(
+                asyncio.to_thread(self._journal_checkpoint, codec, payload)))
+            self.status.last_journal_ms = (time.perf_counter() - t0) * 1000
+            try:
+                if diverged is None:
+                    await ch.send(MsgType.ACK, _U64.pack(epoch))
+                    _crash_point("after-ack")
+            finally:
+                await run_to_end(asyncio.ensure_future(asyncio.to_thread(self.replica.apply_journalled)))
+        self.status.last_apply_ms = (time.perf_counter() - t0) * 1000
+        if diverged is not None:
+            await self._on_diverged(ch, diverged)
+        self.status.committed_epoch = epoch
+        self.status.valid = True
+        self.status.state = "replicating"
+        if self.status.problem is not None:
+            log.info("standby.protecting_again", epoch=epoch, peer=ch.peer, was=self.status.problem)
+            self.status.problem = None
+        if self._forwarded:  # a handover's frames, and the primary went on: they are its guest's
+            self.status.frames_dropped += len(self._forwarded)
+            self.take_forwarded()
+        if self.on_commit:
+            self.on_commit(epoch)
+
+    def _journal_checkpoint(self, codec, payload: bytes) -> tuple[int, verify.Divergence | None]:
+        """In a thread: decode, check and journal the epoch (durable, not applied yet); compare its
+        replica check with the replica as it will be once applied."""
         hdr = codec_mod.peek_header(payload)
         if hdr.epoch <= self.replica.committed_epoch:
             raise ReplicaError(f"checkpoint for epoch {hdr.epoch} rejected: epoch {self.replica.committed_epoch} "
@@ -384,10 +406,10 @@ class Standby:
         base = self.replica.device_state() if d.header.dev_delta else b""
         if d.check is not None and (why := verify.problem(d.check, self.replica.size)):
             raise ChannelError(f"the checkpoint of epoch {d.epoch} carries a bad replica check: {why}")
-        self.replica.commit(d.epoch, d.page_numbers, new, d.device_state_from(base), d.disk_blocks, d.disk_data)
+        self.replica.journal(d.epoch, d.page_numbers, new, d.device_state_from(base), d.disk_blocks, d.disk_data)
         if d.check is None:
             return d.epoch, None
-        div = verify.compare(d.epoch, d.check, self.replica.ram.reshape(-1))
+        div = verify.compare_range(d.epoch, d.check, self.replica.range_after(d.check.offset, d.check.length))
         if div is None:
             self.status.verified += 1
             self.status.verified_bytes += d.check.length
@@ -416,6 +438,11 @@ class Standby:
             except (ChannelError, ConnectionError, OSError, asyncio.TimeoutError) as e:
                 log.info("standby.last_heartbeat_lost", peer=ch.peer, error=str(e) or type(e).__name__)
             ch.close()
+        await self.wait_applied()
+
+    async def wait_applied(self) -> None:
+        """Until no checkpoint is being journalled or applied: an acknowledged epoch (durable in
+        the journal) is then the replica's committed epoch."""
         async with self._lock:
             pass
 
@@ -430,6 +457,11 @@ async def start_hot_standby(spec: GuestSpec) -> Guest:
 
 async def resume(replica: Replica, spec: GuestSpec, hot: Guest | None = None) -> tuple[Guest, dict]:
     """Resume the guest from the committed replica. Returns the guest and a timing report."""
+    if replica.pending:  # a journalled epoch not applied yet (acknowledged, maybe): it first
+        try:
+            await asyncio.to_thread(replica.settle)
+        except ReplicaStorageError as e:  # the replica now says why it cannot be resumed
+            log.warning("standby.resume_replay_failed", error=str(e))
     if not replica.valid:
         raise ReplicaError(replica.problem or "the replica is not valid (no committed epoch since the last "
                            "initial sync); cannot resume")

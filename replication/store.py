@@ -19,13 +19,17 @@ by a commit record. Each record carries a blake2b checksum.
 
 What "committed" means on disk, in the order of the writes:
 
-1. journal append (every byte: a short write is continued) and fsync. From here the
-   journal holds a complete transaction: epoch N is *durable* — whatever happens next,
-   the replica comes out at N, by redo (full page contents, never deltas: idempotent).
+1. journal append (every byte: a short write is continued) and fsync (`journal`). From here
+   the journal holds a complete transaction: epoch N is *durable* — whatever happens next,
+   the replica comes out at N, by redo (full page contents, never deltas: idempotent). The
+   standby acknowledges N here (docs/replication.md, "What the ACK means").
 2. disk blocks written (``pwrite``), RAM apply and msync, the disk fsynced, ``device.state``
-   replaced, ``replica.json`` replaced with N: epoch N (RAM and disk) is *committed* — `commit` returns, the standby acknowledges it.
-3. journal truncated (a failure here is harmless: a transaction at or below the
-   committed epoch is never replayed; the next transaction first empties the journal).
+   replaced, ``replica.json`` replaced with N (`apply_journalled`): epoch N (RAM and disk) is
+   *applied*, `committed_epoch` says N. Nothing reads the replica between 1 and 2 (the
+   standby holds its lock across both; `journal` and `settle` apply a pending transaction first).
+3. journal truncated, not fsynced (a failure or a lost truncation is harmless: a transaction at
+   or below the committed epoch is never replayed; the next transaction first empties the
+   journal, and its fsync makes the new length durable).
 
 Failure rules (a full disk, an I/O error, a crash):
 
@@ -215,6 +219,9 @@ class Replica:
         self.problem: str | None = None  # why the replica is not usable, one sentence
         self.last_error: ReplicaStorageError | None = None  # the failure not yet overcome
         self._pending = False  # the journal holds a durable transaction not (fully) applied
+        self._txn: list | None = None  # that transaction's records (journal → apply_journalled)
+        self._txn_needed = 0  # free bytes it needs (for the report of a failed apply)
+        self._txn_epoch = 0  # its epoch
         self._journal_clean = True  # the journal is known to be empty
         self._txn_bytes = 0  # journal bytes of the open transaction
         self._needed = 0  # free bytes the failed work needs (space check before the next session)
@@ -493,11 +500,11 @@ class Replica:
             self._report(e, needed)
             raise
 
-    def _reset_journal(self, step: str = "journal-reset") -> None:
-        """Empty the journal durably (raises ReplicaStorageError if it cannot)."""
+    def _reset_journal(self, step: str = "journal-reset", sync: bool = True) -> None:
+        """Empty the journal, durably unless `sync` is False (raises ReplicaStorageError if it cannot)."""
         self._journal_clean = False
         self._io(step, self.journal_path, self._ops.ftruncate, self._journal_fd, 0)
-        if self.fsync:
+        if self.fsync and sync:
             self._io(step, self.journal_path, self._ops.fsync, self._journal_fd)
         self._journal_clean = True
         self._txn_bytes = 0
@@ -573,6 +580,7 @@ class Replica:
                         replayed = rec[1]
                     pending = []
         self._pending = False
+        self._txn = None
         if replayed is not None:
             self.problem = None
         self._truncate_after_commit()
@@ -584,9 +592,12 @@ class Replica:
 
     def _truncate_after_commit(self) -> None:
         """The committed epoch is recorded: empty the journal. A failure is logged, not raised (a
-        transaction at or below the committed epoch never replays; the next one resets first)."""
+        transaction at or below the committed epoch never replays; the next one resets first).
+        Not fsynced: a crash that loses the truncation leaves a transaction at or below the
+        committed epoch, which is never replayed, and the next transaction's fsync makes the file's
+        new length durable with its records."""
         try:
-            self._reset_journal("journal-truncate")
+            self._reset_journal("journal-truncate", sync=False)
         except ReplicaStorageError as e:
             log.warning("replica.journal_truncate_failed", path=str(self.journal_path), error=str(e),
                         committed_epoch=self.committed_epoch)
@@ -732,10 +743,22 @@ class Replica:
 
     def commit(self, epoch: int, page_numbers: np.ndarray, new_pages: np.ndarray, device_state: bytes,
                disk_blocks: np.ndarray | None = None, disk_data: np.ndarray | None = None) -> None:
-        """Make epoch `epoch` the replica: journal it, fsync, apply, record. Whole or nothing;
-        raises ReplicaStorageError when the disk fails (see the module docstring for the state
-        it leaves). `disk_blocks`/`disk_data`: the guest disk's blocks written in the epoch
-        (whole contents), journalled before the commit record and applied with the RAM."""
+        """Make epoch `epoch` the replica: journal it, fsync, apply, record (`journal`, then
+        `apply_journalled`). Whole or nothing; raises ReplicaStorageError when the disk fails (see
+        the module docstring for the state it leaves). `disk_blocks`/`disk_data`: the guest disk's
+        blocks written in the epoch (whole contents), journalled before the commit record and
+        applied with the RAM."""
+        self.journal(epoch, page_numbers, new_pages, device_state, disk_blocks, disk_data)
+        self.apply_journalled()
+
+    def journal(self, epoch: int, page_numbers: np.ndarray, new_pages: np.ndarray, device_state: bytes,
+                disk_blocks: np.ndarray | None = None, disk_data: np.ndarray | None = None) -> None:
+        """Step 1 of `commit`: append epoch `epoch`'s transaction to the journal and fsync it. When
+        this returns, the epoch is durable (`durable_epoch`): the replica comes out at it, by
+        `apply_journalled` now or by a replay after a crash. Nothing else may touch the replica
+        until `apply_journalled` (a transaction begun meanwhile applies this one first)."""
+        if self._pending:
+            self.settle()  # the previous transaction first (from the journal): epochs never overtake
         if epoch <= self.committed_epoch:
             raise ReplicaError(f"epoch {epoch} is not after the committed epoch {self.committed_epoch} "
                                "(a replayed or stale checkpoint)")
@@ -763,17 +786,62 @@ class Replica:
         _crash_point("after-journal")
         # Durable: from here the replica comes out at `epoch`, now or by a later replay.
         self._pending = True
-        needed = self._txn_bytes + _SLACK
+        self._txn_needed = self._txn_bytes + _SLACK
         txn = [(REC_BLOCK, self.committed_epoch, n, d, b"") for n, d in self._staged_list]
         txn += [(REC_DISK, self.committed_epoch, n, d, b"") for n, d in self._staged_disk]
         if disk is not None:
             txn.append((REC_DISK, epoch, disk[0], disk[1], b""))
         txn.append((REC_COMMIT, epoch, pages, new_pages, device_state))
+        self._txn, self._txn_epoch = txn, epoch
         self._staged.clear()
         self._staged_list.clear()
         self._staged_disk.clear()
         self._txn_bytes = 0
         self.syncing_initial = False
+
+    @property
+    def durable_epoch(self) -> int:
+        """The newest epoch the replica comes out at whatever happens next: the journalled one
+        not yet applied, else the committed one."""
+        if self._pending:  # cleared only once the apply recorded `committed_epoch`
+            return max(self._txn_epoch, self.committed_epoch)
+        return self.committed_epoch
+
+    @property
+    def pending(self) -> bool:
+        """The journal holds a durable transaction not (fully) applied yet."""
+        return self._pending
+
+    def range_after(self, offset: int, length: int) -> np.ndarray:
+        """Bytes offset..offset+length of RAM as they will be once the journalled transaction is
+        applied (a copy; RAM as it is when none is): the replica check of an epoch, before its apply."""
+        flat = self.ram.reshape(-1)
+        out = np.array(flat[offset:offset + length], copy=True)
+        ps, end = self.page_size, offset + length
+        for kind, _epoch, pages, data, _dev in (self._txn or []) if self._pending else []:
+            if kind == REC_DISK or not pages.size:
+                continue
+            pages = pages.astype(np.int64)
+            inside = np.flatnonzero((pages * ps < end) & ((pages + 1) * ps > offset))
+            for i in inside:
+                lo = int(pages[i]) * ps
+                a, b = max(lo, offset), min(lo + ps, end)
+                out[a - offset:b - offset] = data[i].reshape(-1)[a - lo:b - lo]
+        return out
+
+    def apply_journalled(self) -> None:
+        """Step 2 of `commit`: apply the journalled transaction to ram.img, the replica disk,
+        device.state and replica.json, so `committed_epoch` is the durable epoch; then empty the
+        journal. On a storage failure it replays from the journal; if that fails too the replica
+        is marked invalid (the journal kept for a later replay) and ReplicaStorageError raised."""
+        txn, self._txn = self._txn, None
+        if not self._pending:
+            return
+        if txn is None:  # the transaction is only in the journal (a failure came between): replay it
+            self.settle()
+            self._recovered()
+            return
+        needed = self._txn_needed
         try:
             self._apply(txn)
         except ReplicaStorageError as e:

@@ -7,8 +7,9 @@ standby has, so it cannot show a page the capture missed). The range is chosen b
 epoch number alone (`range_for`): `bytes_per_epoch` bytes (whole pages), moving on by that
 much every epoch and wrapping at the end of RAM, so any `cycle_epochs` consecutive epochs
 cover all of it. (offset, length, digest) travels inside the epoch's checkpoint frame
-(docs/wire-format.md); the standby, once that epoch is applied, hashes the same range of
-its replica and compares (`compare`). At that moment both hold epoch N, so they must be
+(docs/wire-format.md); the standby, once that epoch is journalled and before it acknowledges
+it, hashes the same range of its replica as epoch N leaves it (`Replica.range_after`) and
+compares (`compare_range`). Both then describe epoch N, so they must be
 equal byte for byte; a difference means a checkpoint failed to carry a write (a capture
 that missed a page), and is a `replica.diverged` (docs/replication.md says what follows).
 
@@ -104,7 +105,12 @@ def problem(check: RangeCheck, ram_size: int) -> str | None:
 
 def compare(epoch: int, check: RangeCheck, replica_ram: np.ndarray) -> Divergence | None:
     """Hash the same range of the replica (flat uint8, holding epoch `epoch`) and compare."""
-    found = digest(replica_ram[check.offset:check.end])
+    return compare_range(epoch, check, replica_ram[check.offset:check.end])
+
+
+def compare_range(epoch: int, check: RangeCheck, contents: np.ndarray) -> Divergence | None:
+    """Compare `check` with the replica's contents of its range at epoch `epoch` (flat uint8)."""
+    found = digest(contents)
     if found == check.digest:
         return None
     return Divergence(epoch, check.offset, check.length, check.digest, found)

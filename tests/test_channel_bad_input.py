@@ -107,6 +107,8 @@ async def good_session(port, pki, start_epoch=1, n=2):
 async def test_good_peer_commits(standby, pki):
     sb, port = standby
     assert await good_session(port, pki) == [1, 2]
+    assert sb.replica.durable_epoch == 2  # what the ACK says; the apply follows it
+    await sb.stop_accepting()  # a takeover waits for that apply
     assert sb.replica.committed_epoch == 2
 
 
@@ -149,6 +151,7 @@ async def test_plain_tcp_garbage_is_dropped(standby, pki):
 async def test_bad_frames_never_applied(standby, pki, case, caplog):
     sb, port = standby
     assert await good_session(port, pki) == [1, 2]
+    await sb.wait_applied()
     before = sb.replica.ram.copy()
     good, _ = pki
     ch = await connect("127.0.0.1", port, ssl=client_ctx(good, "site-a"), server_hostname="site-b")

@@ -207,6 +207,7 @@ class DiskPair:
             pass
         mark = self.primary.status.epoch + 1
         await until(lambda: self.protected_past(mark), timeout=60, what=f"an acknowledged epoch after {mark}")
+        await self.standby.wait_applied()  # the ACK says durable; the apply follows it
 
     async def committed_matches_snapshot(self) -> int:
         """Under the standby's lock (no apply running): the replica's disk and RAM are both the
@@ -292,7 +293,7 @@ async def test_initial_sync_sends_only_chunks_with_data_and_a_broken_session_res
         assert pair.disk_equal()
         pair.guest.writing = True
         await until(lambda: pair.guest.disk_writes >= 50, timeout=60, what="disk writes")
-        apply, lost = pair.standby._apply_checkpoint, []
+        journal, lost = pair.standby._journal_checkpoint, []
 
         def link_breaks_with_a_disk_frame_in_flight(codec, payload):
             h = codec_mod.peek_header(payload)
@@ -300,9 +301,9 @@ async def test_initial_sync_sends_only_chunks_with_data_and_a_broken_session_res
                 lost.append(h.epoch)
                 pair.guest.writing = False  # its blocks are not written again: only a resync brings them
                 raise transport.ChannelError("the link broke with this frame in flight")
-            return apply(codec, payload)
+            return journal(codec, payload)
 
-        pair.standby._apply_checkpoint = link_breaks_with_a_disk_frame_in_flight
+        pair.standby._journal_checkpoint = link_breaks_with_a_disk_frame_in_flight
         await until(lambda: lost and pair.primary.status.sessions >= 2 and pair.protected_past(lost[0]),
                     timeout=60, what="protection again")
         assert pair.primary.status.last_sync_mode == "resync" and pair.primary.status.last_disk_sync_chunks > 0
@@ -441,9 +442,10 @@ def test_the_standby_rejects_a_tampered_disk_section_and_applies_nothing(tmp_pat
         bad = bytearray(frame)
         bad[codec_mod.HEADER_SIZE + h.body_len - 10] ^= 0x40
         with pytest.raises(codec_mod.IntegrityError):
-            sb._apply_checkpoint(c, bytes(bad))
+            sb._journal_checkpoint(c, bytes(bad))
         assert replica.committed_epoch == 0 and replica_disk.read_bytes() == bytes(16 << 20)
-        sb._apply_checkpoint(c, frame)  # the frame as sent applies
+        sb._journal_checkpoint(c, frame)  # the frame as sent is journalled, then applied
+        replica.apply_journalled()
         disk = np.frombuffer(replica_disk.read_bytes(), np.uint8).reshape(-1, 4096)
         assert replica.committed_epoch == 7 and np.array_equal(disk[blocks.astype(np.intp)], data)
     finally:

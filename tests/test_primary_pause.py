@@ -162,3 +162,15 @@ async def test_the_watchdog_does_not_count_its_own_stall_as_silence(primary):
     with pytest.raises(ChannelError, match="no word from the standby"):
         await asyncio.wait_for(dog, 10)
     work.cancel()
+
+
+def test_epoch_latency_gives_p50_and_p99_per_step_of_acknowledged_epochs():
+    from replication.primary import EpochRecord, epoch_latency
+
+    recs = [EpochRecord(e, pause_ms=float(e), dirty_pages=0, dirty_bytes=0, wire_bytes=0, device_state_bytes=0,
+                        sent_at=10.0, interval_ms=25, acked_at=10.0 + e / 1000, encode_ms=2.0, send_ms=0.5)
+            for e in range(1, 101)]
+    lat = epoch_latency(recs)
+    assert lat["pause"] == [51.0, 100.0] and lat["encode"] == [2.0, 2.0] and lat["send"] == [0.5, 0.5]
+    assert lat["ack"][0] == pytest.approx(51.0) and lat["ack"][1] == pytest.approx(100.0)
+    assert epoch_latency([]) == {"pause": None, "encode": None, "send": None, "ack": None}

@@ -148,6 +148,7 @@ class Pair:
         await asyncio.sleep(0.01)
         mark = self.primary.status.epoch + 1
         await until(lambda: self.protected_past(mark), what=f"an acknowledged epoch after {mark}")
+        await self.standby.wait_applied()  # the ACK says durable; the apply follows it
 
     def replica_matches(self) -> bool:
         return np.array_equal(self.replica.ram, self.guest.ram)

@@ -90,6 +90,7 @@ async def test_full_disk_stops_protection_visibly_and_it_comes_back(small_fs, pk
     ram = np.zeros((RAM // 4096, 4096), np.uint8)
     try:
         assert await session(port, pki, ram, [1, 2]) == [1, 2]
+        await sb.wait_applied()  # the ACK says durable; epoch 2's apply follows it
         filler = fill_to(small_fs, 0)
         before = replica.ram.copy()
         with structlog.testing.capture_logs() as logs:
@@ -123,29 +124,38 @@ async def test_full_disk_stops_protection_visibly_and_it_comes_back(small_fs, pk
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 async def test_replica_left_mixed_is_replayed_or_resynced_never_trusted(tmp_path, pki, err):
-    """The checkpoint is journalled but cannot be applied (device.state cannot be written):
-    RAM is part epoch 2, part 3. The next session either replays it (the disk works again) or,
-    while it fails with something other than a full disk, resyncs by block hashes."""
+    """The checkpoint is journalled (durable: acknowledged) but cannot be applied (device.state
+    cannot be written): RAM is part epoch 2, part 3, and the standby stops protecting. The next
+    session either replays it (the disk works again) or, while it fails with something other
+    than a full disk, resyncs by block hashes."""
     ops = Faults()
     replica = Replica(tmp_path / "replica", RAM, fsync=False, ops=ops)
     replica.open()
     sb, server, port = await serve_standby(replica, pki)
     ram = np.zeros((RAM // 4096, 4096), np.uint8)
+    state = "disk_full" if err == errno.ENOSPC else "disk_failed"
     try:
         assert await session(port, pki, ram, [1, 2]) == [1, 2]
+        await sb.wait_applied()
         ops.fail("device-state", err, times=3)  # the apply, its replay, the replay at the next HELLO
-        with pytest.raises(PeerRefused, match="device.state failed with " + errno.errorcode[err]):
-            await session(port, pki, ram, [3])
-        assert sb.status.state == ("disk_full" if err == errno.ENOSPC else "disk_failed")
+        assert await session(port, pki, ram, [3]) == [3]  # durable in the journal: acknowledged
+        await sb.wait_applied()
+        for _ in range(200):  # the session that failed refuses its primary after the ACK
+            if sb.status.state == state:
+                break
+            await asyncio.sleep(0.01)
+        assert sb.status.state == state
+        assert "device.state failed with " + errno.errorcode[err] in sb.status.problem
         assert not replica.valid and "not usable" in replica.problem
         if err == errno.ENOSPC:
             with pytest.raises(PeerRefused, match="No space left"):
-                await session(port, pki, ram, [3])
+                await session(port, pki, ram, [4])
             # the disk works again: the journalled epoch 3 is replayed, the primary resyncs from it
             assert await session(port, pki, ram, [4]) == [4]
         else:
             # an I/O error: the replica is not trusted; the primary resyncs it from its block hashes
-            assert await session(port, pki, ram, [3, 4]) == [3, 4]
+            assert await session(port, pki, ram, [4]) == [4]
+        await sb.wait_applied()
         assert replica.valid and replica.committed_epoch == 4
         assert np.array_equal(replica.ram, ram), "the replica differs from the primary's RAM"
         assert sb.status.state == "replicating" and sb.status.problem is None

@@ -1,0 +1,117 @@
+"""The point the standby acknowledges: "durable in its journal" (docs/replication.md, "What the
+ACK means"). The apply follows the ACK; these tests hold the two rules that make that safe:
+
+- a standby killed after it sent ACK N, anywhere before N's apply ends, comes out at N (the
+  journal replays it), with N's RAM and device state: nothing acknowledged is lost;
+- a takeover right after the last ACK (`stop_accepting`, then `resume`) sees N applied, never
+  N-1 or a mix.
+
+Real Standby, codec, channel and replica; the primary is the protocol driver of
+tests/test_channel_bad_input.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from replication.standby import Standby, resume
+from replication.store import FileOps, Replica
+from replication.transport import connect, serve
+from tests.test_channel_bad_input import COMPAT, RAM, GoodPrimary
+
+ROOT = Path(__file__).parent.parent
+# after the ACK: right after it is sent, and at each step of the apply that follows
+AFTER_ACK = ["after-ack", "mid-ram", "after-ram", "after-device-state", "after-meta"]
+
+
+async def start_worker(d: Path, crash_at: str) -> tuple[subprocess.Popen, int]:
+    port_file = d.parent / f"{d.name}.port"
+    env = dict(os.environ, GEOMIRROR_CRASH_AT=crash_at, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.standby_worker", str(d), str(port_file)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1000):
+        if port_file.exists() and port_file.read_text():
+            return proc, int(port_file.read_text())
+        assert proc.poll() is None, "the standby worker exited at start"
+        await asyncio.sleep(0.01)
+    raise AssertionError("the standby worker did not listen")
+
+
+@pytest.mark.parametrize("point", AFTER_ACK)
+async def test_a_standby_killed_after_its_ack_comes_out_at_the_acknowledged_epoch(tmp_path, point):
+    d = tmp_path / "replica"
+    proc, port = await start_worker(d, point)
+    try:
+        p = GoodPrimary(await connect("127.0.0.1", port))
+        reply = await p.hello()
+        assert not reply["valid"]
+        await p.initial_sync()
+        acked = await p.checkpoint(1)  # returns only once ACK 1 is read
+        p.ch.close()
+        assert acked == 1
+        assert await asyncio.to_thread(proc.wait, 30) == -signal.SIGKILL, f"the worker was meant to die at {point}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r = Replica(d, RAM)
+    try:
+        rep = r.open()
+        assert rep.committed_epoch == 1 and rep.valid, f"acknowledged epoch 1 lost after a crash at {point} ({rep})"
+        assert np.array_equal(r.ram, p.ram), f"the replica is not the acknowledged epoch's RAM ({point})"
+        assert r.device_state() == b"dev1"
+    finally:
+        r.close()
+
+
+class SlowApply(FileOps):
+    """The apply's RAM write-back takes long: a takeover that did not wait for it would see N-1."""
+
+    def msync(self, step, m):
+        time.sleep(0.3)
+        super().msync(step, m)
+
+
+class ResumedGuest:
+    """What `resume` asks of the hot standby QEMU: records the device state it is given."""
+
+    running = True
+
+    def __init__(self):
+        self.device_state: bytes | None = None
+
+    async def load_device_state(self, data: bytes) -> None:
+        self.device_state = data
+
+    async def cont(self) -> None:
+        pass
+
+
+async def test_a_takeover_right_after_the_last_ack_resumes_that_epoch_applied(tmp_path):
+    replica = Replica(tmp_path / "replica", RAM, ops=SlowApply())
+    replica.open()
+    sb = Standby(replica, COMPAT, "site-b", refuse_delay_s=0)
+    server = await serve("127.0.0.1", 0, sb.handle, max_frame=1 << 20)
+    try:
+        p = GoodPrimary(await connect("127.0.0.1", server.sockets[0].getsockname()[1]))
+        await p.hello()
+        await p.initial_sync()
+        assert [await p.checkpoint(e) for e in (1, 2)] == [1, 2]
+        assert replica.durable_epoch == 2 and replica.pending  # acknowledged; its apply still runs
+        await sb.stop_accepting()  # the takeover's first step
+        assert replica.committed_epoch == 2 and not replica.pending
+        hot = ResumedGuest()
+        _, timings = await resume(replica, None, hot)
+        assert timings["epoch"] == 2 and hot.device_state == b"dev2"
+        assert np.array_equal(replica.ram, p.ram)
+        p.ch.close()
+    finally:
+        server.close()
+        replica.close()
