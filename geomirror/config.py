@@ -206,6 +206,10 @@ class CheckpointSection:
     # planned switchover: the guest's inbound frames that reach the old primary after its final
     # epoch are sent to the new site and given to the resumed guest (else lost to TCP retransmission)
     handover_forward_frames: bool = True
+    # guest disk (guest.disk): written bytes recorded and not yet sent to the standby above which
+    # the guest's write replies are held (backpressure: the guest writes no faster than the WAN
+    # carries); applies only while a replication session runs
+    disk_unsent_cap_mb: int = 64
 
 
 @dataclass(frozen=True)
@@ -639,7 +643,7 @@ def load_site(path) -> SiteConfig:
                    {"interval_ms": (1, 60_000), "min_interval_ms": (1, 60_000), "max_interval_ms": (1, 60_000),
                     "latency_budget_ms": (1, 600_000), "max_wan_mbit": (0, 1e6), "max_in_flight": (1, 64),
                     "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000),
-                    "verify_bytes_per_epoch": (0, 64 << 20)})
+                    "verify_bytes_per_epoch": (0, 64 << 20), "disk_unsent_cap_mb": (1, 65536)})
     if ck.verify_bytes_per_epoch % 4096:
         raise L.err("checkpoint.verify_bytes_per_epoch", f"{ck.verify_bytes_per_epoch} is not a multiple of the "
                     "4096-byte page (e.g. 262144 for 256 KiB; 0 turns the replica check off)")

@@ -28,6 +28,14 @@ the reply to a write is held until ``release`` brings it under the cap. Because 
 ``stop`` waits for in-flight writes, a held reply would also hold ``stop``; the
 checkpoint calls ``checkpoint_starting()`` before ``stop``, which lets held replies go
 until the next ``seal()``.
+
+Recording only while a session runs: with no session nothing seals or sends, so an
+open epoch that kept every written block would grow up to the disk's size. The next
+session's disk sync by chunk hashes finds those blocks anyway, so the replication
+layer calls ``stop_recording()`` when no session runs (the open epoch's copies are
+dropped, nothing is recorded, the cap holds nothing) and ``start_recording()`` as the
+session's disk sync begins (before it reads the image: a block written before its
+chunk is read is in what the sync reads, one written after is recorded).
 """
 
 from __future__ import annotations
@@ -168,7 +176,7 @@ class ExtentLog:
     (docs/disk.md)."""
 
     def __init__(self, block_size: int = BLOCK_SIZE, cap_bytes: int | None = None, first_epoch: int = 1,
-                 chunk_blocks: int = CHUNK_BLOCKS):
+                 chunk_blocks: int = CHUNK_BLOCKS, recording: bool = True):
         self.block_size = block_size
         self.chunk_blocks = chunk_blocks
         self.cap_bytes = cap_bytes
@@ -182,7 +190,11 @@ class ExtentLog:
         self.unsent_bytes = 0
         self._stop_pending = False  # checkpoint_starting() .. seal(): held replies may go
         self._closed = False
-        self.delayed_replies = 0
+        self.recording = recording  # off: writes are not recorded and the cap holds nothing (no session)
+        self.delayed_replies = 0  # write replies held by the cap
+        self.delayed_s = 0.0  # the time they were held, summed
+        self.stop_releases = 0  # checkpoints whose checkpoint_starting() let held replies go
+        self._waiting = 0  # replies held right now
 
     def _slot_view(self, b: int) -> memoryview:
         """The arena slot of block ``b`` in the open epoch, allocated on its first write."""
@@ -227,7 +239,7 @@ class ExtentLog:
         Call with ``lock`` held. Whole blocks are copied from ``data``; a block the write
         covers only in part is read back whole."""
         bs = self.block_size
-        if not data:
+        if not data or not self.recording:
             return
         mv = memoryview(data)
         end = offset + len(mv)
@@ -243,6 +255,8 @@ class ExtentLog:
 
     def record_zeroes(self, offset: int, length: int, read_block: Callable[[int], bytes]) -> None:
         """Record a zeroed range (WRITE_ZEROES). Call with ``lock`` held."""
+        if not self.recording:
+            return
         bs = self.block_size
         end = offset + length
         zero = bytes(bs)
@@ -254,24 +268,63 @@ class ExtentLog:
         """Unlocked peek for the fast path; ``wait_under_cap`` decides under the lock."""
         return self.cap_bytes is not None and self.unsent_bytes > self.cap_bytes
 
+    def _must_wait(self) -> bool:
+        return (self.unsent_bytes > self.cap_bytes and self.recording and not self._stop_pending
+                and not self._closed)
+
     def wait_under_cap(self) -> None:
         """Before answering a write: wait while the unsent bytes are over the cap (not during a
-        checkpoint's ``stop``, and never once closed)."""
+        checkpoint's ``stop``, not while nothing is recorded, and never once closed)."""
         if self.cap_bytes is None:
             return
         with self._cond:
-            if self.unsent_bytes <= self.cap_bytes or self._stop_pending or self._closed:
+            if not self._must_wait():
                 return
             self.delayed_replies += 1
-            while self.unsent_bytes > self.cap_bytes and not self._stop_pending and not self._closed:
-                self._cond.wait()
+            self._waiting += 1
+            t0 = time.monotonic()
+            try:
+                while self._must_wait():
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+                self.delayed_s += time.monotonic() - t0
 
     def checkpoint_starting(self) -> None:
         """The checkpoint is about to ``stop`` the guest: let held replies go (``stop`` waits for
         in-flight writes) until ``seal``."""
         with self._cond:
+            if self._waiting:
+                self.stop_releases += 1
             self._stop_pending = True
             self._cond.notify_all()
+
+    def _drop_open_epoch(self) -> int:
+        """Forget the open epoch's blocks (call under the lock); returns their bytes."""
+        dropped = len(self._order) * self.block_size
+        self._slots, self._order, self._chunks, self._views = {}, [], [], []
+        self.unsent_bytes = max(0, self.unsent_bytes - dropped)
+        return dropped
+
+    def start_recording(self) -> int:
+        """A session's disk sync is about to read the image: drop what the open epoch holds (the
+        sync reads it from the image) and record every write from now on. Returns the bytes dropped."""
+        with self._cond:
+            dropped = self._drop_open_epoch()
+            self.recording = True
+            self._cond.notify_all()
+        return dropped
+
+    def stop_recording(self) -> int:
+        """No session runs: drop the open epoch's blocks and record nothing until
+        ``start_recording`` (the next session's disk sync finds those writes by their chunk
+        hashes). Held replies go. Returns the bytes dropped."""
+        with self._cond:
+            dropped = self._drop_open_epoch()
+            self.recording = False
+            self._stop_pending = False
+            self._cond.notify_all()
+        return dropped
 
     def seal(self, epoch: int | None = None) -> SealedExtents:
         """Close the open epoch and open the next; O(1). ``epoch``: the number the
@@ -300,6 +353,11 @@ class ExtentLog:
     def open_blocks(self) -> int:
         return len(self._order)
 
+    @property
+    def arena_bytes(self) -> int:
+        """Memory the open epoch's block copies take (its arena chunks)."""
+        return len(self._chunks) * self.chunk_blocks * self.block_size
+
 
 # -- the server -----------------------------------------------------------------------------
 def _recv_exact(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytearray:
@@ -324,13 +382,14 @@ class NbdServer:
     """One raw image served over NBD on a unix socket (mode 0600), writes recorded in ``extents``."""
 
     def __init__(self, image: Path, socket_path: Path, *, export_name: str = "",
-                 cap_bytes: int | None = None, sync_on_flush: bool = False, block_size: int = BLOCK_SIZE):
+                 cap_bytes: int | None = None, sync_on_flush: bool = False, block_size: int = BLOCK_SIZE,
+                 recording: bool = True):
         self.image = Path(image)
         self.socket_path = Path(socket_path)
         self.export_name = export_name
         self.sync_on_flush = sync_on_flush
         self.block_size = block_size
-        self.extents = ExtentLog(block_size, cap_bytes)
+        self.extents = ExtentLog(block_size, cap_bytes, recording=recording)
         self.size = 0
         self._fd = -1
         self._listener: socket.socket | None = None
@@ -424,6 +483,12 @@ class NbdServer:
 
     def release(self, nbytes: int) -> None:
         self.extents.release(nbytes)
+
+    def start_recording(self) -> int:
+        return self.extents.start_recording()
+
+    def stop_recording(self) -> int:
+        return self.extents.stop_recording()
 
     # threads
     def _accept_loop(self) -> None:

@@ -21,7 +21,12 @@ disk blocks the guest wrote in N: the extent log is sealed right after `stop` (O
 blocks travel in N's frame under the same AEAD as its RAM, so the standby applies both as one
 transaction. Each session first syncs the disk by 64 KiB chunk hashes (the standby sends
 them), so blocks of epochs that were sealed but never committed (a broken session, a
-restarted service whose extent log died with it) reach the standby that way. docs/disk.md.
+restarted service whose extent log died with it) reach the standby that way. For the same
+reason the disk server records writes only while a session runs: from the start of its disk
+sync to its end (`start_recording`/`stop_recording`); with no session nothing is kept, so the
+service's memory does not grow with what the guest writes while its standby is away, and the
+disk server's cap (backpressure) only ever holds the guest while a session can release it.
+docs/disk.md.
 """
 
 from __future__ import annotations
@@ -118,6 +123,11 @@ class PrimaryStatus:
     disk_blocks_total: int = 0  # disk blocks carried in checkpoints since this primary began
     last_disk_sync_bytes: int = 0  # wire bytes of the last session's disk sync
     last_disk_sync_chunks: int = 0  # 64 KiB chunks it sent (of disk_bytes / 64 KiB)
+    disk_recording: bool = False  # the disk server records writes (a session runs)
+    disk_unsent_bytes: int = 0  # recorded disk bytes not yet sent (open epoch + sealed epochs)
+    disk_unsent_cap_bytes: int = 0  # the write cap (0: none)
+    disk_write_delays: int = 0  # guest writes whose reply the cap held
+    disk_write_delay_ms: float = 0.0  # the time they were held, summed
 
 
 def epoch_latency(records: list[EpochRecord]) -> dict:
@@ -193,6 +203,7 @@ class Primary:
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
+        self._disk_recording(False, "no session yet")
         watch = asyncio.create_task(self._guest_watch())
         try:
             await self._run_sessions()
@@ -247,8 +258,10 @@ class Primary:
                 await asyncio.sleep(1.0)
             finally:
                 ch.close()
-                # sealed extents that never left: the next session's disk sync carries their blocks
+                # sealed extents that never left: the next session's disk sync carries their blocks,
+                # and it finds the blocks written until then too: keep none of them meanwhile
                 self._release_disk(self._disk_unreleased)
+                self._disk_recording(False, "session ended")
                 if self._ch is ch:
                     self._ch = self._codec = None
                 if self._fwd_ch is ch:
@@ -416,6 +429,9 @@ class Primary:
         guest running: a block written after it was read here is in the open epoch, which the
         first checkpoint carries (applied after these). Returns the wire bytes."""
         nbd, t0 = self.nbd, time.monotonic()
+        # before the first read: a write that lands before its chunk is read is in what the sync
+        # reads, one after it is recorded in the open epoch, which the first checkpoint carries
+        self._disk_recording(True, "disk sync begins")
         fd = os.open(nbd.image, os.O_RDONLY | os.O_CLOEXEC)
         sent = chunks = 0
         try:
@@ -451,6 +467,14 @@ class Primary:
                              page_numbers=np.empty(0, np.uint64), new_pages=np.empty((0, ps), np.uint8),
                              disk_blocks=np.concatenate(blocks), disk_data=np.concatenate(data))
         return frame, len(data)
+
+    def _disk_recording(self, on: bool, why: str) -> None:
+        """Start or stop the disk server's recording of writes (see the module docstring)."""
+        if self.nbd is None:
+            return
+        dropped = self.nbd.start_recording() if on else self.nbd.stop_recording()
+        self.status.disk_recording = on
+        log.info("primary.disk_recording", recording=on, why=why, dropped_bytes=dropped)
 
     def _release_disk(self, nbytes: int) -> None:
         """Sealed disk bytes have left (or are given up): the guest's writes may go on (nbd cap)."""
@@ -745,6 +769,10 @@ class Primary:
 
     def summary(self) -> dict:
         s = self.status
+        if self.nbd is not None:
+            ext = self.nbd.extents
+            s.disk_unsent_bytes, s.disk_unsent_cap_bytes = ext.unsent_bytes, ext.cap_bytes or 0
+            s.disk_write_delays, s.disk_write_delay_ms = ext.delayed_replies, round(ext.delayed_s * 1000, 1)
         d = {k: v for k, v in s.__dict__.items() if k != "pauses_ms"}
         d.update(self.link.as_dict())
         d["latency_ms"] = epoch_latency(self.history[-200:])

@@ -143,6 +143,9 @@ BAD = {
                                       "checkpoint.verify_bytes_per_epoch", "not a multiple of the 4096-byte page"),
     "replica check too large": (put("checkpoint", "verify_bytes_per_epoch", str(128 << 20)),
                                 "checkpoint.verify_bytes_per_epoch", "out of range"),
+    "disk cap zero": (put("checkpoint", "disk_unsent_cap_mb", "0"), "checkpoint.disk_unsent_cap_mb", "out of range"),
+    "disk cap not an int": (put("checkpoint", "disk_unsent_cap_mb", '"64M"'), "checkpoint.disk_unsent_cap_mb",
+                            "must be"),
     "pass-through not an array": (put("checkpoint", "pass_through", '"udp:6000"'), "checkpoint.pass_through",
                                   "must be an array of strings"),
     "pass-through no port": (put("checkpoint", "pass_through", '["udp"]'), "checkpoint.pass_through",
@@ -402,6 +405,11 @@ def test_pass_through_is_off_by_default_and_parses_udp_ranges(tmp_path):
     assert [p for k, p in sip.warnings if k == "checkpoint.pass_through"] == [
         "covers UDP 5060, 5061 (SIP): signalling released before its epoch commits can be answered twice or "
         "forgotten after a failover; pass media (RTP) only"]
+
+
+def test_the_disk_write_cap_defaults_to_64_mb(tmp_path):
+    assert _load(tmp_path, BASE)[1].checkpoint.disk_unsent_cap_mb == 64
+    assert _load(tmp_path, put("checkpoint", "disk_unsent_cap_mb", "512"))[1].checkpoint.disk_unsent_cap_mb == 512
 
 
 def test_replica_check_is_on_by_default_and_can_be_turned_off(tmp_path):

@@ -21,6 +21,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,24 @@ class DiskGuest(StandInGuest):
             await self.qmp.execute("cont")
             self.running = True
 
+    async def write_sync(self, offset: int, length: int, pattern: int, timeout: float = 30.0) -> float:
+        """One write through QEMU's block layer that returns only once the NBD server has answered
+        it (HMP ``qemu-io write``, a queue depth of one); issued while the guest runs. Returns the
+        seconds it took, the wait for the guest to run excluded."""
+        while True:
+            async with self.io:
+                if self.running:
+                    t0 = time.monotonic()
+                    try:
+                        await asyncio.wait_for(self.qmp.execute(
+                            "human-monitor-command",
+                            {"command-line": f'qemu-io d0 "write -P {pattern} {offset} {length}"'}), timeout)
+                    except asyncio.TimeoutError:
+                        raise AssertionError(f"a {length}-byte write at {offset} got no reply within {timeout:g}s "
+                                             "(held by the disk cap with nothing to release it)") from None
+                    return time.monotonic() - t0
+            await asyncio.sleep(0.001)
+
     async def write_disk_forever(self):
         rng = self.disk_rng
         while True:
@@ -147,9 +167,30 @@ class DropsOneDiskBlock(Primary):
         return super()._encode_epoch(codec, n, dirty, dev, base, check, sealed)
 
 
+class Peak:
+    """Samples the disk server's unsent bytes and the open epoch's arena in a thread (every ~0.5 ms)."""
+
+    def __init__(self, nbd: NbdServer):
+        self.ext, self.unsent, self.arena, self.samples = nbd.extents, 0, 0, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.0005):
+            self.unsent = max(self.unsent, self.ext.unsent_bytes)
+            self.arena = max(self.arena, self.ext.arena_bytes)
+            self.samples += 1
+
+    def stop(self) -> "Peak":
+        self._stop.set()
+        self._t.join()
+        return self
+
+
 class DiskPair:
     def __init__(self, tmp: Path, *, primary_disk: int = DISK, replica_disk: int | None = DISK,
-                 primary_cls=Primary, image_init=None):
+                 primary_cls=Primary, image_init=None, cap_bytes: int | None = None):
         ram_path = tmp / "guest.ram"
         ram_path.write_bytes(np.random.default_rng(1).integers(0, 256, RAM, dtype=np.uint8).tobytes())
         self.image = tmp / "disk.raw"
@@ -157,7 +198,10 @@ class DiskPair:
             f.truncate(primary_disk)  # sparse
         if image_init:
             image_init(self.image)
-        self.nbd = NbdServer(self.image, tmp / "nbd.sock")
+        self.nbd = NbdServer(self.image, tmp / "nbd.sock", cap_bytes=cap_bytes)
+        self.refuse = False  # the standby cannot be reached: no session
+        self.checkpoint_send_s = 0.0  # a slow WAN: each checkpoint takes this long to leave
+        self.ch = None
         self.guest = DiskGuest(ram_path, tmp, self.nbd.socket_path, self.image)
         self.capture = Capture(ram_path, RAM)
         self.replica_disk = None
@@ -176,7 +220,19 @@ class DiskPair:
         self.tasks: list[asyncio.Task] = []
 
     async def _connect(self):
-        return await transport.connect("127.0.0.1", self.port)
+        if self.refuse:
+            raise OSError("the standby is unreachable (test)")
+        ch = await transport.connect("127.0.0.1", self.port)
+        send = ch.send
+
+        async def send_slowly(mtype, payload=b""):
+            if mtype is transport.MsgType.CHECKPOINT and self.checkpoint_send_s:
+                await asyncio.sleep(self.checkpoint_send_s)
+            await send(mtype, payload)
+
+        ch.send = send_slowly
+        self.ch = ch
+        return ch
 
     async def __aenter__(self):
         await self.guest.start()
@@ -190,6 +246,9 @@ class DiskPair:
         self.primary.stop()
         for t in self.tasks:
             t.cancel()
+        _, stuck = await asyncio.wait(self.tasks, timeout=30)
+        if stuck:  # a checkpoint's `stop` waits for a write the cap holds (a deadlock): closing the server ends it
+            self.nbd.close()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.guest.close()
         self.server.close()
@@ -354,6 +413,90 @@ async def test_a_restarted_service_loses_its_extent_log_and_the_next_sessions_di
         await pair.committed_matches_snapshot()
         print(f"\n{unsent} blocks recorded by the old service and never sent; the new session's disk sync sent "
               f"{st.last_disk_sync_chunks} chunks ({st.last_disk_sync_bytes} bytes)")
+
+
+CAP = 256 << 10
+W64 = 64 << 10
+
+
+@needs_qemu
+async def test_with_no_session_the_disk_server_keeps_nothing_and_the_cap_holds_no_write(tmp_path):
+    """Before the first session and after a session is lost (a takeover with the peer gone), the
+    guest writes 4x the cap: no write waits and the service keeps no block copies (the open epoch
+    would otherwise hold every block written, up to the disk's size). The next session's disk sync
+    by chunk hashes brings those writes to the standby: the replica ends as the primary's image."""
+    async with DiskPair(tmp_path, cap_bytes=CAP) as pair:
+        pair.guest.writing = False  # only the writes below
+        ext = pair.nbd.extents
+        figures = []
+        for phase in ("before the first session", "after the session was lost"):
+            if phase == "before the first session":
+                pair.refuse = True
+            else:
+                await until(lambda: pair.protected_past(1), timeout=60, what="protection")
+                pair.refuse = True
+                pair.ch.close()  # the standby is gone
+                await until(lambda: pair.primary.status.state in ("connecting", "disconnected"), timeout=30,
+                            what="the session to end")
+            base = 0 if phase.startswith("before") else 4 * CAP
+            peak = Peak(pair.nbd)
+            took = [await pair.guest.write_sync(base + i * W64, W64, 1 + i % 250) for i in range(4 * CAP // W64)]
+            peak.stop()
+            assert not ext.recording and ext.open_blocks == 0
+            assert peak.unsent <= CAP and peak.arena <= CAP, (phase, peak.unsent, peak.arena)
+            assert ext.delayed_replies == 0, f"{phase}: a write waited for the cap with no session to release it"
+            figures.append(f"{phase}: {4 * CAP} bytes written in {len(took)} writes (slowest {max(took) * 1000:.1f} "
+                           f"ms), peak unsent {peak.unsent} bytes, peak arena {peak.arena} bytes "
+                           f"({peak.samples} samples), cap {CAP}")
+            pair.refuse = False
+        await until(lambda: pair.primary.status.sessions >= 2 and pair.protected_past(1), timeout=60,
+                    what="protection again")
+        st = pair.primary.status
+        assert st.last_disk_sync_chunks >= 4 * CAP // disksync.CHUNK  # what was written meanwhile, found by hash
+        await pair.quiesce()
+        assert pair.disk_equal()
+        await pair.committed_matches_snapshot()
+        print("\n" + "\n".join(figures) + f"\nthen the resync sent {st.last_disk_sync_chunks} chunks "
+              f"({st.last_disk_sync_bytes} bytes on the wire); the replica disk is the primary's image")
+
+
+@needs_qemu
+async def test_a_writer_faster_than_the_wan_is_slowed_by_the_cap_and_the_checkpoints_go_on(tmp_path):
+    """With a session whose checkpoints take 200 ms each to leave, a writer with one write in
+    flight (64 KiB each) is held at the cap: its replies wait until a checkpoint is sent. The
+    unsent bytes stay under the cap plus one epoch, the checkpoints' `stop` is never held by a
+    waiting write (`checkpoint_starting` lets it go), and the replica ends as the image."""
+    async with DiskPair(tmp_path, cap_bytes=CAP) as pair:
+        pair.guest.writing = False
+        await until(lambda: pair.protected_past(1), timeout=60, what="protection")
+        ext = pair.nbd.extents
+
+        async def write(count: int, first: int) -> tuple[int, float, float]:
+            t0 = time.monotonic()
+            took = [await pair.guest.write_sync(((first + i) * W64) % DISK, W64, 1 + i % 250) for i in range(count)]
+            return count * W64, time.monotonic() - t0, max(took)
+
+        fast = await write(24, 0)
+        pair.checkpoint_send_s = 0.2
+        e0, held0, s0, stops0 = pair.primary.status.committed_epoch, ext.delayed_replies, ext.delayed_s, ext.stop_releases
+        peak = Peak(pair.nbd)
+        slow = await write(40, 1000)  # 10x the cap: only checkpoints that leave let it through
+        peak.stop()
+        pair.checkpoint_send_s = 0.0
+        epochs = [r for r in pair.primary.history if r.epoch > e0]
+        max_epoch = max(r.disk_bytes for r in epochs)
+        committed = pair.primary.status.committed_epoch - e0
+        assert ext.delayed_replies > held0, "the writer was never held"
+        assert peak.unsent <= CAP + max_epoch, (peak.unsent, CAP, max_epoch)
+        assert ext.stop_releases > stops0, "no checkpoint came while a write was held: the test proves nothing"
+        await pair.quiesce()
+        assert pair.disk_equal()
+        await pair.committed_matches_snapshot()
+        print(f"\nwriter, fast WAN: {fast[0] / fast[1] / 1e6:.1f} MB/s (slowest write {fast[2] * 1000:.0f} ms); "
+              f"200 ms per checkpoint: {slow[0] / slow[1] / 1e6:.2f} MB/s (slowest write {slow[2] * 1000:.0f} ms); "
+              f"{ext.delayed_replies - held0} replies held, {ext.delayed_s - s0:.2f}s in all; peak unsent "
+              f"{peak.unsent} bytes (cap {CAP}, largest epoch {max_epoch}); {committed} epochs committed meanwhile, "
+              f"{ext.stop_releases - stops0} of their stops came while a write was held")
 
 
 @needs_qemu

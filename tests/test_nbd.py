@@ -150,6 +150,34 @@ def test_backpressure_lets_held_replies_go_while_the_checkpoint_stops_the_guest(
     assert not t2.is_alive()
 
 
+def test_with_recording_off_nothing_is_kept_and_the_cap_holds_nothing():
+    """No session (recording off): the open epoch is dropped, writes are not recorded, a reply held
+    by the cap goes at once. `start_recording` drops what the open epoch holds and records again."""
+    image = bytearray(IMAGE_BLOCKS * BS)
+    log = ExtentLog(cap_bytes=BS)
+    _write(log, image, 0, b"a" * 4 * BS)
+    sealed = log.seal()
+    _write(log, image, 8 * BS, b"b" * 2 * BS)  # 6 blocks unsent: over the cap
+    done = threading.Event()
+    t = _writer_waiting(log, done)
+    assert log.stop_recording() == 2 * BS  # the open epoch's 2 blocks; the sealed 4 stay until released
+    t.join(timeout=60)
+    assert not t.is_alive() and done.is_set()
+    assert log.open_blocks == 0 and log.arena_bytes == 0 and log.unsent_bytes == 4 * BS
+    _write(log, image, 16 * BS, b"c" * 40 * BS)  # not recorded, and not held though over the cap
+    log.wait_under_cap()
+    assert log.open_blocks == 0 and log.unsent_bytes == 4 * BS and log.delayed_replies == 1
+    log.release(sealed.nbytes)
+    log.record_zeroes(0, BS, lambda b: bytes(BS))
+    assert log.open_blocks == 0 and log.unsent_bytes == 0
+    log.recording = True  # as the server had it on: start_recording drops what it holds
+    _write(log, image, 0, b"d" * BS)
+    assert log.start_recording() == BS and log.open_blocks == 0 and log.unsent_bytes == 0
+    _write(log, image, 4 * BS, b"e" * BS)
+    nxt = log.seal()
+    assert list(nxt.block_numbers()) == [4] and nxt.block(4) == b"e" * BS
+
+
 # -- the server against QEMU's clients ------------------------------------------------------
 @pytest.fixture
 def served(tmp_path):

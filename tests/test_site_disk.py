@@ -62,7 +62,8 @@ def test_each_qemu_of_a_site_has_its_own_disk_socket_only_when_the_guest_has_a_d
 
 
 def test_the_disk_server_serves_guest_disk_on_a_private_socket_or_names_the_missing_file(tmp_path):
-    cfg = SimpleNamespace(site=SimpleNamespace(name="site-a"), guest=SimpleNamespace(disk=None))
+    cfg = SimpleNamespace(site=SimpleNamespace(name="site-a"), guest=SimpleNamespace(disk=None),
+                          checkpoint=SimpleNamespace(disk_unsent_cap_mb=3))
     assert serve_disk(cfg, tmp_path / "disk.sock", "primary") is None
     cfg.guest.disk = tmp_path / "disk.raw"
     with pytest.raises(DiskImageError, match=f"disk image {tmp_path}/disk.raw does not exist"):
@@ -72,6 +73,8 @@ def test_the_disk_server_serves_guest_disk_on_a_private_socket_or_names_the_miss
     server = serve_disk(cfg, tmp_path / "disk.sock", "primary")
     try:
         assert server.size == 1 << 20
+        # the cap from checkpoint.disk_unsent_cap_mb; nothing recorded until a session's disk sync
+        assert server.extents.cap_bytes == 3 << 20 and not server.extents.recording
         assert stat.S_IMODE((tmp_path / "disk.sock").stat().st_mode) == 0o600
         with socket.socket(socket.AF_UNIX) as s:  # it answers with the NBD greeting
             s.connect(str(tmp_path / "disk.sock"))

@@ -110,5 +110,8 @@ class SiteContext:
         return self.tasks.spawn(coro, name)
 
     def max_frame(self) -> int:
-        """The largest replication frame this guest can need: all of RAM plus room for device state."""
-        return (self.cfg.guest.memory_mb << 20) + (64 << 20)
+        """The largest replication frame this guest can need: all of RAM plus room for device state,
+        and with a disk the blocks of one epoch (held under the disk cap; twice it for the writes
+        the cap lets through while a checkpoint stops the guest)."""
+        disk = 2 * (self.cfg.checkpoint.disk_unsent_cap_mb << 20) if self.cfg.guest.disk is not None else 0
+        return (self.cfg.guest.memory_mb << 20) + (64 << 20) + disk

@@ -31,13 +31,18 @@ def unsafe_no_disk_replication(env=os.environ) -> bool:
 
 def serve_disk(cfg, socket_path: Path, role: str) -> NbdServer | None:
     """Serve `guest.disk` on `socket_path` (0600), or None when the guest has no disk. Raises
-    `DiskImageError` (a sentence naming the file) if the image cannot be served."""
+    `DiskImageError` (a sentence naming the file) if the image cannot be served.
+
+    The server records no writes until a replication session's disk sync starts it (the primary's
+    `Primary` turns recording on and off with its sessions), and holds a write's reply while more
+    than `checkpoint.disk_unsent_cap_mb` of recorded bytes are unsent."""
     if cfg.guest.disk is None:
         return None
-    server = NbdServer(cfg.guest.disk, socket_path)
+    cap = cfg.checkpoint.disk_unsent_cap_mb << 20
+    server = NbdServer(cfg.guest.disk, socket_path, cap_bytes=cap, recording=False)
     server.start()
     log.info("disk.serving", site=cfg.site.name, role=role, image=str(cfg.guest.disk), socket=str(socket_path),
-             size=server.size)
+             size=server.size, unsent_cap_bytes=cap)
     return server
 
 
