@@ -543,7 +543,7 @@ def throughput(args) -> int:
 def report_throughput(results: list[dict], plan: list[Phase], args, accel: str) -> None:
     print(f"\ndisk benchmark: {args.rounds} rounds, cases interleaved; guest {args.memory} MB, accel {accel}, "
           f"gm-diskbench on a {args.file_mb} MiB file (O_DIRECT, fresh random bytes per write); replicated: "
-          f"fixed {args.interval_ms:g} ms interval, standby on loopback")
+          f"fixed {args.interval_ms:g} ms interval, standby process on loopback")
     by = {(r["round"], r["case"]): r for r in results}
     rounds = sorted({r["round"] for r in results})
     print(f"{'case':24} {'local':>10} {'nbd':>10} {'replicated':>11} {'nbd/local':>10} {'repl/local':>11}  "
@@ -652,12 +652,13 @@ def latency_row(what: str, seconds: float, warmup: float, record: bytes) -> dict
         t0 = time.monotonic()
         lats = timed_calls(call, seconds)
         dt = time.monotonic() - t0
-        a1 = labcli.site_status("site-a")["replication"]
+        st = labcli.site_status("site-a")
+        a1 = st["replication"]
     finally:
         conn.close()
     interval_ms, pause_ms = cycle_figures(a0, a1, dt)
     return {"n": len(lats), "p50": pct(lats, 50), "p99": pct(lats, 99), "interval_ms": interval_ms,
-            "pause_ms": pause_ms}
+            "pause_ms": pause_ms, "reason": (st.get("pacer") or {}).get("reason", "?")}
 
 
 def latency(args) -> int:
@@ -690,11 +691,11 @@ def latency(args) -> int:
           f"gm-client, one connection back to back, {args.seconds:g} s per row; lab pacer adaptive; floor = "
           "RTT + pause + interval/2 over the row")
     print(f"{'RTT':>5} {'gate':14} {'call':6} {'calls':>6} {'p50 ms':>7} {'p99 ms':>7} {'interval':>9} "
-          f"{'pause':>6} {'floor':>6} {'p50/floor':>9}")
+          f"{'pause':>6} {'floor':>6} {'p50/floor':>9}  pacer reason at the row's end")
     for mode, rtt, what, r in rows:
         floor = release_floor(rtt, r["pause_ms"], r["interval_ms"])
         print(f"{rtt:>4g}ms {mode:14} {what:6} {r['n']:>6} {r['p50']:>7.1f} {r['p99']:>7.1f} "
-              f"{r['interval_ms']:>7.1f}ms {r['pause_ms']:>5.1f} {floor:>6.1f} {r['p50'] / floor:>9.2f}")
+              f"{r['interval_ms']:>7.1f}ms {r['pause_ms']:>5.1f} {floor:>6.1f} {r['p50'] / floor:>9.2f}  {r['reason']}")
     got = {(mode, rtt, what): r for mode, rtt, what, r in rows}
     for rtt in rtts:
         oc, by = got.get(("output commit", rtt, "append")), got.get(("bypassed", rtt, "append"))
