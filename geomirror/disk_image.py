@@ -4,7 +4,8 @@
 (`<cache_dir>/<key[:16]>/{vmlinuz,initrd.img,disk.raw,manifest.json}`). The root
 filesystem is Debian bookworm made by `mmdebstrap --variant=minbase` with memcached,
 Kamailio and sipp (the same services as the initramfs guest) plus the disk journal
-(`guest/journal.c`, TCP 7000, DESIGN "Guest services") and gm-dirty; `mkfs.ext4 -d`
+(`guest/journal.c`, TCP 7000, DESIGN "Guest services"), gm-dirty and the benchmark's disk
+writer gm-diskbench (`guest/diskbench.c`, started by `gm.diskbench=`); `mkfs.ext4 -d`
 turns the tree into the image, no loop mount. The boot initramfs (busybox) loads the
 virtio modules, mounts `root=` (default /dev/vda) read-write and switch_roots into the
 disk's /sbin/gm-init, which configures the network from the kernel command line exactly
@@ -70,6 +71,9 @@ DISK_FORMAT_VERSION = 1
 JOURNAL_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "journal.c"
 JOURNAL_PORT = 7000
 JOURNAL_FILE = "/var/lib/gm-journal/journal"
+# The in-guest disk writer of bench/disk.py (`gm.diskbench=MB/PLAN` on the kernel command line)
+DISKBENCH_SOURCE = Path(__file__).resolve().parent.parent / "guest" / "diskbench.c"
+DISKBENCH_FILE = "/var/lib/gm-diskbench/data"
 # The boot initramfs loads these; the disk carries no kernel modules. virtio_blk for the
 # root disk; button and evdev so that an ACPI power button (QMP system_powerdown) reaches
 # the disk's init, which then shuts down cleanly. ext4, jbd2, mbcache, crc16 and crc32c are
@@ -104,7 +108,7 @@ DISK_STEPS = (
     "download kernel",
     "unpack kernel",
     "collect modules",
-    "compile gm-dirty and gm-journal",
+    "compile gm-dirty, gm-journal and gm-diskbench",
     "write boot initramfs",
     "make root filesystem (mmdebstrap)",
     "install guest files",
@@ -162,8 +166,10 @@ def disk_init_script(init_script: str = INIT_SCRIPT) -> str:
     head = rf"""#!/bin/sh
 # geomirror disk guest init (PID 1 after the boot initramfs switched root to the disk):
 # addresses from the kernel command line (gm.ip=ADDR/LEN gm.gw=ADDR [gm.ip6=ADDR6/LEN
-# gm.gw6=ADDR6] [gm.dirty=MB:PAGES_PER_S]), memcached on TCP 11211, SIP on 5060, the disk
-# journal on TCP {JOURNAL_PORT} ({JOURNAL_FILE}), then the READY line on the console.
+# gm.gw6=ADDR6] [gm.dirty=MB:PAGES_PER_S] [gm.diskbench=MB/PLAN]), memcached on TCP 11211,
+# SIP on 5060, the disk journal on TCP {JOURNAL_PORT} ({JOURNAL_FILE}), then the READY line on
+# the console; after it, with gm.diskbench, the disk writer gm-diskbench on {DISKBENCH_FILE}
+# (MB MiB, the phases of PLAN: guest/diskbench.c).
 # The ACPI power button (QMP system_powerdown), ctrl-alt-del, SIGTERM or SIGUSR2 stop the
 # services, remount / read-only and power off. It never exits otherwise.
 export PATH=/{GM_BIN}:/usr/sbin:/usr/bin:/sbin:/bin
@@ -184,6 +190,12 @@ for ev in /sys/class/input/event*; do
     [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ] || continue
     ( dd if="/dev/input/${{ev##*/}}" bs=24 count=1 >/dev/null 2>&1 && kill -USR2 1 ) &
 done
+diskbench=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        gm.diskbench=*) diskbench="${{arg#gm.diskbench=}}" ;;
+    esac
+done
 """
     tail = rf"""    # the disk journal (guest/journal.c): READY waits for it too
     journal=ok
@@ -197,6 +209,7 @@ done
     if kill -0 "$mc" 2>/dev/null && [ "$sip" = ok ] && [ "$journal" = ok ]; then
         echo "GEOMIRROR-GUEST-READY ip=${{addr%/*}}${{addr6:+ ip6=${{addr6%/*}}}}"
         [ -n "$dirty" ] && gm-dirty "${{dirty%%:*}}" "${{dirty#*:}}" &
+        [ -n "$diskbench" ] && gm-diskbench {DISKBENCH_FILE} "${{diskbench%%/*}}" "${{diskbench#*/}}" &
     fi
 fi
 while :; do sleep 3600 & wait $!; done
@@ -232,6 +245,7 @@ class DiskImageInputs:
     disk_init_script: str
     dirty_source: str
     journal_source: str
+    diskbench_source: str
     rootfs: RootfsSpec
     sip_config: str
     sip_start_script: str = guest_sip.START_SCRIPT
@@ -280,6 +294,7 @@ def disk_input_digests(inputs: DiskImageInputs) -> dict:
         "disk_init_sha256": h(inputs.disk_init_script),
         "dirty_sha256": h(inputs.dirty_source),
         "journal_sha256": h(inputs.journal_source),
+        "diskbench_sha256": h(inputs.diskbench_source),
         "sip_config_sha256": h(inputs.sip_config),
         "sip_start_sha256": h(inputs.sip_start_script),
         "modules": list(inputs.modules),
@@ -319,12 +334,14 @@ def boot_initramfs_entries(inputs: DiskImageInputs, modules: list[tuple[str, byt
     return [CpioEntry.dir(d) for d in sorted(dirs)] + files
 
 
-def guest_files(inputs: DiskImageInputs, dirty: bytes, journal: bytes) -> list[tuple[str, bytes, int]]:
+def guest_files(inputs: DiskImageInputs, dirty: bytes, journal: bytes,
+                diskbench: bytes) -> list[tuple[str, bytes, int]]:
     """(path in the root filesystem, bytes, permissions) of what geomirror adds to the tree."""
     return [
         ("sbin/gm-init", inputs.disk_init_script.encode(), 0o755),
         ("usr/bin/gm-dirty", dirty, 0o755),
         ("usr/bin/gm-journal", journal, 0o755),
+        ("usr/bin/gm-diskbench", diskbench, 0o755),
         (f"{GM_BIN}/busybox", inputs.busybox.read_bytes(), 0o755),
         ("etc/hostname", b"geomirror-guest\n", 0o644),
         *guest_sip.guest_files(inputs.sip_config, inputs.sip_start_script),
@@ -452,7 +469,8 @@ def install_guest_files(tree: Path, files: list[tuple[str, bytes, int]], applets
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to("busybox")
-    (tree / Path(JOURNAL_FILE).parent.relative_to("/")).mkdir(parents=True, exist_ok=True)
+    for f in (JOURNAL_FILE, DISKBENCH_FILE):
+        (tree / Path(f).parent.relative_to("/")).mkdir(parents=True, exist_ok=True)
     for deb in (tree / "var/cache/apt/archives").glob("*.deb"):  # the build's packages stay out of the guest
         deb.unlink()
 
@@ -507,9 +525,10 @@ def build_disk_from_inputs(
         tree = unpack_kernel(deb, work / "kernel")
         prog.step("collect modules")
         modules, builtin = collect_modules(tree, inputs.modules)
-        prog.step("compile gm-dirty and gm-journal")
+        prog.step("compile gm-dirty, gm-journal and gm-diskbench")
         dirty = compile_static(inputs.dirty_source, "gm-dirty", work)
         journal = compile_static(inputs.journal_source, "gm-journal", work)
+        diskbench = compile_static(inputs.diskbench_source, "gm-diskbench", work)
         prog.step("write boot initramfs")
         with open(out / "initrd.img", "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
@@ -527,7 +546,7 @@ def build_disk_from_inputs(
             raise ImageError(f"the guest root filesystem got {'; '.join(wrong)}: the archive moved on since apt's "
                              "last update here; run apt-get update and build again")
         prog.step("install guest files")
-        install_guest_files(root, guest_files(inputs, dirty, journal))
+        install_guest_files(root, guest_files(inputs, dirty, journal, diskbench))
         prog.step("make ext4 image")
         make_ext4(root, out / "disk.raw", inputs.disk_mib)
         os.chmod(out / "disk.raw", 0o444)  # boot a copy: a guest writes its disk
@@ -574,6 +593,7 @@ def build_disk_from_inputs(
 def disk_inputs(package: str, version: str, rootfs: RootfsSpec) -> DiskImageInputs:
     """The inputs from this geomirror tree and this host (busybox, the C sources, kamailio.cfg)."""
     for p, what in ((DIRTY_SOURCE, "the gm-dirty source"), (JOURNAL_SOURCE, "the gm-journal source"),
+                    (DISKBENCH_SOURCE, "the gm-diskbench source"),
                     (guest_sip.KAMAILIO_CFG, "the Kamailio config")):  # fmt: skip
         if not p.is_file():
             raise ImageError(f"{what} {p} is missing from the geomirror tree")
@@ -587,6 +607,7 @@ def disk_inputs(package: str, version: str, rootfs: RootfsSpec) -> DiskImageInpu
         disk_init_script=disk_init_script(),
         dirty_source=DIRTY_SOURCE.read_text(),
         journal_source=JOURNAL_SOURCE.read_text(),
+        diskbench_source=DISKBENCH_SOURCE.read_text(),
         rootfs=rootfs,
         sip_config=guest_sip.KAMAILIO_CFG.read_text(),
     )

@@ -18,6 +18,7 @@ import pytest
 from geomirror import netns
 from geomirror.disk_image import (
     BOOT_INIT_SCRIPT,
+    DISKBENCH_SOURCE,
     JOURNAL_SOURCE,
     DiskImageInputs,
     RootfsSpec,
@@ -65,6 +66,14 @@ def test_disk_init_waits_for_the_journal_on_both_stacks_and_halts_cleanly():
     assert "':1B58 00000000:0000 0A' /proc/net/tcp" in script and ":1B58 $any6:0000 0A" in script
     assert script.index("gm-journal /var") < script.index('echo "GEOMIRROR-GUEST-READY')
     assert "trap gm_halt INT TERM USR2" in script and "mount -o remount,ro /" in script
+
+
+def test_disk_init_starts_the_disk_writer_after_ready_only_when_asked():
+    script = disk_init_script()
+    assert 'gm.diskbench=*) diskbench="${arg#gm.diskbench=}"' in script
+    start = '[ -n "$diskbench" ] && gm-diskbench /var/lib/gm-diskbench/data "${diskbench%%/*}" "${diskbench#*/}" &'
+    assert start in script
+    assert script.index('echo "GEOMIRROR-GUEST-READY') < script.index(start)
 
 
 def test_boot_init_mounts_root_from_the_command_line_and_switches_root():
@@ -131,6 +140,7 @@ def inputs(tmp_path) -> DiskImageInputs:
         disk_init_script=disk_init_script(),
         dirty_source=DIRTY_SOURCE.read_text(),
         journal_source=JOURNAL_SOURCE.read_text(),
+        diskbench_source=DISKBENCH_SOURCE.read_text(),
         rootfs=RootfsSpec(
             suite="bookworm", variant="minbase", sources=(("http://deb.debian.org/debian", "bookworm"),),
             packages=("memcached",), package_versions=(("memcached", "1.6.18-1"),),
@@ -151,6 +161,7 @@ def inputs(tmp_path) -> DiskImageInputs:
         lambda i: replace(i, disk_init_script=i.disk_init_script + "# changed\n"),
         lambda i: replace(i, journal_source=i.journal_source + "/* changed */\n"),
         lambda i: replace(i, dirty_source=i.dirty_source + "/* changed */\n"),
+        lambda i: replace(i, diskbench_source=i.diskbench_source + "/* changed */\n"),
         lambda i: replace(i, sip_config=i.sip_config + "# changed\n"),
         lambda i: replace(i, modules=i.modules[:-1]),
         lambda i: replace(i, disk_mib=32),
@@ -161,8 +172,8 @@ def inputs(tmp_path) -> DiskImageInputs:
         lambda i: replace(i, rootfs=replace(i.rootfs, dpkg_options=())),
         lambda i: (i.busybox.write_bytes(b"busybox bytes v2"), i)[1],
     ],
-    ids=["kernel", "boot-init", "disk-init", "journal.c", "dirty.c", "sip", "modules", "size", "pkg-version",
-         "packages", "archive", "mmdebstrap", "dpkg-options", "busybox"],
+    ids=["kernel", "boot-init", "disk-init", "journal.c", "dirty.c", "diskbench.c", "sip", "modules", "size",
+         "pkg-version", "packages", "archive", "mmdebstrap", "dpkg-options", "busybox"],
 )  # fmt: skip
 def test_disk_key_changes_when_any_input_changes(inputs, change):
     before = disk_image_key(inputs)
@@ -212,7 +223,8 @@ def test_build_makes_boot_files_and_an_ext4_disk_and_reuses_it(inputs, tmp_path)
     assert "0755" in debugfs(img.disk, "stat /usr/bin/gm-journal").split("Mode:")[1][:8]
     assert debugfs(img.disk, "cat /usr/bin/gm-journal").encode(errors="surrogateescape")[:4] == b"\x7fELF"
     assert "busybox" in debugfs(img.disk, "stat /usr/lib/geomirror/bin/ip")  # fast symlink to busybox
-    assert "gm-journal" in debugfs(img.disk, "ls /var/lib")
+    assert "gm-journal" in debugfs(img.disk, "ls /var/lib") and "gm-diskbench" in debugfs(img.disk, "ls /var/lib")
+    assert debugfs(img.disk, "cat /usr/bin/gm-diskbench").encode(errors="surrogateescape")[:4] == b"\x7fELF"
     assert "memcached_" not in debugfs(img.disk, "ls /var/cache/apt/archives")
     assert debugfs(img.disk, "cat /etc/kamailio/kamailio.cfg") == inputs.sip_config
     assert subprocess.run(["fsck.ext4", "-n", "-f", str(img.disk)], capture_output=True).returncode == 0
