@@ -114,6 +114,7 @@ async def test_full_disk_stops_protection_visibly_and_it_comes_back(small_fs, pk
         filler.unlink()
         with structlog.testing.capture_logs() as logs:
             assert await session(port, pki, ram, [3, 4]) == [3, 4]
+        await sb.wait_applied()  # the ACK says durable; epoch 4's apply follows it
         assert sb.status.state == "replicating" and sb.status.problem is None
         assert any(x["event"] == "standby.protecting_again" for x in logs)
         assert np.array_equal(replica.ram, ram) and replica.committed_epoch == 4
