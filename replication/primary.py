@@ -434,17 +434,25 @@ class Primary:
         self._disk_recording(True, "disk sync begins")
         fd = os.open(nbd.image, os.O_RDONLY | os.O_CLOEXEC)
         sent = chunks = 0
+        bar = Progress(f"{mode} disk sync to {ch.peer}", nbd.size, event="primary.disk_sync_progress",
+                       mode=mode, peer=ch.peer)
         try:
             it = disksync.differing_chunks(fd, nbd.size, self._disk_hashes or [])
             while True:
-                frame, k = await asyncio.to_thread(self._disk_sync_frame, codec, it)
+                frame, k, reached = await asyncio.to_thread(self._disk_sync_frame, codec, it)
                 if not k:
                     break
                 await ch.send(MsgType.SYNC, frame)
                 sent += len(frame)
                 chunks += k
+                bar.update(reached, sent)
+        except BaseException:
+            bar.abandon()
+            raise
         finally:
             os.close(fd)
+        bar.nbytes = sent
+        bar.finish(chunks_sent=chunks)
         self.status.last_disk_sync_bytes = sent
         self.status.last_disk_sync_chunks = chunks
         log.info("primary.disk_sync_done", mode=mode, chunks_sent=chunks,
@@ -452,8 +460,9 @@ class Primary:
                  seconds=round(time.monotonic() - t0, 2))
         return sent
 
-    def _disk_sync_frame(self, codec, it, max_chunks: int = 64) -> tuple[bytes, int]:
-        """(a SYNC frame of up to `max_chunks` differing chunks, how many) from `it`; (b"", 0) at the end."""
+    def _disk_sync_frame(self, codec, it, max_chunks: int = 64) -> tuple[bytes, int, int]:
+        """(a SYNC frame of up to `max_chunks` differing chunks, how many, the disk offset reached)
+        from `it`; (b"", 0, 0) at the end."""
         blocks, data = [], []
         for first, contents in it:
             blocks.append(np.arange(first, first + contents.shape[0], dtype=np.uint64))
@@ -461,12 +470,13 @@ class Primary:
             if len(data) >= max_chunks:
                 break
         if not data:
-            return b"", 0
+            return b"", 0, 0
         ps = self.capture.page_size
         frame = codec.encode(epoch=self.status.epoch, kind=codec_mod.KIND_FULL, page_size=ps,
                              page_numbers=np.empty(0, np.uint64), new_pages=np.empty((0, ps), np.uint8),
                              disk_blocks=np.concatenate(blocks), disk_data=np.concatenate(data))
-        return frame, len(data)
+        reached = (int(blocks[-1][-1]) + 1) * codec_mod.DISK_BLOCK
+        return frame, len(data), reached
 
     def _disk_recording(self, on: bool, why: str) -> None:
         """Start or stop the disk server's recording of writes (see the module docstring)."""

@@ -343,34 +343,45 @@ async def test_initial_sync_sends_only_chunks_with_data_and_a_broken_session_res
     only those 5 chunks cross (plus what the guest writes meanwhile). Then the session breaks with
     epochs sealed and not committed; the next session's disk resync makes the replica whole."""
     data_chunks = [0, 3, 100, 200, 255]
-    async with DiskPair(tmp_path, image_init=_fill_chunks(data_chunks, 5)) as pair:
-        pair.guest.writing = False  # writes would add chunks to the sync
-        await until(lambda: pair.protected_past(1), timeout=60, what="protection")
-        assert pair.primary.status.last_disk_sync_chunks == len(data_chunks)
-        assert pair.primary.status.last_disk_sync_bytes > 0
-        await pair.quiesce()
-        assert pair.disk_equal()
-        pair.guest.writing = True
-        await until(lambda: pair.guest.disk_writes >= 50, timeout=60, what="disk writes")
-        journal, lost = pair.standby._journal_checkpoint, []
+    with structlog.testing.capture_logs() as logs:
+        async with DiskPair(tmp_path, image_init=_fill_chunks(data_chunks, 5)) as pair:
+            pair.guest.writing = False  # writes would add chunks to the sync
+            await until(lambda: pair.protected_past(1), timeout=60, what="protection")
+            progress = [x for x in logs if x["event"] == "primary.disk_sync_progress"]
+            await _initial_sync_then_broken_session(pair, data_chunks)
+    # the disk sync reports its progress (every tenth of the disk, then done) like the RAM sync
+    assert progress and progress[-1]["percent"] == 100 and progress[-1]["chunks_sent"] == len(data_chunks), progress
+    assert [p["percent"] for p in progress[:-1]] == sorted(p["percent"] for p in progress[:-1]), progress
 
-        def link_breaks_with_a_disk_frame_in_flight(codec, payload):
-            h = codec_mod.peek_header(payload)
-            if not lost and h.n_disk_blocks:
-                lost.append(h.epoch)
-                pair.guest.writing = False  # its blocks are not written again: only a resync brings them
-                raise transport.ChannelError("the link broke with this frame in flight")
-            return journal(codec, payload)
 
-        pair.standby._journal_checkpoint = link_breaks_with_a_disk_frame_in_flight
-        await until(lambda: lost and pair.primary.status.sessions >= 2 and pair.protected_past(lost[0]),
-                    timeout=60, what="protection again")
-        assert pair.primary.status.last_sync_mode == "resync" and pair.primary.status.last_disk_sync_chunks > 0
-        pair.guest.writing = True
-        await until(lambda: pair.guest.disk_writes >= 150, timeout=60, what="more disk writes")
-        await pair.quiesce()
-        assert pair.disk_equal() and np.array_equal(pair.replica.ram, pair.guest.ram)
-        await pair.committed_matches_snapshot()
+async def _initial_sync_then_broken_session(pair, data_chunks):
+    """Only the chunks with data crossed; then the session breaks with epochs sealed and not
+    committed, and the next session's disk resync makes the replica whole."""
+    assert pair.primary.status.last_disk_sync_chunks == len(data_chunks)
+    assert pair.primary.status.last_disk_sync_bytes > 0
+    await pair.quiesce()
+    assert pair.disk_equal()
+    pair.guest.writing = True
+    await until(lambda: pair.guest.disk_writes >= 50, timeout=60, what="disk writes")
+    journal, lost = pair.standby._journal_checkpoint, []
+
+    def link_breaks_with_a_disk_frame_in_flight(codec, payload):
+        h = codec_mod.peek_header(payload)
+        if not lost and h.n_disk_blocks:
+            lost.append(h.epoch)
+            pair.guest.writing = False  # its blocks are not written again: only a resync brings them
+            raise transport.ChannelError("the link broke with this frame in flight")
+        return journal(codec, payload)
+
+    pair.standby._journal_checkpoint = link_breaks_with_a_disk_frame_in_flight
+    await until(lambda: lost and pair.primary.status.sessions >= 2 and pair.protected_past(lost[0]),
+                timeout=60, what="protection again")
+    assert pair.primary.status.last_sync_mode == "resync" and pair.primary.status.last_disk_sync_chunks > 0
+    pair.guest.writing = True
+    await until(lambda: pair.guest.disk_writes >= 150, timeout=60, what="more disk writes")
+    await pair.quiesce()
+    assert pair.disk_equal() and np.array_equal(pair.replica.ram, pair.guest.ram)
+    await pair.committed_matches_snapshot()
 
 
 @needs_qemu
