@@ -51,6 +51,31 @@ def test_rejoin_seeds_the_replica_and_makes_the_next_start_a_standby(tmp_path):
     assert rejoin(cfg) == "site-a is already a standby; nothing to do"
 
 
+def test_rejoin_after_a_takeover_seeds_from_the_replica_file_the_guest_ran_on(tmp_path):
+    """A site that had taken the guest over ran it on its replica's ram.img (not run_dir/guest.ram):
+    that file is the resync base, kept in place (the copy onto itself is skipped)."""
+    cfg = site_config(tmp_path)
+    site = tmp_path / "site"
+    r = Replica(site / "replica", 16 << 20)
+    r.open()
+    ram = np.random.default_rng(6).integers(0, 256, (16 << 20) // 4096 * 4096, dtype=np.uint8)
+    r.ram.reshape(-1)[:] = ram
+    ram_img = r.ram_path
+    r.close()
+    guest = {"pid": 1, "qmp": str(site / "qmp-standby.sock"), "ram": str(ram_img), "started_at": 0.0,
+             "tag": "standby"}
+    (site / "role.json").write_text(json.dumps({"role": "fenced", "lease_generation": 3, "run_id": "abc",
+                                                "guest": guest}))
+    said = rejoin(cfg, progress=False)
+    assert "its replica is seeded from its last RAM image" in said, said
+    r = Replica(site / "replica", 16 << 20)
+    r.open()
+    try:
+        assert r.seeded and r.run_id == "abc" and np.array_equal(r.ram.reshape(-1), ram)
+    finally:
+        r.close()
+
+
 def test_rejoin_without_a_ram_image_means_a_full_sync(tmp_path):
     cfg = site_config(tmp_path)
     (tmp_path / "site").mkdir()

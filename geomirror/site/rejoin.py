@@ -50,7 +50,9 @@ def rejoin(cfg, *, seed: bool = True, progress: bool | None = None) -> str:
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     size = cfg.guest.memory_mb << 20
-    source = run_dir / "guest.ram"
+    # the RAM file the guest last ran on here: run_dir/guest.ram, or the replica's own ram.img
+    # when this site had taken the guest over (a resumed standby runs on its replica's file)
+    source = Path(saved.guest.ram) if saved.guest is not None else run_dir / "guest.ram"
     how = "it will take a full initial sync"
     if seed and source.exists():
         specs = GuestSpecs(cfg, run_dir)
