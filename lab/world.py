@@ -625,13 +625,24 @@ def down() -> list[str]:
     removed = []
     state = load_state()
     pids = [p for p in state.get("pids", {}).values() if isinstance(p, int)]
-    for name in NAMESPACES:
-        pids += pids_in_netns(name)
-    pids = sorted(set(pids) - {os.getpid()})
-    kill_pids(pids, signal.SIGTERM)
-    left = _wait_gone(pids, 3.0)
-    kill_pids(left, signal.SIGKILL)
-    _wait_gone(left, 3.0)
+    stopped: set[int] = set()
+    # Scanned again after each round: a daemon may start a process (a hot-standby QEMU right
+    # after a demotion) between the scan and its own stop, and that process would outlive the
+    # namespace's removal in no namespace at all.
+    for _ in range(5):
+        for name in NAMESPACES:
+            pids += pids_in_netns(name)
+        pids = sorted(set(pids) - {os.getpid()} - stopped)
+        if not pids:
+            break
+        kill_pids(pids, signal.SIGTERM)
+        left = _wait_gone(pids, 3.0)
+        kill_pids(left, signal.SIGKILL)
+        _wait_gone(left, 3.0)
+        stopped.update(pids)
+        pids = []
+    else:
+        log.warning("lab.down_left_running", pids=[p for name in NAMESPACES for p in pids_in_netns(name)])
     for name in NAMESPACES:
         if netns.exists(name):
             netns.remove(name)
@@ -640,7 +651,7 @@ def down() -> list[str]:
         p.unlink(missing_ok=True)
     save_state({"pids": {}, "namespaces": [], "routing": state.get("routing", "static"), "static_site": None,
                 "lease": state.get("lease", "witness")})
-    log.info("lab.down", removed=removed, stopped=len(pids))
+    log.info("lab.down", removed=removed, stopped=len(stopped))
     return removed
 
 
