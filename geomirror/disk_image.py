@@ -21,14 +21,12 @@ disk size. The build happens on the host (never inside a gm-* network namespace)
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -51,18 +49,17 @@ from geomirror.image import (
     _Progress,
     _run,
     _sha256_file,
-    _sweep_stale_builds,
     _write_file,
     apt_download,
+    build_space,
     candidate_version,
-    collect_modules,
     compile_static,
     default_cache_dir,
+    kernel_modules,
     load_cached,
     publish,
     resolve_kernel_package,
-    unpack_kernel,
-    write_newc,
+    write_initrd,
 )
 
 log = structlog.get_logger(__name__)
@@ -512,29 +509,15 @@ def build_disk_from_inputs(
             log.info("image.cached", key=key[:16], path=str(final), disk=True)
             return hit
     started = time.monotonic()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _sweep_stale_builds(cache_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-{os.getpid()}-", dir=cache_dir))
-    try:
-        out, work = tmp / "image", tmp / "work"
-        out.mkdir()
-        work.mkdir()
-        prog.step("download kernel")
-        deb = download(inputs.kernel_package, inputs.kernel_package_version, cache_dir / "debs")
-        prog.step("unpack kernel")
-        tree = unpack_kernel(deb, work / "kernel")
-        prog.step("collect modules")
-        modules, builtin = collect_modules(tree, inputs.modules)
+    with build_space(cache_dir, key) as (tmp, out, work):
+        tree, modules, builtin = kernel_modules(inputs, download, cache_dir, work, prog,
+                                                ("download kernel", "unpack kernel", "collect modules"))
         prog.step("compile gm-dirty, gm-journal and gm-diskbench")
         dirty = compile_static(inputs.dirty_source, "gm-dirty", work)
         journal = compile_static(inputs.journal_source, "gm-journal", work)
         diskbench = compile_static(inputs.diskbench_source, "gm-diskbench", work)
         prog.step("write boot initramfs")
-        with open(out / "initrd.img", "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
-                write_newc(boot_initramfs_entries(inputs, modules), gz)
-            raw.flush()
-            os.fsync(raw.fileno())
+        write_initrd(out / "initrd.img", boot_initramfs_entries(inputs, modules))
         shutil.copyfile(tree.vmlinuz, out / "vmlinuz")
         prog.step("make root filesystem (mmdebstrap)")
         root = work / "root"
@@ -586,8 +569,6 @@ def build_disk_from_inputs(
             seconds=round(time.monotonic() - started, 2),
         )
         return GuestImage(final / "vmlinuz", final / "initrd.img", key, tree.release, final, final / "disk.raw")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def disk_inputs(package: str, version: str, rootfs: RootfsSpec) -> DiskImageInputs:

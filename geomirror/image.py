@@ -9,6 +9,7 @@ place whole. The kernel package is fetched with `apt-get download` and unpacked 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import ipaddress
@@ -619,6 +620,44 @@ def publish(out: Path, final: Path, tmp: Path, key: str) -> GuestImage | None:
     return None
 
 
+@contextlib.contextmanager
+def build_space(cache_dir: Path, key: str):
+    """A fresh `.build-*` directory beside the cache entries, with `image/` (what `publish`
+    moves into place) and `work/` inside; removed with all it holds when the build ends."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_builds(cache_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-{os.getpid()}-", dir=cache_dir))
+    try:
+        out, work = tmp / "image", tmp / "work"
+        out.mkdir()
+        work.mkdir()
+        yield tmp, out, work
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kernel_modules(inputs, download: Downloader, cache_dir: Path, work: Path, prog: _Progress,
+                   steps: tuple[str, str, str]) -> tuple[KernelTree, list[tuple[str, bytes]], list[str]]:
+    """Download and unpack the kernel package, collect the boot modules: the first three steps
+    of every guest build (`steps` names them in the progress)."""
+    prog.step(steps[0])
+    deb = download(inputs.kernel_package, inputs.kernel_package_version, cache_dir / "debs")
+    prog.step(steps[1])
+    tree = unpack_kernel(deb, work / "kernel")
+    prog.step(steps[2])
+    modules, builtin = collect_modules(tree, inputs.modules)
+    return tree, modules, builtin
+
+
+def write_initrd(path: Path, entries: Iterable[CpioEntry]) -> None:
+    """A gzip'd newc initramfs of `entries`, reproducible (mtime 0) and fsynced."""
+    with open(path, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
+            write_newc(entries, gz)
+        raw.flush()
+        os.fsync(raw.fileno())
+
+
 def build_from_inputs(
     inputs: ImageInputs,
     cache_dir: Path,
@@ -637,19 +676,9 @@ def build_from_inputs(
             log.info("image.cached", key=key[:16], path=str(final))
             return hit
     started = time.monotonic()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _sweep_stale_builds(cache_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key[:16]}-{os.getpid()}-", dir=cache_dir))
-    try:
-        out, work = tmp / "image", tmp / "work"
-        out.mkdir()
-        work.mkdir()
-        prog.step("download")
-        deb = download(inputs.kernel_package, inputs.kernel_package_version, cache_dir / "debs")
-        prog.step("unpack")
-        tree = unpack_kernel(deb, work / "kernel")
-        prog.step("collect modules")
-        modules, builtin = collect_modules(tree, inputs.modules)
+    with build_space(cache_dir, key) as (tmp, out, work):
+        tree, modules, builtin = kernel_modules(inputs, download, cache_dir, work, prog,
+                                                ("download", "unpack", "collect modules"))
         prog.step("compile gm-dirty")
         dirty = compile_dirty(inputs.dirty_source, work)
         prog.step("collect memcached libs")
@@ -660,11 +689,7 @@ def build_from_inputs(
             sip_files = collect_sip(inputs.sip, download, cache_dir / "debs", work / "kamailio")
             log.info("image.sip_files", files=[g for _, g in sip_files])
         prog.step("write initramfs")
-        with open(out / "initrd.img", "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
-                write_newc(initramfs_entries(inputs, modules, dirty, sip_files), gz)
-            raw.flush()
-            os.fsync(raw.fileno())
+        write_initrd(out / "initrd.img", initramfs_entries(inputs, modules, dirty, sip_files))
         shutil.copyfile(tree.vmlinuz, out / "vmlinuz")
         files = {n: {"size": (out / n).stat().st_size, "sha256": _sha256_file(out / n)} for n in ("vmlinuz", "initrd.img")}
         manifest = {
@@ -696,8 +721,6 @@ def build_from_inputs(
             seconds=round(time.monotonic() - started, 2),
         )
         return GuestImage(final / "vmlinuz", final / "initrd.img", key, tree.release, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_image(cache_dir: Path | None = None, *, force: bool = False, progress: bool | None = None) -> GuestImage:
