@@ -33,11 +33,7 @@ from replication import codec as codec_mod  # noqa: E402
 from replication.capture import Capture  # noqa: E402
 from replication.gate import GateMode, UserspaceGate, open_tap  # noqa: E402
 from replication.qemu import Guest, GuestSpec, detect_accel  # noqa: E402
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+from gmbase.stats import percentile as pct  # noqa: E402
 
 
 async def bench_size(mb: int, epochs: int, interval_ms: float, dirty: str, workdir: Path) -> dict:

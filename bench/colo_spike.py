@@ -66,6 +66,7 @@ from geomirror.image import build_image, default_cmdline  # noqa: E402
 from replication import qemu as qemu_mod  # noqa: E402
 from replication.capture import PAGE_SIZE, Capture, scan_pages  # noqa: E402
 from replication.qemu import Guest, GuestSpec, detect_accel  # noqa: E402
+from gmbase.stats import percentile as pct  # noqa: E402
 
 QEMU10 = Path("/opt/geomirror/qemu-10")  # Debian's 10.0.2 unpacked by scripts/qemu10.sh (data, firmware)
 QEMU10_FIXED = Path("/opt/geomirror/qemu-10-colofix/bin/qemu-system-x86_64")  # the same source + COLO fix
@@ -464,11 +465,6 @@ class ColoRun:
             sec.send(conn, COLO_LOADED)
             cp.t_loaded = time.monotonic()
             self.cps.append(cp)
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def qemu_stops_from_trace(path: Path) -> list[float]:

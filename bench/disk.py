@@ -70,6 +70,7 @@ from replication.primary import Primary, PrimaryConfig  # noqa: E402
 from replication.qemu import Guest, GuestSpec, detect_accel  # noqa: E402
 from replication.standby import Standby  # noqa: E402
 from replication.store import Replica  # noqa: E402
+from gmbase.stats import percentile as pct  # noqa: E402
 
 MB = 1_000_000
 DEFAULT_PLAN = "idle:3,randwrite:4k:5,idle:2,randwrite:4k:5:8,idle:2,write:64k:5,idle:2"
@@ -192,14 +193,6 @@ def parse_console(lines: list[tuple[float, str]]) -> tuple[float | None, list[Ph
             kv = dict(w.split("=", 1) for w in rest[2:] if "=" in w)
             r.end, r.ios, r.nbytes, r.guest_s = t, int(kv["ios"]), int(kv["bytes"]), float(kv["seconds"])
     return prefill, runs, ended
-
-
-def pct(xs: list[float], p: float) -> float:
-    """The p-th percentile (nearest rank); NaN for no values."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 @dataclass(frozen=True)

@@ -44,16 +44,10 @@ from collections import defaultdict, deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gmbase.stats import percentile as pct  # noqa: E402
 
 GUEST, GATEWAY, PORT = "198.51.100.10", "198.51.100.1", 11211
 mono = time.monotonic
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 # ------------------------------------------------------------------ the standby (its own process)

@@ -43,6 +43,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import structlog
 
+from gmbase.stats import percentile
 from replication.progress import Progress
 from replication import codec as codec_mod
 from replication import disksync, verify
@@ -137,11 +138,8 @@ def epoch_latency(records: list[EpochRecord]) -> dict:
     steps = {"pause": [r.pause_ms for r in records], "encode": [r.encode_ms for r in records],
              "send": [r.send_ms for r in records],
              "ack": [(r.acked_at - r.sent_at) * 1000 for r in records if r.acked_at is not None]}
-    out = {}
-    for name, xs in steps.items():
-        xs = sorted(xs)
-        out[name] = [round(xs[len(xs) // 2], 2), round(xs[min(len(xs) - 1, int(len(xs) * 0.99))], 2)] if xs else None
-    return out
+    return {name: [round(percentile(xs, 50), 2), round(percentile(xs, 99), 2)] if xs else None
+            for name, xs in steps.items()}
 
 
 class Primary:
