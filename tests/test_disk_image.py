@@ -373,6 +373,19 @@ def real_disk_image():
     return img
 
 
+
+def qmp_powerdown(sock) -> None:
+    """The ACPI power button through QEMU's QMP socket (the disk guest then shuts down cleanly)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        f = s.makefile("rwb")
+        f.readline()
+        for cmd in ("qmp_capabilities", "system_powerdown"):
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while "return" not in json.loads(f.readline()):
+                pass
+
 class DiskGuest:
     """QEMU booting the disk guest from `disk` inside netns `ns`; the guest's journal and
     memcached forwarded to 127.0.0.1 of that namespace (QEMU user networking)."""
@@ -403,15 +416,7 @@ class DiskGuest:
         return time.monotonic() - self.started
 
     def powerdown(self) -> None:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(self.qmp))
-            f = s.makefile("rwb")
-            f.readline()
-            for cmd in ("qmp_capabilities", "system_powerdown"):
-                f.write(json.dumps({"execute": cmd}).encode() + b"\n")
-                f.flush()
-                while "return" not in json.loads(f.readline()):
-                    pass
+        qmp_powerdown(self.qmp)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from replication import disksync
 from replication.nbd import NbdServer
 from tests import disk_torture
 from tests.test_bgp_failover import AS_A, AS_B, wait_for
+from tests.test_disk_image import qmp_powerdown
 from tests.test_restart import protected_again
 from tests.test_switchover import switchover
 
@@ -91,15 +91,7 @@ def power_off_and_fsck(site: str) -> str:
     server = NbdServer(_disk(site), sock)
     server.start()
     try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(g["qmp"])
-            f = s.makefile("rwb")
-            f.readline()
-            for cmd in ("qmp_capabilities", "system_powerdown"):
-                f.write(json.dumps({"execute": cmd}).encode() + b"\n")
-                f.flush()
-                while "return" not in json.loads(f.readline()):
-                    pass
+        qmp_powerdown(g["qmp"])
         assert not world._wait_gone([g["pid"]], 120), f"{site}'s guest did not power off"
     finally:
         server.close()
