@@ -41,9 +41,9 @@ from gmbase.errors import GeomirrorError
 
 log = structlog.get_logger(__name__)
 
-# 5: checkpoint frames v4 (disk section), DISK_HASHES, "disk_bytes" in HELLO/HELLO_REPLY;
-# 4: checkpoint frames v3 (replica check), DIVERGED; 3: 64-bit frame lengths
-PROTOCOL_VERSION = 5
+# 6: checkpoint frames v5 (disk zero ranges); 5: checkpoint frames v4 (disk section), DISK_HASHES,
+# "disk_bytes" in HELLO/HELLO_REPLY; 4: checkpoint frames v3 (replica check), DIVERGED; 3: 64-bit frame lengths
+PROTOCOL_VERSION = 6
 _HDR = struct.Struct(">BQ")
 HEADER_SIZE = _HDR.size
 DEFAULT_MAX_FRAME = 64 << 20

@@ -24,7 +24,7 @@ async def channel_pair(max_frame: int = 1 << 30) -> tuple[Channel, Channel]:
 
 
 def test_header_is_type_and_64_bit_length():
-    assert PROTOCOL_VERSION == 5 and HEADER_SIZE == 9
+    assert PROTOCOL_VERSION == 6 and HEADER_SIZE == 9
 
 
 async def test_a_length_over_4_gib_is_read_as_such():
