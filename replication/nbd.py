@@ -11,6 +11,13 @@ contents are copies of the write payloads taken as the writes arrive (a block on
 partly covered by a write is read back from the image once it is written), so nothing
 is read from the image in the pause.
 
+Zeroing: WRITE_ZEROES and TRIM (advertised, and treated alike: a trimmed range reads as zeros
+here and at the replica, so the two images stay identical) punch a hole in the image
+(``FALLOC_FL_PUNCH_HOLE``; with ``NBD_CMD_FLAG_NO_HOLE`` the zeros stay allocated:
+``FALLOC_FL_ZERO_RANGE``; zeros written where the filesystem has neither), so the image stays
+sparse, and are recorded as a range of whole blocks, not block by block: a ``mkfs`` or
+``fstrim`` over a large disk costs a few bytes of arena and of frame (``ExtentLog``).
+
 Output commit, and why FLUSH/FUA do not wait for the WAN: a write is durable, in the
 sense that survives the loss of the primary, once the standby has committed the epoch
 that holds it. The guest's network output of that epoch is held by the output gate
@@ -23,7 +30,8 @@ one thread per connection reads requests, writes the image and answers. Replies 
 simple replies (QEMU falls back to them when structured replies are refused).
 
 Backpressure: ``unsent_bytes`` counts the bytes of blocks recorded and not yet handed
-back with ``release(n)`` (open epoch + sealed epochs not yet sent). Above ``cap_bytes``
+back with ``release(n)`` (open epoch + sealed epochs not yet sent), a zero range as its
+encoded size (``ZERO_RANGE_BYTES``). Above ``cap_bytes``
 the reply to a write is held until ``release`` brings it under the cap. Because QEMU's
 ``stop`` waits for in-flight writes, a held reply would also hold ``stop``; the
 checkpoint calls ``checkpoint_starting()`` before ``stop``, which lets held replies go
@@ -40,6 +48,7 @@ chunk is read is in what the sync reads, one written after is recorded).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import socket
@@ -55,12 +64,12 @@ import numpy as np
 import structlog
 
 from gmbase.errors import GeomirrorError
+from replication import zeroing
 
 log = structlog.get_logger(__name__)
 
 BLOCK_SIZE = 4096
 MAX_PAYLOAD = 32 * 1024 * 1024  # largest READ/WRITE; QEMU never sends more
-_ZERO_CHUNK = bytes(1024 * 1024)
 
 # -- the NBD protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md)
 NBDMAGIC = 0x4E42444D41474943
@@ -74,10 +83,10 @@ OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 
 REP_ACK, REP_SERVER, REP_INFO = 1, 2, 3
 REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_UNKNOWN = (1 << 31) + 1, (1 << 31) + 2, (1 << 31) + 3, (1 << 31) + 6
 INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
-TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_WRITE_ZEROES = 1, 4, 8, 64
-TRANSMISSION_FLAGS = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_WRITE_ZEROES
+TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES = 1, 4, 8, 32, 64
+TRANSMISSION_FLAGS = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 5, 6
-CMD_FLAG_FUA = 1
+CMD_FLAG_FUA, CMD_FLAG_NO_HOLE = 1, 2
 NBD_EPERM, NBD_EIO, NBD_EINVAL, NBD_ENOSPC, NBD_ENOTSUP = 1, 5, 22, 28, 95
 
 _REQ = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
@@ -101,62 +110,109 @@ class _ProtocolViolation(Exception):
 
 # -- the extent log: the epoch's recorded blocks, seal, backpressure (no sockets) ----------
 CHUNK_BLOCKS = 256  # the extent log's content arena grows by 1 MiB at a time
+ZERO_RANGE_BYTES = 16  # a zeroed range in the frame: two u64 (replication/codec.py), what it counts as unsent
 
 
 @dataclass(frozen=True)
 class SealedExtents:
-    """The blocks written in one epoch, with their content at the end of that epoch.
+    """What one epoch wrote: blocks with their content at the end of that epoch, and the ranges
+    of whole blocks it zeroed.
 
-    Built in O(1) inside the pause (the epoch's block -> slot map and its content arena
-    change hands); ``block_numbers()`` / ``contents()`` do the O(blocks) work when called
-    (after ``cont``)."""
+    Built in O(1) inside the pause (the epoch's block -> slot map, its content arena and its zero
+    ranges change hands); ``block_numbers()`` / ``contents()`` do the O(blocks) work when called
+    (after ``cont``). Applied in the order zero ranges, then blocks, they give the epoch's end
+    state: a block written after a zeroing in the same epoch is among the blocks, a block zeroed
+    whole after its last write is not (``ExtentLog`` keeps it so). A slot of ``order`` holding -1
+    is a block dropped that way (its arena slot is unused)."""
 
     epoch: int
     slots: dict[int, int] = field(repr=False)  # block number -> slot in the arena
-    order: list[int] = field(repr=False)  # slot -> block number
+    order: list[int] = field(repr=False)  # slot -> block number (-1: dropped)
     chunks: list[bytearray] = field(repr=False)  # the arena: chunk_blocks blocks each
     block_size: int = BLOCK_SIZE
     chunk_blocks: int = CHUNK_BLOCKS
+    zero_starts: list[int] = field(default_factory=list, repr=False)  # zeroed block ranges [start, end):
+    zero_ends: list[int] = field(default_factory=list, repr=False)  # sorted, disjoint, not adjacent
 
     def __len__(self) -> int:
-        return len(self.order)
+        """The blocks (zero ranges not counted)."""
+        return len(self.slots)
+
+    @property
+    def empty(self) -> bool:
+        return not self.slots and not self.zero_starts
 
     @property
     def nbytes(self) -> int:
-        return len(self.order) * self.block_size
+        """What the epoch puts in the frame, as counted against the cap: its blocks' bytes and
+        ``ZERO_RANGE_BYTES`` per zero range (not the bytes it zeroes)."""
+        return len(self.slots) * self.block_size + len(self.zero_starts) * ZERO_RANGE_BYTES
+
+    @property
+    def zeroed_bytes(self) -> int:
+        """The disk bytes the zero ranges cover."""
+        return sum(e - s for s, e in zip(self.zero_starts, self.zero_ends)) * self.block_size
+
+    def zero_ranges(self) -> np.ndarray:
+        """(k, 2) uint64: (first block, number of blocks) of each zeroed range, ascending."""
+        out = np.empty((len(self.zero_starts), 2), dtype=np.uint64)
+        if self.zero_starts:
+            starts = np.array(self.zero_starts, dtype=np.uint64)
+            out[:, 0] = starts
+            out[:, 1] = np.array(self.zero_ends, dtype=np.uint64) - starts
+        return out
+
+    def _dropped(self) -> bool:
+        return len(self.slots) != len(self.order)
 
     def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
         """(block numbers ascending, the slot of each)."""
-        by_slot = np.array(self.order, dtype=np.uint64)
-        perm = np.argsort(by_slot, kind="stable")
-        return by_slot[perm], perm
+        by_slot = np.array(self.order, dtype=np.int64)
+        if self._dropped():
+            live = np.flatnonzero(by_slot >= 0)
+            perm = live[np.argsort(by_slot[live], kind="stable")]
+        else:
+            perm = np.argsort(by_slot, kind="stable")
+        return by_slot[perm].astype(np.uint64), perm
 
     def block_numbers(self) -> np.ndarray:
         return self._sorted()[0]
 
     def contents(self) -> np.ndarray:
         """(n, block_size) uint8, in the order of ``block_numbers()``: one copy out of the arena."""
-        n, bs = len(self.order), self.block_size
+        n, bs, nslots = len(self.slots), self.block_size, len(self.order)
         out = np.empty((n, bs), dtype=np.uint8)
         if not n:
             return out
         _, perm = self._sorted()
-        where = np.empty(n, dtype=np.int64)  # slot -> row of the output
+        where = np.full(nslots, -1, dtype=np.int64)  # slot -> row of the output (-1: dropped)
         where[perm] = np.arange(n)
+        dropped = self._dropped()
         for ci, chunk in enumerate(self.chunks):
-            lo, hi = ci * self.chunk_blocks, min(n, (ci + 1) * self.chunk_blocks)
-            out[where[lo:hi]] = np.frombuffer(chunk, dtype=np.uint8).reshape(self.chunk_blocks, bs)[:hi - lo]
+            lo, hi = ci * self.chunk_blocks, min(nslots, (ci + 1) * self.chunk_blocks)
+            rows = where[lo:hi]
+            view = np.frombuffer(chunk, dtype=np.uint8).reshape(self.chunk_blocks, bs)[:hi - lo]
+            if dropped:
+                live = rows >= 0
+                out[rows[live]] = view[live]
+            else:
+                out[rows] = view
         return out
 
     def by_chunk(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Zero-copy: per arena chunk, (block numbers in slot order, their contents as a
-        (k, block_size) uint8 view). For a consumer that does not need the blocks sorted
-        (a compressor): no copy and no sort."""
-        n, bs, cb = len(self.order), self.block_size, self.chunk_blocks
+        """Per arena chunk, (block numbers in slot order, their contents as a (k, block_size)
+        uint8 view). For a consumer that does not need the blocks sorted (a compressor): no sort,
+        and no copy unless blocks were dropped from the chunk."""
+        nslots, bs, cb = len(self.order), self.block_size, self.chunk_blocks
+        dropped = self._dropped()
         for ci, chunk in enumerate(self.chunks):
-            lo, hi = ci * cb, min(n, (ci + 1) * cb)
-            yield (np.array(self.order[lo:hi], dtype=np.uint64),
-                   np.frombuffer(chunk, dtype=np.uint8).reshape(cb, bs)[:hi - lo])
+            lo, hi = ci * cb, min(nslots, (ci + 1) * cb)
+            numbers = np.array(self.order[lo:hi], dtype=np.int64)
+            view = np.frombuffer(chunk, dtype=np.uint8).reshape(cb, bs)[:hi - lo]
+            if dropped:
+                live = numbers >= 0
+                numbers, view = numbers[live], view[live]
+            yield numbers.astype(np.uint64), view
 
     def block(self, b: int) -> bytes:
         s = self.slots[b]
@@ -173,7 +229,14 @@ class ExtentLog:
     content of each block is copied into an arena as the write arrives (no allocation
     per block): 5-8 us per 4 KiB block in the write path here, against 2-6 us per block
     to read it back from the image at seal time, which would be inside the pause
-    (docs/disk.md)."""
+    (docs/disk.md).
+
+    Zeroing (WRITE_ZEROES, TRIM) keeps the whole blocks it covers as a range (merged with the
+    open epoch's other zeroed ranges: memory O(ranges), not O(blocks)) and drops those blocks'
+    earlier copies, so a later zeroing wins over an earlier write; a write after a zeroing is
+    recorded as a block like any write, so applying the ranges first and then the blocks gives
+    the epoch's end state. The partial blocks at a zeroed range's edges are recorded blocks
+    (read back whole). A dropped block's arena slot is reused by the next new block."""
 
     def __init__(self, block_size: int = BLOCK_SIZE, cap_bytes: int | None = None, first_epoch: int = 1,
                  chunk_blocks: int = CHUNK_BLOCKS, recording: bool = True):
@@ -187,6 +250,9 @@ class ExtentLog:
         self._order: list[int] = []
         self._chunks: list[bytearray] = []
         self._views: list[memoryview] = []
+        self._free: list[int] = []  # arena slots of dropped blocks, reused first
+        self._zstart: list[int] = []  # the open epoch's zeroed block ranges [start, end): sorted,
+        self._zend: list[int] = []  # disjoint and not adjacent (touching ranges are merged)
         self.unsent_bytes = 0
         self._stop_pending = False  # checkpoint_starting() .. seal(): held replies may go
         self._closed = False
@@ -200,7 +266,7 @@ class ExtentLog:
         """The arena slot of block ``b`` in the open epoch, allocated on its first write."""
         s = self._slots.get(b)
         if s is None:
-            s = self._new_slots(b, 1)
+            s = self._reuse_slot(b) if self._free else self._new_slots(b, 1)
         o = (s % self.chunk_blocks) * self.block_size
         return self._views[s // self.chunk_blocks][o:o + self.block_size]
 
@@ -217,11 +283,19 @@ class ExtentLog:
         self.unsent_bytes += k * self.block_size
         return s
 
+    def _reuse_slot(self, b: int) -> int:
+        """Give block ``b`` (not recorded) the slot of a dropped block."""
+        s = self._free.pop()
+        self._slots[b] = s
+        self._order[s] = b
+        self.unsent_bytes += self.block_size
+        return s
+
     def _copy_whole_blocks(self, b0: int, b1: int, src: memoryview) -> None:
         """Blocks b0..b1-1 are wholly covered by ``src``: runs of new blocks go into
         consecutive slots with one copy per run (a 64 KiB write is one copy, not 16)."""
         bs, slots = self.block_size, self._slots
-        if any(b in slots for b in range(b0, b1)):  # rewritten in this epoch: block by block
+        if self._free or any(b in slots for b in range(b0, b1)):  # rewritten or free slots: block by block
             for b in range(b0, b1):
                 self._slot_view(b)[:] = src[(b - b0) * bs:(b - b0 + 1) * bs]
             return
@@ -254,15 +328,53 @@ class ExtentLog:
             self._slot_view(last)[:] = read_block(last)
 
     def record_zeroes(self, offset: int, length: int, read_block: Callable[[int], bytes]) -> None:
-        """Record a zeroed range (WRITE_ZEROES). Call with ``lock`` held."""
-        if not self.recording:
-            return
+        """Record a zeroed range (WRITE_ZEROES, TRIM) that has just reached the image. Call with
+        ``lock`` held. The whole blocks it covers become a zero range (their earlier copies in
+        this epoch are dropped); a block it covers only in part is read back whole."""
         bs = self.block_size
+        if length <= 0 or not self.recording:
+            return
         end = offset + length
-        zero = bytes(bs)
-        for b in range(offset // bs, (end - 1) // bs + 1):
-            lo = b * bs
-            self._slot_view(b)[:] = zero if (lo >= offset and lo + bs <= end) else read_block(b)
+        first, last = offset // bs, (end - 1) // bs
+        whole0, whole1 = -(-offset // bs), end // bs
+        if whole0 < whole1:
+            self._drop_blocks(whole0, whole1)
+            self._add_zero_range(whole0, whole1)
+        if first < whole0:
+            self._slot_view(first)[:] = read_block(first)
+        if last >= whole1 and not (last == first and first < whole0):
+            self._slot_view(last)[:] = read_block(last)
+
+    def _drop_blocks(self, b0: int, b1: int) -> None:
+        """Forget the open epoch's copies of blocks b0..b1-1 (zeroed whole after their write):
+        O(min(range, recorded blocks))."""
+        slots = self._slots
+        if not slots:
+            return
+        if b1 - b0 <= len(slots):
+            gone = [b for b in range(b0, b1) if b in slots]
+        else:
+            gone = [b for b in slots if b0 <= b < b1]
+        for b in gone:
+            s = slots.pop(b)
+            self._order[s] = -1
+            self._free.append(s)
+        if gone:
+            self.unsent_bytes -= len(gone) * self.block_size
+            self._cond.notify_all()
+
+    def _add_zero_range(self, a: int, b: int) -> None:
+        """Add zeroed blocks a..b-1, merged with the ranges it overlaps or touches."""
+        starts, ends = self._zstart, self._zend
+        i = bisect.bisect_left(ends, a)  # the first range ending at or after a
+        j = bisect.bisect_right(starts, b)  # one past the last range starting at or before b
+        if i < j:
+            a, b = min(a, starts[i]), max(b, ends[j - 1])
+        starts[i:j] = [a]
+        ends[i:j] = [b]
+        self.unsent_bytes += (1 - (j - i)) * ZERO_RANGE_BYTES
+        if j - i > 1:
+            self._cond.notify_all()
 
     def over_cap(self) -> bool:
         """Unlocked peek for the fast path; ``wait_under_cap`` decides under the lock."""
@@ -300,9 +412,9 @@ class ExtentLog:
             self._cond.notify_all()
 
     def _drop_open_epoch(self) -> int:
-        """Forget the open epoch's blocks (call under the lock); returns their bytes."""
-        dropped = len(self._order) * self.block_size
-        self._slots, self._order, self._chunks, self._views = {}, [], [], []
+        """Forget the open epoch's blocks and zero ranges (call under the lock); returns their bytes."""
+        dropped = self.open_bytes
+        self._reset_open_epoch()
         self.unsent_bytes = max(0, self.unsent_bytes - dropped)
         return dropped
 
@@ -332,8 +444,9 @@ class ExtentLog:
         with self._cond:
             if epoch is not None:
                 self.epoch = epoch
-            sealed = SealedExtents(self.epoch, self._slots, self._order, self._chunks, self.block_size, self.chunk_blocks)
-            self._slots, self._order, self._chunks, self._views = {}, [], [], []
+            sealed = SealedExtents(self.epoch, self._slots, self._order, self._chunks, self.block_size,
+                                   self.chunk_blocks, self._zstart, self._zend)
+            self._reset_open_epoch()
             self.epoch += 1
             self._stop_pending = False
         return sealed
@@ -349,9 +462,22 @@ class ExtentLog:
             self._closed = True
             self._cond.notify_all()
 
+    def _reset_open_epoch(self) -> None:
+        self._slots, self._order, self._chunks, self._views, self._free = {}, [], [], [], []
+        self._zstart, self._zend = [], []
+
     @property
     def open_blocks(self) -> int:
-        return len(self._order)
+        return len(self._slots)
+
+    @property
+    def open_zero_ranges(self) -> int:
+        return len(self._zstart)
+
+    @property
+    def open_bytes(self) -> int:
+        """The open epoch's share of ``unsent_bytes``: its blocks and its zero ranges as encoded."""
+        return len(self._slots) * self.block_size + len(self._zstart) * ZERO_RANGE_BYTES
 
     @property
     def arena_bytes(self) -> int:
@@ -664,21 +790,23 @@ class NbdServer:
                     except OSError as e:
                         err = _errno_to_nbd(e)
                 reply(err, cookie)
-            elif cmd == CMD_WRITE_ZEROES:
+            elif cmd == CMD_WRITE_ZEROES or cmd == CMD_TRIM:
+                # TRIM is a zeroing too: the replica must hold the same bytes as this image
                 if offset + length > size:
-                    reply(NBD_ENOSPC, cookie)
+                    reply(NBD_ENOSPC if cmd == CMD_WRITE_ZEROES else NBD_EINVAL, cookie)
                     continue
+                keep = cmd == CMD_WRITE_ZEROES and bool(flags & CMD_FLAG_NO_HOLE)  # zeros must stay allocated
                 err = 0
                 with ext.lock:
                     try:
-                        pos, end = offset, offset + length
-                        while pos < end:
-                            pos += os.pwrite(fd, memoryview(_ZERO_CHUNK)[:min(len(_ZERO_CHUNK), end - pos)], pos)
-                        if length:
-                            ext.record_zeroes(offset, length, self._read_block)
+                        zeroing.zero(fd, offset, length, keep_allocated=keep)
+                        ext.record_zeroes(offset, length, self._read_block)
                     except OSError as e:
                         err = _errno_to_nbd(e)
-                        log.warning("nbd.write_failed", image=str(self.image), offset=offset, length=length, error=str(e))
+                        log.warning("nbd.zero_failed", image=str(self.image), offset=offset, length=length,
+                                    command="trim" if cmd == CMD_TRIM else "write_zeroes", error=str(e))
+                if not err and flags & CMD_FLAG_FUA and self.sync_on_flush:
+                    os.fdatasync(fd)
                 if ext.over_cap():
                     flush()
                     ext.wait_under_cap()
@@ -686,7 +814,7 @@ class NbdServer:
             elif cmd == CMD_DISC:
                 flush()
                 return
-            else:  # TRIM/CACHE/BLOCK_STATUS are not advertised; anything else is unknown
+            else:  # CACHE/BLOCK_STATUS are not advertised; anything else is unknown
                 log.warning("nbd.unsupported_command", command=cmd, socket=str(self.socket_path))
                 reply(NBD_EINVAL, cookie)
 

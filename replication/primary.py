@@ -90,7 +90,8 @@ class EpochRecord:
     interval_ms: float
     acked_at: float | None = None
     disk_blocks: int = 0  # guest disk blocks written in the epoch (4 KiB each), in its frame
-    disk_bytes: int = 0
+    disk_bytes: int = 0  # ... their bytes, and 16 per zeroed range (what counts against the disk cap)
+    disk_zeroed_bytes: int = 0  # guest disk bytes zeroed in the epoch, carried as ranges
     encode_ms: float = 0.0  # from `cont` to its frame encoded (the codec thread)
     send_ms: float = 0.0  # writing the frame to the channel (to the kernel: its last byte queued)
 
@@ -122,6 +123,7 @@ class PrimaryStatus:
     frames_forward_lost: int = 0  # ... that could not be sent (the session ended first)
     disk_bytes: int = 0  # size of the guest's replicated disk (0: none)
     disk_blocks_total: int = 0  # disk blocks carried in checkpoints since this primary began
+    disk_zeroed_bytes_total: int = 0  # guest disk bytes zeroed, carried as ranges in checkpoints
     last_disk_sync_bytes: int = 0  # wire bytes of the last session's disk sync
     last_disk_sync_chunks: int = 0  # 64 KiB chunks it sent (of disk_bytes / 64 KiB)
     disk_recording: bool = False  # the disk server records writes (a session runs)
@@ -298,7 +300,9 @@ class Primary:
         self._peer_reads_upstream = reply.get(HELLO_UPSTREAM_KEY) == 1
         self._peer_takes_frames = reply.get(HELLO_FRAMES_KEY) == 1
         if reply.get("proto") != PROTOCOL_VERSION:
-            raise ChannelError(f"standby speaks protocol {reply.get('proto')}, we speak {PROTOCOL_VERSION}")
+            raise ChannelError(f"protocol mismatch: the standby {ch.peer} speaks replication protocol "
+                               f"{reply.get('proto')!r}, site {self.cfg.site} speaks {PROTOCOL_VERSION}; run the same "
+                               "geomirror version at both sites")
         theirs = reply.get(HELLO_DISK_KEY, 0)
         if theirs != self.status.disk_bytes:
             raise ChannelError(f"standby {ch.peer} has a replica disk of {theirs} bytes, the guest's disk "
@@ -659,11 +663,13 @@ class Primary:
             self._encode_epoch, codec, n, dirty, dev, getattr(self, "_prev_dev", None), check, sealed)
         encode_ms = (time.perf_counter() - t1) * 1000
         self._prev_dev = dev
-        disk_blocks, disk_bytes = (len(sealed), sealed.nbytes) if sealed is not None else (0, 0)
+        disk_blocks, disk_bytes, zeroed = ((len(sealed), sealed.nbytes, sealed.zeroed_bytes) if sealed is not None
+                                           else (0, 0, 0))
         rec = EpochRecord(n, pause_ms, len(dirty.page_numbers), dirty.nbytes, len(frame), len(dev),
                           time.monotonic(), interval_ms, disk_blocks=disk_blocks, disk_bytes=disk_bytes,
-                          encode_ms=encode_ms)
+                          disk_zeroed_bytes=zeroed, encode_ms=encode_ms)
         self.status.disk_blocks_total += disk_blocks
+        self.status.disk_zeroed_bytes_total += zeroed
         self.records[n] = rec
         self.status.wire_bytes_total += rec.wire_bytes
         self.status.in_flight = len(self.records)
@@ -674,13 +680,17 @@ class Primary:
 
     def _encode_epoch(self, codec, n: int, dirty: DirtySet, dev: bytes, base: bytes | None,
                       check: verify.RangeCheck | None, sealed: SealedExtents | None) -> bytes:
-        """In the codec thread, after `cont`: epoch n's frame; the disk blocks sorted (one copy)."""
-        blocks = data = None
+        """In the codec thread, after `cont`: epoch n's frame; the disk blocks sorted (one copy) and
+        the zeroed disk ranges (the standby applies the ranges, then the blocks)."""
+        blocks = data = zeroes = None
         if sealed is not None and len(sealed):
             blocks, data = sealed.block_numbers(), sealed.contents()
+        if sealed is not None and sealed.zero_starts:
+            zeroes = sealed.zero_ranges()
         return codec.encode(epoch=n, kind=codec_mod.KIND_DELTA, page_size=self.capture.page_size,
                             page_numbers=dirty.page_numbers, new_pages=dirty.new_pages, old_pages=dirty.old_pages,
-                            device_state=dev, device_base=base, check=check, disk_blocks=blocks, disk_data=data)
+                            device_state=dev, device_base=base, check=check, disk_blocks=blocks, disk_data=data,
+                            disk_zeroes=zeroes)
 
     async def _pause(self, n: int, final: bool):
         """stop → seal the gate and the disk's extent log at n → (device state ∥ dirty scan) →

@@ -4,8 +4,8 @@ A checkpoint is acknowledged once it is verified (AEAD), its replica check compa
 transaction durable in the replica's journal (`Replica.journal`); it is applied right after the
 ACK (`Replica.apply_journalled`), under the lock every other reader of the replica takes, so
 the next checkpoint, a new session and a takeover all see it applied, and a crash in between
-replays it (docs/replication.md, "What the ACK means"). Its disk blocks (a replica with a disk)
-are in the same transaction as its RAM. The primary's guest disk must be the replica disk's size (HELLO
+replays it (docs/replication.md, "What the ACK means"). Its disk blocks and zeroed disk ranges (a
+replica with a disk) are in the same transaction as its RAM. The primary's guest disk must be the replica disk's size (HELLO
 `disk_bytes`), else the session is refused with a sentence naming both and the file. Anything that fails verification, arrives out of
 order (a replayed or stale epoch) or breaks the protocol drops the connection with a
 clear log line and is never applied; the primary reconnects and resyncs.
@@ -139,7 +139,8 @@ class Standby:
         hello = await asyncio.wait_for(ch.recv_json(MsgType.HELLO), 10)
         self._peer_reads_upstream = hello.get(HELLO_UPSTREAM_KEY) == 1
         if hello.get("proto") != PROTOCOL_VERSION:
-            msg = f"protocol mismatch: ours {PROTOCOL_VERSION}, theirs {hello.get('proto')!r}"
+            msg = (f"protocol mismatch: the primary {ch.peer} speaks replication protocol {hello.get('proto')!r}, "
+                   f"site {self.site} speaks {PROTOCOL_VERSION}; run the same geomirror version at both sites")
             log.error("standby.refused", peer=ch.peer, reason=msg)
             await ch.refuse(msg)
             return
@@ -336,6 +337,8 @@ class Standby:
         pages = d.page_numbers
         if pages.size and not np.array_equal(pages, np.arange(int(pages[0]), int(pages[0]) + pages.size)):
             raise ChannelError("a SYNC frame's pages are not one contiguous run")
+        if d.disk_zeroes is not None:
+            raise ChannelError(f"a SYNC frame carried {len(d.disk_zeroes)} zeroed disk ranges (epoch {d.epoch})")
         if d.disk_blocks is not None:
             self.replica.write_disk_blocks(d.disk_blocks, d.disk_data)
         if pages.size:
@@ -406,7 +409,8 @@ class Standby:
         base = self.replica.device_state() if d.header.dev_delta else b""
         if d.check is not None and (why := verify.problem(d.check, self.replica.size)):
             raise ChannelError(f"the checkpoint of epoch {d.epoch} carries a bad replica check: {why}")
-        self.replica.journal(d.epoch, d.page_numbers, new, d.device_state_from(base), d.disk_blocks, d.disk_data)
+        self.replica.journal(d.epoch, d.page_numbers, new, d.device_state_from(base), d.disk_blocks, d.disk_data,
+                             d.disk_zeroes)
         if d.check is None:
             return d.epoch, None
         div = verify.compare_range(d.epoch, d.check, self.replica.range_after(d.check.offset, d.check.length))

@@ -13,17 +13,20 @@ and, when the guest has a disk, the replica disk: a raw file given by the caller
 of the guest disk's size, written only through the journal (or by an initial sync).
 
 A transaction is what moves the replica from epoch N-1 to N: the resync blocks that
-arrived since N-1 (if any: RAM blocks, disk blocks), epoch N's disk blocks (whole 4 KiB
-contents) and epoch N's pages (already decoded to full contents) and device state, closed
+arrived since N-1 (if any: RAM blocks, disk blocks), epoch N's zeroed disk ranges (first block,
+number of blocks), epoch N's disk blocks (whole 4 KiB contents; after the ranges: a block the
+guest wrote after a zeroing is among them) and epoch N's pages (already decoded to full contents) and device state, closed
 by a commit record. Each record carries a blake2b checksum.
 
 What "committed" means on disk, in the order of the writes:
 
 1. journal append (every byte: a short write is continued) and fsync (`journal`). From here
    the journal holds a complete transaction: epoch N is *durable* — whatever happens next,
-   the replica comes out at N, by redo (full page contents, never deltas: idempotent). The
+   the replica comes out at N, by redo (full page contents, never deltas; zeroing a range
+   twice is zeroing it once: idempotent). The
    standby acknowledges N here (docs/replication.md, "What the ACK means").
-2. disk blocks written (``pwrite``), RAM apply and msync, the disk fsynced, ``device.state``
+2. disk ranges zeroed (kept allocated: `zeroing.zero`), disk blocks written (``pwrite``), RAM
+   apply and msync, the disk fsynced, ``device.state``
    replaced, ``replica.json`` replaced with N (`apply_journalled`): epoch N (RAM and disk) is
    *applied*, `committed_epoch` says N. Nothing reads the replica between 1 and 2 (the
    standby holds its lock across both; `journal` and `settle` apply a pending transaction first).
@@ -71,14 +74,15 @@ import structlog
 
 from gmbase.errors import GeomirrorError
 from gmbase.files import atomic_write
-from replication import disksync
+from replication import disksync, zeroing
 
 log = structlog.get_logger(__name__)
 
 PAGE_SIZE = 4096
 _REC = struct.Struct(">4sBQIIQ")  # magic, kind, epoch, n_pages, dev_len, body_len
 _MAGIC = b"GMJR"
-REC_BLOCK, REC_COMMIT, REC_DISK = 1, 2, 3  # REC_DISK: disk blocks (numbers + 4 KiB contents)
+REC_BLOCK, REC_COMMIT, REC_DISK, REC_ZERO = 1, 2, 3, 4  # REC_DISK: disk blocks (numbers + 4 KiB contents)
+_ZERO_UNIT = 8  # REC_ZERO: first blocks, then a u64 block count per range
 DISK_BLOCK = 4096
 _SUM = 32
 _SLACK = 3 * PAGE_SIZE  # a device.state and a replica.json temporary beside the old ones
@@ -94,6 +98,7 @@ _STEP_WHAT = {
     "ram-flush": "writing back",
     "disk-alloc": "allocating",
     "disk-write": "writing",
+    "disk-zero": "zeroing a range of",
     "disk-fsync": "syncing",
     "device-state": "replacing",
     "meta": "replacing",
@@ -151,6 +156,9 @@ class FileOps:
 
     def pwritev(self, step: str, fd: int, parts: list, offset: int) -> int:
         return os.pwritev(fd, parts, offset)
+
+    def zero_range(self, step: str, fd: int, offset: int, length: int) -> None:
+        zeroing.zero(fd, offset, length, keep_allocated=True)  # the replica disk stays preallocated
 
     def read(self, step: str, path: Path) -> bytes:
         return path.read_bytes()
@@ -548,7 +556,7 @@ class Replica:
         while off + _REC.size <= len(buf):
             magic, kind, epoch, n, dev_len, body_len = _REC.unpack_from(buf, off)
             end = off + _REC.size + body_len + _SUM
-            unit = DISK_BLOCK if kind == REC_DISK else self.page_size
+            unit = DISK_BLOCK if kind == REC_DISK else _ZERO_UNIT if kind == REC_ZERO else self.page_size
             if magic != _MAGIC or end > len(buf) or body_len != n * 8 + n * unit + dev_len:
                 break
             if hashlib.blake2b(buf[off:end - _SUM], digest_size=_SUM).digest() != buf[end - _SUM:end]:
@@ -557,7 +565,11 @@ class Replica:
             pages = np.frombuffer(buf, dtype=">u8", count=n, offset=b).astype(np.int64)
             data = np.frombuffer(buf, dtype=np.uint8, count=n * unit, offset=b + n * 8)
             dev = bytes(buf[b + n * 8 + n * unit: b + body_len])
-            txn.append((kind, epoch, pages, data.reshape(n, unit), dev))
+            if kind == REC_ZERO:
+                counts = np.frombuffer(buf, dtype=">u8", count=n, offset=b + n * 8).astype(np.int64)
+                txn.append((kind, epoch, pages, counts, dev))
+            else:
+                txn.append((kind, epoch, pages, data.reshape(n, unit), dev))
             if kind == REC_COMMIT:
                 recs.extend(txn)
                 txn = []
@@ -693,6 +705,18 @@ class Replica:
             raise ReplicaError(f"{what}: disk block {int(blocks.max())} is outside the replica disk "
                                f"{self.disk_path} of {self.disk_size // DISK_BLOCK} blocks")
 
+    def _check_disk_ranges(self, ranges: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """(first blocks, block counts) of zero ranges that lie inside the replica disk."""
+        if self._disk_fd is None:
+            raise ReplicaError(f"{what} carries {len(ranges)} zeroed disk ranges, but this replica has no disk")
+        first, count = ranges[:, 0].astype(np.int64), ranges[:, 1].astype(np.int64)
+        nblocks = self.disk_size // DISK_BLOCK
+        if np.any(count <= 0) or np.any(first < 0) or np.any(first > nblocks - count):
+            i = int(np.flatnonzero((count <= 0) | (first < 0) | (first > nblocks - count))[0])
+            raise ReplicaError(f"{what}: zeroed disk blocks {int(first[i])}..{int(first[i]) + int(count[i]) - 1} "
+                               f"are not inside the replica disk {self.disk_path} of {nblocks} blocks")
+        return first, count
+
     def write_disk_blocks(self, blocks: np.ndarray, data: np.ndarray) -> None:
         """Disk blocks (whole contents) from an initial sync or a resync: straight into the replica
         disk during an initial sync, else journalled and staged with the next epoch."""
@@ -722,6 +746,11 @@ class Replica:
                                               OSError(errno_mod.EIO, "the write made no progress"))
                 done += n
 
+    def _zero_disk(self, first: np.ndarray, count: np.ndarray) -> None:
+        """Zero each range (idempotent); the replica disk stays allocated there."""
+        for f, n in zip(first.tolist(), count.tolist()):
+            self._io("disk-zero", self.disk_path, self._ops.zero_range, self._disk_fd, f * DISK_BLOCK, n * DISK_BLOCK)
+
     def disk_hashes(self) -> list[bytes]:
         """blake2b-128 per 64 KiB of the replica disk (holes not read): O(disk data), off the loop."""
         if self._disk_fd is None:
@@ -742,17 +771,20 @@ class Replica:
         return old
 
     def commit(self, epoch: int, page_numbers: np.ndarray, new_pages: np.ndarray, device_state: bytes,
-               disk_blocks: np.ndarray | None = None, disk_data: np.ndarray | None = None) -> None:
+               disk_blocks: np.ndarray | None = None, disk_data: np.ndarray | None = None,
+               disk_zeroes: np.ndarray | None = None) -> None:
         """Make epoch `epoch` the replica: journal it, fsync, apply, record (`journal`, then
         `apply_journalled`). Whole or nothing; raises ReplicaStorageError when the disk fails (see
         the module docstring for the state it leaves). `disk_blocks`/`disk_data`: the guest disk's
-        blocks written in the epoch (whole contents), journalled before the commit record and
-        applied with the RAM."""
-        self.journal(epoch, page_numbers, new_pages, device_state, disk_blocks, disk_data)
+        blocks written in the epoch (whole contents); `disk_zeroes` ((k, 2): first block, number of
+        blocks): the ranges it zeroed, applied before the blocks. Both journalled before the commit
+        record and applied with the RAM."""
+        self.journal(epoch, page_numbers, new_pages, device_state, disk_blocks, disk_data, disk_zeroes)
         self.apply_journalled()
 
     def journal(self, epoch: int, page_numbers: np.ndarray, new_pages: np.ndarray, device_state: bytes,
-                disk_blocks: np.ndarray | None = None, disk_data: np.ndarray | None = None) -> None:
+                disk_blocks: np.ndarray | None = None, disk_data: np.ndarray | None = None,
+                disk_zeroes: np.ndarray | None = None) -> None:
         """Step 1 of `commit`: append epoch `epoch`'s transaction to the journal and fsync it. When
         this returns, the epoch is durable (`durable_epoch`): the replica comes out at it, by
         `apply_journalled` now or by a replay after a crash. Nothing else may touch the replica
@@ -765,12 +797,17 @@ class Replica:
         if not device_state:
             raise ReplicaError(f"epoch {epoch} carries no device state")
         pages = page_numbers.astype(np.int64)
-        disk = None
+        disk = zero = None
+        if disk_zeroes is not None and len(disk_zeroes):
+            zero = self._check_disk_ranges(np.asarray(disk_zeroes).reshape(-1, 2), f"the checkpoint of epoch {epoch}")
         if disk_blocks is not None and disk_blocks.size:
             disk = (disk_blocks.astype(np.int64), disk_data)
             self._check_disk_blocks(disk[0], f"the checkpoint of epoch {epoch}")
             if disk_data is None or disk_data.shape != (disk_blocks.size, DISK_BLOCK):
                 raise ReplicaError(f"the checkpoint of epoch {epoch}: disk contents do not match its block list")
+        if zero is not None:  # before the blocks: a block written after a zeroing overrides it
+            self._append("journal-append", self._record(REC_ZERO, epoch, zero[0], zero[1].astype(">u8"), b""))
+        if disk is not None:
             self._append("journal-append", self._record(REC_DISK, epoch, disk[0], disk_data, b""))
         self._append("journal-append", self._record(REC_COMMIT, epoch, pages, new_pages, device_state))
         _crash_point("before-journal-sync")
@@ -789,6 +826,8 @@ class Replica:
         self._txn_needed = self._txn_bytes + _SLACK
         txn = [(REC_BLOCK, self.committed_epoch, n, d, b"") for n, d in self._staged_list]
         txn += [(REC_DISK, self.committed_epoch, n, d, b"") for n, d in self._staged_disk]
+        if zero is not None:
+            txn.append((REC_ZERO, epoch, zero[0], zero[1], b""))
         if disk is not None:
             txn.append((REC_DISK, epoch, disk[0], disk[1], b""))
         txn.append((REC_COMMIT, epoch, pages, new_pages, device_state))
@@ -819,7 +858,7 @@ class Replica:
         out = np.array(flat[offset:offset + length], copy=True)
         ps, end = self.page_size, offset + length
         for kind, _epoch, pages, data, _dev in (self._txn or []) if self._pending else []:
-            if kind == REC_DISK or not pages.size:
+            if kind in (REC_DISK, REC_ZERO) or not pages.size:
                 continue
             pages = pages.astype(np.int64)
             inside = np.flatnonzero((pages * ps < end) & ((pages + 1) * ps > offset))
@@ -861,10 +900,16 @@ class Replica:
     def _apply(self, txn) -> None:
         """Redo a complete transaction (idempotent)."""
         for kind, epoch, pages, data, dev in txn:
+            if kind in (REC_DISK, REC_ZERO) and self._disk_fd is None:
+                raise ReplicaError(f"the journal {self.journal_path} holds disk blocks of epoch {epoch}, but no "
+                                   "replica disk is configured; configure the guest's disk again")
+            if kind == REC_ZERO:  # data: the block count of each range
+                half = pages.size // 2
+                self._zero_disk(pages[:half], data[:half])
+                _crash_point("mid-zero")
+                self._zero_disk(pages[half:], data[half:])
+                continue
             if kind == REC_DISK:
-                if self._disk_fd is None:
-                    raise ReplicaError(f"the journal {self.journal_path} holds disk blocks of epoch {epoch}, but no "
-                                       "replica disk is configured; configure the guest's disk again")
                 half = pages.size // 2
                 self._write_disk(pages[:half], data[:half])
                 _crash_point("mid-disk")

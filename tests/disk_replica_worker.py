@@ -1,4 +1,4 @@
-"""Applies a deterministic sequence of epochs with disk blocks to a replica with a disk (run as a
+"""Applies a deterministic sequence of epochs with disk blocks and zeroed ranges to a replica with a disk (run as a
 subprocess by test_disk_replication.py, which makes it SIGKILL itself at a chosen point via
 GEOMIRROR_CRASH_AT)."""
 
@@ -23,6 +23,28 @@ def disk_content(e: int):
     return blocks.astype(np.uint64), rng.integers(0, 256, (blocks.size, BS), dtype=np.uint8)
 
 
+def disk_zeroes(e: int) -> np.ndarray:
+    """Epoch e's zeroed disk ranges ((first block, blocks), ascending, disjoint): one at random and
+    one over the start of epoch e's block run, whose blocks are written after it (they win)."""
+    rng = np.random.default_rng(40_000 + e)
+    run0 = int(disk_content(e)[0][0])
+    a0 = int(rng.integers(0, DISK_BLOCKS - 100))
+    ranges = sorted([(a0, a0 + int(rng.integers(20, 100))), (max(0, run0 - 6), run0 + 10)])
+    merged = [list(ranges[0])]
+    for lo, hi in ranges[1:]:
+        if lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return np.array([(lo, hi - lo) for lo, hi in merged], dtype=np.uint64)
+
+
+def disk_epoch(e: int) -> dict:
+    """Epoch e's disk, as `Replica.commit` takes it."""
+    blocks, data = disk_content(e)
+    return {"disk_blocks": blocks, "disk_data": data, "disk_zeroes": disk_zeroes(e)}
+
+
 def disk_resync(e: int):
     """Disk blocks a resync before epoch e brings (one 64 KiB chunk)."""
     rng = np.random.default_rng(30_000 + e)
@@ -36,6 +58,8 @@ def expected_disk(upto: int, resync_at: int | None = None) -> bytes:
         if resync_at == e:
             blocks, data = disk_resync(e)
             disk[blocks.astype(np.intp)] = data
+        for first, n in disk_zeroes(e).tolist():  # the ranges, then the blocks
+            disk[first:first + n] = 0
         blocks, data = disk_content(e)
         disk[blocks.astype(np.intp)] = data
     return disk.tobytes()
@@ -56,7 +80,7 @@ def main(d: str, disk: str, upto: int, resync_at: int) -> None:
             r.write_block(first, block)
             r.write_disk_blocks(*disk_resync(e))
         pages, data, dev = W.epoch_content(e)
-        r.commit(e, pages, data, dev, *disk_content(e))
+        r.commit(e, pages, data, dev, **disk_epoch(e))
     r.close()
 
 

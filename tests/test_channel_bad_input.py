@@ -8,18 +8,24 @@ checkpoints committed again.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import struct
 
 import numpy as np
 import pytest
+import structlog
 
 from geomirror import pairing
 from replication import codec as C
+from replication.capture import Capture
+from replication.primary import Primary, PrimaryConfig
 from replication.session import new_nonce, session_key
 from replication.standby import Standby
 from replication.store import Replica
 from replication.transport import PROTOCOL_VERSION, Channel, MsgType, connect, serve
+from tests import test_replica_verify as V
+from tests.test_primary_pause import NullGate
 
 RAM = 64 * 4096
 COMPAT = {"qemu": "test", "machine": "pc", "memory_mb": 0}
@@ -201,3 +207,50 @@ async def test_compat_mismatch_is_refused_with_both_values(standby, pki):
                                        "nonce": new_nonce().hex(), "ram_bytes": RAM})
     with pytest.raises(Exception, match="machine: ours 'pc', theirs 'q35'"):
         await ch.recv()
+
+
+async def test_a_primary_of_the_previous_protocol_is_refused_with_both_versions(standby, pki):
+    """Protocol 6 added zero ranges to the frames' disk section: a protocol-5 primary would send
+    frames this standby cannot read (and a protocol-5 standby could not read ours)."""
+    sb, port = standby
+    good, _ = pki
+    ch = await connect("127.0.0.1", port, ssl=client_ctx(good, "site-a"), server_hostname="site-b")
+    await ch.send_json(MsgType.HELLO, {"proto": PROTOCOL_VERSION - 1, "site": "site-a", "compat": COMPAT,
+                                       "run_id": "r", "nonce": new_nonce().hex(), "ram_bytes": RAM})
+    with pytest.raises(Exception, match=f"the primary .* speaks replication protocol 5, site site-b speaks 6; "
+                                        "run the same geomirror version at both sites"):
+        await ch.recv()
+    ch.close()
+    assert await good_session(port, pki) == [1, 2]
+
+
+async def test_a_standby_of_the_previous_protocol_is_refused_by_the_primary_with_both_versions(tmp_path):
+    """The primary's side of the same check: a standby whose HELLO_REPLY says protocol 5."""
+    ram_path = tmp_path / "guest.ram"
+    ram_path.write_bytes(bytes(V.RAM))
+
+    async def old_standby(ch: Channel) -> None:
+        await ch.recv_json(MsgType.HELLO)
+        await ch.send_json(MsgType.HELLO_REPLY, {"proto": PROTOCOL_VERSION - 1, "site": "site-b",
+                                                 "nonce": new_nonce().hex(), "valid": False, "hashes": False})
+        await ch.recv()  # until the primary drops the connection
+
+    server = await serve("127.0.0.1", 0, old_standby)
+    port = server.sockets[0].getsockname()[1]
+    capture = Capture(ram_path, V.RAM)
+    primary = Primary(PrimaryConfig(site="site-a", compat={}, run_id="r", interval_ms=20), V.StandInGuest(ram_path),
+                      capture, NullGate(), connect=lambda: connect("127.0.0.1", port))
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(primary.run())
+        try:
+            await V.until(lambda: any(e["event"] == "primary.session_lost" for e in logs), what="the refusal")
+        finally:
+            primary.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            server.close()
+            capture.close()
+    lost = next(e for e in logs if e["event"] == "primary.session_lost")
+    assert re.search(r"the standby \S+ speaks replication protocol 5, site site-a speaks 6; run the same "
+                     "geomirror version at both sites", lost["error"]), lost
+    assert primary.status.state != "protected"

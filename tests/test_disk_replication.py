@@ -33,6 +33,7 @@ from qemu.qmp import QMPClient, QMPError
 from replication import codec as codec_mod
 from replication import disksync, transport
 from replication.capture import Capture
+from replication import nbd as nbd_mod
 from replication.nbd import NbdServer
 from replication.primary import Primary, PrimaryConfig
 from replication.standby import Standby
@@ -68,13 +69,15 @@ class DiskGuest(StandInGuest):
         self.snapshots: dict[int, tuple[bytes, bytes]] = {}  # epoch -> (hash of image, hash of RAM)
         self.disk_writes = 0
         self.disk_rng = np.random.default_rng(11)
+        self.take_snapshots = True  # hash image and RAM at each stop (off for a large disk)
 
     async def start(self) -> None:
         qmp_path = self.tmp / "qmp.sock"
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
              "-qmp", f"unix:{qmp_path},server=on,wait=off",
-             "-blockdev", f"driver=nbd,server.type=unix,server.path={self.nbd_sock},node-name=d0,reconnect-delay=10"],
+             "-blockdev", f"driver=nbd,server.type=unix,server.path={self.nbd_sock},node-name=d0,reconnect-delay=10,"
+                          "discard=unmap"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(1000):  # the socket file appears at bind, before QEMU listens on it
             try:
@@ -102,8 +105,9 @@ class DiskGuest(StandInGuest):
             self.running = False
             await self.qmp.execute("stop")  # QEMU completes the writes in flight first
             n = self.primary.status.epoch + 1  # the pause of that epoch runs now
-            self.snapshots[n] = await asyncio.to_thread(
-                lambda: (_h(self.image.read_bytes()), _h(self.ram)))
+            if self.take_snapshots:
+                self.snapshots[n] = await asyncio.to_thread(
+                    lambda: (_h(self.image.read_bytes()), _h(self.ram)))
 
     async def cont(self):
         async with self.io:
@@ -114,16 +118,20 @@ class DiskGuest(StandInGuest):
         """One write through QEMU's block layer that returns only once the NBD server has answered
         it (HMP ``qemu-io write``, a queue depth of one); issued while the guest runs. Returns the
         seconds it took, the wait for the guest to run excluded."""
+        return await self.io_sync(f"write -P {pattern} {offset} {length}", f"a {length}-byte write at {offset}",
+                                  timeout)
+
+    async def io_sync(self, command: str, what: str, timeout: float = 30.0) -> float:
+        """One ``qemu-io`` command on the disk, issued while the guest runs, waited for."""
         while True:
             async with self.io:
                 if self.running:
                     t0 = time.monotonic()
                     try:
                         await asyncio.wait_for(self.qmp.execute(
-                            "human-monitor-command",
-                            {"command-line": f'qemu-io d0 "write -P {pattern} {offset} {length}"'}), timeout)
+                            "human-monitor-command", {"command-line": f'qemu-io d0 "{command}"'}), timeout)
                     except asyncio.TimeoutError:
-                        raise AssertionError(f"a {length}-byte write at {offset} got no reply within {timeout:g}s "
+                        raise AssertionError(f"{what} got no reply within {timeout:g}s "
                                              "(held by the disk cap with nothing to release it)") from None
                     return time.monotonic() - t0
             await asyncio.sleep(0.001)
@@ -281,7 +289,13 @@ class DiskPair:
         return n
 
     def disk_equal(self) -> bool:
-        return self.replica_disk.read_bytes() == self.image.read_bytes()
+        with open(self.replica_disk, "rb") as a, open(self.image, "rb") as b:
+            while True:
+                x, y = a.read(8 << 20), b.read(8 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
 
 
 @needs_qemu
@@ -300,13 +314,82 @@ async def test_disk_and_ram_of_every_committed_epoch_are_the_primarys_and_the_wi
         recs = [r for r in pair.primary.history if r.disk_blocks]
         assert st.disk_blocks_total > 0 and recs
         assert st.sessions == 1 and pair.standby.status.rejected_frames == 0
-        assert pair.nbd.extents.unsent_bytes == pair.nbd.extents.open_blocks * 4096  # every sealed byte released
+        assert pair.nbd.extents.unsent_bytes == pair.nbd.extents.open_bytes  # every sealed byte released
         disk_raw = sum(r.disk_bytes for r in pair.primary.history)
         wire = sum(r.wire_bytes for r in pair.primary.history)
         print(f"\n{len(pair.primary.history)} epochs, {pair.guest.disk_writes} disk writes: "
               f"{st.disk_blocks_total} disk blocks ({disk_raw} bytes raw) in epochs with disk "
               f"{len(recs)}; frames on the wire {wire} bytes in all; initial disk sync "
               f"{st.last_disk_sync_chunks} chunks, {st.last_disk_sync_bytes} bytes")
+
+
+BIG_DISK = 288 << 20
+ZEROED = 256 << 20
+
+
+def _disk_section_bytes(h: codec_mod.FrameHeader) -> int:
+    """A frame's disk section on the wire (block index, contents and zero ranges, compressed)."""
+    return h.body_len - (h.index_len + h.pages_len + h.dev_len + h.check_len)
+
+
+@needs_qemu
+async def test_a_256_mib_zeroing_travels_as_a_range_and_the_replica_disk_equals_the_image(tmp_path):
+    """QEMU zeroes 256 MiB (with unaligned edges) of a 288 MiB disk that holds replicated data
+    there: the checkpoints carry zero ranges and a few edge blocks (the disk section is about a
+    hundred bytes; it was every one of the 65 537 blocks before), the open epoch's arena holds at most the
+    edges' chunk (it was 256 MiB), the primary's image is sparse there afterwards, and the
+    replica disk equals the image."""
+    async with DiskPair(tmp_path, primary_disk=BIG_DISK, replica_disk=BIG_DISK) as pair:
+        pair.guest.writing = False
+        pair.guest.take_snapshots = False  # hashing 288 MiB at every stop would be the test's whole time
+        await until(lambda: pair.protected_past(1), timeout=60, what="protection")
+        start = (16 << 20) + 512
+        for i in range(8):  # 8 MiB of data inside the range, replicated as blocks first
+            await pair.guest.write_sync(start + i * (32 << 20), 1 << 20, 1 + i)
+        await pair.quiesce()
+        assert pair.disk_equal()
+        held = pair.image.stat().st_blocks * 512
+        headers = {}
+        journal = pair.standby._journal_checkpoint
+
+        def keep_header(codec, payload):
+            h = codec_mod.peek_header(payload)
+            headers[h.epoch] = h
+            return journal(codec, payload)
+
+        pair.standby._journal_checkpoint = keep_header
+        first = pair.primary.status.epoch + 1
+        peak = Peak(pair.nbd)
+        took = await pair.guest.io_sync(f"write -z -u {start} {ZEROED}", "the 256 MiB zeroing", timeout=120)
+        await pair.quiesce()
+        peak.stop()
+        assert pair.disk_equal()
+        epochs = [h for e, h in headers.items() if e >= first]
+        disk_wire = sum(_disk_section_bytes(h) for h in epochs)
+        disk_blocks = sum(h.n_disk_blocks for h in epochs)
+        recs = [r for r in pair.primary.history if r.epoch >= first]
+        zeroed = sum(r.disk_zeroed_bytes for r in recs)
+        print(f"\n256 MiB zeroing (qemu-io write -z -u, {took * 1000:.0f} ms) over {len(epochs)} epochs: frames' disk "
+              f"sections {disk_wire} bytes on the wire, {disk_blocks} disk blocks, {zeroed} bytes zeroed as "
+              f"{sum(h.n_zero_ranges for h in epochs)} ranges; "
+              f"peak arena {peak.arena} bytes, peak unsent {peak.unsent} bytes; primary image allocation "
+              f"{held} -> {pair.image.stat().st_blocks * 512} bytes")
+        # each of the 65 537 blocks touched travels once: in a range, or as a block (the partial edges,
+        # and what QEMU writes as plain zeros to reach its alignment)
+        assert disk_blocks + zeroed // 4096 == ZEROED // 4096 + 1
+        assert disk_blocks <= 32 and disk_wire < 1024, (disk_blocks, disk_wire)
+        assert peak.arena <= nbd_mod.CHUNK_BLOCKS * 4096 and peak.unsent <= 64 << 10, (peak.arena, peak.unsent)
+        assert pair.image.stat().st_blocks * 512 <= held - (8 << 20) + (64 << 10)  # the data's blocks were freed
+        assert pair.primary.status.disk_zeroed_bytes_total == zeroed
+        # a discard (TRIM, as fstrim sends) is a zeroing too: the replica follows, the image gets a hole
+        await pair.guest.write_sync(276 << 20, 1 << 20, 0x77)
+        await pair.quiesce()
+        held = pair.image.stat().st_blocks * 512
+        await pair.guest.io_sync(f"discard {276 << 20} {1 << 20}", "the discard")
+        await pair.quiesce()
+        assert pair.disk_equal() and pair.image.read_bytes()[276 << 20:277 << 20] == bytes(1 << 20)
+        assert pair.image.stat().st_blocks * 512 <= held - (1 << 20)
+        assert pair.primary.status.disk_zeroed_bytes_total == zeroed + (1 << 20)
 
 
 @needs_qemu
@@ -606,6 +689,49 @@ def test_the_standby_rejects_a_tampered_disk_section_and_applies_nothing(tmp_pat
         replica.close()
 
 
+def test_the_standby_journals_and_applies_zero_ranges_before_the_blocks_and_refuses_them_in_a_sync(tmp_path):
+    """A frame whose zero ranges cover blocks it also carries (written after the zeroing): the
+    replica disk ends with the ranges zeroed and those blocks written; the zeroed range stays
+    allocated (the replica disk is preallocated). A tampered frame applies nothing; a SYNC frame
+    carrying zero ranges is refused."""
+    size = 16 << 20
+    replica_disk = tmp_path / "replica-disk.raw"
+    replica_disk.write_bytes(b"\xee" * size)
+    replica = Replica(tmp_path / "replica", RAM, fsync=False, disk=replica_disk)
+    replica.open()
+    replica.begin_initial_sync()
+    sb = Standby(replica, {}, "site-b", refuse_delay_s=0)
+    c = codec_mod.Codec(bytes(32))
+    try:
+        zeroes = np.array([[16, 1024], [2048, 16]], np.uint64)  # 4 MiB and 64 KiB
+        blocks = np.array([20, 21, 2050], np.uint64)
+        data = np.full((3, 4096), 0x5A, np.uint8)
+        frame = c.encode(epoch=7, kind=codec_mod.KIND_DELTA, page_size=PS, page_numbers=np.empty(0, np.uint64),
+                         new_pages=np.empty((0, PS), np.uint8), old_pages=np.empty((0, PS), np.uint8),
+                         device_state=b"dev", disk_blocks=blocks, disk_data=data, disk_zeroes=zeroes)
+        bad = bytearray(frame)
+        bad[-20] ^= 1
+        with pytest.raises(codec_mod.IntegrityError):
+            sb._journal_checkpoint(c, bytes(bad))
+        assert replica.committed_epoch == 0 and replica_disk.read_bytes() == b"\xee" * size
+        held = replica_disk.stat().st_blocks
+        sb._journal_checkpoint(c, frame)
+        replica.apply_journalled()
+        want = np.full((size // 4096, 4096), 0xEE, np.uint8)
+        want[16:1040] = 0
+        want[2048:2064] = 0
+        want[blocks.astype(np.intp)] = data
+        assert replica.committed_epoch == 7
+        assert replica_disk.read_bytes() == want.tobytes()
+        assert replica_disk.stat().st_blocks >= held  # still allocated: a later write needs no space
+        sync = c.encode(epoch=7, kind=codec_mod.KIND_FULL, page_size=PS, page_numbers=np.empty(0, np.uint64),
+                        new_pages=np.empty((0, PS), np.uint8), disk_zeroes=zeroes)
+        with pytest.raises(transport.ChannelError, match="a SYNC frame carried 2 zeroed disk ranges"):
+            sb._apply_sync(c, sync)
+    finally:
+        replica.close()
+
+
 def test_disk_hashes_are_sparse_aware_and_only_differing_chunks_are_sent(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     with open(a, "wb") as f:
@@ -628,7 +754,7 @@ def test_disk_hashes_are_sparse_aware_and_only_differing_chunks_are_sent(tmp_pat
 
 
 # -- the replica with a disk: crashes and full disks ---------------------------------------------
-POINTS = ["before-journal-sync", "after-journal", "mid-disk", "mid-ram", "after-ram", "after-disk",
+POINTS = ["before-journal-sync", "after-journal", "mid-zero", "mid-disk", "mid-ram", "after-ram", "after-disk",
           "after-device-state", "after-meta"]
 
 
@@ -682,6 +808,10 @@ def test_killed_mid_apply_disk_and_ram_are_both_at_n_minus_1_or_n(tmp_path, poin
 
 
 class DiskFaults(Faults):
+    def zero_range(self, step, fd, offset, length):
+        self._check(step)
+        super().zero_range(step, fd, offset, length)
+
     def pwritev(self, step, fd, parts, offset):
         self._check(step)
         if self.short:
@@ -689,7 +819,7 @@ class DiskFaults(Faults):
         return super().pwritev(step, fd, parts, offset)
 
 
-@pytest.mark.parametrize("step", ["disk-write", "disk-fsync", "journal-append", "journal-fsync"])
+@pytest.mark.parametrize("step", ["disk-zero", "disk-write", "disk-fsync", "journal-append", "journal-fsync"])
 @pytest.mark.parametrize("persistent", [True, False])
 def test_a_full_or_failing_disk_mid_apply_leaves_n_minus_1_or_n_never_a_mix(tmp_path, step, persistent):
     disk = _replica_disk(tmp_path)
@@ -698,10 +828,10 @@ def test_a_full_or_failing_disk_mid_apply_leaves_n_minus_1_or_n_never_a_mix(tmp_
     r.open()
     r.begin_initial_sync()
     for e in (1, 2, 3):
-        r.commit(e, *W.epoch_content(e), *DW.disk_content(e))
+        r.commit(e, *W.epoch_content(e), **DW.disk_epoch(e))
     ops.fail(step, errno.ENOSPC, times=None if persistent else 1)
     try:
-        r.commit(4, *W.epoch_content(4), *DW.disk_content(4))
+        r.commit(4, *W.epoch_content(4), **DW.disk_epoch(4))
     except ReplicaStorageError as e:
         assert e.disk_full and str(e.path) in str(e)
         assert step in ops.failed
@@ -716,7 +846,7 @@ def test_a_full_or_failing_disk_mid_apply_leaves_n_minus_1_or_n_never_a_mix(tmp_
     r.open()
     try:
         assert r.valid and r.committed_epoch in (3, 4)
-        if step in ("disk-write", "disk-fsync"):  # after the journal was durable: epoch 4 survives
+        if step in ("disk-zero", "disk-write", "disk-fsync"):  # after the journal was durable: epoch 4 survives
             assert r.committed_epoch == 4
         assert_epoch(r, disk, r.committed_epoch)
     finally:
@@ -729,7 +859,7 @@ def test_a_short_disk_write_is_continued(tmp_path):
     r.open()
     try:
         r.begin_initial_sync()
-        r.commit(1, *W.epoch_content(1), *DW.disk_content(1))
+        r.commit(1, *W.epoch_content(1), **DW.disk_epoch(1))
         assert_epoch(r, disk, 1)
     finally:
         r.close()
@@ -753,6 +883,9 @@ def test_replica_disk_problems_are_named(tmp_path):
         r.begin_initial_sync()
         with pytest.raises(ReplicaError, match="disk block 512 is outside the replica disk"):
             r.commit(1, *W.epoch_content(1), np.array([512], np.uint64), np.zeros((1, 4096), np.uint8))
+        with pytest.raises(ReplicaError, match="zeroed disk blocks 500..512 are not inside the replica disk "
+                                               r"\S*replica-disk.raw of 512 blocks"):
+            r.commit(1, *W.epoch_content(1), disk_zeroes=np.array([[3, 4], [500, 13]], np.uint64))
         assert r.committed_epoch == 0
     finally:
         r.close()
@@ -762,5 +895,7 @@ def test_replica_disk_problems_are_named(tmp_path):
         r.begin_initial_sync()
         with pytest.raises(ReplicaError, match="this replica has no disk"):
             r.commit(1, *W.epoch_content(1), *DW.disk_content(1))
+        with pytest.raises(ReplicaError, match="carries 1 zeroed disk ranges, but this replica has no disk"):
+            r.commit(1, *W.epoch_content(1), disk_zeroes=np.array([[3, 4]], np.uint64))
     finally:
         r.close()

@@ -5,6 +5,7 @@ hypothesis, and the NBD server against QEMU's own clients (qemu-io, a QEMU with
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
@@ -19,7 +20,7 @@ import pytest
 import structlog
 from hypothesis import given, settings, strategies as st
 
-from replication import nbd
+from replication import disksync, nbd
 from replication.nbd import BLOCK_SIZE, DiskImageError, ExtentLog, NbdServer
 
 BS = BLOCK_SIZE
@@ -46,46 +47,177 @@ def _touched(offset: int, length: int) -> set[int]:
     return set(range(offset // BS, (offset + length - 1) // BS + 1))
 
 
+def _whole(offset: int, length: int) -> set[int]:
+    """The blocks a range covers whole."""
+    return set(range(-(-offset // BS), (offset + length) // BS))
+
+
+def _apply(sealed, replica: bytearray) -> None:
+    """What the standby does with an epoch: the zero ranges, then the blocks."""
+    for first, n in sealed.zero_ranges().tolist():
+        replica[first * BS:(first + n) * BS] = bytes(n * BS)
+    for b, c in zip(sealed.block_numbers().tolist(), sealed.contents()):
+        replica[b * BS:(b + 1) * BS] = c.tobytes()
+
+
 _op = st.tuples(st.sampled_from(["write", "write", "zero", "seal"]),
                 st.one_of(st.integers(0, IMAGE_BLOCKS * BS - 1), st.integers(0, IMAGE_BLOCKS - 1).map(lambda b: b * BS)),
-                st.one_of(st.integers(1, 5 * BS), st.integers(1, 40).map(lambda n: n * BS)),  # runs past a chunk of the arena
+                st.one_of(st.integers(1, 5 * BS), st.integers(1, 40).map(lambda n: n * BS),  # runs past a chunk of the arena
+                          st.integers(1, 200).map(lambda n: n * BS)),  # large zeroings
                 st.integers(0, 255))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(_op, max_size=60))
-def test_extent_log_records_each_touched_block_once_with_its_content_at_seal(ops):
+def test_extent_log_gives_each_epochs_end_state_as_zero_ranges_then_blocks(ops):
+    """Any mix of writes and zeroings: each sealed epoch, applied to the previous replica as its
+    zero ranges then its blocks, is the image at the seal. The blocks are exactly those whose last
+    change in the epoch was a write (a partial zeroing is a write of its edge blocks); the ranges
+    are exactly the blocks zeroed whole in the epoch, sorted, disjoint and merged; a range counts
+    16 bytes against the cap, whatever its length."""
     image = bytearray(IMAGE_BLOCKS * BS)
+    replica = bytearray(IMAGE_BLOCKS * BS)
     log = ExtentLog(chunk_blocks=4)  # small arena chunks: runs cross them
-    touched: set[int] = set()
+    last: dict[int, str] = {}  # block -> its last change in the open epoch: "write" or "zero" (whole)
+    zeroed: set[int] = set()  # blocks zeroed whole in the open epoch
     sealed_total = 0
 
     def check(sealed):
-        assert set(sealed.block_numbers().tolist()) == touched
-        assert sealed.nbytes == len(touched) * BS
+        blocks = sealed.block_numbers().tolist()
+        assert set(blocks) == {b for b, k in last.items() if k == "write"}
+        ranges = sealed.zero_ranges().tolist()
+        covered, prev_end = set(), -1
+        for first, n in ranges:
+            assert n > 0 and first > prev_end, ranges  # sorted, disjoint, not touching
+            prev_end = first + n
+            covered |= set(range(first, first + n))
+        assert covered == zeroed
+        assert sealed.nbytes == len(blocks) * BS + len(ranges) * nbd.ZERO_RANGE_BYTES
         contents = sealed.contents()
-        for i, b in enumerate(sealed.block_numbers().tolist()):
+        for i, b in enumerate(blocks):
             assert contents[i].tobytes() == bytes(image[b * BS:(b + 1) * BS])
             assert sealed.block(b) == bytes(image[b * BS:(b + 1) * BS])
         pairs = [(int(b), c.tobytes()) for bs_, cs in sealed.by_chunk() for b, c in zip(bs_, cs)]
-        assert sorted(pairs) == [(b, bytes(image[b * BS:(b + 1) * BS])) for b in sorted(touched)]
+        assert sorted(pairs) == [(b, bytes(image[b * BS:(b + 1) * BS])) for b in blocks]
+        _apply(sealed, replica)
+        assert replica == image
 
     for kind, offset, length, fill in ops + [("seal", 0, 1, 0)]:
         length = min(length, len(image) - offset)
         if kind == "seal":
             epoch = log.epoch
+            assert log.open_bytes == log.unsent_bytes - sealed_total
             sealed = log.seal()
             assert sealed.epoch == epoch and log.epoch == epoch + 1 and log.open_blocks == 0
+            assert log.open_zero_ranges == 0
             check(sealed)
             sealed_total += sealed.nbytes
-            touched = set()
+            last, zeroed = {}, set()
             continue
         if kind == "write":
             _write(log, image, offset, bytes([fill]) * length)
+            last.update(dict.fromkeys(_touched(offset, length), "write"))
         else:
             _zero(log, image, offset, length)
-        touched |= _touched(offset, length)
-    assert log.unsent_bytes == sealed_total  # one block counted once per epoch
+            whole = _whole(offset, length)
+            last.update(dict.fromkeys(_touched(offset, length) - whole, "write"))
+            last.update(dict.fromkeys(whole, "zero"))
+            zeroed |= whole
+    assert log.unsent_bytes == sealed_total  # each block and range counted once per epoch
+
+
+def _image_log(**kw) -> tuple[bytearray, ExtentLog]:
+    return bytearray(IMAGE_BLOCKS * BS), ExtentLog(**kw)
+
+
+def test_a_large_zeroing_is_one_range_not_a_copy_per_block():
+    """1 GiB zeroed with partial edges: two edge blocks read back, one range, 16 bytes unsent,
+    no arena beyond the edges' chunk (the old log took a 4 KiB slot per block: 1 GiB of arena)."""
+    log = ExtentLog()
+    reads = []
+    with log.lock:
+        log.record_zeroes(100, (1 << 30) + 8000, lambda b: reads.append(b) or bytes(BS))
+    assert reads == [0, ((1 << 30) + 8100) // BS]
+    assert log.open_blocks == 2 and log.open_zero_ranges == 1
+    assert log.unsent_bytes == 2 * BS + nbd.ZERO_RANGE_BYTES and log.arena_bytes == nbd.CHUNK_BLOCKS * BS
+    sealed = log.seal()
+    assert sealed.zero_ranges().tolist() == [[1, (1 << 30) // BS]]
+    assert sealed.zeroed_bytes == 1 << 30 and sealed.nbytes == 2 * BS + 16
+
+
+def test_zero_ranges_merge_when_they_overlap_or_touch_and_stay_apart_otherwise():
+    image, log = _image_log()
+    _zero(log, image, 10 * BS, 5 * BS)  # [10, 15)
+    _zero(log, image, 20 * BS, 5 * BS)  # [20, 25)
+    _zero(log, image, 30 * BS, 2 * BS)  # [30, 32)
+    assert log.open_zero_ranges == 3 and log.unsent_bytes == 3 * 16
+    _zero(log, image, 15 * BS, 1 * BS)  # touches [10, 15): [10, 16)
+    _zero(log, image, 12 * BS, 2 * BS)  # inside: nothing new
+    assert log.open_zero_ranges == 3 and log.unsent_bytes == 3 * 16
+    _zero(log, image, 16 * BS, 4 * BS)  # fills the gap: [10, 25)
+    assert log.open_zero_ranges == 2 and log.unsent_bytes == 2 * 16
+    _zero(log, image, 5 * BS, 40 * BS)  # covers all: [5, 45)
+    assert log.open_zero_ranges == 1 and log.unsent_bytes == 16
+    _zero(log, image, 50 * BS, BS)
+    assert log.seal().zero_ranges().tolist() == [[5, 40], [50, 1]]
+
+
+def test_a_write_after_a_zeroing_is_a_block_and_wins_for_that_block():
+    image, log = _image_log()
+    image[:] = b"\xee" * len(image)  # what the replica holds too
+    replica = bytearray(image)
+    _zero(log, image, 0, 64 * BS)
+    _write(log, image, 8 * BS, b"w" * BS)  # whole block inside the range
+    _write(log, image, 20 * BS + 10, b"p" * 10)  # a partial write inside the range: read back whole
+    sealed = log.seal()
+    assert sealed.zero_ranges().tolist() == [[0, 64]]
+    assert sealed.block_numbers().tolist() == [8, 20]
+    assert sealed.block(8) == b"w" * BS and sealed.block(20) == bytes(10) + b"p" * 10 + bytes(BS - 20)
+    _apply(sealed, replica)
+    assert replica == image
+
+
+def test_a_zeroing_after_a_write_drops_the_written_blocks_and_reuses_their_slots():
+    image, log = _image_log(chunk_blocks=4)
+    image[:] = b"\xee" * len(image)  # what the replica holds too
+    replica = bytearray(image)
+    _write(log, image, 0, b"a" * 8 * BS)  # blocks 0..7: two arena chunks
+    _zero(log, image, 2 * BS, 4 * BS)  # blocks 2..5 zeroed whole: their copies are gone
+    assert log.open_blocks == 4 and log.unsent_bytes == 4 * BS + 16
+    arena = log.arena_bytes
+    _write(log, image, 40 * BS, b"b" * 4 * BS)  # new blocks take the freed slots: no new chunk
+    assert log.arena_bytes == arena and log.open_blocks == 8
+    _zero(log, image, 0, BS)  # block 0 zeroed after its write; touches no range: a second one
+    sealed = log.seal()
+    assert sealed.block_numbers().tolist() == [1, 6, 7, 40, 41, 42, 43]
+    assert sealed.zero_ranges().tolist() == [[0, 1], [2, 4]]
+    assert [sealed.block(b) for b in (1, 40)] == [b"a" * BS, b"b" * BS]
+    assert sum(len(n) for n, _ in sealed.by_chunk()) == 7
+    _apply(sealed, replica)
+    assert replica == image
+
+
+def test_the_partial_blocks_at_a_zeroings_edges_are_recorded_whole():
+    image, log = _image_log()
+    _write(log, image, 0, b"x" * 4 * BS)
+    _zero(log, image, BS + 100, 2 * BS)  # block 1 from byte 100, block 2 whole, block 3 up to byte 99
+    _zero(log, image, 10 * BS + 5, 10)  # inside one block: no range at all
+    sealed = log.seal()
+    assert sealed.zero_ranges().tolist() == [[2, 1]]
+    assert sealed.block_numbers().tolist() == [0, 1, 3, 10]
+    assert sealed.block(1) == b"x" * 100 + bytes(BS - 100)
+    assert sealed.block(3) == bytes(100) + b"x" * (BS - 100)
+    assert sealed.block(10) == bytes(BS)
+
+
+def test_dropping_the_open_epoch_drops_its_zero_ranges_too():
+    image, log = _image_log(cap_bytes=BS)
+    _zero(log, image, 0, 100 * BS)
+    _write(log, image, 200 * BS, b"q" * BS)
+    assert log.stop_recording() == BS + 16 and log.unsent_bytes == 0 and log.open_zero_ranges == 0
+    log.start_recording()
+    _zero(log, image, 0, 8 * BS)
+    assert log.start_recording() == 16 and log.unsent_bytes == 0
 
 
 def test_sealed_contents_are_a_snapshot_not_a_view_of_later_writes():
@@ -193,9 +325,11 @@ def _uri(server: NbdServer) -> str:
     return f"nbd+unix:///?socket={server.socket_path}"
 
 
-def qemu_io(server: NbdServer, commands: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    """Run qemu-io on the server with the commands on its stdin (no length limit)."""
-    p = subprocess.run(["qemu-io", "-f", "raw", _uri(server)], input="\n".join(commands) + "\nquit\n",
+def qemu_io(server: NbdServer, commands: list[str], check: bool = True,
+            discard: str = "ignore") -> subprocess.CompletedProcess:
+    """Run qemu-io on the server with the commands on its stdin (no length limit); ``discard``:
+    qemu-io's discard mode ("unmap" passes discards and unmapping zero writes on)."""
+    p = subprocess.run(["qemu-io", "-f", "raw", "-d", discard, _uri(server)], input="\n".join(commands) + "\nquit\n",
                        capture_output=True, text=True, timeout=60)
     if check:
         assert p.returncode == 0, (p.stderr, p.stdout[-2000:])
@@ -233,6 +367,52 @@ def test_qemu_io_writes_read_back_byte_exact_also_unaligned_and_zeroed(served):
     assert set(sealed.block_numbers().tolist()) == {0, 1} | _touched(65536, 300000)
     for b in sealed.block_numbers().tolist():
         assert sealed.block(b) == bytes(want[b * BS:(b + 1) * BS])
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def _complement(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    for a, b in ranges:
+        if a > pos:
+            out.append((pos, a))
+        pos = b
+    return out + ([(pos, size)] if pos < size else [])
+
+
+@needs_qemu_io
+def test_zeroing_and_trim_punch_holes_no_hole_stays_allocated_and_each_is_one_range(served):
+    """WRITE_ZEROES that may unmap and TRIM punch holes in the image (it stays sparse);
+    WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE (qemu-io without -u) leaves the zeros allocated.
+    Each is one zero range in the epoch, no block copies; a partial zeroing records its edges."""
+    data = bytes(random.Random(3).randbytes(IMAGE_BLOCKS * BS))
+    served.image.write_bytes(data)
+    served.seal()
+    assert _allocated(served.image) == IMAGE_BLOCKS * BS
+    qemu_io(served, ["write -z -u 64k 256k", "discard 512k 128k", "write -z 768k 64k",
+                     "write -z -u 901k 12k"], discard="unmap")
+    want = bytearray(data)
+    for off, n in ((64 << 10, 256 << 10), (512 << 10, 128 << 10), (768 << 10, 64 << 10), (901 << 10, 12 << 10)):
+        want[off:off + n] = bytes(n)
+    assert served.image.read_bytes() == bytes(want)
+    fd = os.open(served.image, os.O_RDONLY)
+    try:
+        holes = _complement(disksync.data_ranges(fd, served.size), served.size)
+    finally:
+        os.close(fd)
+    for hole in ((64 << 10, 320 << 10), (512 << 10, 640 << 10), (904 << 10, 912 << 10)):  # 901k..913k: 2 whole blocks
+        assert any(a <= hole[0] and hole[1] <= b for a, b in holes), (hole, holes)
+    # NO_HOLE: 768k..832k stays allocated (ext4 may report it as a hole to SEEK_DATA: unwritten
+    # extents); the file's blocks count it, give or take an extent-tree block
+    punched = (256 << 10) + (128 << 10) + (8 << 10)
+    assert 0 <= _allocated(served.image) - (IMAGE_BLOCKS * BS - punched) <= 2 * BS
+    sealed = served.seal()
+    assert sealed.zero_ranges().tolist() == [[16, 64], [128, 32], [192, 16], [226, 2]]
+    assert sealed.block_numbers().tolist() == [225, 228]  # the edges of 901k..913k, read back whole
+    assert sealed.block(225) == bytes(want[225 * BS:226 * BS])
+    assert sealed.nbytes == 2 * BS + 4 * nbd.ZERO_RANGE_BYTES
 
 
 @needs_qemu_io
@@ -482,7 +662,8 @@ def test_requests_beyond_the_image_and_unknown_commands_get_nbd_errors(served):
     assert c.request(nbd.CMD_READ, end - 10, 20)[0] == nbd.NBD_EINVAL
     assert c.request(nbd.CMD_WRITE, end - 10, 20, b"x" * 20)[0] == nbd.NBD_ENOSPC
     assert c.request(nbd.CMD_WRITE_ZEROES, end, 4096)[0] == nbd.NBD_ENOSPC
-    assert c.request(nbd.CMD_TRIM, 0, 4096)[0] == nbd.NBD_EINVAL  # not advertised
+    assert c.request(nbd.CMD_TRIM, end - 4096, 8192)[0] == nbd.NBD_EINVAL
+    assert c.request(nbd.CMD_CACHE, 0, 4096)[0] == nbd.NBD_EINVAL  # not advertised
     assert c.request(99, 0, 0)[0] == nbd.NBD_EINVAL
     assert c.request(nbd.CMD_WRITE, end - 4, 4, b"tail") == (0, b"")  # the connection still works
     assert c.request(nbd.CMD_READ, end - 4, 4) == (0, b"tail")
