@@ -269,9 +269,10 @@ def build_argv(spec: GuestSpec) -> list[str]:
         "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
     ]
     if spec.disk_socket is not None:
-        # the disk over NBD from the site service, which records every write (docs/disk.md)
+        # the disk over NBD from the site service, which records every write (docs/disk.md);
+        # discard=unmap passes the guest's discards (fstrim, mkfs) on as TRIM: holes in the image
         argv += ["-blockdev", f"driver=nbd,server.type=unix,server.path={_opt(spec.disk_socket)},"
-                              f"reconnect-delay={spec.disk_reconnect_s},node-name=disk0",
+                              f"reconnect-delay={spec.disk_reconnect_s},node-name=disk0,discard=unmap",
                  "-device", "virtio-blk-pci,drive=disk0"]
     if spec.incoming:
         argv += ["-incoming", "defer"]

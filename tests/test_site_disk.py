@@ -36,7 +36,7 @@ def test_qemu_reaches_the_disk_over_nbd_from_the_service_and_reconnects_to_a_new
     spec = _spec(disk_socket=Path("/r/a,b/disk.sock"), disk_reconnect_s=7)
     argv = build_argv(spec)
     assert _after(argv, "-blockdev") == ["driver=nbd,server.type=unix,server.path=/r/a,,b/disk.sock,"
-                                         "reconnect-delay=7,node-name=disk0"]
+                                         "reconnect-delay=7,node-name=disk0,discard=unmap"]
     assert "virtio-blk-pci,drive=disk0" in _after(argv, "-device")
     assert spec.compat()["disk"] == "virtio-blk"  # both sites must have the device: it is device state
     assert "-incoming" not in argv and "-incoming" in build_argv(_spec(disk_socket=Path("/d"), incoming=True))
