@@ -20,7 +20,7 @@ import pytest
 import structlog
 from hypothesis import given, settings, strategies as st
 
-from replication import disksync, nbd
+from replication import codec, disksync, nbd
 from replication.nbd import BLOCK_SIZE, DiskImageError, ExtentLog, NbdServer
 
 BS = BLOCK_SIZE
@@ -143,6 +143,7 @@ def test_a_large_zeroing_is_one_range_not_a_copy_per_block():
     sealed = log.seal()
     assert sealed.zero_ranges().tolist() == [[1, (1 << 30) // BS]]
     assert sealed.zeroed_bytes == 1 << 30 and sealed.nbytes == 2 * BS + 16
+    assert nbd.ZERO_RANGE_BYTES == codec.ZERO_RANGE_SIZE  # counted as the frame encodes it
 
 
 def test_zero_ranges_merge_when_they_overlap_or_touch_and_stay_apart_otherwise():
