@@ -168,8 +168,11 @@ class LinkStats:
         return src.rtt_ms or 0.0, src.var_ms
 
     def add_transfer(self, nbytes: int, seconds: float) -> None:
-        """A checkpoint of `nbytes` took `seconds` from send to ack, RTT included."""
-        rtt = (self.rtt_ms or 0) / 1000
+        """A checkpoint of `nbytes` took `seconds` from send to ack, RTT included: the path's RTT is
+        taken off (the heartbeats' would take off the queue this checkpoint's own bytes made, and
+        the transfer came out as nothing). What remains is the transfer and the standby's commit:
+        the pacer's transfer term."""
+        rtt = self.pacer_rtt()[0] / 1000
         t = max(seconds - rtt, 1e-4)
         if nbytes < 16384:  # too small to say anything about bandwidth
             return

@@ -347,3 +347,11 @@ def test_without_tcp_info_the_path_rtt_is_the_floor_of_the_heartbeats():
     assert link.rtt_ms > 50  # the channel's EWMA (failure detection) keeps the queue in it
     d = link.as_dict()
     assert (d["path_rtt_ms"], d["path_rtt_source"], d["rtt_ms"]) == (1.5, "heartbeat-floor", round(link.rtt_ms, 3))
+
+
+def test_the_bandwidth_takes_the_path_rtt_off_the_ack_time():
+    """A 1 MiB checkpoint acked 51 ms after it was sent over a 1 ms path: 50 ms of transfer, even
+    when the heartbeats (queued behind it) say 100 ms."""
+    link = queued_link(channel_rtt=100.0, path_rtt=1.0)
+    link.add_transfer(1 << 20, 0.051)
+    assert link.bandwidth_bps == pytest.approx((1 << 20) / 0.050)
