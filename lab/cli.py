@@ -221,14 +221,17 @@ def print_status(st: dict) -> None:
         print(f"note: {st['note']}")
     if st.get("etcd"):
         print("etcd: " + ", ".join(f"{m} {why}" for m, why in st["etcd"].items()))
-    print(f"{'site':8} {'role':10} {'lease':>5} {'epoch':>7} {'interval':>9} {'rtt':>8} {'pause':>8} "
-          f"{'backlog':>7}  bgp")
+    # path rtt: the pacer's (TCP's view of the link); chan rtt: heartbeats on the replication channel,
+    # which also wait behind checkpoint frames: the gap between the two is queueing
+    print(f"{'site':8} {'role':10} {'lease':>5} {'epoch':>7} {'interval':>9} {'path rtt':>9} {'chan rtt':>9} "
+          f"{'pause':>8} {'backlog':>7}  bgp")
     for site, s in st["sites"].items():
         def f(k, unit=""):
             v = s.get(k)
             return "-" if v is None else f"{v}{unit}"
         print(f"{site:8} {s.get('role', '?'):10} {f('lease_generation'):>5} {f('committed_epoch'):>7} "
-              f"{f('interval_ms', 'ms'):>9} {f('rtt_ms', 'ms'):>8} {f('last_pause_ms', 'ms'):>8} "
+              f"{f('interval_ms', 'ms'):>9} {f('path_rtt_ms', 'ms'):>9} {f('rtt_ms', 'ms'):>9} "
+              f"{f('last_pause_ms', 'ms'):>8} "
               f"{f('backlog_epochs'):>7}  {'announces' if s.get('bgp_route_in_bird') else '-'}")
     for site, s in st["sites"].items():
         if s.get("pacer"):
@@ -262,7 +265,7 @@ def add_parser(sub) -> None:
                     help="lease backend: the built-in witness (default) or a 3-member etcd cluster, one "
                          "member in gm-witness and one at each site")
     lp.add_parser("down", help="remove every namespace and process the lab made (idempotent)")
-    st = lp.add_parser("status", help="per-site role, epochs, interval, RTT, pause, BGP")
+    st = lp.add_parser("status", help="per-site role, epochs, interval, path and channel RTT, pause, BGP")
     st.add_argument("--json", action="store_true")
     cr = lp.add_parser("crash", help="lose a site: SIGKILL its processes, take its links down")
     cr.add_argument("site", choices=list(world.SITES))

@@ -50,6 +50,7 @@ from replication import disksync, verify
 from replication.capture import Capture, DirtySet
 from replication.gate import Gate
 from replication.nbd import NbdServer, SealedExtents
+from replication.pacer import EpochSample
 from replication.qemu import Guest
 from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
                                  run_to_end, send_heartbeats,
@@ -142,6 +143,19 @@ def epoch_latency(records: list[EpochRecord]) -> dict:
              "ack": [(r.acked_at - r.sent_at) * 1000 for r in records if r.acked_at is not None]}
     return {name: [round(percentile(xs, 50), 2), round(percentile(xs, 99), 2)] if xs else None
             for name, xs in steps.items()}
+
+
+def pacer_sample(rec: EpochRecord, link: LinkStats, in_flight: int, release_delay_ms: float | None = None,
+                 quiet_ms: float | None = None) -> EpochSample:
+    """What epoch `rec` tells the pacer. Its RTT is the path's (`LinkStats.pacer_rtt`: TCP's, which
+    the channel's queue does not inflate), not the heartbeats' channel RTT: a heartbeat that waits
+    behind checkpoint frames measures our own queue, and the pacer would pace for a WAN that is not
+    there (docs/pacer.md)."""
+    rtt, var = link.pacer_rtt()
+    return EpochSample(interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
+                       wire_bytes=rec.wire_bytes, rtt_ms=rtt, rtt_var_ms=var,
+                       bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=in_flight,
+                       release_delay_ms=release_delay_ms, quiet_ms=quiet_ms)
 
 
 class Primary:
@@ -516,6 +530,7 @@ class Primary:
     async def _epochs(self, ch: Channel, codec, reader: asyncio.Task) -> None:
         last: EpochRecord | None = None
         while True:
+            self._sample_path(ch)
             interval = self._interval_fn(self, last) if self._interval_fn else self.cfg.interval_ms
             self.status.interval_ms = interval
             await asyncio.sleep(interval / 1000)
@@ -781,6 +796,13 @@ class Primary:
     async def _heartbeats(self, ch: Channel) -> None:
         await send_heartbeats(ch, self.cfg.heartbeat_ms / 1000, self.generation_fn,
                               self.upstream_fn if self._peer_reads_upstream else None)
+
+    def _sample_path(self, ch: Channel) -> None:
+        """The kernel's RTT of the channel's connection, once an epoch (at its start: the link is
+        idler then than at any other time of the epoch)."""
+        info = ch.tcp_info()
+        if info is not None:
+            self.link.add_tcp_info(info, time.monotonic())
 
     def silence_ms(self) -> float:
         return (time.monotonic() - self._last_heard) * 1000

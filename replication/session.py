@@ -6,12 +6,14 @@ import asyncio
 import os
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from replication.tcpinfo import TcpInfo
 from replication.transport import ChannelError, MsgType
 
 log = structlog.get_logger(__name__)
@@ -87,9 +89,43 @@ def own_lateness(asked_s: float, slept_s: float, tolerance_s: float = LATE_TOLER
     return late if late > tolerance_s else 0.0
 
 
+PATH_WINDOW_S = 10.0  # the path's RTT is the floor of what was measured in this window
+
+
+@dataclass
+class PathRtt:
+    """The path's round trip without queueing: the lowest RTT (and, separately, the lowest variance)
+    of the samples of the last `window_s` seconds. A floor follows a path that got shorter at once
+    and one that got longer within a window, and ignores what queues (our own checkpoints in a
+    bottleneck, the channel's write lock, the peer's busy loop) as long as the path is idle once in
+    a while, which it is between checkpoints. Pure: the caller gives the time."""
+
+    window_s: float = PATH_WINDOW_S
+    samples: deque = field(default_factory=deque)  # (t, rtt_ms, var_ms), oldest first
+
+    def add(self, now: float, rtt_ms: float, var_ms: float = 0.0) -> None:
+        self.samples.append((now, rtt_ms, var_ms))
+        while len(self.samples) > 1 and self.samples[0][0] < now - self.window_s:
+            self.samples.popleft()  # the newest always stays: a stale floor beats none
+
+    @property
+    def rtt_ms(self) -> float | None:
+        return min((r for _, r, _ in self.samples), default=None)
+
+    @property
+    def var_ms(self) -> float:
+        return min((v for _, _, v in self.samples), default=0.0)
+
+
 @dataclass
 class LinkStats:
-    """RTT as an EWMA with variance (TCP's estimator), achieved bandwidth, dirty rate."""
+    """Two round trips, for two jobs. The channel's (`rtt_ms`, `rtt_var_ms`): heartbeats timed at
+    the application, an EWMA with variance (TCP's estimator); it includes every queue a message
+    meets (a heartbeat waits behind a checkpoint frame), which is right for failure detection:
+    it is how long the peer takes to answer. The path's (`path`): the floor of the kernel's
+    TCP_INFO RTT over a window (replication/tcpinfo.py), or, where there is no TCP_INFO, the floor
+    of the heartbeat round trips; the pacer models output latency with it (`pacer_rtt`), since
+    its own transfer is a term of its own there. Also achieved bandwidth, dirty rate."""
 
     rtt_ms: float | None = None
     rtt_var_ms: float = 0.0
@@ -97,18 +133,46 @@ class LinkStats:
     dirty_bytes_per_s: float | None = None
     samples: int = 0
     history: list = field(default_factory=list)
+    path: PathRtt = field(default_factory=PathRtt)  # from TCP_INFO
+    heartbeat_path: PathRtt = field(default_factory=PathRtt)  # floor of heartbeat RTTs: the fallback
+    tcp_min_rtt_ms: float | None = None  # the kernel's own minimum (a 300 s window): shown, not used
 
-    def add_rtt(self, ms: float) -> None:
+    def add_rtt(self, ms: float, now: float | None = None) -> None:
+        """A heartbeat's round trip."""
         self.samples += 1
         if self.rtt_ms is None:
             self.rtt_ms, self.rtt_var_ms = ms, ms / 2
         else:
             self.rtt_var_ms = 0.75 * self.rtt_var_ms + 0.25 * abs(self.rtt_ms - ms)
             self.rtt_ms = 0.875 * self.rtt_ms + 0.125 * ms
+        self.heartbeat_path.add(time.monotonic() if now is None else now, ms)
+
+    def add_tcp_info(self, info: TcpInfo, now: float) -> None:
+        """What the kernel says of the channel's connection now. Ignored before TCP has timed a
+        segment (an RTT of 0)."""
+        if info.rtt_us <= 0:
+            return
+        self.path.add(now, info.rtt_ms, info.rttvar_ms)
+        self.tcp_min_rtt_ms = info.min_rtt_ms
+
+    @property
+    def path_source(self) -> str | None:
+        """Where `pacer_rtt` comes from: "tcp_info", "heartbeat-floor", or None (nothing yet)."""
+        if self.path.samples:
+            return "tcp_info"
+        return "heartbeat-floor" if self.heartbeat_path.samples else None
+
+    def pacer_rtt(self) -> tuple[float, float]:
+        """The pacer's RTT and its variance, ms: the path's, not the channel's (0, 0 before any)."""
+        src = self.path if self.path.samples else self.heartbeat_path
+        return src.rtt_ms or 0.0, src.var_ms
 
     def add_transfer(self, nbytes: int, seconds: float) -> None:
-        """A checkpoint of `nbytes` took `seconds` from send to ack, RTT included."""
-        rtt = (self.rtt_ms or 0) / 1000
+        """A checkpoint of `nbytes` took `seconds` from send to ack, RTT included: the path's RTT is
+        taken off (the heartbeats' would take off the queue this checkpoint's own bytes made, and
+        the transfer came out as nothing). What remains is the transfer and the standby's commit:
+        the pacer's transfer term."""
+        rtt = self.pacer_rtt()[0] / 1000
         t = max(seconds - rtt, 1e-4)
         if nbytes < 16384:  # too small to say anything about bandwidth
             return
@@ -126,9 +190,15 @@ class LinkStats:
         return detection_timeout_ms(self.rtt_ms, self.rtt_var_ms, heartbeat_ms, min_ms, max_ms)
 
     def as_dict(self) -> dict:
+        src = self.path_source
+        rtt, var = self.pacer_rtt()
         return {
-            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),  # the channel's (heartbeats)
             "rtt_var_ms": round(self.rtt_var_ms, 3),
+            "path_rtt_ms": None if src is None else round(rtt, 3),  # the pacer's
+            "path_rtt_var_ms": None if src is None else round(var, 3),
+            "path_rtt_source": src,
+            "tcp_min_rtt_ms": None if self.tcp_min_rtt_ms is None else round(self.tcp_min_rtt_ms, 3),
             "bandwidth_mbit": None if self.bandwidth_bps is None else round(self.bandwidth_bps * 8 / 1e6, 1),
             "dirty_mb_per_s": None if self.dirty_bytes_per_s is None else round(self.dirty_bytes_per_s / 1e6, 2),
         }

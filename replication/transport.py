@@ -38,6 +38,7 @@ import struct
 import structlog
 
 from gmbase.errors import GeomirrorError
+from replication.tcpinfo import TcpInfo, read_tcp_info
 
 log = structlog.get_logger(__name__)
 
@@ -226,6 +227,11 @@ class Channel:
             self.writer.close()
         except (OSError, RuntimeError):  # already torn down, or its loop is closed
             pass
+
+    def tcp_info(self) -> TcpInfo | None:
+        """The kernel's TCP_INFO of this channel's connection (under TLS too: the TCP socket beneath
+        it); None for a channel that is not TCP or no longer open."""
+        return read_tcp_info(self.writer.get_extra_info("socket"))
 
     def ssl_object(self):
         return self.writer.get_extra_info("ssl_object")

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from replication.pacer import (ALIGN_MAX_FACTOR, ALPHA, REASONS, EpochSample, ModelInputs, Pacer, PacerPolicy,
                                aligned_interval, hard_floors, modelled_rate, plan_interval, reply_sample, rtt_optimum)
+from replication.primary import EpochRecord, pacer_sample
+from replication.session import LinkStats
+from replication.tcpinfo import TcpInfo
 
 samples = st.builds(
     EpochSample,
@@ -271,3 +275,83 @@ def test_silence_forgets_the_reply_time():
     for _ in range(200):
         p.update(EpochSample(p.interval_ms, 20, 0, 0, 50, 0, 1e9, 1, release_delay_ms=70, quiet_ms=None))
     assert p.last.reason == "rtt-optimum"
+
+
+# ---------------------------------------------------------------------------- the pacer's RTT input
+
+
+def queued_link(channel_rtt: float, path_rtt: float, path_var: float = 0.0, seconds: float = 5.0) -> LinkStats:
+    """A link whose heartbeats come back after `channel_rtt` (they wait behind checkpoint frames)
+    while TCP measures `path_rtt`: samples every 100 ms for `seconds`."""
+    link = LinkStats()
+    for k in range(int(seconds * 10)):
+        link.add_rtt(channel_rtt, now=k / 10)
+        link.add_tcp_info(TcpInfo(state=1, rto_us=200_000, snd_mss=1448, unacked=0, rtt_us=int(path_rtt * 1000),
+                                  rttvar_us=int(path_var * 1000)), now=k / 10)
+    return link
+
+
+def paced(link: LinkStats, epochs: int = 200, pause: float = 25.0) -> tuple[Pacer, list]:
+    """The interval a pacer settles on when every epoch's sample is built from `link`."""
+    pacer = Pacer(PacerPolicy(min_interval_ms=10, max_interval_ms=1000, latency_budget_ms=150, max_pause_share=0.5),
+                  100)
+    alarms = []
+    for n in range(epochs):
+        rec = EpochRecord(n + 1, pause, 100, 1 << 20, int(2e5 * (pacer.interval_ms / 100) ** ALPHA), 600_000, 0.0,
+                          pacer.interval_ms)
+        d = pacer.update(pacer_sample(rec, link, in_flight=1))
+        alarms += [d.infeasible] if d.infeasible else []
+    return pacer, alarms
+
+
+def test_the_pacer_paces_for_the_path_not_for_the_channels_queue():
+    """The lab's case: heartbeats queue behind checkpoint frames to 100 ms on a 1 ms path. The
+    pacer must choose what it chooses for a clean 1 ms link, and raise no budget alarm."""
+    queued, alarms = paced(queued_link(channel_rtt=100.0, path_rtt=1.0))
+    clean, _ = paced(queued_link(channel_rtt=1.0, path_rtt=1.0))
+    assert queued.interval_ms == pytest.approx(clean.interval_ms, rel=1e-9)
+    assert queued.last.reason == "rtt-optimum" and alarms == []
+    assert "RTT 1.0 ms" in queued.last.detail
+    # and the case discriminates: on a real 100 ms path the budget cannot be met (the lab's alarm)
+    wan, wan_alarms = paced(queued_link(channel_rtt=100.0, path_rtt=100.0, path_var=5.0))
+    assert abs(wan.interval_ms - clean.interval_ms) > 5 and wan_alarms
+
+
+def test_the_path_rtt_adds_its_own_variance_not_the_queues():
+    link = queued_link(channel_rtt=100.0, path_rtt=20.0, path_var=2.0)
+    assert link.pacer_rtt() == (20.0, 2.0)
+    s = pacer_sample(EpochRecord(1, 10.0, 1, 4096, 4096, 0, 0.0, 50.0), link, in_flight=0)
+    assert (s.rtt_ms, s.rtt_var_ms) == (20.0, 2.0)
+
+
+def test_the_path_rtt_is_the_floor_of_a_window():
+    link = LinkStats()
+    info = lambda rtt_ms, var_ms=0.5: TcpInfo(1, 200_000, 1448, 0, int(rtt_ms * 1000), int(var_ms * 1000))  # noqa: E731
+    for k, rtt in enumerate([5.0, 40.0, 1.0, 30.0, 2.0]):  # a queue builds and drains
+        link.add_tcp_info(info(rtt), now=k)
+    assert link.pacer_rtt() == (1.0, 0.5) and link.path_source == "tcp_info"
+    for k in range(5, 30):  # the path got longer: the old floor leaves with the window
+        link.add_tcp_info(info(25.0, 3.0), now=k)
+    assert link.pacer_rtt() == (25.0, 3.0)
+    link.add_tcp_info(info(0.0), now=31)  # TCP has timed nothing yet: not a sample
+    assert link.pacer_rtt() == (25.0, 3.0)
+    assert link.as_dict()["path_rtt_ms"] == 25.0
+
+
+def test_without_tcp_info_the_path_rtt_is_the_floor_of_the_heartbeats():
+    link = LinkStats()
+    assert link.pacer_rtt() == (0.0, 0.0) and link.path_source is None
+    for k, rtt in enumerate([90.0, 1.5, 120.0, 100.0]):
+        link.add_rtt(rtt, now=k)
+    assert link.pacer_rtt() == (1.5, 0.0) and link.path_source == "heartbeat-floor"
+    assert link.rtt_ms > 50  # the channel's EWMA (failure detection) keeps the queue in it
+    d = link.as_dict()
+    assert (d["path_rtt_ms"], d["path_rtt_source"], d["rtt_ms"]) == (1.5, "heartbeat-floor", round(link.rtt_ms, 3))
+
+
+def test_the_bandwidth_takes_the_path_rtt_off_the_ack_time():
+    """A 1 MiB checkpoint acked 51 ms after it was sent over a 1 ms path: 50 ms of transfer, even
+    when the heartbeats (queued behind it) say 100 ms."""
+    link = queued_link(channel_rtt=100.0, path_rtt=1.0)
+    link.add_transfer(1 << 20, 0.051)
+    assert link.bandwidth_bps == pytest.approx((1 << 20) / 0.050)

@@ -24,8 +24,8 @@ from geomirror.site.host import set_tap
 from replication import transport
 from replication.capture import Capture
 from replication.nbd import NbdServer
-from replication.pacer import EpochSample, Pacer, PacerPolicy
-from replication.primary import EpochRecord, Primary, PrimaryConfig
+from replication.pacer import Pacer, PacerPolicy
+from replication.primary import EpochRecord, Primary, PrimaryConfig, pacer_sample
 from replication.qemu import Guest, GuestError, GuestSpec
 
 log = structlog.get_logger(__name__)
@@ -169,11 +169,9 @@ class PrimarySide:
             return self.pacer.interval_ms
         link, gate = primary.link, self.ctx.gate.stats
         before = self.pacer.last.reason if self.pacer.last else None
-        d = self.pacer.update(EpochSample(
-            interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
-            wire_bytes=rec.wire_bytes, rtt_ms=link.rtt_ms or 0.0, rtt_var_ms=link.rtt_var_ms,
-            bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=primary.status.in_flight,
-            release_delay_ms=gate.last_release_delay_ms or None, quiet_ms=gate.last_quiet_ms))
+        d = self.pacer.update(pacer_sample(rec, link, primary.status.in_flight,
+                                           release_delay_ms=gate.last_release_delay_ms or None,
+                                           quiet_ms=gate.last_quiet_ms))
         now = time.monotonic()
         if d.reason != before and now - self._pacer_logged >= 10.0:
             # at most one line per 10 s: near a boundary the reason may flip every few epochs
@@ -257,7 +255,7 @@ class PrimarySide:
         pol = self.pacer_policy
         return {
             "committed_epoch": p["committed_epoch"], "interval_ms": round(p["interval_ms"], 1),
-            "rtt_ms": p["rtt_ms"], "last_pause_ms": round(p["last_pause_ms"], 2),
+            "rtt_ms": p["rtt_ms"], "path_rtt_ms": p["path_rtt_ms"], "last_pause_ms": round(p["last_pause_ms"], 2),
             "backlog_epochs": p["backlog_epochs"], "replication": p,
             "pacer": {"adaptive": self.adaptive, "interval_ms": round(p["interval_ms"], 1),
                       "reason": (d.reason if d else "initial") if self.adaptive else "fixed",

@@ -19,7 +19,8 @@ class SiteStatus:
     lease_generation: int = 0
     committed_epoch: int = 0
     interval_ms: float | None = None
-    rtt_ms: float | None = None
+    rtt_ms: float | None = None  # the replication channel's (heartbeats; failure detection uses it)
+    path_rtt_ms: float | None = None  # the path's (TCP_INFO; the pacer uses it): rtt_ms above it is queueing
     last_pause_ms: float | None = None
     backlog_epochs: int = 0
     bgp_announced: bool = False
@@ -72,7 +73,8 @@ _GAUGES = (
     ("geomirror_committed_epoch", "committed_epoch", "last epoch the standby committed"),
     ("geomirror_last_pause_ms", "last_pause_ms", "vCPU pause of the last checkpoint"),
     ("geomirror_interval_ms", "interval_ms", "current checkpoint interval"),
-    ("geomirror_rtt_ms", "rtt_ms", "inter-site round-trip time (EWMA)"),
+    ("geomirror_rtt_ms", "rtt_ms", "inter-site round-trip time of the replication channel's heartbeats (EWMA)"),
+    ("geomirror_path_rtt_ms", "path_rtt_ms", "inter-site path round-trip time (TCP's, the pacer's input)"),
     ("geomirror_backlog_epochs", "backlog_epochs", "checkpoints waiting for acknowledgement"),
     ("geomirror_lease_generation", "lease_generation", "lease generation held or last held"),
 )
