@@ -221,7 +221,7 @@ class ExtentLog:
         """Blocks b0..b1-1 are wholly covered by ``src``: runs of new blocks go into
         consecutive slots with one copy per run (a 64 KiB write is one copy, not 16)."""
         bs, slots = self.block_size, self._slots
-        if any(b in slots for b in range(b0, b1)):  # rewritten in this epoch: block by block
+        if not slots.keys().isdisjoint(range(b0, b1)):  # rewritten in this epoch: block by block
             for b in range(b0, b1):
                 self._slot_view(b)[:] = src[(b - b0) * bs:(b - b0 + 1) * bs]
             return
