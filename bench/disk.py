@@ -7,9 +7,13 @@ interleaved, `--rounds` times:
 - local: ``-drive file=<copy>,if=virtio,format=raw`` (QEMU's own raw file driver);
 - nbd: the disk through ``NbdServer`` (replication/nbd.py) with its extent log sealed and
   released every interval by a thread, but no checkpoints (the data path alone);
-- replicated: ``NbdServer`` + ``Primary`` checkpointing every ``--interval-ms`` to a ``Standby``
-  with a replica disk over loopback (plain TCP, no TLS), as tests/test_disk_replication.py, the
-  standby in a process of its own (this file with ``--part standby``).
+- replicated: ``NbdServer`` + ``Primary`` checkpointing to a ``Standby`` with a replica disk over
+  loopback (plain TCP, no TLS), as tests/test_disk_replication.py, the standby in a process of its
+  own (this file with ``--part standby``). The interval is the product's: the adaptive pacer with
+  the default `checkpoint` section, fed as the site feeds it (geomirror/site/primary_side.py);
+  ``--interval-ms N`` fixes it instead;
+- qemu-nbd (only with ``--cases``): the disk through QEMU's own NBD server (C), no recording: what
+  any NBD server can reach here, the ceiling of a C data path.
 
 Inside the guest gm-diskbench (guest/diskbench.c, started by ``gm.diskbench=MB/PLAN`` after
 READY) writes a MB MiB file with O_DIRECT: 4 KiB random writes at depth 1 and 8, 64 KiB
@@ -57,6 +61,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from geomirror import logging as gl  # noqa: E402
+from geomirror.config import CheckpointSection  # noqa: E402
 from geomirror.disk_image import build_disk_image  # noqa: E402
 from geomirror.image import default_cmdline  # noqa: E402
 from lab import cli as labcli  # noqa: E402
@@ -66,6 +71,7 @@ from replication import transport  # noqa: E402
 from replication.capture import Capture  # noqa: E402
 from replication.gate import Gate  # noqa: E402
 from replication.nbd import NbdServer  # noqa: E402
+from replication.pacer import EpochSample, Pacer, PacerPolicy  # noqa: E402
 from replication.primary import Primary, PrimaryConfig  # noqa: E402
 from replication.qemu import Guest, GuestSpec, detect_accel  # noqa: E402
 from replication.standby import Standby  # noqa: E402
@@ -75,6 +81,7 @@ from gmbase.stats import percentile as pct  # noqa: E402
 MB = 1_000_000
 DEFAULT_PLAN = "idle:3,randwrite:4k:5,idle:2,randwrite:4k:5:8,idle:2,write:64k:5,idle:2"
 CASES = ("local", "nbd", "replicated")
+ALL_CASES = CASES + ("qemu-nbd",)
 LINE_RE = re.compile(r"GM-DISKBENCH (prefill|start|done|end|error)\b ?(.*)")
 
 
@@ -209,6 +216,19 @@ class Epoch:
     wire_bytes: int
     stop_ms: float = 0.0  # QEMU's stop (it completes the disk writes in flight first)
     seal_ms: float = 0.0  # the extent log's seal: the disk's own part of the pause
+    interval_ms: float = 0.0  # the interval that preceded this epoch's pause
+    reason: str = ""  # the pacer's reason for it ("fixed" without the pacer)
+
+
+def top_reason(epochs: list[Epoch]) -> str:
+    """The pacer's most frequent reason over these epochs, with its share."""
+    if not epochs:
+        return "-"
+    counts: dict[str, int] = {}
+    for e in epochs:
+        counts[e.reason] = counts.get(e.reason, 0) + 1
+    reason = max(counts, key=counts.get)
+    return f"{reason} {counts[reason] / len(epochs):.0%}"
 
 
 def epochs_between(epochs: list[Epoch], start: float, end: float) -> list[Epoch]:
@@ -324,6 +344,57 @@ class NoGate(Gate):
         pass
 
 
+class ProductPacing:
+    """The replicated case's interval as the product picks it: the adaptive pacer with the default
+    `checkpoint` section, fed what each epoch measured the way the site feeds it
+    (geomirror/site/primary_side.py `_next_interval`; no guest output here, so no gate timings).
+    `reasons[n]`: the pacer's reason for the interval before epoch n."""
+
+    def __init__(self, ck: CheckpointSection | None = None):
+        ck = ck or CheckpointSection()
+        self.policy = PacerPolicy(min_interval_ms=ck.min_interval_ms, max_interval_ms=ck.max_interval_ms,
+                                  latency_budget_ms=ck.latency_budget_ms, max_pause_share=ck.max_pause_share,
+                                  max_wan_bytes_per_s=ck.max_wan_mbit * 1e6 / 8, max_in_flight=ck.max_in_flight)
+        self.pacer = Pacer(self.policy, ck.interval_ms)
+        self.reasons: dict[int, str] = {}
+
+    def __call__(self, primary, rec) -> float:
+        if rec is None:
+            return self.pacer.interval_ms
+        link = primary.link
+        d = self.pacer.update(EpochSample(
+            interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
+            wire_bytes=rec.wire_bytes, rtt_ms=link.rtt_ms or 0.0, rtt_var_ms=link.rtt_var_ms,
+            bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=primary.status.in_flight))
+        self.reasons[rec.epoch + 1] = d.reason
+        return d.interval_ms
+
+
+class QemuNbd:
+    """QEMU's own NBD server (C) on a unix socket: the qemu-nbd case (no recording)."""
+
+    def __init__(self, image: Path, socket_path: Path):
+        self.image, self.socket_path = image, socket_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.socket_path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-t", "--cache=writeback", "-k",
+                                      str(self.socket_path), str(self.image)], stderr=subprocess.DEVNULL)
+        for _ in range(500):
+            if self.socket_path.exists():
+                return
+            time.sleep(0.01)
+        self.close()
+        raise ConsoleError(f"qemu-nbd did not create {self.socket_path} within 5 s")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
+
+
 class TimedNbd(NbdServer):
     """The server whose `seal()` (the disk's whole part of the pause) is timed."""
 
@@ -420,16 +491,20 @@ async def boot_case(case: str, img, workdir: Path, args, plan: list[Phase]) -> d
     disk = d / "disk.raw"
     copy_disk(img.disk, disk)
     mem = args.memory
-    nbd = sealer = primary = standby_proc = capture = None
+    nbd = sealer = primary = standby_proc = capture = qnbd = pacing = None
     tasks: list[asyncio.Task] = []
-    if case != "local":
+    if case in ("nbd", "replicated"):
         nbd = TimedNbd(disk, d / "disk.sock")
         nbd.start()
+    elif case == "qemu-nbd":
+        qnbd = QemuNbd(disk, d / "disk.sock")
+        qnbd.start()
     append = (default_cmdline("198.51.100.10", 24, "198.51.100.1") + " root=/dev/vda "
               + diskbench_arg(args.file_mb, args.plan))
     spec = GuestSpec(name=f"diskbench-{case}", memory_mb=mem, kernel=img.kernel, initrd=img.initrd, append=append,
                      ram_path=d / "ram", qmp_path=d / "qmp.sock", serial_path=d / "serial.log",
-                     net_socket=d / "net.sock", accel=detect_accel(), disk_socket=nbd.socket_path if nbd else None)
+                     net_socket=d / "net.sock", accel=detect_accel(),
+                     disk_socket=None if case == "local" else d / "disk.sock")
     extra = ("-drive", f"file={disk},if=virtio,format=raw") if case == "local" else ()
     guest = TimedGuest(spec, extra_argv=extra)
     watch = ConsoleWatch(spec.serial_path)
@@ -439,19 +514,21 @@ async def boot_case(case: str, img, workdir: Path, args, plan: list[Phase]) -> d
         await guest.start()
         watch.start()
         if case == "nbd":
-            sealer = Sealer(nbd, args.interval_ms / 1000)
+            sealer = Sealer(nbd, (args.interval_ms or 50) / 1000)
             sealer.thread.start()
         elif case == "replicated":
             rdisk = d / "replica-disk.raw"
             copy_disk(img.disk, rdisk)
             standby_proc, port = await start_standby(d / "replica", rdisk, mem, spec.compat())
             capture = Capture(spec.ram_path, mem << 20)
-            cfg = PrimaryConfig(site="site-a", compat=spec.compat(), run_id="diskbench", interval_ms=args.interval_ms)
+            pacing = None if args.interval_ms else ProductPacing()
+            cfg = PrimaryConfig(site="site-a", compat=spec.compat(), run_id="diskbench",
+                                interval_ms=args.interval_ms or CheckpointSection().interval_ms)
 
             async def connect():
                 return await transport.connect("127.0.0.1", port, max_frame=max_frame(mem))
 
-            primary = MeasuredPrimary(cfg, guest, capture, NoGate(), connect, nbd=nbd)
+            primary = MeasuredPrimary(cfg, guest, capture, NoGate(), connect, nbd=nbd, interval_fn=pacing)
             tasks.append(asyncio.create_task(primary.run()))
         await guest.wait_ready(180)
         ready_s = time.monotonic() - started
@@ -485,6 +562,8 @@ async def boot_case(case: str, img, workdir: Path, args, plan: list[Phase]) -> d
             await stop_standby(standby_proc)
         if nbd is not None:
             nbd.close()
+        if qnbd is not None:
+            qnbd.close()
         if capture is not None:
             capture.close()
     _, runs, ended = parse_console(watch.lines)
@@ -494,7 +573,8 @@ async def boot_case(case: str, img, workdir: Path, args, plan: list[Phase]) -> d
     if primary is not None:
         out["epochs"] = [Epoch(r.epoch, primary.paused_at.get(r.epoch, r.sent_at), r.pause_ms, r.dirty_pages,
                                r.disk_blocks, r.disk_bytes, primary.disk_wire.get(r.epoch, 0), r.wire_bytes,
-                               *primary.parts.get(r.epoch, (0.0, 0.0)))
+                               *primary.parts.get(r.epoch, (0.0, 0.0)), r.interval_ms,
+                               pacing.reasons.get(r.epoch, "initial") if pacing else "fixed")
                          for r in primary.history]
         out["disk_sync"] = (primary.status.last_disk_sync_chunks, primary.status.last_disk_sync_bytes)
     return out
@@ -504,11 +584,12 @@ def throughput(args) -> int:
     gl.setup(level="WARNING")
     plan = parse_plan(args.plan, args.file_mb)
     img = build_disk_image(progress=False)
+    cases = parse_cases(args.cases)
     workdir = Path(tempfile.mkdtemp(prefix="gm-diskbench-", dir=args.dir))
     results: list[dict] = []
     try:
         for rnd in range(args.rounds):
-            order = CASES if rnd % 2 == 0 else tuple(reversed(CASES))  # interleaved, neither always first
+            order = cases if rnd % 2 == 0 else tuple(reversed(cases))  # interleaved, neither always first
             for case in order:
                 t0 = time.monotonic()
                 sub = workdir / f"r{rnd}"
@@ -529,34 +610,51 @@ def throughput(args) -> int:
                 f.write(json.dumps({**{k: v for k, v in r.items() if k not in ("runs", "epochs")},
                                     "runs": [dataclasses.asdict(x) for x in r["runs"]],
                                     "epochs": [dataclasses.asdict(e) for e in r["epochs"]]}) + "\n")
-    report_throughput(results, plan, args, detect_accel())
+    report_throughput(results, plan, args, detect_accel(), cases)
     return 0
 
 
-def report_throughput(results: list[dict], plan: list[Phase], args, accel: str) -> None:
+def parse_cases(text: str) -> tuple[str, ...]:
+    """`--cases`: comma-separated, from ALL_CASES, `local` among them (the ratios' denominator)."""
+    cases = tuple(c for c in text.split(",") if c)
+    bad = [c for c in cases if c not in ALL_CASES]
+    if bad or "local" not in cases or len(set(cases)) != len(cases):
+        raise ValueError(f"cases {text!r}: need distinct names from {', '.join(ALL_CASES)}, local among them")
+    return cases
+
+
+def report_throughput(results: list[dict], plan: list[Phase], args, accel: str,
+                      cases: tuple[str, ...] = CASES) -> None:
+    pacing = (f"fixed {args.interval_ms:g} ms interval" if args.interval_ms else
+              "the product's adaptive pacer (default checkpoint section)")
     print(f"\ndisk benchmark: {args.rounds} rounds, cases interleaved; guest {args.memory} MB, accel {accel}, "
           f"gm-diskbench on a {args.file_mb} MiB file (O_DIRECT, fresh random bytes per write); replicated: "
-          f"fixed {args.interval_ms:g} ms interval, standby process on loopback")
+          f"{pacing}, standby process on loopback")
     by = {(r["round"], r["case"]): r for r in results}
     rounds = sorted({r["round"] for r in results})
-    print(f"{'case':24} {'local':>10} {'nbd':>10} {'replicated':>11} {'nbd/local':>10} {'repl/local':>11}  "
-          "(median over rounds; ratios: median of per-round ratios)")
+    others = [c for c in cases if c != "local"]
+    short = {"replicated": "repl"}
+    print(f"{'case':24} {'local':>10} " + " ".join(f"{c:>11}" for c in others) + " "
+          + " ".join(f"{short.get(c, c) + '/local':>14}" for c in others)
+          + "  (median over rounds; ratios: median of per-round ratios)")
     for i, ph in enumerate(plan):
         if ph.kind == "idle":
             continue
-        val = {c: [by[(n, c)]["runs"][i].rate(ph.unit) for n in rounds] for c in CASES}
+        val = {c: [by[(n, c)]["runs"][i].rate(ph.unit) for n in rounds] for c in cases}
         med = {c: statistics.median(v) for c, v in val.items()}
-        nl = median_ratio(list(zip(val["nbd"], val["local"])))
-        rl = median_ratio(list(zip(val["replicated"], val["local"])))
-        print(f"{ph.label + ' ' + ph.unit:24} {med['local']:>10.1f} {med['nbd']:>10.1f} {med['replicated']:>11.1f} "
-              f"{nl:>10.2f} {rl:>11.2f}   per round: "
-              + "; ".join(f"{l:.0f}/{n:.0f}/{rp:.0f}" for l, n, rp in zip(val["local"], val["nbd"], val["replicated"])))
+        ratios = [median_ratio(list(zip(val[c], val["local"]))) for c in others]
+        print(f"{ph.label + ' ' + ph.unit:24} {med['local']:>10.1f} " + " ".join(f"{med[c]:>11.1f}" for c in others)
+              + " " + " ".join(f"{x:>14.2f}" for x in ratios) + "   per round ("
+              + "/".join(("local", *others)) + "): "
+              + "; ".join("/".join(f"{val[c][k]:.0f}" for c in ("local", *others)) for k in range(len(rounds))))
+    if "replicated" not in cases:
+        return
     # pauses: idle against busy, all replicated rounds pooled
     rep = [by[(n, "replicated")] for n in rounds]
     print(f"\nreplicated: pause per checkpoint by phase (pauses beginning ≥ {args.margin:g} s inside the phase), "
           "all rounds pooled")
     print(f"{'phase':24} {'epochs':>6} {'pause p50':>10} {'p99':>8} {'stop p50':>9} {'p99':>7} {'seal p50':>9} "
-          f"{'p99':>7} {'disk blk/ep':>11} {'dirty pg/ep':>11} {'pause share':>11}")
+          f"{'p99':>7} {'disk blk/ep':>11} {'dirty pg/ep':>11} {'pause share':>11} {'interval p50':>12}  pacer")
     groups: dict[str, list[Epoch]] = {}
     share: dict[str, list[float]] = {}
     for r in rep:
@@ -572,7 +670,8 @@ def report_throughput(results: list[dict], plan: list[Phase], args, accel: str) 
               f"{pct(st, 99):>5.1f}ms {pct(se, 50):>7.3f}ms {pct(se, 99):>5.3f}ms "
               f"{statistics.mean(e.disk_blocks for e in eps) if eps else 0:>11.1f} "
               f"{statistics.mean(e.dirty_pages for e in eps) if eps else 0:>11.0f} "
-              f"{statistics.mean(share.get(label) or [float('nan')]):>10.0%}")
+              f"{statistics.mean(share.get(label) or [float('nan')]):>10.0%} "
+              f"{pct([e.interval_ms for e in eps], 50) if eps else float('nan'):>10.1f}ms  {top_reason(eps)}")
     idle = [e.pause_ms for e in groups.get("idle", [])]
     for label, eps in groups.items():
         if label != "idle" and idle and eps:
@@ -708,7 +807,11 @@ def main() -> int:
     ap.add_argument("--plan", default=DEFAULT_PLAN, help="gm-diskbench phases (guest/diskbench.c)")
     ap.add_argument("--file-mb", type=int, default=64, help="the writer's file in the guest, MiB")
     ap.add_argument("--memory", type=int, default=128, help="guest RAM, MB")
-    ap.add_argument("--interval-ms", type=float, default=50, help="checkpoint interval of the replicated case")
+    ap.add_argument("--interval-ms", type=float, default=None,
+                    help="a fixed checkpoint interval for the replicated case (default: the product's adaptive "
+                         "pacer with the default checkpoint section); the nbd case seals every this many ms (50)")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"throughput part: which of {', '.join(ALL_CASES)} to run (local among them)")
     ap.add_argument("--margin", type=float, default=0.5, help="seconds at each phase's ends left out of the pauses")
     ap.add_argument("--dir", default="/dev/shm", help="where the disk copies, RAM and replica live")
     ap.add_argument("--out", type=Path, help="append each boot's phases and epochs here as JSON lines")

@@ -295,7 +295,7 @@ class ExtentLog:
         """Blocks b0..b1-1 are wholly covered by ``src``: runs of new blocks go into
         consecutive slots with one copy per run (a 64 KiB write is one copy, not 16)."""
         bs, slots = self.block_size, self._slots
-        if self._free or any(b in slots for b in range(b0, b1)):  # rewritten or free slots: block by block
+        if self._free or not slots.keys().isdisjoint(range(b0, b1)):  # rewritten or free slots: block by block
             for b in range(b0, b1):
                 self._slot_view(b)[:] = src[(b - b0) * bs:(b - b0 + 1) * bs]
             return

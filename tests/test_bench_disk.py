@@ -18,19 +18,24 @@ from bench.disk import (
     Epoch,
     Phase,
     PhaseRun,
+    ProductPacing,
     carried_by,
     cycle_figures,
     diskbench_arg,
     epochs_between,
     median_ratio,
+    parse_cases,
     parse_console,
     parse_plan,
     pct,
     phase_epochs,
     release_floor,
+    top_reason,
 )
+from geomirror.config import CheckpointSection
 from geomirror.disk_image import DISKBENCH_SOURCE
 from geomirror.image import compile_static
+from replication.primary import EpochRecord
 
 
 def test_the_default_plan_parses_and_alternates_work_with_idle():
@@ -190,3 +195,40 @@ def test_the_writer_refuses_a_bad_plan_as_the_benchmark_does(diskbench, tmp_path
             parse_console([(0.0, out.stdout.strip())])
         with pytest.raises(ValueError):
             parse_plan(plan, 4)
+
+
+class _Link:
+    rtt_ms, rtt_var_ms, bandwidth_bps = 0.3, 0.05, 500e6
+
+
+class _Status:
+    in_flight = 1
+
+
+class _Primary:
+    link, status = _Link(), _Status()
+
+
+def test_the_replicated_case_paces_as_the_product_does_by_default():
+    """A disk-bound guest on loopback: the default checkpoint section's pause-share limit (25 %)
+    decides, so a 22 ms pause gets a 66 ms interval, reached from the default 100 ms in bounded
+    steps; each epoch's reason is kept for the report."""
+    pacing = ProductPacing()
+    assert pacing.policy.max_pause_share == CheckpointSection().max_pause_share
+    interval = pacing(_Primary(), None)
+    assert interval == CheckpointSection().interval_ms
+    for n in range(1, 30):
+        rec = EpochRecord(n, 22.0, 100, 100 * 4096, 2 << 20, 600_000, 0.0, interval)
+        interval = pacing(_Primary(), rec)
+    assert interval == pytest.approx(66.0, rel=0.01)
+    assert pacing.reasons[29] == "pause-share"
+    eps = [Epoch(n, 0.0, 22.0, 0, 0, 0, 0, 0, reason=pacing.reasons[n]) for n in range(20, 30)]
+    assert top_reason(eps) == "pause-share 100%"
+    assert top_reason([]) == "-"
+
+
+def test_cases_are_checked_and_local_is_required():
+    assert parse_cases("local,nbd,replicated,qemu-nbd") == ("local", "nbd", "replicated", "qemu-nbd")
+    for bad in ("nbd,replicated", "local,nfs", "local,local"):
+        with pytest.raises(ValueError, match="local among them"):
+            parse_cases(bad)
