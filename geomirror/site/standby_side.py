@@ -58,6 +58,8 @@ class StandbySide:
         # writes), and to the guest it resumes, whose writes it records from then on
         self.nbd: NbdServer | None = None
         self._hot_starting = False
+        self._hot_task: asyncio.Task | None = None
+        self._hot_settled = False  # resume or close began: no hot standby QEMU starts any more
         self._server: asyncio.AbstractServer | None = None
         self._probe: asyncio.Task | None = None
         self._handover_hold = False  # the gate holds inbound frames for a switchover's resume
@@ -142,9 +144,21 @@ class StandbySide:
         self._want_hot()
 
     def _want_hot(self) -> None:
-        if self.hot is None and not self._hot_starting:
+        if self.hot is None and not self._hot_starting and not self._hot_settled:
             self._hot_starting = True
-            self.ctx.spawn(self._ensure_hot(), "standby.hot")
+            self._hot_task = self.ctx.spawn(self._ensure_hot(), "standby.hot")
+
+    async def _settle_hot(self) -> None:
+        """Before a resume or a close: no hot standby QEMU starts from now on, and one being
+        started is waited for (its start ends by its own deadline), so it is either `self.hot` or
+        gone. A start that finished after a cold resume began left two QEMUs on the guest's NIC
+        socket, and the gate, already dialling that path, relayed the idle one: the resumed
+        guest's replies went nowhere. One that finished after a close outlived the daemon."""
+        self._hot_settled = True
+        task = self._hot_task
+        if task is not None and not task.done():
+            self.ctx.mark("standby.hot_start_awaited", hint="a hot standby QEMU is starting: it is used or closed")
+            await asyncio.wait({task})
 
     async def _ensure_hot(self) -> None:
         """Keep a QEMU waiting in -incoming defer on the replica, so takeover costs only the device state."""
@@ -179,6 +193,7 @@ class StandbySide:
             self._probe.cancel()
         await self.standby.stop_accepting()
         self._server.close()
+        await self._settle_hot()
         hot = self.hot if self.hot is not None and self.hot.running else None
         await set_tap(self.ctx.cfg, True)
         guest, timings = await resume(self.replica, self.spec, hot)
@@ -228,6 +243,7 @@ class StandbySide:
             self._server.close()
         if self.standby is not None:
             await self.standby.stop_accepting()
+        await self._settle_hot()
         if self.hot is not None:
             hot, self.hot = self.hot, None
             if keep_hot:
