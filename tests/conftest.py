@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +38,33 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + rep.when, rep)
 
 
+FAILED_LABS = Path("/tmp/gm-lab-failed")  # one directory per failed lab test, the lab's small files
+_KEEP_MAX_BYTES = 16 << 20  # the logs, configs, role and drill files; not RAM or disk images
+
+
+def _keep_lab_files(nodeid: str) -> Path | None:
+    """On a failed lab test: a copy of the lab directory's small files (every log whole; no
+    keys), so a failure that 40 lines of tail do not explain can still be read after the lab is
+    gone (the next `lab up` removes the lab directory)."""
+    from lab import world
+
+    if not world.LAB_DIR.is_dir():
+        return None
+    FAILED_LABS.mkdir(mode=0o700, exist_ok=True)
+    dest = FAILED_LABS / (time.strftime("%Y%m%dT%H%M%S-") + re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:])
+    for src in world.LAB_DIR.rglob("*"):
+        try:
+            if (not src.is_file() or src.is_symlink() or src.stat().st_size > _KEEP_MAX_BYTES
+                    or "pki" in src.relative_to(world.LAB_DIR).parts):  # no private keys in /tmp
+                continue
+            out = dest / src.relative_to(world.LAB_DIR)
+            out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            shutil.copy2(src, out)
+        except OSError:  # a file a daemon removes while we copy: the rest is still worth having
+            continue
+    return dest
+
+
 def _print_lab_logs(lines: int = 40) -> None:
     """On a failed lab test: the end of every lab log, so a CI failure can be read."""
     from lab import world
@@ -62,6 +92,9 @@ def lab_env(request):
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         _print_lab_logs()
+        kept = _keep_lab_files(request.node.nodeid)
+        if kept is not None:
+            print(f"\n----- the lab's logs and state files, whole: {kept} -----")
     world.down()
     after = root_netns_snapshot()
     assert before == after, f"the root namespace changed: {before} -> {after}"
