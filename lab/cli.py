@@ -258,9 +258,9 @@ def add_parser(sub) -> None:
     up = lp.add_parser("up", help="build the lab; returns when the guest is protected and reachable")
     up.add_argument("--no-daemons", action="store_true", help="network and BIRD only")
     up.add_argument("--memory", type=int, metavar="MB", help="the guest's RAM (default 128)")
-    up.add_argument("--disk", action=argparse.BooleanOptionalAction, default=False,
-                    help="boot the disk guest from a replicated disk (each site its own copy); --no-disk "
-                         "(the default for now): the initramfs guest")
+    up.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True,
+                    help="boot the disk guest from a replicated disk, each site its own copy (the default); "
+                         "--no-disk: the diskless initramfs guest")
     up.add_argument("--lease", choices=world.LEASE_BACKENDS, default="witness",
                     help="lease backend: the built-in witness (default) or a 3-member etcd cluster, one "
                          "member in gm-witness and one at each site")

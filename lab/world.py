@@ -451,13 +451,13 @@ LEASE_BACKENDS = ("witness", "etcd")
 
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
        env: dict | None = None, guest_append: str = "", config_edits: dict | None = None,
-       lease: str = "witness", memory_mb: int | None = None, disk: bool = False) -> None:
+       lease: str = "witness", memory_mb: int | None = None, disk: bool = True) -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only);
     `config_edits` maps text of the site configs to its replacement (a key "site-b|text" edits
     that site's file only); `lease` is the lease backend: the built-in witness, or a 3-member
     etcd cluster (lab/etcd.py); `memory_mb` the guest's RAM (default: the lab configs' 128);
-    `disk`: the disk guest (`geomirror guest build --disk`), booted from a replicated disk, each
-    site with its own copy of the image in its lab dir."""
+    `disk`: the disk guest (`geomirror guest build --disk`, the default), booted from a replicated
+    disk, each site with its own copy of the image in its lab dir; False: the initramfs guest."""
     _require_root()
     if lease not in LEASE_BACKENDS:
         raise LabError(f"lease backend {lease!r} is not one of {', '.join(LEASE_BACKENDS)}")
