@@ -354,7 +354,8 @@ class ProductPacing:
         ck = ck or CheckpointSection()
         self.policy = PacerPolicy(min_interval_ms=ck.min_interval_ms, max_interval_ms=ck.max_interval_ms,
                                   latency_budget_ms=ck.latency_budget_ms, max_pause_share=ck.max_pause_share,
-                                  max_wan_bytes_per_s=ck.max_wan_mbit * 1e6 / 8, max_in_flight=ck.max_in_flight)
+                                  max_wan_bytes_per_s=ck.max_wan_mbit * 1e6 / 8, max_in_flight=ck.max_in_flight,
+                                  idle_interval_ms=ck.idle_interval_ms)
         self.pacer = Pacer(self.policy, ck.interval_ms)
         self.reasons: dict[int, str] = {}
 

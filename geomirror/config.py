@@ -196,6 +196,9 @@ class CheckpointSection:
     max_pause_share: float = 0.25
     max_wan_mbit: float = 0.0
     max_in_flight: int = 2
+    # the pacer's longest interval while the guest sends nothing (``idle``; 0: off, never above
+    # max_interval_ms); the first output ends the epoch early and drops the interval back
+    idle_interval_ms: float = 200.0
     compression_level: int = 1
     unreachable_policy: str = "stall"
     unprotected_grace_ms: int = 5000
@@ -642,7 +645,7 @@ def load_site(path) -> SiteConfig:
                    {"unreachable_policy": _choice("stall", "continue-unprotected"), "pass_through": _pass_through},
                    {"interval_ms": (1, 60_000), "min_interval_ms": (1, 60_000), "max_interval_ms": (1, 60_000),
                     "latency_budget_ms": (1, 600_000), "max_wan_mbit": (0, 1e6), "max_in_flight": (1, 64),
-                    "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000),
+                    "idle_interval_ms": (0, 60_000), "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000),
                     "verify_bytes_per_epoch": (0, 64 << 20), "disk_unsent_cap_mb": (1, 65536)})
     if ck.verify_bytes_per_epoch % 4096:
         raise L.err("checkpoint.verify_bytes_per_epoch", f"{ck.verify_bytes_per_epoch} is not a multiple of the "

@@ -184,6 +184,15 @@ class Gate:
     allowed: bool  # the HA layer's word: this site may release output
     until: float | None  # the lease deadline (CLOCK_BOOTTIME seconds) output must not outlive
     stats: GateStats
+    # Called (on the event loop, from the relay) when the open epoch holds its first frame: the
+    # epoch loop ends an epoch the pacer lengthened for an idle guest early (replication/primary.py).
+    on_first_held: Callable[[], None] | None = None
+
+    @property
+    def first_held_at(self) -> float | None:
+        """When (time.monotonic()) the open epoch held its first frame; None: it holds none yet
+        (a backend that does not track it never wakes the epoch loop)."""
+        return None
 
     async def start(self) -> None:
         """Begin relaying (attach to the network; the guest's NIC comes with `attach_guest`)."""
@@ -281,6 +290,7 @@ class UserspaceGate(Gate):
         self._guest_full_logged = False  # one log line per episode of a guest not reading
         self._sealed_at: dict[int, float] = {}
         self._last_held_at: float | None = None  # the current epoch's latest held frame (monotonic)
+        self._first_held_at: float | None = None  # ... and its first
         self._target: Path | None = None  # the guest NIC's socket this gate connects to
         self._connector: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -396,6 +406,10 @@ class UserspaceGate(Gate):
         self._last_held_at = time.monotonic()
         self.stats.frames_held += 1
         self.stats.bytes_held += len(frame)
+        if self._first_held_at is None:
+            self._first_held_at = self._last_held_at
+            if self.on_first_held is not None:
+                self.on_first_held()
 
     def _drop(self, reason: str, n: int = 1) -> None:
         self.stats.frames_dropped += n
@@ -471,7 +485,7 @@ class UserspaceGate(Gate):
         now = self._sealed_at[epoch] = time.monotonic()
         t = self._last_held_at
         self.stats.last_quiet_ms = None if t is None else (now - t) * 1000
-        self._last_held_at = None
+        self._last_held_at = self._first_held_at = None
         self._epoch = epoch + 1
 
     def allow(self, allowed: bool, until: float | None = None) -> None:
@@ -606,6 +620,10 @@ class UserspaceGate(Gate):
     @property
     def current_epoch(self) -> int:
         return self._epoch
+
+    @property
+    def first_held_at(self) -> float | None:
+        return self._first_held_at
 
     def held_epochs(self) -> int:
         return len({e for e, _ in self._held})

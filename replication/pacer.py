@@ -12,7 +12,11 @@ the interval and the term that decided it (`Plan.reason`, one short word):
   misses waits a whole extra epoch;
 - ``latency-budget``: shortened to keep interval + pause + transfer + RTT in the budget;
 - ``min-interval``, ``pause-share``, ``bandwidth``, ``wan-ceiling``: raised to a hard limit;
-- ``hard-max``: capped at the longest interval allowed.
+- ``hard-max``: capped at the longest interval allowed;
+- ``idle``: lengthened toward `idle_interval_ms` because the guest sent nothing for a few epochs
+  (nobody waits on output commit; the throughput of a disk- or CPU-bound guest gains). The
+  epoch loop ends such a long epoch early once the gate holds output (`wake_at`), and the
+  first output drops the interval back to the latency-driven target at once.
 
 `Pacer` is the stateful edge: it smooths what each epoch measured, turns the gate's
 timings into the reply time, adds the back-off for real backlogs (``queued``), moves toward
@@ -28,11 +32,13 @@ ALPHA = 0.7  # wire bytes per epoch grow ~ interval^ALPHA (overwrites coalesce)
 HEADROOM = 1.25  # a checkpoint's transfer must take at most interval/HEADROOM
 ALIGN_SLACK = 0.1  # the aligned interval leaves this share of the reply round trip spare ...
 ALIGN_MIN_SLACK_MS = 3.0  # ... and at least this much
-ALIGN_MAX_FACTOR = 2.0
-SILENT_EPOCHS = 10  # epochs without output after which the measured reply time is forgotten  # alignment lengthens the interval to at most this multiple of the RTT optimum
+ALIGN_MAX_FACTOR = 2.0  # alignment lengthens the interval to at most this multiple of the RTT optimum
+SILENT_EPOCHS = 10  # epochs without output after which the measured reply time is forgotten
+IDLE_EPOCHS = 3  # epochs in a row without output after which the interval may lengthen (``idle``)
+WAKE_BATCH_MS = 3.0  # an idle epoch woken by output ends this long after its first held frame
 
 REASONS = ("min-interval", "pause-share", "bandwidth", "wan-ceiling", "rtt-optimum", "rtt-aligned",
-           "latency-budget", "hard-max", "queued")
+           "latency-budget", "hard-max", "queued", "idle")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class PacerPolicy:
     max_wan_bytes_per_s: float = 0.0  # 0 = unlimited
     max_step: float = 1.25  # the interval changes by at most this factor per epoch
     max_in_flight: int = 2
+    # the longest interval while the guest sends nothing (``idle``); 0, or not above the
+    # latency-driven target, = off. Never above max_interval_ms.
+    idle_interval_ms: float = 0.0
 
     def __post_init__(self):
         if not 0 < self.min_interval_ms <= self.max_interval_ms:
@@ -52,6 +61,8 @@ class PacerPolicy:
             raise ValueError("max_pause_share must be between 0 and 1")
         if self.max_step <= 1:
             raise ValueError("max_step must be above 1")
+        if self.idle_interval_ms < 0:
+            raise ValueError("idle_interval_ms must be 0 (off) or positive")
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,30 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
     return Plan(target, reason, detail)
 
 
+def idle_plan(plan: Plan, policy: PacerPolicy, silent_epochs: int) -> Plan:
+    """The plan while the guest sends nothing: after `IDLE_EPOCHS` epochs in a row without output,
+    the interval may be as long as `idle_interval_ms` (at most `max_interval_ms`): nobody waits on
+    output commit, so the latency terms ask for nothing and fewer pauses let the guest run. A hard
+    limit that needs more still decides (the plan is only ever lengthened). Off (the plan as is)
+    when `idle_interval_ms` is 0 or not above the plan."""
+    bound = min(policy.idle_interval_ms, policy.max_interval_ms)
+    if silent_epochs < IDLE_EPOCHS or bound <= plan.interval_ms:
+        return plan
+    return Plan(bound, "idle", plan.detail + f"; no output for {silent_epochs} epochs: up to {bound:g} ms")
+
+
+def wake_at(first_held_ms: float, interval_ms: float, latency_target_ms: float, floor_ms: float,
+            batch_ms: float = WAKE_BATCH_MS) -> float | None:
+    """When (ms after the epoch began) an epoch that runs at `interval_ms` ends, now that the gate
+    holds output whose first frame came `first_held_ms` into it: `batch_ms` after that frame (the
+    rest of a reply joins it), but not before `floor_ms` (the hard limits: the guest runs at least
+    the pause-share floor between two pauses) and not after the interval. None: the interval is not
+    longer than the latency-driven target, so the epoch ends as planned (no wake-up)."""
+    if interval_ms <= latency_target_ms:
+        return None
+    return min(interval_ms, max(first_held_ms + max(batch_ms, 0.0), floor_ms))
+
+
 # ---------------------------------------------------------------------------- the stateful edge
 
 
@@ -248,6 +283,8 @@ class Pacer:
         self.interval_ms = min(max(i, policy.min_interval_ms), policy.max_interval_ms)
         self._pause = self._wire_rate = self._rtt = self._var = self._reply = None
         self._silent = 0  # epochs in a row in which the guest sent nothing
+        self.latency_target_ms = self.interval_ms  # the plan before ``idle`` lengthened it
+        self.floor_ms = policy.min_interval_ms  # the longest of the hard limits' floors
         self._bw: float | None = None
         self._reported: str | None = None
         self.last: PacerDecision | None = None
@@ -269,7 +306,11 @@ class Pacer:
             self._reply = None
         inp = ModelInputs(pause_ms=self._pause, rtt_ms=self._rtt + 2 * self._var, bandwidth_bytes_per_s=self._bw,
                           wire_bytes_per_ms=self._wire_rate, ref_interval_ms=iv, reply_ms=self._reply)
-        plan = plan_interval(inp, p)
+        base = plan_interval(inp, p)
+        was_idle = self.last is not None and self.last.reason == "idle"
+        plan = idle_plan(base, p, self._silent)
+        self.latency_target_ms = base.interval_ms
+        self.floor_ms = max(hard_floors(inp, p).values())
         target, reason, detail = plan.interval_ms, plan.reason, plan.detail
         # In flight because of the RTT is pipelining, not a backlog: acks take rtt + transfer to come
         # back while a checkpoint leaves every interval + pause. Only what that does not explain queues.
@@ -282,17 +323,30 @@ class Pacer:
             return i + inp.pause_ms + inp.transfer_ms(i) + inp.rtt_ms
 
         infeasible = None
-        if latency(target) > p.latency_budget_ms:
+        # idle: nobody waits on output, and the first that comes wakes the epoch up (`wake_at`):
+        # the budget is judged at the latency-driven target
+        judged = base.interval_ms if reason == "idle" else target
+        if latency(judged) > p.latency_budget_ms:
             key = f"latency:{reason}"
             if self._reported != key:
                 self._reported = key
                 infeasible = (f"the output-latency budget of {p.latency_budget_ms:g} ms cannot be met: "
                               f"RTT {inp.rtt_ms:.1f} ms + pause {inp.pause_ms:.1f} ms + transfer "
-                              f"{inp.transfer_ms(target):.1f} ms + interval {target:.1f} ms (the shortest "
-                              f"{reason} allows) = {latency(target):.1f} ms; running at that interval")
+                              f"{inp.transfer_ms(judged):.1f} ms + interval {judged:.1f} ms (the shortest "
+                              f"{reason} allows) = {latency(judged):.1f} ms; running at that interval")
         elif self._reported is not None:
             self._reported = None
         lo, hi = self.interval_ms / p.max_step, self.interval_ms * p.max_step
+        if was_idle and reason != "idle":  # output ended the idleness: back to the target at once
+            lo = 0.0
         self.interval_ms = min(max(target, lo, p.min_interval_ms), hi, p.max_interval_ms)
-        self.last = PacerDecision(self.interval_ms, target, reason, infeasible, latency(self.interval_ms), detail)
+        expected = latency(min(self.interval_ms, judged))  # an idle epoch is woken by output
+        self.last = PacerDecision(self.interval_ms, target, reason, infeasible, expected, detail)
         return self.last
+
+    def wake_at(self, first_held_ms: float) -> float | None:
+        """`wake_at` for the interval in force: when the epoch ends now that output is held (ms
+        after it began), or None when it runs as planned (not lengthened by ``idle``)."""
+        if self.last is None or self.last.reason != "idle":
+            return None
+        return wake_at(first_held_ms, self.interval_ms, self.latency_target_ms, self.floor_ms)

@@ -132,6 +132,7 @@ class PrimaryStatus:
     disk_unsent_cap_bytes: int = 0  # the write cap (0: none)
     disk_write_delays: int = 0  # guest writes whose reply the cap held
     disk_write_delay_ms: float = 0.0  # the time they were held, summed
+    epochs_woken: int = 0  # epochs ended early because the gate held output (the pacer's ``idle``)
 
 
 def epoch_latency(records: list[EpochRecord]) -> dict:
@@ -162,7 +163,8 @@ class Primary:
     def __init__(self, cfg: PrimaryConfig, guest: Guest, capture: Capture, gate: Gate,
                  connect: Callable[[], Awaitable[Channel]],
                  interval_fn: Callable[["Primary", EpochRecord | None], float] | None = None,
-                 nbd: NbdServer | None = None):
+                 nbd: NbdServer | None = None,
+                 wake_fn: Callable[[float], float | None] | None = None):
         self.cfg = cfg
         self.nbd = nbd  # the guest's disk (started: its size is known), or None
         self._disk_unreleased = 0  # bytes of sealed disk extents not yet handed back to nbd.release
@@ -171,6 +173,9 @@ class Primary:
         self.gate = gate
         self._connect = connect
         self._interval_fn = interval_fn
+        # Once the gate holds output in the open epoch (its first frame came `ms` into the epoch):
+        # when the epoch ends instead (ms into it), or None = as planned (the pacer's `wake_at`).
+        self._wake_fn = wake_fn
         self.link = LinkStats()
         self.status = PrimaryStatus(interval_ms=cfg.interval_ms, ram_bytes=capture.size,
                                     verify_bytes_per_epoch=cfg.verify_bytes_per_epoch,
@@ -533,7 +538,9 @@ class Primary:
             self._sample_path(ch)
             interval = self._interval_fn(self, last) if self._interval_fn else self.cfg.interval_ms
             self.status.interval_ms = interval
-            await asyncio.sleep(interval / 1000)
+            woken = await self._wait_interval(interval)
+            if woken is not None:
+                interval = woken  # the epoch's real length: the pacer's rates are per ms of it
             await self._hold_checkpoints.wait()
             while self.status.in_flight >= self.cfg.max_in_flight:
                 self.status.backlog_epochs = self.status.in_flight
@@ -555,6 +562,38 @@ class Primary:
             rec, frame = taken
             await self._send_checkpoint(ch, rec, frame)
             last = rec
+
+    async def _wait_interval(self, interval_ms: float) -> float | None:
+        """Sleep the interval, or less: with a `wake_fn`, the epoch ends when it says once the gate
+        holds a frame of the open epoch (an interval lengthened for an idle guest must not delay
+        the first reply after it). Returns the ms slept when woken early, else None."""
+        if self._wake_fn is None:
+            await asyncio.sleep(interval_ms / 1000)
+            return None
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        end = t0 + interval_ms / 1000
+        if self.gate.first_held_at is None:  # else: held before the wait began (a checkpoint's send)
+            held = asyncio.Event()
+            timer = loop.call_later(interval_ms / 1000, held.set)
+            self.gate.on_first_held = held.set
+            try:
+                await held.wait()
+            finally:
+                self.gate.on_first_held = None
+                timer.cancel()
+        first = self.gate.first_held_at
+        if first is None or time.monotonic() >= end:
+            return None
+        at = self._wake_fn(max(first - t0, 0.0) * 1000)
+        if at is None:
+            await asyncio.sleep(max(end - time.monotonic(), 0.0))
+            return None
+        await asyncio.sleep(max(t0 + at / 1000 - time.monotonic(), 0.0))
+        if at >= interval_ms:
+            return None
+        self.status.epochs_woken += 1
+        return (time.monotonic() - t0) * 1000
 
     # ------------------------------------------------------------ planned switchover
     async def handover(self, timeout: float = 10.0) -> int:

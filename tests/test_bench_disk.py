@@ -210,21 +210,34 @@ class _Primary:
 
 
 def test_the_replicated_case_paces_as_the_product_does_by_default():
-    """A disk-bound guest on loopback: the default checkpoint section's pause-share limit (25 %)
-    decides, so a 22 ms pause gets a 66 ms interval, reached from the default 100 ms in bounded
-    steps; each epoch's reason is kept for the report."""
+    """A disk-bound guest on loopback that sends nothing: the default checkpoint section lets the
+    pacer lengthen the interval to `idle_interval_ms` (200 ms) in bounded steps; each epoch's reason
+    is kept for the report."""
     pacing = ProductPacing()
     assert pacing.policy.max_pause_share == CheckpointSection().max_pause_share
+    assert pacing.policy.idle_interval_ms == CheckpointSection().idle_interval_ms == 200
     interval = pacing(_Primary(), None)
     assert interval == CheckpointSection().interval_ms
     for n in range(1, 30):
         rec = EpochRecord(n, 22.0, 100, 100 * 4096, 2 << 20, 600_000, 0.0, interval)
         interval = pacing(_Primary(), rec)
+    assert interval == pytest.approx(200.0)
+    assert pacing.reasons[29] == "idle"
+    eps = [Epoch(n, 0.0, 22.0, 0, 0, 0, 0, 0, reason=pacing.reasons[n]) for n in range(20, 30)]
+    assert top_reason(eps) == "idle 100%"
+    assert top_reason([]) == "-"
+
+
+def test_without_idle_lengthening_the_pause_share_limit_decides():
+    """`idle_interval_ms = 0`: the pause-share limit (25 %) decides, so a 22 ms pause gets a 66 ms
+    interval, reached from the default 100 ms in bounded steps (the behaviour before idle pacing)."""
+    pacing = ProductPacing(CheckpointSection(idle_interval_ms=0))
+    interval = pacing(_Primary(), None)
+    for n in range(1, 30):
+        rec = EpochRecord(n, 22.0, 100, 100 * 4096, 2 << 20, 600_000, 0.0, interval)
+        interval = pacing(_Primary(), rec)
     assert interval == pytest.approx(66.0, rel=0.01)
     assert pacing.reasons[29] == "pause-share"
-    eps = [Epoch(n, 0.0, 22.0, 0, 0, 0, 0, 0, reason=pacing.reasons[n]) for n in range(20, 30)]
-    assert top_reason(eps) == "pause-share 100%"
-    assert top_reason([]) == "-"
 
 
 def test_cases_are_checked_and_local_is_required():

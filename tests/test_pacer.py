@@ -9,7 +9,8 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from replication.pacer import (ALIGN_MAX_FACTOR, ALPHA, REASONS, EpochSample, ModelInputs, Pacer, PacerPolicy,
-                               aligned_interval, hard_floors, modelled_rate, plan_interval, reply_sample, rtt_optimum)
+                               WAKE_BATCH_MS, aligned_interval, hard_floors, modelled_rate, plan_interval, reply_sample,
+                               rtt_optimum, wake_at)
 from replication.primary import EpochRecord, pacer_sample
 from replication.session import LinkStats
 from replication.tcpinfo import TcpInfo
@@ -355,3 +356,122 @@ def test_the_bandwidth_takes_the_path_rtt_off_the_ack_time():
     link = queued_link(channel_rtt=100.0, path_rtt=1.0)
     link.add_transfer(1 << 20, 0.051)
     assert link.bandwidth_bps == pytest.approx((1 << 20) / 0.050)
+
+
+# ---------------------------------------------------------------- idle lengthening and the wake-up
+
+def quiet(interval, output: bool, pause=10.0, rtt=1.0):
+    """A steady epoch at `interval`; `output`: the gate held a frame in it (a quiet tail)."""
+    s = steady(interval, pause, 2e5, rtt)
+    return EpochSample(s.interval_ms, s.pause_ms, s.dirty_bytes, s.wire_bytes, s.rtt_ms, s.rtt_var_ms,
+                       s.bandwidth_bytes_per_s, s.in_flight, release_delay_ms=20.0 if output else None,
+                       quiet_ms=1.0 if output else None)
+
+
+IDLE_POL = PacerPolicy(min_interval_ms=10, max_interval_ms=1000, latency_budget_ms=500, max_pause_share=0.3,
+                       idle_interval_ms=300)
+
+
+@settings(max_examples=60)
+@given(st.floats(2, 40), st.floats(100, 900), st.integers(0, 80))
+def test_idle_epochs_lengthen_by_bounded_steps_up_to_the_bound_and_not_beyond(pause, idle, n):
+    pol = PacerPolicy(min_interval_ms=10, max_interval_ms=600, latency_budget_ms=500, max_pause_share=0.3,
+                      idle_interval_ms=idle)
+    p = Pacer(pol, 40)
+    for _ in range(30):  # settle with output: the latency-driven interval
+        p.update(quiet(p.interval_ms, True, pause))
+    target = p.interval_ms
+    prev = target
+    bound = min(idle, 600)
+    for _ in range(n + 40):
+        d = p.update(quiet(p.interval_ms, False, pause))
+        assert d.interval_ms <= prev * pol.max_step * (1 + 1e-9)
+        if d.reason == "idle":
+            assert min(prev, bound) - 1e-9 <= d.interval_ms <= bound + 1e-9
+        prev = d.interval_ms
+    if bound > target * 1.01:
+        assert d.reason == "idle" and d.interval_ms == pytest.approx(bound)
+
+
+def test_one_epoch_with_output_drops_back_to_the_target_at_once():
+    p = Pacer(IDLE_POL, 40)
+    for _ in range(30):
+        p.update(quiet(p.interval_ms, True))
+    target = p.interval_ms
+    for _ in range(40):
+        p.update(quiet(p.interval_ms, False))
+    assert p.interval_ms == pytest.approx(300) and p.last.reason == "idle"
+    assert p.last.expected_latency_ms < 100  # judged at the target: the first output wakes the epoch
+    d = p.update(quiet(20.0, True))  # the woken epoch: short, with output
+    assert d.reason != "idle" and d.interval_ms == pytest.approx(p.latency_target_ms)
+    assert d.interval_ms < 300 / IDLE_POL.max_step and d.interval_ms < 1.5 * target  # not one step down: all
+    assert p.wake_at(1.0) is None  # back at the target: epochs end as planned
+
+
+def test_the_first_idle_epochs_keep_the_target():
+    p = Pacer(IDLE_POL, 40)
+    for _ in range(30):
+        p.update(quiet(p.interval_ms, True))
+    target = p.interval_ms
+    for _ in range(2):  # fewer than IDLE_EPOCHS in a row
+        assert p.update(quiet(p.interval_ms, False)).reason != "idle"
+    assert p.interval_ms == pytest.approx(target, rel=0.01)
+    assert p.update(quiet(p.interval_ms, False)).reason == "idle"
+
+
+@given(policies, st.lists(st.tuples(samples, st.booleans()), min_size=1, max_size=60))
+def test_disabled_idle_lengthening_keeps_todays_behaviour_exactly(policy, seq):
+    """idle_interval_ms = 0, or not above the target: the same decisions as a pacer without it."""
+    from dataclasses import replace
+    off = Pacer(policy)
+    low = Pacer(replace(policy, idle_interval_ms=policy.min_interval_ms))  # never above the plan
+    for s, out in seq:
+        s = replace(s, quiet_ms=1.0 if out else None, release_delay_ms=5.0 if out else None)
+        a, b = off.update(s), low.update(s)
+        assert a == b and a.reason != "idle"
+        assert off.wake_at(0.0) is None
+
+
+@given(st.floats(0, 2000), st.floats(1, 2000), st.floats(1, 2000), st.floats(0, 2000), st.floats(0, 20))
+def test_the_wake_up_respects_the_floor_and_the_interval(first, interval, target, floor, batch):
+    at = wake_at(first, interval, target, floor, batch)
+    if interval <= target:
+        assert at is None
+        return
+    assert at is not None and at <= interval
+    assert at >= min(floor, interval)  # never before the pause-share (hard) floor
+    assert at >= min(first + batch, interval)  # the rest of the reply may join the first frame
+    if first + batch <= interval and floor <= first + batch:
+        assert at == pytest.approx(first + batch)
+
+
+def test_the_pacers_wake_up_uses_the_pause_share_floor():
+    pol = PacerPolicy(min_interval_ms=5, max_interval_ms=1000, latency_budget_ms=500, max_pause_share=0.25,
+                      idle_interval_ms=400)
+    p = Pacer(pol, 100)
+    for _ in range(60):
+        p.update(quiet(p.interval_ms, False, pause=30.0))
+    assert p.last.reason == "idle" and p.interval_ms == pytest.approx(400)
+    floor = hard_floors(ModelInputs(30.0, 1.0), pol)["pause-share"]  # 90 ms
+    assert p.floor_ms == pytest.approx(floor, rel=0.01)
+    assert p.wake_at(2.0) == pytest.approx(p.floor_ms)  # an early reply waits for the floor
+    assert p.wake_at(200.0) == pytest.approx(200.0 + WAKE_BATCH_MS)
+    assert p.wake_at(399.0) == pytest.approx(400.0)
+
+
+def test_idle_keeps_the_hard_limits():
+    """A pause-share floor above the idle bound still decides."""
+    pol = PacerPolicy(min_interval_ms=5, max_interval_ms=1000, latency_budget_ms=500, max_pause_share=0.1,
+                      idle_interval_ms=100)
+    p = Pacer(pol, 100)
+    for _ in range(60):
+        d = p.update(quiet(p.interval_ms, False, pause=30.0))  # pause share 10 %: 270 ms at least
+    assert d.reason == "pause-share" and p.interval_ms == pytest.approx(270, rel=0.01)
+
+
+def test_idle_never_goes_above_max_interval():
+    pol = PacerPolicy(min_interval_ms=5, max_interval_ms=150, latency_budget_ms=500, idle_interval_ms=400)
+    p = Pacer(pol, 40)
+    for _ in range(60):
+        d = p.update(quiet(p.interval_ms, False))
+    assert d.reason == "idle" and p.interval_ms == pytest.approx(150)

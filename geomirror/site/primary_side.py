@@ -47,7 +47,8 @@ class PrimarySide:
         self.pacer_policy = PacerPolicy(
             min_interval_ms=ck.min_interval_ms, max_interval_ms=ck.max_interval_ms,
             latency_budget_ms=ck.latency_budget_ms, max_pause_share=ck.max_pause_share,
-            max_wan_bytes_per_s=ck.max_wan_mbit * 1e6 / 8, max_in_flight=ck.max_in_flight)
+            max_wan_bytes_per_s=ck.max_wan_mbit * 1e6 / 8, max_in_flight=ck.max_in_flight,
+            idle_interval_ms=ck.idle_interval_ms)
         self.pacer = Pacer(self.pacer_policy, ck.interval_ms)
         self.adaptive = ck.adaptive
         self.fixed_interval_ms = float(ck.interval_ms)
@@ -145,7 +146,8 @@ class PrimarySide:
             log.warning("disk.replication_disabled", site=ctx.name, image=str(nbd.image),
                         hint="GEOMIRROR_UNSAFE_NO_DISK_REPLICATION=1: a takeover resumes on a stale disk")
             nbd = None
-        p = Primary(pcfg, self.guest, self.capture, ctx.gate, connect, interval_fn=self._next_interval, nbd=nbd)
+        p = Primary(pcfg, self.guest, self.capture, ctx.gate, connect, interval_fn=self._next_interval, nbd=nbd,
+                    wake_fn=self._wake_at)
         # Epoch numbers only grow at a site, across primaries: the gate tags held frames with
         # them, and a replica (here or at the peer) rejects anything not after its committed one.
         p.status.epoch = max(ctx.gate.current_epoch, first_epoch)
@@ -184,6 +186,10 @@ class PrimarySide:
             del self.alarms[:-50]
             log.warning("pacer.budget_infeasible", site=self.ctx.name, message=d.infeasible)
         return d.interval_ms
+
+    def _wake_at(self, first_held_ms: float) -> float | None:
+        """When an epoch the pacer lengthened for an idle guest ends, now that output is held."""
+        return self.pacer.wake_at(first_held_ms) if self.adaptive else None
 
     def set_checkpoint(self, adaptive: bool | None = None, interval_ms: float | None = None) -> dict:
         """Operator tuning at run time: adaptive pacing, or a fixed interval."""
@@ -263,6 +269,7 @@ class PrimarySide:
                       "target_ms": round(d.target_ms, 1) if d and self.adaptive else None,
                       "expected_latency_ms": round(d.expected_latency_ms, 1) if d else None,
                       "budgets": {"latency_ms": pol.latency_budget_ms, "max_pause_share": pol.max_pause_share,
+                                  "idle_interval_ms": pol.idle_interval_ms,
                                   "max_wan_mbit": pol.max_wan_bytes_per_s * 8 / 1e6,
                                   "interval_ms": [pol.min_interval_ms, pol.max_interval_ms]}},
         }
