@@ -143,6 +143,8 @@ BAD = {
                                       "checkpoint.verify_bytes_per_epoch", "not a multiple of the 4096-byte page"),
     "replica check too large": (put("checkpoint", "verify_bytes_per_epoch", str(128 << 20)),
                                 "checkpoint.verify_bytes_per_epoch", "out of range"),
+    "idle interval negative": (put("checkpoint", "idle_interval_ms", "-1"), "checkpoint.idle_interval_ms",
+                               "out of range"),
     "disk cap zero": (put("checkpoint", "disk_unsent_cap_mb", "0"), "checkpoint.disk_unsent_cap_mb", "out of range"),
     "disk cap not an int": (put("checkpoint", "disk_unsent_cap_mb", '"64M"'), "checkpoint.disk_unsent_cap_mb",
                             "must be"),
