@@ -424,7 +424,10 @@ class Guest:
         self._event_task = asyncio.create_task(self._pump_events())
         if self.proc is None:  # taken up after a restart: a migration the old service left must end first
             info = await self._execute("query-migrate", timeout=10.0)
-            if info.get("status") in _MIGRATION_ACTIVE:
+            if info.get("status") == "colo":  # a COLO capture the old service ran: end it (guest runs on)
+                log.warning("qemu.colo_left_over", guest=spec.name)
+                await self.end_colo()
+            elif info.get("status") in _MIGRATION_ACTIVE:
                 log.warning("qemu.migration_left_over", guest=spec.name, status=info.get("status"))
                 await self._settle_migration()
         await self._execute("migrate-set-capabilities", {"capabilities": [
@@ -571,6 +574,52 @@ class Guest:
 
     async def status(self) -> str:
         return (await self._execute("query-status"))["status"]
+
+    # -- COLO: QEMU's dirty log as the capture (replication/colo.py) -----------------------
+    async def start_colo(self, delay_ms: int = 0) -> socket.socket:
+        """Start a COLO migration into a socketpair; returns our end (the stream and the COLO
+        messages). RAM must travel in it, so x-ignore-shared is off until `end_colo`."""
+        await self._execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": False},
+            {"capability": "x-colo", "state": True}]})
+        await self._execute("migrate-set-parameters", {"x-checkpoint-delay": delay_ms})
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            self._drain_events()
+            self._send_fd(theirs.fileno())
+            await self._execute("getfd", {"fdname": "gmcolo"})
+            await self._execute("migrate", {"uri": "fd:gmcolo"})
+        except BaseException:
+            ours.close()
+            await self._colo_capabilities_off()
+            raise
+        finally:
+            theirs.close()
+        return ours
+
+    async def end_colo(self, timeout: float = 5.0) -> None:
+        """Leave COLO (x-colo-lost-heartbeat: QEMU's failover, after which the guest runs on
+        alone) and put the checkpoint capabilities back. A guest left stopped by a checkpoint
+        that never finished runs again."""
+        info = await self._execute("query-migrate", timeout=timeout)
+        if info.get("status") == "colo":
+            await self._execute("x-colo-lost-heartbeat", timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while (await self._execute("query-migrate", timeout=timeout)).get("status") in ("colo",) + _MIGRATION_ACTIVE:
+                if time.monotonic() > deadline:
+                    raise GuestError(f"guest {self.spec.name}'s QEMU did not leave COLO within {timeout:g}s")
+                await asyncio.sleep(0.01)
+        elif info.get("status") in _MIGRATION_ACTIVE:  # still in the initial stream
+            await self._settle_migration(timeout)
+        await self._colo_capabilities_off()
+        if await self.status() in ("paused", "colo", "postmigrate", "finish-migrate"):
+            await self.cont()
+
+    async def _colo_capabilities_off(self) -> None:
+        await self._execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-colo", "state": False},
+            {"capability": "x-ignore-shared", "state": True}]})
 
     def kill(self) -> None:
         """SIGKILL the QEMU process (the crash case)."""
