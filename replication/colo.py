@@ -46,6 +46,9 @@ READY, REQUEST, REPLY, SEND, SIZE, RECEIVED, LOADED = range(7)
 MESSAGES = ["checkpoint-ready", "checkpoint-request", "checkpoint-reply", "vmstate-send",
             "vmstate-size", "vmstate-received", "vmstate-loaded"]
 EMPTY_VMDESC = bytes([VM_VMDESC]) + struct.pack(">I", 2) + b"{}"
+# scripts/qemu10.sh --colo-fix: the COLO-capable build, and the data of Debian's same version
+COLO_QEMU = "/opt/geomirror/qemu-10-colofix/bin/qemu-system-x86_64"
+COLO_QEMU_DATA = ("/opt/geomirror/qemu-10/usr/share/qemu", "/opt/geomirror/qemu-10/usr/share/seabios")
 _BE32, _BE64 = struct.Struct(">I"), struct.Struct(">Q")
 
 

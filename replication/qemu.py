@@ -213,11 +213,14 @@ class GuestSpec:
     # guest's disk requests waiting meanwhile
     disk_socket: Path | None = None
     disk_reconnect_s: int = 30
+    # the QEMU binary ("": QEMU_BINARY, the system's) and its data directories (-L, in order)
+    qemu: str = ""
+    qemu_data: tuple[str, ...] = ()
 
     def compat(self) -> dict:
         """What must be identical at both sites for a checkpoint to apply."""
         c = {
-            "qemu": qemu_version(),
+            "qemu": qemu_version(self.qemu or None),
             "machine": self.machine,
             "memory_mb": self.memory_mb,
             "vcpus": self.vcpus,
@@ -229,15 +232,28 @@ class GuestSpec:
         return c
 
 
-_qemu_version: str | None = None
+_qemu_version: str | None = None  # of QEMU_BINARY
+_qemu_versions: dict[str, str] = {}  # of other binaries
 
 
-def qemu_version() -> str:
+def qemu_version(binary: str | None = None) -> str:
+    """The first line of `binary --version` (default QEMU_BINARY); cached."""
     global _qemu_version
-    if _qemu_version is None:
-        out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True, check=True).stdout
-        _qemu_version = out.splitlines()[0].strip()
-    return _qemu_version
+    if binary is None:
+        if _qemu_version is None:
+            _qemu_version = _version_of(QEMU_BINARY)
+        return _qemu_version
+    if binary not in _qemu_versions:
+        _qemu_versions[binary] = _version_of(binary)
+    return _qemu_versions[binary]
+
+
+def _version_of(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise GuestError(f"QEMU {binary} does not run: {e}") from None
+    return out.splitlines()[0].strip()
 
 
 def _opt(value) -> str:
@@ -249,7 +265,8 @@ def build_argv(spec: GuestSpec) -> list[str]:
     """The QEMU command line (an argument list, never a shell string)."""
     cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "qemu64"]
     argv = [
-        QEMU_BINARY,
+        spec.qemu or QEMU_BINARY,
+        *[a for d in spec.qemu_data for a in ("-L", d)],
         "-name", f"geomirror-{spec.name}",
         "-machine", f"{spec.machine},memory-backend=ram0",
         *cpu,

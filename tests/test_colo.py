@@ -13,38 +13,12 @@ import shutil
 import numpy as np
 import pytest
 
-from geomirror.image import build_image, default_cmdline
 from replication.capture import Capture, scan_pages
 from replication.colo import ColoSource
-from replication.qemu import Guest, GuestSpec
-from tests.colo_qemu import available, colo_qemu
+from replication.qemu import Guest
+from tests.colo_qemu import colo_spec
 
 pytestmark = pytest.mark.lab  # a real QEMU; not a namespace lab, but as slow
-
-
-def _spec(d, name: str, mb: int = 128, incoming: bool = False) -> GuestSpec:
-    img = build_image(progress=False)
-    return GuestSpec(name=name, memory_mb=mb, kernel=img.kernel, initrd=img.initrd,
-                     append=default_cmdline("198.51.100.10", 24, "198.51.100.1", dirty="16:2000"),
-                     ram_path=d / "ram", qmp_path=d / "qmp.sock", serial_path=d / "serial.log",
-                     net_socket=d / "net.sock", accel="tcg", incoming=incoming, stderr_path=d / "stderr")
-
-
-@pytest.fixture
-async def colo_guest(tmp_path):
-    why = available()
-    if why:
-        pytest.fail(why)  # the setup installs it: its absence is a failure, not a skip
-    with colo_qemu() as extra:
-        d = tmp_path / "primary"
-        d.mkdir()
-        g = Guest(_spec(d, "colo"), extra_argv=extra)
-        await g.start()
-        try:
-            await g.wait_ready(120)
-            yield g, extra
-        finally:
-            await g.close()
 
 
 async def _first(src: ColoSource, cap: Capture):
@@ -55,7 +29,7 @@ async def _first(src: ColoSource, cap: Capture):
 
 
 async def test_every_written_page_is_in_the_checkpoint(colo_guest):
-    g, _ = colo_guest
+    g = colo_guest
     cap = Capture(g.spec.ram_path, g.spec.memory_mb << 20)
     src = ColoSource(g, cap.size)
     info = await src.start()
@@ -86,7 +60,7 @@ async def test_every_written_page_is_in_the_checkpoint(colo_guest):
 async def test_a_page_left_out_is_found_by_the_full_compare(colo_guest):
     """The primitive of the capture's verifier: drop one written page from QEMU's set, and the
     compare of all RAM with the shadow names exactly that page."""
-    g, _ = colo_guest
+    g = colo_guest
     cap = Capture(g.spec.ram_path, g.spec.memory_mb << 20)
     src = ColoSource(g, cap.size)
     await src.start()
@@ -123,7 +97,7 @@ async def test_the_device_state_resumes_in_a_fresh_qemu(colo_guest, tmp_path):
     """RAM as of a checkpoint (copied while QEMU holds the guest stopped) and that checkpoint's
     device state, with the header of an ordinary save in front, load into a QEMU waiting with
     `-incoming defer` and x-ignore-shared on (the standby's hot QEMU): the guest runs there."""
-    g, extra = colo_guest
+    g = colo_guest
     cap = Capture(g.spec.ram_path, g.spec.memory_mb << 20)
     src = ColoSource(g, cap.size)
     await src.start()
@@ -140,7 +114,7 @@ async def test_the_device_state_resumes_in_a_fresh_qemu(colo_guest, tmp_path):
         src.finish()
     finally:
         await src.end()
-    h = Guest(_spec(d, "resumed", incoming=True), extra_argv=extra)
+    h = Guest(colo_spec(d, "resumed", incoming=True))
     await h.start()
     try:
         await h.load_device_state(state)
@@ -158,7 +132,7 @@ async def test_a_checkpoint_the_service_died_in_is_ended_by_the_next(colo_guest)
     """The service dies with the guest stopped inside a checkpoint (our end of the stream goes
     away, QMP too). The next service takes the QEMU up: it finds the migration in `colo`, ends
     it (the guest runs again, alone) and can start a new COLO capture."""
-    g, extra = colo_guest
+    g = colo_guest
     cap = Capture(g.spec.ram_path, g.spec.memory_mb << 20)
     src = ColoSource(g, cap.size)
     await src.start()

@@ -16,7 +16,6 @@ from replication.colo import ColoSource
 from replication.primary import Primary, PrimaryConfig
 from replication.standby import Standby
 from replication.store import Replica
-from tests.test_colo import colo_guest  # noqa: F401  (the fixture)
 from tests.test_primary_pause import NullGate
 from tests.test_replica_verify import until
 
@@ -73,8 +72,8 @@ class Pair:
         return epoch
 
 
-async def test_colo_epochs_keep_the_replica_equal_to_the_guest(colo_guest, tmp_path):  # noqa: F811
-    g, _ = colo_guest
+async def test_colo_epochs_keep_the_replica_equal_to_the_guest(colo_guest, tmp_path):
+    g = colo_guest
     async with Pair(tmp_path, g, verify_every=1) as pair:
         await until(lambda: pair.protected_past(30), timeout=60, what="30 protected epochs")
         st = pair.primary.status
@@ -85,8 +84,8 @@ async def test_colo_epochs_keep_the_replica_equal_to_the_guest(colo_guest, tmp_p
         await until(lambda: pair.protected_past(final + 3), timeout=30, what="epochs after the aborted handover")
 
 
-async def test_a_page_qemu_left_out_is_found_and_sent(colo_guest, tmp_path):  # noqa: F811
-    g, _ = colo_guest
+async def test_a_page_qemu_left_out_is_found_and_sent(colo_guest, tmp_path):
+    g = colo_guest
     async with Pair(tmp_path, g, verify_every=1) as pair:
         await until(lambda: pair.protected_past(5), timeout=60, what="protection")
         stream = pair.colo.stream
