@@ -184,6 +184,9 @@ class GuestSection:
     # a raw image on this site (each site its own copy): the guest's disk at the primary, the
     # replica disk at the standby (written only by the service); None: no disk
     disk: Path | None = None
+    # the QEMU that runs the guest (both sites must run the same version): system (the Debian
+    # package) | colo (scripts/qemu10.sh --colo-fix: QEMU 10.0 with COLO fixed) | an absolute path
+    qemu: str = "system"
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,13 @@ class CheckpointSection:
     # the guest's write replies are held (backpressure: the guest writes no faster than the WAN
     # carries); applies only while a replication session runs
     disk_unsent_cap_mb: int = 64
+    # how an epoch finds the guest's written pages: scan (compare all of RAM with the shadow while
+    # the guest is stopped: O(RAM)) | colo (QEMU's own dirty log through its COLO stream: O(pages
+    # written); needs guest.qemu = "colo")
+    capture: str = "scan"
+    # with capture = colo: every Nth epoch also compares all of RAM (0: never); a page found
+    # there is sent anyway and counted (colo_missed_pages)
+    colo_verify_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -642,11 +652,16 @@ def load_site(path) -> SiteConfig:
     guest = _load_guest(L, L.table(data, "guest"))
 
     ck = L.section(CheckpointSection, L.table(data, "checkpoint", required=False), "checkpoint",
-                   {"unreachable_policy": _choice("stall", "continue-unprotected"), "pass_through": _pass_through},
+                   {"unreachable_policy": _choice("stall", "continue-unprotected"), "pass_through": _pass_through,
+                    "capture": _choice("scan", "colo")},
                    {"interval_ms": (1, 60_000), "min_interval_ms": (1, 60_000), "max_interval_ms": (1, 60_000),
                     "latency_budget_ms": (1, 600_000), "max_wan_mbit": (0, 1e6), "max_in_flight": (1, 64),
                     "idle_interval_ms": (0, 60_000), "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000),
-                    "verify_bytes_per_epoch": (0, 64 << 20), "disk_unsent_cap_mb": (1, 65536)})
+                    "verify_bytes_per_epoch": (0, 64 << 20), "disk_unsent_cap_mb": (1, 65536),
+                    "colo_verify_every": (0, 1_000_000)})
+    if ck.capture == "colo" and guest.qemu == "system":
+        raise L.err("checkpoint.capture", "colo needs a COLO-capable QEMU: set guest.qemu = \"colo\" "
+                    "(scripts/qemu10.sh --colo-fix installs it; Debian's QEMU 7.2 deadlocks in COLO under TCG)")
     if ck.verify_bytes_per_epoch % 4096:
         raise L.err("checkpoint.verify_bytes_per_epoch", f"{ck.verify_bytes_per_epoch} is not a multiple of the "
                     "4096-byte page (e.g. 262144 for 256 KiB; 0 turns the replica check off)")
@@ -904,6 +919,8 @@ def _load_guest(L: _Loader, data: dict) -> GuestSection:
             raise L.err(f"guest.{k}", f"{a} is the network or broadcast address of {g.prefix}")
     if g.address == g.gateway:
         raise L.err("guest.gateway", f"{g.gateway} is the guest's own address (guest.address)")
+    if g.qemu not in ("system", "colo") and not Path(g.qemu).is_absolute():
+        raise L.err("guest.qemu", f"{g.qemu!r} is neither system, colo nor an absolute path to a QEMU binary")
     six = [k for k in ("prefix6", "address6", "gateway6") if getattr(g, k) is not None]
     if six and len(six) < 3:
         missing = next(k for k in ("prefix6", "address6", "gateway6") if getattr(g, k) is None)

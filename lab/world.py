@@ -449,15 +449,20 @@ def parse_bird_routes(out: str) -> list[dict]:
 LEASE_BACKENDS = ("witness", "etcd")
 
 
+CAPTURES = ("scan", "colo")
+
+
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
        env: dict | None = None, guest_append: str = "", config_edits: dict | None = None,
-       lease: str = "witness", memory_mb: int | None = None, disk: bool = True) -> None:
+       lease: str = "witness", memory_mb: int | None = None, disk: bool = True, capture: str = "scan") -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only);
     `config_edits` maps text of the site configs to its replacement (a key "site-b|text" edits
     that site's file only); `lease` is the lease backend: the built-in witness, or a 3-member
     etcd cluster (lab/etcd.py); `memory_mb` the guest's RAM (default: the lab configs' 128);
     `disk`: the disk guest (`geomirror guest build --disk`, the default), booted from a replicated
-    disk, each site with its own copy of the image in its lab dir; False: the initramfs guest."""
+    disk, each site with its own copy of the image in its lab dir; False: the initramfs guest;
+    `capture`: scan (the configs' default) or colo (QEMU's dirty log: both sites run the COLO QEMU
+    of scripts/qemu10.sh, and every 20th epoch checks QEMU's pages against a full compare)."""
     _require_root()
     if lease not in LEASE_BACKENDS:
         raise LabError(f"lease backend {lease!r} is not one of {', '.join(LEASE_BACKENDS)}")
@@ -465,6 +470,12 @@ def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.exe
         if not 64 <= memory_mb <= 16384:
             raise LabError(f"--memory {memory_mb}: the lab guest takes 64 to 16384 MB")
         config_edits = {"memory_mb = 128\n": f"memory_mb = {memory_mb}\n", **(config_edits or {})}
+    if capture not in CAPTURES:
+        raise LabError(f"--capture {capture!r} is not one of {', '.join(CAPTURES)}")
+    if capture == "colo":
+        config_edits = {'name = "pbx"\n': 'name = "pbx"\nqemu = "colo"\n',
+                        'unreachable_policy = "stall"\n': 'unreachable_policy = "stall"\ncapture = "colo"\n'
+                                                          'colo_verify_every = 20\n', **(config_edits or {})}
     busy = [n for n in NAMESPACES if netns.exists(n)]
     if busy:  # checked before anything is made, so a refusal leaves nothing behind
         raise LabError(f"network namespace {busy[0]} already exists: a lab is up or was left behind; "

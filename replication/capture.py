@@ -110,6 +110,13 @@ class DirtySet:
     def nbytes(self) -> int:
         return int(self.new_pages.nbytes)
 
+    def merge(self, other: "DirtySet") -> "DirtySet":
+        """Both sets' pages, sorted (the two must not share a page)."""
+        pages = np.concatenate([self.page_numbers, other.page_numbers])
+        order = np.argsort(pages, kind="stable")
+        return DirtySet(pages[order], np.concatenate([self.new_pages, other.new_pages])[order],
+                        np.concatenate([self.old_pages, other.old_pages])[order])
+
 
 class Capture:
     """Shadow RAM and dirty-page scanning for one guest RAM file."""
@@ -150,6 +157,16 @@ class Capture:
         old = sh[idx]
         sh[idx] = new
         return DirtySet(pages, new, old)
+
+    def take_changed(self, pages: np.ndarray) -> DirtySet:
+        """`take` of those `pages` (sorted, unique) whose content differs from the shadow: a
+        dirty log names every page written, also with the bytes it held. O(len(pages))."""
+        idx = pages.astype(np.intp)
+        w = self.page_size // 8
+        ram = self.ram.view(np.uint64).reshape(self.n_pages, w)
+        sh = self.shadow.view(np.uint64).reshape(self.n_pages, w)
+        changed = (ram[idx] != sh[idx]).any(axis=1)
+        return self.take(pages[changed])
 
     def capture(self) -> DirtySet:
         return self.take(self.scan())

@@ -48,10 +48,11 @@ from replication.progress import Progress
 from replication import codec as codec_mod
 from replication import disksync, verify
 from replication.capture import Capture, DirtySet
+from replication.colo import ColoError, ColoSource
 from replication.gate import Gate
 from replication.nbd import NbdServer, SealedExtents
 from replication.pacer import EpochSample
-from replication.qemu import Guest
+from replication.qemu import Guest, GuestError
 from replication.session import (BLOCK_PAGES, HELLO_UPSTREAM_KEY, LinkStats, new_nonce, on_heartbeat_message, own_lateness,
                                  run_to_end, send_heartbeats,
                                  session_key)
@@ -77,6 +78,10 @@ class PrimaryConfig:
     # Bytes of live RAM hashed per epoch for the standby to compare with its replica (0: off);
     # replication/verify.py. The ranges cycle through all of RAM.
     verify_bytes_per_epoch: int = verify.DEFAULT_BYTES_PER_EPOCH
+    # The capture through QEMU's dirty log (a `colo` source given to the Primary): every Nth
+    # epoch also compares all of RAM with the shadow while the guest is stopped (0: never). A
+    # page found there was missing from QEMU's set: it goes in the epoch anyway and is counted.
+    colo_verify_every: int = 0
 
 
 @dataclass
@@ -133,6 +138,12 @@ class PrimaryStatus:
     disk_write_delays: int = 0  # guest writes whose reply the cap held
     disk_write_delay_ms: float = 0.0  # the time they were held, summed
     epochs_woken: int = 0  # epochs ended early because the gate held output (the pacer's ``idle``)
+    capture: str = "scan"  # how epochs find their pages: scan (all RAM vs the shadow) | colo (QEMU's dirty log)
+    colo_error: str | None = None  # why the colo capture is not in use (it was asked for)
+    colo_start_s: float = 0.0  # the last COLO start (its initial stream of all RAM)
+    colo_verified_epochs: int = 0  # epochs whose pages were checked against a full compare
+    colo_missed_pages: int = 0  # pages that full compare found and QEMU's set lacked (should stay 0)
+    colo_sent_pages: int = 0  # pages QEMU sent, summed; vs the epochs' dirty pages: unchanged rewrites
 
 
 def epoch_latency(records: list[EpochRecord]) -> dict:
@@ -164,8 +175,9 @@ class Primary:
                  connect: Callable[[], Awaitable[Channel]],
                  interval_fn: Callable[["Primary", EpochRecord | None], float] | None = None,
                  nbd: NbdServer | None = None,
-                 wake_fn: Callable[[float], float | None] | None = None):
+                 wake_fn: Callable[[float], float | None] | None = None, colo: ColoSource | None = None):
         self.cfg = cfg
+        self.colo = colo  # the capture through QEMU's dirty log (None: the full scan)
         self.nbd = nbd  # the guest's disk (started: its size is known), or None
         self._disk_unreleased = 0  # bytes of sealed disk extents not yet handed back to nbd.release
         self.guest = guest
@@ -366,6 +378,7 @@ class Primary:
             await run_to_end(asyncio.gather(beater, reader, work, return_exceptions=True))
 
     async def _work(self, ch: Channel, codec, reader: asyncio.Task) -> None:
+        await self._start_colo()
         await self._sync(ch, codec, self._hashes)
         self._session_committing, self._session_acked = True, False
         if self.on_session_commits:
@@ -399,6 +412,24 @@ class Primary:
             if self.status.state != "syncing" and self.silence_ms() > self.detection_timeout_ms():
                 raise ChannelError(f"no word from the standby for {self.silence_ms():.0f} ms "
                                    f"(timeout {self.detection_timeout_ms():.0f} ms)")
+
+    async def _start_colo(self) -> None:
+        """Before the session's sync (which copies all of RAM into the shadow, so pages written
+        after the COLO start are in QEMU's log or in the copy): start the COLO capture if it is
+        wanted and not running. If it cannot start, epochs use the full scan, with the reason."""
+        if self.colo is None or self.colo.active:
+            return
+        async with self._pause_lock:
+            try:
+                info = await self.colo.start()
+            except (ColoError, GuestError) as e:
+                self.status.capture, self.status.colo_error = "scan", str(e)
+                log.error("primary.colo_unavailable", error=str(e),
+                          hint="checkpoints use the full scan of RAM (O(RAM) pauses)")
+                return
+        self.status.capture, self.status.colo_error = "colo", None
+        self.status.colo_start_s = info["seconds"]
+        log.info("primary.colo_started", **info)
 
     async def _sync(self, ch: Channel, codec, hashes) -> None:
         """Initial sync (hashes None) or resync: stream every block the standby lacks, guest running."""
@@ -691,7 +722,10 @@ class Primary:
             self.gate.end_inbound_hold(deliver=True)
         if self._frozen:
             self._frozen = False
-            await self.guest.cont()
+            if self.colo is not None and self.colo.open_checkpoint:
+                self.colo.finish()  # the final epoch's checkpoint: QEMU starts the guest
+            else:
+                await self.guest.cont()
             log.warning("primary.handover_aborted", epoch=self.status.epoch)
         self._hold_checkpoints.set()
 
@@ -701,6 +735,12 @@ class Primary:
         async with self._pause_lock:
             if self._frozen:
                 return None
+            if self.colo is not None and self.colo.active:
+                try:  # QEMU asks `delay` after the last checkpoint; the guest runs until we answer
+                    await self.colo.wait_request()
+                except (ColoError, GuestError) as e:
+                    await self._colo_failed(e)
+                    raise ChannelError(f"the COLO capture failed: {e}") from None
             n = self.status.epoch + 1
             t0 = time.perf_counter()
             # One unit, in its own task: cancelling this caller (session teardown) waits for
@@ -747,6 +787,76 @@ class Primary:
                             disk_zeroes=zeroes)
 
     async def _pause(self, n: int, final: bool):
+        if self.colo is not None and self.colo.active:
+            return await self._pause_colo(n, final)
+        return await self._pause_scan(n, final)
+
+    async def _pause_colo(self, n: int, final: bool):
+        """QEMU stops the guest when we answer its request, sends the pages it logged and the
+        device state; we copy the pages that changed, seal the gate and the disk at n, and let
+        the guest run (not when `final`: the open checkpoint keeps it stopped). A broken COLO
+        stream ends COLO (the guest runs on alone) and fails the epoch: the session resyncs."""
+        nbd, sealed = self.nbd, None
+        if nbd is not None:
+            nbd.checkpoint_starting()  # QEMU's stop waits for the disk's in-flight writes too
+        full = bool(self.cfg.colo_verify_every) and n % self.cfg.colo_verify_every == 0
+        try:
+            cp, (dirty, check, missed) = await self.colo.checkpoint(lambda cp: self._capture_colo(n, cp, full))
+        except (ColoError, GuestError) as e:
+            await self._colo_failed(e)
+            raise ChannelError(f"the COLO capture failed at epoch {n}: {e}") from None
+        self.gate.seal(n)
+        if nbd is not None:
+            sealed = nbd.seal(n)
+            self._disk_unreleased += sealed.nbytes
+        st = self.status
+        st.colo_sent_pages += len(cp.pages)
+        if full:
+            st.colo_verified_epochs += 1
+        if missed:
+            st.colo_missed_pages += missed
+            log.error("primary.colo_missed_pages", epoch=n, pages=missed, total=st.colo_missed_pages,
+                      hint="QEMU's dirty log lacked pages the full compare found; they are in the epoch")
+        dev = self.colo.device_state(cp)
+        if final:
+            self._frozen = True
+        else:
+            self.colo.finish()
+        return (dirty, check), dev, sealed
+
+    def _capture_colo(self, n: int, cp, full: bool) -> tuple[DirtySet, verify.RangeCheck | None, int]:
+        """In the pause (QEMU's COLO thread holds the guest stopped): the pages QEMU sent whose
+        content differs from the shadow (a page rewritten with the same bytes is logged too);
+        with `full`, the rest of RAM compared as well."""
+        dirty = self.capture.take_changed(cp.pages)
+        missed = 0
+        if full:
+            extra = self.capture.scan()
+            if extra.size:
+                missed = int(extra.size)
+                dirty = dirty.merge(self.capture.take(extra))
+        nbytes = self.cfg.verify_bytes_per_epoch
+        check = verify.take(n, self.capture.ram, nbytes, self.capture.page_size) if nbytes else None
+        return dirty, check, missed
+
+    async def _colo_failed(self, e: Exception) -> None:
+        self._frozen = False
+        self.status.capture, self.status.colo_error = "scan", str(e)
+        log.error("primary.colo_failed", error=str(e), hint="COLO ends (the guest runs on); epochs use the full "
+                  "scan until the next session starts COLO again")
+        try:
+            await self.colo.end()
+        except (GuestError, OSError) as e2:
+            log.error("primary.colo_end_failed", error=str(e2))
+
+    async def end_colo(self) -> None:
+        """Leave COLO (the primary's replication ends with the guest running on here)."""
+        if self.colo is not None and self.colo.active:
+            async with self._pause_lock:
+                await self.colo.end()
+            self.status.capture = "scan"
+
+    async def _pause_scan(self, n: int, final: bool):
         """stop → seal the gate and the disk's extent log at n → (device state ∥ dirty scan) →
         cont (not when `final`). `cont` follows even a failed or unanswered `stop`: QEMU may have
         stopped anyway. QEMU completes in-flight disk writes before `stop` returns, so the seal

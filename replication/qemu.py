@@ -213,11 +213,14 @@ class GuestSpec:
     # guest's disk requests waiting meanwhile
     disk_socket: Path | None = None
     disk_reconnect_s: int = 30
+    # the QEMU binary ("": QEMU_BINARY, the system's) and its data directories (-L, in order)
+    qemu: str = ""
+    qemu_data: tuple[str, ...] = ()
 
     def compat(self) -> dict:
         """What must be identical at both sites for a checkpoint to apply."""
         c = {
-            "qemu": qemu_version(),
+            "qemu": qemu_version(self.qemu or None),
             "machine": self.machine,
             "memory_mb": self.memory_mb,
             "vcpus": self.vcpus,
@@ -229,15 +232,28 @@ class GuestSpec:
         return c
 
 
-_qemu_version: str | None = None
+_qemu_version: str | None = None  # of QEMU_BINARY
+_qemu_versions: dict[str, str] = {}  # of other binaries
 
 
-def qemu_version() -> str:
+def qemu_version(binary: str | None = None) -> str:
+    """The first line of `binary --version` (default QEMU_BINARY); cached."""
     global _qemu_version
-    if _qemu_version is None:
-        out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True, check=True).stdout
-        _qemu_version = out.splitlines()[0].strip()
-    return _qemu_version
+    if binary is None:
+        if _qemu_version is None:
+            _qemu_version = _version_of(QEMU_BINARY)
+        return _qemu_version
+    if binary not in _qemu_versions:
+        _qemu_versions[binary] = _version_of(binary)
+    return _qemu_versions[binary]
+
+
+def _version_of(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise GuestError(f"QEMU {binary} does not run: {e}") from None
+    return out.splitlines()[0].strip()
 
 
 def _opt(value) -> str:
@@ -249,7 +265,8 @@ def build_argv(spec: GuestSpec) -> list[str]:
     """The QEMU command line (an argument list, never a shell string)."""
     cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "qemu64"]
     argv = [
-        QEMU_BINARY,
+        spec.qemu or QEMU_BINARY,
+        *[a for d in spec.qemu_data for a in ("-L", d)],
         "-name", f"geomirror-{spec.name}",
         "-machine", f"{spec.machine},memory-backend=ram0",
         *cpu,
@@ -424,7 +441,10 @@ class Guest:
         self._event_task = asyncio.create_task(self._pump_events())
         if self.proc is None:  # taken up after a restart: a migration the old service left must end first
             info = await self._execute("query-migrate", timeout=10.0)
-            if info.get("status") in _MIGRATION_ACTIVE:
+            if info.get("status") == "colo":  # a COLO capture the old service ran: end it (guest runs on)
+                log.warning("qemu.colo_left_over", guest=spec.name)
+                await self.end_colo()
+            elif info.get("status") in _MIGRATION_ACTIVE:
                 log.warning("qemu.migration_left_over", guest=spec.name, status=info.get("status"))
                 await self._settle_migration()
         await self._execute("migrate-set-capabilities", {"capabilities": [
@@ -571,6 +591,52 @@ class Guest:
 
     async def status(self) -> str:
         return (await self._execute("query-status"))["status"]
+
+    # -- COLO: QEMU's dirty log as the capture (replication/colo.py) -----------------------
+    async def start_colo(self, delay_ms: int = 0) -> socket.socket:
+        """Start a COLO migration into a socketpair; returns our end (the stream and the COLO
+        messages). RAM must travel in it, so x-ignore-shared is off until `end_colo`."""
+        await self._execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": False},
+            {"capability": "x-colo", "state": True}]})
+        await self._execute("migrate-set-parameters", {"x-checkpoint-delay": delay_ms})
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            self._drain_events()
+            self._send_fd(theirs.fileno())
+            await self._execute("getfd", {"fdname": "gmcolo"})
+            await self._execute("migrate", {"uri": "fd:gmcolo"})
+        except BaseException:
+            ours.close()
+            await self._colo_capabilities_off()
+            raise
+        finally:
+            theirs.close()
+        return ours
+
+    async def end_colo(self, timeout: float = 5.0) -> None:
+        """Leave COLO (x-colo-lost-heartbeat: QEMU's failover, after which the guest runs on
+        alone) and put the checkpoint capabilities back. A guest left stopped by a checkpoint
+        that never finished runs again."""
+        info = await self._execute("query-migrate", timeout=timeout)
+        if info.get("status") == "colo":
+            await self._execute("x-colo-lost-heartbeat", timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while (await self._execute("query-migrate", timeout=timeout)).get("status") in ("colo",) + _MIGRATION_ACTIVE:
+                if time.monotonic() > deadline:
+                    raise GuestError(f"guest {self.spec.name}'s QEMU did not leave COLO within {timeout:g}s")
+                await asyncio.sleep(0.01)
+        elif info.get("status") in _MIGRATION_ACTIVE:  # still in the initial stream
+            await self._settle_migration(timeout)
+        await self._colo_capabilities_off()
+        if await self.status() in ("paused", "colo", "postmigrate", "finish-migrate"):
+            await self.cont()
+
+    async def _colo_capabilities_off(self) -> None:
+        await self._execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-colo", "state": False},
+            {"capability": "x-ignore-shared", "state": True}]})
 
     def kill(self) -> None:
         """SIGKILL the QEMU process (the crash case)."""

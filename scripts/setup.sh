@@ -56,3 +56,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 else
   echo "setup: Python environment up to date"
 fi
+
+# The COLO-capable QEMU 10.0 beside the system's 7.2 (the O(dirty) checkpoint capture,
+# replication/colo.py): Debian's bookworm-backports build unpacked under /opt/geomirror/qemu-10
+# (never installed: no package moves to backports) and the same source built with
+# scripts/qemu10-colo.patch into /opt/geomirror/qemu-10-colofix, ~10-25 minutes the first time.
+echo "setup: COLO-capable QEMU (scripts/qemu10.sh --colo-fix)"
+./scripts/qemu10.sh --colo-fix | sed 's/^/  /'

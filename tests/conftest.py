@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from replication.qemu import Guest
+from tests.colo_qemu import available, colo_spec
+
 
 def _lab_prereqs() -> str | None:
     if os.geteuid() != 0:
@@ -109,3 +112,20 @@ def lab_up(lab_env):
     labcli.wait_protected()
     labcli.wait_reachable()
     return lab_env
+
+
+@pytest.fixture
+async def colo_guest(tmp_path):
+    """The lab's guest (128 MB, writing memory) on the COLO-capable QEMU."""
+    why = available()
+    if why:
+        pytest.fail(why)  # the setup installs it: its absence is a failure, not a skip
+    d = tmp_path / "primary"
+    d.mkdir()
+    g = Guest(colo_spec(d, "colo"))
+    await g.start()
+    try:
+        await g.wait_ready(120)
+        yield g
+    finally:
+        await g.close()

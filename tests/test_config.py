@@ -197,6 +197,12 @@ BAD = {
     "community twice": (put("bgp", "drain_communities", '["64501:1", "64501:1"]'), "bgp.drain_communities",
                         "twice"),
     "prepend 9": (put("bgp", "standby_prepend", "9"), "bgp.standby_prepend", "out of range (0..8)"),
+    "colo capture on the system QEMU": (put("checkpoint", "capture", '"colo"'), "checkpoint.capture",
+                                        'set guest.qemu = "colo"'),
+    "unknown capture": (put("checkpoint", "capture", '"bitmap"'), "checkpoint.capture", "scan"),
+    "relative qemu": (put("guest", "qemu", '"qemu-10"'), "guest.qemu", "an absolute path"),
+    "negative verify": (put("checkpoint", "colo_verify_every", "-1", put("guest", "qemu", '"colo"')),
+                        "checkpoint.colo_verify_every", "out of range"),
 }
 
 

@@ -6,6 +6,7 @@ back after the failover.
 
     python -m tests.torture --trials 20          # the documented 20-trial run
     python -m tests.torture --trials 3 --no-gate # shows the violation without output commit
+    python -m tests.torture --trials 10 --capture colo --memory 1024   # QEMU's dirty log, 1 GB guest
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ def check(res: TrialResult, mc: labcli.Memcache | None) -> None:
                     break
 
 
-def run_trial(seed: int, *, gate: bool = True, run_after_s: float = 2.0) -> TrialResult:
+def run_trial(seed: int, *, gate: bool = True, run_after_s: float = 2.0, capture: str = "scan",
+              memory_mb: int | None = None) -> TrialResult:
     rng = random.Random(seed)
     res = TrialResult(seed, crash_after_s=rng.uniform(0.3, 2.5))
     env = None if gate else {"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}
     world.down()
-    world.up(env=env)
+    world.up(env=env, capture=capture, memory_mb=memory_mb)
     try:
         labcli.wait_protected()
         labcli.wait_reachable()
@@ -116,13 +118,16 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--no-gate", action="store_true", help="disable output commit (the test must then fail)")
+    ap.add_argument("--capture", choices=("scan", "colo"), default="scan",
+                    help="the checkpoint capture (colo: QEMU's dirty log, lab up --capture colo)")
+    ap.add_argument("--memory", type=int, metavar="MB", help="the guest's RAM (default 128)")
     a = ap.parse_args(argv)
     from geomirror import logging as gl
 
     gl.setup(level="WARNING")
     results = []
     for i in range(a.trials):
-        r = run_trial(a.seed + i, gate=not a.no_gate)
+        r = run_trial(a.seed + i, gate=not a.no_gate, capture=a.capture, memory_mb=a.memory)
         results.append(r)
         print(f"trial {i + 1:2}/{a.trials}: crash after {r.crash_after_s:.2f}s, {r.ops} ops, "
               f"resumed epoch {r.resumed_epoch}, longest stall {r.longest_stall_s:.2f}s: "

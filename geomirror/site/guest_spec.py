@@ -6,7 +6,8 @@ from pathlib import Path
 
 from geomirror.disk_image import build_disk_image
 from geomirror.image import GuestImage, build_image, default_cmdline
-from replication.qemu import GuestSpec, detect_accel
+from replication.colo import COLO_QEMU, COLO_QEMU_DATA
+from replication.qemu import GuestError, GuestSpec, detect_accel
 
 
 def _machine(m: str) -> str:
@@ -39,7 +40,8 @@ class GuestSpecs:
         if g.append:
             append += " " + g.append
         accel = detect_accel() if g.accel == "auto" else g.accel
-        return GuestSpec(name=g.name, memory_mb=g.memory_mb, kernel=Path(kernel), initrd=Path(initrd),
+        qemu, data = _qemu(g.qemu)
+        return GuestSpec(qemu=qemu, qemu_data=data, name=g.name, memory_mb=g.memory_mb, kernel=Path(kernel), initrd=Path(initrd),
                          append=append, ram_path=ram_path, qmp_path=self.run_dir / f"qmp-{tag}.sock",
                          serial_path=self.run_dir / f"serial-{tag}.log", net_socket=self.run_dir / f"net-{tag}.sock",
                          stderr_path=self.run_dir / f"qemu-{tag}.log",
@@ -56,6 +58,20 @@ class GuestSpecs:
 
     def standby(self, replica_ram: Path) -> GuestSpec:
         return self.spec(incoming=True, ram_path=replica_ram, tag="standby")
+
+
+def _qemu(choice: str) -> tuple[str, tuple[str, ...]]:
+    """guest.qemu → the binary ("" = the system's) and its -L data directories."""
+    if choice == "system":
+        return "", ()
+    if choice == "colo":
+        if not Path(COLO_QEMU).exists():
+            raise GuestError(f"guest.qemu = colo, but there is no {COLO_QEMU}: run scripts/qemu10.sh --colo-fix "
+                             "(make setup does)")
+        return COLO_QEMU, COLO_QEMU_DATA
+    if not Path(choice).exists():
+        raise GuestError(f"guest.qemu {choice} does not exist")
+    return choice, ()
 
 
 def _boot_files_of(pid: int) -> tuple[str, str]:

@@ -23,6 +23,7 @@ from geomirror.site.guest_spec import GuestSpecs
 from geomirror.site.host import set_tap
 from replication import transport
 from replication.capture import Capture
+from replication.colo import ColoSource
 from replication.nbd import NbdServer
 from replication.pacer import Pacer, PacerPolicy
 from replication.primary import EpochRecord, Primary, PrimaryConfig, pacer_sample
@@ -134,7 +135,8 @@ class PrimarySide:
                              interval_ms=ck.interval_ms, max_in_flight=ck.max_in_flight,
                              heartbeat_ms=hb.interval_ms, compression_level=ck.compression_level,
                              min_timeout_ms=hb.min_timeout_ms, max_timeout_ms=hb.max_timeout_ms,
-                             verify_bytes_per_epoch=ck.verify_bytes_per_epoch)
+                             verify_bytes_per_epoch=ck.verify_bytes_per_epoch,
+                             colo_verify_every=ck.colo_verify_every)
 
         async def connect():
             return await transport.connect(str(peer.address), peer.port, ssl=ctx.tls.client,
@@ -146,8 +148,9 @@ class PrimarySide:
             log.warning("disk.replication_disabled", site=ctx.name, image=str(nbd.image),
                         hint="GEOMIRROR_UNSAFE_NO_DISK_REPLICATION=1: a takeover resumes on a stale disk")
             nbd = None
+        colo = ColoSource(self.guest, self.capture.size) if ck.capture == "colo" else None
         p = Primary(pcfg, self.guest, self.capture, ctx.gate, connect, interval_fn=self._next_interval, nbd=nbd,
-                    wake_fn=self._wake_at)
+                    wake_fn=self._wake_at, colo=colo)
         # Epoch numbers only grow at a site, across primaries: the gate tags held frames with
         # them, and a replica (here or at the peer) rejects anything not after its committed one.
         p.status.epoch = max(ctx.gate.current_epoch, first_epoch)
@@ -241,6 +244,11 @@ class PrimarySide:
     async def detach(self) -> int | None:
         """The daemon stops but the guest must not (a restart, an upgrade): stop replicating, let go
         of QMP and leave QEMU running. Returns its pid."""
+        if self.primary is not None:
+            try:  # QEMU leaves COLO and runs on alone (else the next daemon's attach ends it)
+                await self.primary.end_colo()
+            except GuestError as e:
+                log.warning("primary.colo_end_failed", error=str(e))
         await self.stop_replication()
         if self._watch is not None:
             self._watch.cancel()
