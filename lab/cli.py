@@ -239,6 +239,12 @@ def print_status(st: dict) -> None:
             print(f"{site}: interval set by {pc['reason']}; expected output latency "
                   f"{pc['expected_latency_ms']} ms (budget {pc['budgets']['latency_ms']:g} ms)"
                   + (f"\n{site}:   {pc['detail']}" if pc.get("detail") else ""))
+        rep = s.get("replication") or {}
+        if rep.get("capture") == "colo":
+            print(f"{site}: capture colo (QEMU's dirty log): {rep['colo_verified_epochs']} epochs checked by a full "
+                  f"compare, {rep['colo_missed_pages']} pages missed")
+        elif rep.get("colo_error"):
+            print(f"{site}: capture scan (colo asked for, not in use: {rep['colo_error']})")
         for a in s.get("alarms") or []:
             print(f"{site}: ALARM {a}")
 

@@ -419,15 +419,16 @@ class ColoSource:
             await g.cont()
         t0 = time.monotonic()
         self._sock = await g.start_colo(self.delay_ms)
-        self.stream = ColoStream(self._sock, self.ram_bytes, self.page_size, self.timeout)
+        stream = ColoStream(self._sock, self.ram_bytes, self.page_size, self.timeout)
         try:
-            pages = await asyncio.to_thread(self.stream.read_initial)
-            await asyncio.to_thread(self.stream.send, READY)
+            pages = await asyncio.to_thread(stream.read_initial)
+            await asyncio.to_thread(stream.send, READY)
         except BaseException:
             await self.end()
             raise
+        self.stream = stream  # active only now: a sync must not begin before the initial stream ended
         return {"seconds": round(time.monotonic() - t0, 2), "pages": len(pages.main), "zero_pages": pages.zero,
-                "other_pages": pages.other, "stream_bytes": self.stream.r.total, "blocks": dict(self.stream.blocks)}
+                "other_pages": pages.other, "stream_bytes": stream.r.total, "blocks": dict(stream.blocks)}
 
     async def wait_request(self) -> None:
         """Until QEMU asks for a checkpoint (the guest runs meanwhile)."""

@@ -237,6 +237,7 @@ class Primary:
         self._disk_recording(False, "no session yet")
         watch = asyncio.create_task(self._guest_watch())
         try:
+            await self._start_colo()  # before any session: its initial stream is off the reprotect path
             await self._run_sessions()
         finally:
             watch.cancel()
@@ -414,12 +415,15 @@ class Primary:
                                    f"(timeout {self.detection_timeout_ms():.0f} ms)")
 
     async def _start_colo(self) -> None:
-        """Before the session's sync (which copies all of RAM into the shadow, so pages written
-        after the COLO start are in QEMU's log or in the copy): start the COLO capture if it is
-        wanted and not running. If it cannot start, epochs use the full scan, with the reason."""
+        """When the primary begins, and before each session's sync (which copies all of RAM into
+        the shadow, so a page written after the COLO start is in QEMU's log or in the copy; the
+        initial stream must have ended first): start the COLO capture if it is wanted and not
+        running. If it cannot start, epochs use the full scan, with the reason."""
         if self.colo is None or self.colo.active:
             return
         async with self._pause_lock:
+            if self.colo.active:  # started meanwhile
+                return
             try:
                 info = await self.colo.start()
             except (ColoError, GuestError) as e:
