@@ -71,14 +71,14 @@ class Samples:
     def row(self, mb: int, capture: str, memcpy_ms: float) -> dict:
         med = statistics.median(self.pause)
         dev, copy = statistics.median(self.dev_ms), statistics.median(self.copy_ms)
-        floor = 1.5 * (dev + copy)
+        floor = dev + copy  # the target is 1.5 × this
         return {
             "mb": mb, "capture": capture, "epochs": len(self.pause),
             "pause_median_ms": med, "pause_p99_ms": pct(self.pause, 99), "pause_max_ms": max(self.pause),
             "pages": statistics.median(self.pages),
             "logged": statistics.median(self.logged) if self.logged else None,
             "device_state_kb": statistics.median(self.dev_bytes) / 1024, "device_state_ms": dev, "copy_ms": copy,
-            "floor_ms": floor, "pause_over_floor": med / floor,
+            "floor_ms": floor, "target_ms": 1.5 * floor, "pause_over_floor": med / floor,
             "memcpy_ms": memcpy_ms, "pause_over_memcpy": med / memcpy_ms,
             "raw_dirty_kb": statistics.mean(self.raw) / 1024, "wire_kb": statistics.mean(self.wire) / 1024,
             "wire_over_raw": sum(self.wire) / max(1, sum(self.raw)),
@@ -236,14 +236,14 @@ def main() -> int:
     print(f"\ncheckpoint benchmark: interval {a.interval_ms:g} ms, guest workload gm-dirty {a.dirty}, "
           f"{a.epochs} epochs per capture, accel {detect_accel()}, QEMU {COLO_QEMU}")
     hdr = (f"{'RAM':>6} {'capture':7} {'pause p50':>9} {'p99':>7} {'max':>7} {'pages':>6} {'logged':>6} "
-           f"{'devstate':>8} {'dev ms':>6} {'copy ms':>7} {'floor':>7} {'p50/floor':>9} {'memcpy':>7} "
+           f"{'devstate':>8} {'dev ms':>6} {'copy ms':>7} {'dev+copy':>8} {'p50/(d+c)':>9} {'memcpy':>7} "
            f"{'p50/memcpy':>10} {'wire/ckpt':>9} {'wire/raw':>8} {'codec':>8}")
     print(hdr)
     for r in rows:
         logged = f"{r['logged']:>6.0f}" if r["logged"] is not None else f"{'-':>6}"
         print(f"{r['mb']:>4}MB {r['capture']:7} {r['pause_median_ms']:>7.1f}ms {r['pause_p99_ms']:>5.1f}ms "
               f"{r['pause_max_ms']:>5.1f}ms {r['pages']:>6.0f} {logged} {r['device_state_kb']:>6.0f}KB "
-              f"{r['device_state_ms']:>6.2f} {r['copy_ms']:>7.2f} {r['floor_ms']:>5.1f}ms {r['pause_over_floor']:>8.2f}x "
+              f"{r['device_state_ms']:>6.2f} {r['copy_ms']:>7.2f} {r['floor_ms']:>6.1f}ms {r['pause_over_floor']:>8.2f}x "
               f"{r['memcpy_ms']:>5.1f}ms {r['pause_over_memcpy']:>9.2f}x {r['wire_kb']:>7.0f}KB "
               f"{r['wire_over_raw']:>8.3f} {r['codec_mb_s']:>4.0f}MB/s")
     for r in rows:
@@ -258,10 +258,11 @@ def main() -> int:
         print(f"  {c}: pause({hi} MB) / pause({lo} MB) = {b_['pause_median_ms']:.1f} / {a_['pause_median_ms']:.1f} "
               f"= {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'MISSED'})")
     for r in rows:
-        ok = r["pause_median_ms"] <= r["floor_ms"]
+        ok = r["pause_median_ms"] <= r["target_ms"]
         print(f"  {r['mb']:>4} MB {r['capture']}: pause {r['pause_median_ms']:.1f} ms vs 1.5 x (device state "
-              f"{r['device_state_ms']:.2f} + copy {r['copy_ms']:.2f}) = {r['floor_ms']:.1f} ms: "
-              f"{'met' if ok else 'MISSED by %.1f ms (%.2fx)' % (r['pause_median_ms'] - r['floor_ms'], r['pause_over_floor'])}")
+              f"{r['device_state_ms']:.2f} + copy {r['copy_ms']:.2f}) = {r['target_ms']:.1f} ms: ratio "
+              f"{r['pause_over_floor']:.2f} (target <= 1.5: "
+              f"{'met' if ok else 'MISSED by %.1f ms' % (r['pause_median_ms'] - r['target_ms'])})")
     return 0
 
 
