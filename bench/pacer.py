@@ -7,7 +7,11 @@ client ops/s as a ratio to the unprotected guest, client p50/p99 latency added
 over the unprotected guest, pause share, WAN bytes/s, checkpoints/s.
 
     .venv/bin/python bench/pacer.py [--seconds 8] [--clients 1,16,64] [--rtts 1,10,25,50]
-        [--repeat-adaptive] [--latency-budget MS] [--base FILE] [--out FILE]
+        [--capture scan|colo] [--repeat-adaptive] [--latency-budget MS] [--base FILE] [--out FILE]
+
+`--capture colo` runs both sites on the COLO QEMU with QEMU's dirty log as the capture
+(`world.up(capture="colo")`), the unprotected guest too, so both run on the same QEMU. The pause
+p50 is of the pauses sampled from the site's status every 0.25 s during the row.
 
 The matrix can be run in pieces (the lab is shared): `--base FILE` stores the unprotected
 guest's figures on the first run and reuses them on the next, `--out FILE` appends the rows
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import threading
 import time
@@ -59,11 +64,29 @@ def load(seconds: float, clients: int) -> dict:
     return {"ops_s": ops[0] / seconds, "p50": lats[len(lats) // 2], "p99": lats[int(len(lats) * 0.99)]}
 
 
+def sample_pauses(until: threading.Event, out: list) -> None:
+    """The pause of each epoch seen in the site's status while the row runs (one per poll)."""
+    last = None
+    while not until.wait(0.25):
+        st = labcli.site_status("site-a", timeout=2.0)
+        rep = (st or {}).get("replication") or {}
+        if rep.get("epoch") != last and rep.get("last_pause_ms") is not None:
+            last = rep["epoch"]
+            out.append(rep["last_pause_ms"])
+
+
 def measure(seconds: float, clients: int) -> dict:
     a0 = labcli.site_status("site-a")
     w0 = labcli.wan()["stats"]["a->b"]["bytes"]
+    done, seen = threading.Event(), []
+    sampler = threading.Thread(target=sample_pauses, args=(done, seen))
+    sampler.start()
     t0 = time.monotonic()
-    r = load(seconds, clients)
+    try:
+        r = load(seconds, clients)
+    finally:
+        done.set()
+        sampler.join()
     dt = time.monotonic() - t0
     a1 = labcli.site_status("site-a")
     w1 = labcli.wan()["stats"]["a->b"]["bytes"]
@@ -74,7 +97,10 @@ def measure(seconds: float, clients: int) -> dict:
     cycle = dt * 1000 / max(epochs, 1)
     r.update(pause_share=pause_share, wan_mbit=(w1 - w0) * 8 / dt / 1e6, ckpt_s=epochs / dt,
              interval=cycle * (1 - pause_share), pause_ms=cycle * pause_share,
-             reason=(a1.get("pacer") or {}).get("reason", "?"))
+             reason=(a1.get("pacer") or {}).get("reason", "?"),
+             pause_p50=statistics.median(seen) if seen else float("nan"), pause_samples=len(seen),
+             capture=p1.get("capture", "scan"), colo_error=p1.get("colo_error"),
+             colo_missed=p1.get("colo_missed_pages", 0))
     return r
 
 
@@ -83,6 +109,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--clients", default="1,16,64", help="connection counts, comma-separated")
     ap.add_argument("--rtts", default="1,10,25,50")
+    ap.add_argument("--capture", default="scan", choices=["scan", "colo"],
+                    help="the sites' capture (colo: the COLO QEMU, for the unprotected guest too)")
     ap.add_argument("--repeat-adaptive", action="store_true", help="measure adaptive again after the fixed ones")
     ap.add_argument("--latency-budget", type=float, help="the sites' checkpoint.latency_budget_ms (lab: 150)")
     ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each measured row")
@@ -98,7 +126,7 @@ def main() -> int:
     if any(n not in base for n in conns):
         # The unprotected guest: no standby (so no checkpoints, no pauses) and output leaves at once.
         world.down()
-        world.up(env={"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}, guest_append=DIRTY)
+        world.up(env={"GEOMIRROR_UNSAFE_NO_OUTPUT_COMMIT": "1"}, guest_append=DIRTY, capture=a.capture)
         try:
             labcli.wait_protected()
             labcli.wait_reachable()
@@ -117,7 +145,7 @@ def main() -> int:
     if a.repeat_adaptive:
         pacings.append(("adaptive #2", {"adaptive": True}))
     for rtt in [float(x) for x in a.rtts.split(",")]:
-        world.up(guest_append=DIRTY, config_edits=edits)
+        world.up(guest_append=DIRTY, config_edits=edits, capture=a.capture)
         try:
             labcli.wait_protected()
             labcli.wait_reachable()
@@ -132,20 +160,25 @@ def main() -> int:
                     if a.out:
                         with a.out.open("a") as f:
                             f.write(json.dumps({"rtt": rtt, "pacing": name, "conn": n, "budget": a.latency_budget or 150,
-                                                "base": base[n], **r}) + "\n")
+                                                "capture_asked": a.capture, "base": base[n], **r}) + "\n")
         finally:
             world.down()
-    print(f"\npacer benchmark: memcached clients (incr) for {a.seconds:g}s each, guest workload {DIRTY}, "
+    print(f"\npacer benchmark: capture {a.capture}, memcached clients (incr) for {a.seconds:g}s each, "
+          f"guest workload {DIRTY}, "
           "WAN 100 Mbit/s; unprotected guest: "
           + ", ".join(f"{n} conn {base[n]['ops_s']:.0f} ops/s p50 {base[n]['p50']:.1f} ms" for n in conns))
     print(f"{'RTT':>5} {'pacing':12} {'conn':>4} {'interval':>9} {'reason':15} {'ops/s':>7} {'vs unprot':>9} "
-          f"{'+p50 ms':>8} {'+p99 ms':>8} {'floor':>6} {'pause':>6} {'WAN Mbit/s':>10} {'ckpt/s':>7}")
+          f"{'+p50 ms':>8} {'+p99 ms':>8} {'floor':>6} {'1.2xfl':>6} {'pause':>6} {'pause ms':>8} {'p50 ms':>6} "
+          f"{'WAN Mbit/s':>10} {'ckpt/s':>7} {'capture':7}")
     for rtt, name, n, r in rows:
         b0 = base[n]
         floor = rtt + r["pause_ms"] + r["interval"] / 2  # the added latency output commit cannot avoid
         print(f"{rtt:>4g}ms {name:12} {n:>4} {r['interval']:>7.1f}ms {r['reason']:15} {r['ops_s']:>7.0f} "
               f"{r['ops_s'] / b0['ops_s']:>9.2f} {r['p50'] - b0['p50']:>8.1f} {r['p99'] - b0['p99']:>8.1f} "
-              f"{floor:>6.1f} {r['pause_share']:>6.1%} {r['wan_mbit']:>10.1f} {r['ckpt_s']:>7.1f}")
+              f"{floor:>6.1f} {1.2 * floor:>6.1f} {r['pause_share']:>6.1%} {r['pause_ms']:>8.1f} {r['pause_p50']:>6.1f} "
+              f"{r['wan_mbit']:>10.1f} {r['ckpt_s']:>7.1f} {r['capture']:7}"
+              + (f" colo error: {r['colo_error']}" if r.get("colo_error") else "")
+              + (f" missed pages {r['colo_missed']}" if r.get("colo_missed") else ""))
     # adaptive against the best fixed interval, per RTT and connection count
     for rtt in sorted({r[0] for r in rows}):
         for n in conns:

@@ -198,7 +198,8 @@ class Checkpoint:
     other_pages: int
     device_blob: bytes  # QEMU's device sections ending with EOF (no file header)
     stream_bytes: int
-    read_s: float
+    read_s: float  # vmstate-send → the device state read (the pages and the devices)
+    begin_s: float = 0.0  # reply sent → QEMU's vmstate-send (it stopped the guest): set by ColoSource
 
 
 class ColoStream:
@@ -447,9 +448,12 @@ class ColoSource:
         stream = self.stream
 
         def step():
+            t0 = time.perf_counter()
             stream.begin()
             self.open_checkpoint = True
+            begin_s = time.perf_counter() - t0
             cp = stream.read_checkpoint()
+            cp.begin_s = begin_s
             return cp, (work(cp) if work is not None else None)
 
         return await asyncio.to_thread(step)
