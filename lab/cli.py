@@ -264,9 +264,9 @@ def add_parser(sub) -> None:
     up = lp.add_parser("up", help="build the lab; returns when the guest is protected and reachable")
     up.add_argument("--no-daemons", action="store_true", help="network and BIRD only")
     up.add_argument("--memory", type=int, metavar="MB", help="the guest's RAM (default 128)")
-    up.add_argument("--capture", choices=world.CAPTURES, default="scan",
-                    help="how checkpoints find written pages: scan all RAM (default) or colo (QEMU's dirty log, "
-                         "on the COLO QEMU of scripts/qemu10.sh --colo-fix)")
+    up.add_argument("--capture", choices=world.CAPTURES, default=None,
+                    help="how checkpoints find written pages: scan all RAM (default, or $GM_LAB_CAPTURE) or colo "
+                         "(QEMU's dirty log, on the COLO QEMU of scripts/qemu10.sh --colo-fix)")
     up.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True,
                     help="boot the disk guest from a replicated disk, each site its own copy (the default); "
                          "--no-disk: the diskless initramfs guest")

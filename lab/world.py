@@ -454,7 +454,7 @@ CAPTURES = ("scan", "colo")
 
 def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.executable,
        env: dict | None = None, guest_append: str = "", config_edits: dict | None = None,
-       lease: str = "witness", memory_mb: int | None = None, disk: bool = True, capture: str = "scan") -> None:
+       lease: str = "witness", memory_mb: int | None = None, disk: bool = True, capture: str | None = None) -> None:
     """Build the lab. `env` adds environment variables for the site daemons (tests only);
     `config_edits` maps text of the site configs to its replacement (a key "site-b|text" edits
     that site's file only); `lease` is the lease backend: the built-in witness, or a 3-member
@@ -462,8 +462,11 @@ def up(*, routing: str = "bgp", with_daemons: bool = True, python: str = sys.exe
     `disk`: the disk guest (`geomirror guest build --disk`, the default), booted from a replicated
     disk, each site with its own copy of the image in its lab dir; False: the initramfs guest;
     `capture`: scan (the configs' default) or colo (QEMU's dirty log: both sites run the COLO QEMU
-    of scripts/qemu10.sh, and every 20th epoch checks QEMU's pages against a full compare)."""
+    of scripts/qemu10.sh, and every 20th epoch checks QEMU's pages against a full compare); None:
+    $GM_LAB_CAPTURE, else scan (`GM_LAB_CAPTURE=colo pytest -m lab` runs the lab suite on it)."""
     _require_root()
+    if capture is None:
+        capture = os.environ.get("GM_LAB_CAPTURE", "scan")
     if lease not in LEASE_BACKENDS:
         raise LabError(f"lease backend {lease!r} is not one of {', '.join(LEASE_BACKENDS)}")
     if memory_mb is not None:

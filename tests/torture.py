@@ -77,7 +77,7 @@ def check(res: TrialResult, mc: labcli.Memcache | None) -> None:
                     break
 
 
-def run_trial(seed: int, *, gate: bool = True, run_after_s: float = 2.0, capture: str = "scan",
+def run_trial(seed: int, *, gate: bool = True, run_after_s: float = 2.0, capture: str | None = None,
               memory_mb: int | None = None) -> TrialResult:
     rng = random.Random(seed)
     res = TrialResult(seed, crash_after_s=rng.uniform(0.3, 2.5))
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--no-gate", action="store_true", help="disable output commit (the test must then fail)")
-    ap.add_argument("--capture", choices=("scan", "colo"), default="scan",
+    ap.add_argument("--capture", choices=("scan", "colo"), default=None,
                     help="the checkpoint capture (colo: QEMU's dirty log, lab up --capture colo)")
     ap.add_argument("--memory", type=int, metavar="MB", help="the guest's RAM (default 128)")
     a = ap.parse_args(argv)
