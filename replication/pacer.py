@@ -313,9 +313,13 @@ class Pacer:
         self.floor_ms = max(hard_floors(inp, p).values())
         target, reason, detail = plan.interval_ms, plan.reason, plan.detail
         # In flight because of the RTT is pipelining, not a backlog: acks take rtt + transfer to come
-        # back while a checkpoint leaves every interval + pause. Only what that does not explain queues.
+        # back while a checkpoint leaves every interval + pause. Only what that does not explain queues:
+        # besides the checkpoint just sent (the sample is taken after it), the one whose ack is due may
+        # still be out (acks jitter around their mean; with an interval near the ack time, counting it
+        # made the interval climb step by step: the lab at 25 ms RTT settled at 39-49 ms where a fixed
+        # 25 ms served 1.2-1.4x the requests, the loop's own wait at max_in_flight pacing it by acks).
         explained = (inp.rtt_ms + inp.transfer_ms(iv)) / (iv + inp.pause_ms)
-        if s.in_flight >= p.max_in_flight and s.in_flight > explained + 1 and self.interval_ms * p.max_step > target:
+        if s.in_flight >= p.max_in_flight and s.in_flight > explained + 2 and self.interval_ms * p.max_step > target:
             target, reason = min(self.interval_ms * p.max_step, p.max_interval_ms), "queued"
             detail += f"; {s.in_flight} checkpoints in flight where the RTT explains {explained:.1f}"
 

@@ -475,3 +475,14 @@ def test_idle_never_goes_above_max_interval():
     for _ in range(60):
         d = p.update(quiet(p.interval_ms, False))
     assert d.reason == "idle" and p.interval_ms == pytest.approx(150)
+
+
+def test_an_ack_due_now_is_not_a_backlog():
+    """Pipelining by acks: at a 25 ms RTT with an interval a little longer than the ack time, the
+    sample (taken right after a checkpoint is sent) often still counts the previous checkpoint,
+    whose ack is due. That is not a queue: the interval must not climb."""
+    pol = PacerPolicy(min_interval_ms=20, max_interval_ms=1000, max_in_flight=2, latency_budget_ms=1000)
+    p = Pacer(pol, 40)
+    for i in range(40):
+        d = p.update(steady(p.interval_ms, pause=5, rtt=25, bw=1e9, in_flight=2 if i % 2 else 1))
+        assert d.reason != "queued" and p.interval_ms <= 40
