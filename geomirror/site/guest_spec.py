@@ -41,7 +41,8 @@ class GuestSpecs:
             append += " " + g.append
         accel = detect_accel() if g.accel == "auto" else g.accel
         qemu, data = _qemu(g.qemu)
-        return GuestSpec(qemu=qemu, qemu_data=data, name=g.name, memory_mb=g.memory_mb, kernel=Path(kernel), initrd=Path(initrd),
+        return GuestSpec(qemu=qemu, qemu_data=data,
+                         name=g.name, memory_mb=g.memory_mb, kernel=Path(kernel), initrd=Path(initrd),
                          append=append, ram_path=ram_path, qmp_path=self.run_dir / f"qmp-{tag}.sock",
                          serial_path=self.run_dir / f"serial-{tag}.log", net_socket=self.run_dir / f"net-{tag}.sock",
                          stderr_path=self.run_dir / f"qemu-{tag}.log",
