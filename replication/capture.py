@@ -160,13 +160,17 @@ class Capture:
 
     def take_changed(self, pages: np.ndarray) -> DirtySet:
         """`take` of those `pages` (sorted, unique) whose content differs from the shadow: a
-        dirty log names every page written, also with the bytes it held. O(len(pages))."""
+        dirty log names every page written, also with the bytes it held. O(len(pages)); each
+        page is gathered once (this runs in the checkpoint pause)."""
         idx = pages.astype(np.intp)
-        w = self.page_size // 8
-        ram = self.ram.view(np.uint64).reshape(self.n_pages, w)
-        sh = self.shadow.view(np.uint64).reshape(self.n_pages, w)
-        changed = (ram[idx] != sh[idx]).any(axis=1)
-        return self.take(pages[changed])
+        new = self.ram.reshape(self.n_pages, self.page_size)[idx]
+        sh = self.shadow.reshape(self.n_pages, self.page_size)
+        old = sh[idx]
+        changed = (new.view(np.uint64) != old.view(np.uint64)).any(axis=1)
+        if not changed.all():
+            idx, new, old, pages = idx[changed], new[changed], old[changed], pages[changed]
+        sh[idx] = new
+        return DirtySet(pages, new, old)
 
     def capture(self) -> DirtySet:
         return self.take(self.scan())
