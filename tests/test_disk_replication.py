@@ -665,14 +665,18 @@ def test_a_frame_carries_the_disk_blocks_and_a_tampered_disk_section_never_decod
     assert empty.disk_blocks is None
 
 
-def test_the_standby_rejects_a_tampered_disk_section_and_applies_nothing(tmp_path):
+def _disk_standby(tmp_path, disk: bytes):
+    """A Standby over a replica (in its initial sync) whose disk holds `disk`, and a codec."""
     replica_disk = tmp_path / "replica-disk.raw"
-    replica_disk.write_bytes(bytes(16 << 20))
+    replica_disk.write_bytes(disk)
     replica = Replica(tmp_path / "replica", RAM, fsync=False, disk=replica_disk)
     replica.open()
     replica.begin_initial_sync()
-    sb = Standby(replica, {}, "site-b", refuse_delay_s=0)
-    c = codec_mod.Codec(bytes(32))
+    return replica, replica_disk, Standby(replica, {}, "site-b", refuse_delay_s=0), codec_mod.Codec(bytes(32))
+
+
+def test_the_standby_rejects_a_tampered_disk_section_and_applies_nothing(tmp_path):
+    replica, replica_disk, sb, c = _disk_standby(tmp_path, bytes(16 << 20))
     try:
         frame, blocks, data = _frame(c)
         h = codec_mod.peek_header(frame)
@@ -695,13 +699,7 @@ def test_the_standby_journals_and_applies_zero_ranges_before_the_blocks_and_refu
     allocated (the replica disk is preallocated). A tampered frame applies nothing; a SYNC frame
     carrying zero ranges is refused."""
     size = 16 << 20
-    replica_disk = tmp_path / "replica-disk.raw"
-    replica_disk.write_bytes(b"\xee" * size)
-    replica = Replica(tmp_path / "replica", RAM, fsync=False, disk=replica_disk)
-    replica.open()
-    replica.begin_initial_sync()
-    sb = Standby(replica, {}, "site-b", refuse_delay_s=0)
-    c = codec_mod.Codec(bytes(32))
+    replica, replica_disk, sb, c = _disk_standby(tmp_path, b"\xee" * size)
     try:
         zeroes = np.array([[16, 1024], [2048, 16]], np.uint64)  # 4 MiB and 64 KiB
         blocks = np.array([20, 21, 2050], np.uint64)
