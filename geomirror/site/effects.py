@@ -132,9 +132,15 @@ class Effects:
     async def _grace(self, grace_ms: float) -> None:
         """Re-decide the gate when the policy's grace runs out (it reads the elapsed time)."""
         await asyncio.sleep(grace_ms / 1000)
-        if not self.protected:
+        while not self.protected:
             d = self.gatectl.reapply()
-            self.ctx.mark("protection.grace_over", grace_ms=grace_ms, gate=d.mode.value, why=d.why)
+            left = grace_ms - (self.gatectl.inputs.unprotected_ms or 0.0)
+            if left <= 0:
+                self.ctx.mark("protection.grace_over", grace_ms=grace_ms, gate=d.mode.value, why=d.why)
+                return
+            # the loop's timer fired a hair early (it runs timers within its clock resolution): the
+            # policy, reading the elapsed time, still held; wait out the rest
+            await asyncio.sleep(left / 1000)
 
     async def _lease(self, op: str, generation: int | None = None) -> None:
         if self.lease is None:
