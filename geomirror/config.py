@@ -201,7 +201,7 @@ class CheckpointSection:
     max_in_flight: int = 2
     # the pacer's longest interval while the guest sends nothing (``idle``; 0: off, never above
     # max_interval_ms); the first output ends the epoch early and drops the interval back
-    idle_interval_ms: float = 200.0
+    idle_interval_ms: float = 0.0  # off by default: with it on, SIP calls across a switchover saw dead-call messages
     compression_level: int = 1
     unreachable_policy: str = "stall"
     unprotected_grace_ms: int = 5000

@@ -209,13 +209,12 @@ class _Primary:
     link, status = _Link(), _Status()
 
 
-def test_the_replicated_case_paces_as_the_product_does_by_default():
-    """A disk-bound guest on loopback that sends nothing: the default checkpoint section lets the
-    pacer lengthen the interval to `idle_interval_ms` (200 ms) in bounded steps; each epoch's reason
-    is kept for the report."""
-    pacing = ProductPacing()
+def test_the_replicated_case_paces_as_the_product_does_with_idle_lengthening():
+    """A disk-bound guest on loopback that sends nothing, `idle_interval_ms = 200`: the pacer
+    lengthens the interval to it in bounded steps; each epoch's reason is kept for the report."""
+    pacing = ProductPacing(CheckpointSection(idle_interval_ms=200))
     assert pacing.policy.max_pause_share == CheckpointSection().max_pause_share
-    assert pacing.policy.idle_interval_ms == CheckpointSection().idle_interval_ms == 200
+    assert pacing.policy.idle_interval_ms == 200
     interval = pacing(_Primary(), None)
     assert interval == CheckpointSection().interval_ms
     for n in range(1, 30):
