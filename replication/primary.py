@@ -188,6 +188,7 @@ class Primary:
         # Once the gate holds output in the open epoch (its first frame came `ms` into the epoch):
         # when the epoch ends instead (ms into it), or None = as planned (the pacer's `wake_at`).
         self._wake_fn = wake_fn
+        self._resumed_at: float | None = None  # when the guest last ran on after a pause (monotonic)
         self.link = LinkStats()
         self.status = PrimaryStatus(interval_ms=cfg.interval_ms, ram_bytes=capture.size,
                                     verify_bytes_per_epoch=cfg.verify_bytes_per_epoch,
@@ -569,13 +570,17 @@ class Primary:
     # ------------------------------------------------------------ epochs
     async def _epochs(self, ch: Channel, codec, reader: asyncio.Task) -> None:
         last: EpochRecord | None = None
+        self._resumed_at = None  # a new session: its first epoch runs a whole interval from now
         while True:
             self._sample_path(ch)
             interval = self._interval_fn(self, last) if self._interval_fn else self.cfg.interval_ms
             self.status.interval_ms = interval
-            woken = await self._wait_interval(interval)
-            if woken is not None:
-                interval = woken  # the epoch's real length: the pacer's rates are per ms of it
+            # The interval is the guest's run between two pauses: it counts from the `cont` of the
+            # last one, not from here (the frame's encoding and send, and the pacer, came in between:
+            # 4-8 ms in the lab, which made every interval that much longer than asked: a fixed 25 ms
+            # ran 29-31 ms, the pacer's 35.5 ms target 40.7 ms)
+            start = self._resumed_at if self._resumed_at is not None else time.monotonic()
+            await self._wait_interval(interval, start)
             await self._hold_checkpoints.wait()
             while self.status.in_flight >= self.cfg.max_in_flight:
                 self.status.backlog_epochs = self.status.in_flight
@@ -591,26 +596,27 @@ class Primary:
             if reader.done():
                 reader.result()
                 raise ChannelError("reader stopped")
-            taken = await self.checkpoint(codec, interval)
+            # the epoch's real length (woken early, or held by a backlog): the pacer's rates are per ms of it
+            taken = await self.checkpoint(codec, (time.monotonic() - start) * 1000)
             if taken is None:  # a handover froze the guest meanwhile
                 continue
             rec, frame = taken
             await self._send_checkpoint(ch, rec, frame)
             last = rec
 
-    async def _wait_interval(self, interval_ms: float) -> float | None:
-        """Sleep the interval, or less: with a `wake_fn`, the epoch ends when it says once the gate
-        holds a frame of the open epoch (an interval lengthened for an idle guest must not delay
-        the first reply after it). Returns the ms slept when woken early, else None."""
+    async def _wait_interval(self, interval_ms: float, t0: float) -> float | None:
+        """Wait until the interval from `t0` (the epoch's start) is over, or less: with a `wake_fn`,
+        the epoch ends when it says once the gate holds a frame of the open epoch (an interval
+        lengthened for an idle guest must not delay the first reply after it). Returns the ms since
+        `t0` when woken early, else None."""
+        end = t0 + interval_ms / 1000
         if self._wake_fn is None:
-            await asyncio.sleep(interval_ms / 1000)
+            await asyncio.sleep(max(end - time.monotonic(), 0.0))
             return None
         loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
-        end = t0 + interval_ms / 1000
         if self.gate.first_held_at is None:  # else: held before the wait began (a checkpoint's send)
             held = asyncio.Event()
-            timer = loop.call_later(interval_ms / 1000, held.set)
+            timer = loop.call_later(max(end - time.monotonic(), 0.0), held.set)
             self.gate.on_first_held = held.set
             try:
                 await held.wait()
@@ -751,6 +757,7 @@ class Primary:
             # the `cont` instead of cutting the pause short and leaving the guest stopped.
             (dirty, check), dev, sealed = await run_to_end(asyncio.ensure_future(self._pause(n, final)))
             pause_ms = (time.perf_counter() - t0) * 1000
+            self._resumed_at = time.monotonic()  # the next epoch's interval counts from here
         self.status.epoch = n
         self.status.last_pause_ms = pause_ms
         self.status.pause_total_ms += pause_ms

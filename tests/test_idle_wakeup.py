@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 from replication.gate import GateMode
 from replication.pacer import Pacer, PacerPolicy
@@ -81,3 +82,32 @@ async def test_without_the_wake_up_the_epoch_runs_its_whole_interval(tmp_path):
         await until(lambda: any(held for _, held in p.sampled[n:]), what="the epoch that held the frame")
         iv = next(iv for iv, held in p.sampled[n:] if held)
         assert p.primary.status.epochs_woken == 0 and iv >= planned  # its whole (idle) interval
+
+
+async def test_the_interval_counts_from_the_guests_resume(tmp_path):
+    """The interval is the guest's run between two pauses: a checkpoint whose send takes a while
+    (encode, a full socket) does not lengthen the next epoch by that much. Fails on a loop that
+    slept the whole interval after the send (every gap >= interval + send)."""
+    interval, send_ms = 80.0, 60.0
+    async with Paced(tmp_path, POLICY, wake=False) as p:
+        p.primary._interval_fn = lambda primary, rec: interval
+        gaps: list[float] = []
+        resumed = [None]
+        slow_send, pause = p.primary._send_checkpoint, p.primary._pause
+
+        async def send_slowly(ch, rec, frame):
+            await asyncio.sleep(send_ms / 1000)
+            await slow_send(ch, rec, frame)
+
+        async def timed(n, final):  # the guest is stopped from its start to its end
+            if resumed[0] is not None:
+                gaps.append((time.monotonic() - resumed[0]) * 1000)
+            try:
+                return await pause(n, final)
+            finally:
+                resumed[0] = time.monotonic()
+
+        p.primary._send_checkpoint, p.primary._pause = send_slowly, timed
+        await until(lambda: len(gaps) >= 8, what="eight epochs at the fixed interval")
+    gaps.sort()
+    assert gaps[len(gaps) // 2] < interval + send_ms / 2, gaps  # the old loop: >= 140 ms every time
