@@ -154,6 +154,10 @@ class GateStats:
     # The sealed epoch's quiet tail: from its last held frame to the seal (None: it held none).
     # With the release delay it tells the pacer whether replies to released output made the epoch.
     last_quiet_ms: float | None = None
+    # ... and its burst: from its first held frame to its last (None: it held none). Short against
+    # the interval: the guest answered what a release let in, then waited (clients in step with
+    # the releases); long: output all through the epoch (many clients, or a sender that never stops).
+    last_burst_ms: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -485,6 +489,7 @@ class UserspaceGate(Gate):
         now = self._sealed_at[epoch] = time.monotonic()
         t = self._last_held_at
         self.stats.last_quiet_ms = None if t is None else (now - t) * 1000
+        self.stats.last_burst_ms = None if t is None else (t - self._first_held_at) * 1000
         self._last_held_at = self._first_held_at = None
         self._epoch = epoch + 1
 

@@ -8,8 +8,11 @@ the interval and the term that decided it (`Plan.reason`, one short word):
 - ``rtt-optimum``: the interval that delivers the most requests per second to clients
   waiting on output commit (`rtt_optimum`: it grows with the pause and the RTT);
 - ``rtt-aligned``: longer, so that the replies to what a release let through (they start
-  coming an RTT + transfer after the epoch began) are out before the epoch ends; one that
-  misses waits a whole extra epoch;
+  coming an RTT + transfer after the epoch began, or as late as releases were measured to come)
+  are out before the epoch ends; one that misses waits a whole extra epoch. All or nothing: not
+  when it is out of reach (past twice the interval without it, or past the latency budget), when
+  one aligned cycle would not serve a request 15 % faster than the cycles at the shorter
+  interval, or when output runs through most of the epoch (clients not in step);
 - ``latency-budget``: shortened to keep interval + pause + transfer + RTT in the budget;
 - ``min-interval``, ``pause-share``, ``bandwidth``, ``wan-ceiling``: raised to a hard limit;
 - ``hard-max``: capped at the longest interval allowed;
@@ -36,6 +39,9 @@ ALIGN_MAX_FACTOR = 2.0  # alignment lengthens the interval to at most this multi
 SILENT_EPOCHS = 10  # epochs without output after which the measured reply time is forgotten
 IDLE_EPOCHS = 3  # epochs in a row without output after which the interval may lengthen (``idle``)
 WAKE_BATCH_MS = 3.0  # an idle epoch woken by output ends this long after its first held frame
+CUT_OFF_MS = 1.0  # output this close to the seal may have been cut off by it
+ALIGN_MARGIN = 0.15  # an aligned cycle must serve a request this much faster than the shorter interval's cycles
+SPREAD_MAX = 0.5  # output spread over more of the epoch than this: clients not in step, no alignment
 
 REASONS = ("min-interval", "pause-share", "bandwidth", "wan-ceiling", "rtt-optimum", "rtt-aligned",
            "latency-budget", "hard-max", "queued", "idle")
@@ -73,6 +79,14 @@ class ModelInputs:
     wire_bytes_per_ms: float = 0.0  # wire bytes per ms of interval, measured at ref_interval_ms
     ref_interval_ms: float = 100.0
     reply_ms: float | None = None  # how long the guest answers a release's worth of clients; None = none seen
+    # the share of the epoch between its first and last held frame (smoothed); None = not measured
+    spread: float | None = None
+    # how far into the next epoch releases come (seal -> release, less the pause; smoothed mean +
+    # twice its mean deviation): RTT + transfer + the standby's commit + jitter. None = not measured
+    release_offset_ms: float | None = None
+    # reply_ms is only a lower bound, just raised by replies the seal cut off: align without the
+    # margin, where the whole reply is seen (the next plan judges with it)
+    reply_at_least: bool = False
 
     def wire_bytes(self, interval_ms: float) -> float:
         r = max(self.ref_interval_ms, 1e-3)
@@ -133,13 +147,14 @@ def throughput_optimum(pause_ms: float, rtt_ms: float, transfer_ms: float = 0.0)
 
 def aligned_interval(inp: ModelInputs) -> float | None:
     """The shortest interval in which a client's next request, sent when its reply is released
-    (RTT + transfer after the epoch began), is answered before the epoch ends, with some slack."""
+    (RTT + transfer after the epoch began, or later: as late as the releases were measured to
+    come), is answered before the epoch ends, with some slack."""
     if inp.reply_ms is None:
         return None
-    base = max(inp.rtt_ms, 0.0) + max(inp.reply_ms, 0.0)
+    rtt, reply, late = max(inp.rtt_ms, 0.0), max(inp.reply_ms, 0.0), max(inp.release_offset_ms or 0.0, 0.0)
 
     def need(i: float) -> float:
-        w = base + inp.transfer_ms(i)
+        w = max(rtt + inp.transfer_ms(i), late) + reply
         return w + max(ALIGN_MIN_SLACK_MS, ALIGN_SLACK * w)
 
     # need(i) grows as i^ALPHA: the smallest i with need(i) <= i, by doubling then bisection. On a
@@ -185,11 +200,45 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
     target, reason = best, "rtt-optimum"
     detail = f"pause {p:.1f} ms, RTT {rtt:.1f} ms, transfer {inp.transfer_ms(best):.1f} ms: optimum {best:.1f} ms"
     aligned = aligned_interval(inp)
+    if aligned is not None and inp.spread is not None and inp.spread > SPREAD_MAX:
+        # Output all through the epoch: clients are not in step with the releases (many
+        # connections the guest answers one after another), a request comes at any time and
+        # waits half an interval on average: the alignment buys nothing and its longer epochs
+        # cost (the lab at 25 ms RTT, COLO: aligned 36-41 ms served 170-604 ops/s at 16/64
+        # connections where the shortest interval served 259/835)
+        detail += f"; output spread over {inp.spread:.0%} of the epoch: clients not in step, not aligned"
+        aligned = None
+    # the interval the plan has without alignment: the optimum, or a hard floor above it
+    short = max(best, max(hard_floors(inp, policy).values()))
+    if aligned is not None and aligned > ALIGN_MAX_FACTOR * short:
+        # Out of reach (a bulk sender that never goes quiet must not drag the interval up either).
+        # Not capped there: an interval lengthened toward the alignment but short of it is the worst
+        # place, two cycles per request of a longer epoch (the lab at 25 ms RTT, COLO: capped at
+        # 31-37 ms for an alignment at 38-41 ms, releases fell in the pause, 16 connections got
+        # 170-217 ops/s where the shortest interval served 259)
+        detail += (f"; replies take {inp.reply_ms:.1f} ms after a release: aligned {aligned:.1f} ms is past "
+                   f"{ALIGN_MAX_FACTOR:g}x {short:.1f} ms, not aligned")
+        aligned = None
     if aligned is not None and aligned > best:
-        target, reason = min(aligned, ALIGN_MAX_FACTOR * best), "rtt-aligned"
-        detail += (f"; replies take {inp.reply_ms:.1f} ms after a release: aligned {aligned:.1f} ms"
-                   + (f" (at most {ALIGN_MAX_FACTOR:g}x the optimum)" if aligned > ALIGN_MAX_FACTOR * best else ""))
+        # Worth it only if one cycle of the aligned interval clearly beats the cycles a request
+        # takes at the shorter one (with a pause of a few ms, two cycles of a short interval
+        # cost about one aligned cycle: the lab at 25 ms RTT with COLO)
+        p_ = max(inp.pause_ms, 0.0)
+        ready = max(max(inp.rtt_ms, 0.0) + inp.transfer_ms(aligned), inp.release_offset_ms or 0.0) + inp.reply_ms
+        cycles = 1 + max(0, math.ceil((ready - short) / (short + p_)))
+        if not inp.reply_at_least and (aligned + p_) * (1 + ALIGN_MARGIN) > cycles * (short + p_):
+            detail += (f"; replies take {inp.reply_ms:.1f} ms after a release: aligned {aligned:.1f} ms "
+                       f"({aligned + p_:.0f} ms per request) serves no better than {cycles} cycles at {short:.1f} ms "
+                       f"({cycles * (short + p_):.0f} ms): not aligned")
+            aligned = None
+    if aligned is not None and aligned > best:
+        target, reason = aligned, "rtt-aligned"
+        detail += f"; replies take {inp.reply_ms:.1f} ms after a release: aligned {aligned:.1f} ms"
     cap = policy.latency_budget_ms - p - rtt - inp.transfer_ms(target)
+    if reason == "rtt-aligned" and target > cap:  # short of the alignment: back to the optimum (above)
+        target, reason = best, "rtt-optimum"
+        detail += f"; budget {policy.latency_budget_ms:g} ms allows {cap:.1f} ms, short of it: not aligned"
+        cap = policy.latency_budget_ms - p - rtt - inp.transfer_ms(target)
     if target > cap:
         target, reason = cap, "latency-budget"
         detail += f"; budget {policy.latency_budget_ms:g} ms allows {cap:.1f} ms"
@@ -245,6 +294,7 @@ class EpochSample:
     # the quiet tail of this epoch (last held frame → seal; None: the guest sent nothing)
     release_delay_ms: float | None = None
     quiet_ms: float | None = None
+    burst_ms: float | None = None  # the epoch's first held frame to its last (None: it held none)
 
 
 @dataclass(frozen=True)
@@ -281,7 +331,8 @@ class Pacer:
         self.policy = policy
         i = initial_interval_ms if initial_interval_ms is not None else policy.min_interval_ms * 2
         self.interval_ms = min(max(i, policy.min_interval_ms), policy.max_interval_ms)
-        self._pause = self._wire_rate = self._rtt = self._var = self._reply = None
+        self._pause = self._wire_rate = self._rtt = self._var = self._reply = self._spread = None
+        self._roff = self._rdev = None  # the releases' offset into the next epoch, and its deviation
         self._silent = 0  # epochs in a row in which the guest sent nothing
         self.latency_target_ms = self.interval_ms  # the plan before ``idle`` lengthened it
         self.floor_ms = policy.min_interval_ms  # the longest of the hard limits' floors
@@ -299,13 +350,29 @@ class Pacer:
         if s.bandwidth_bytes_per_s:
             self._bw = _ewma(self._bw, s.bandwidth_bytes_per_s)
         r = reply_sample(s)
+        grew = False  # a cut-off reply raised the estimate: replies may be longer still
         if r is not None:
-            self._reply = _ewma(self._reply, r)
+            # output up to the seal may have been cut off by it: its reply time is a lower bound,
+            # which raises the estimate but never lowers it (epochs the guest went quiet in do);
+            # else an alignment out of reach would come back each time the shorter interval cut
+            # the replies off, and go again when they were seen whole
+            cut = s.quiet_ms is not None and s.quiet_ms < CUT_OFF_MS
+            grew = cut and r > (self._reply or 0.0)
+            self._reply = max(self._reply or 0.0, r) if cut else _ewma(self._reply, r)
         self._silent = self._silent + 1 if s.quiet_ms is None else 0
+        if s.release_delay_ms is not None:
+            off = max(s.release_delay_ms - self._pause, 0.0)
+            self._rdev = _ewma(self._rdev, abs(off - self._roff) if self._roff is not None else 0.0)
+            self._roff = _ewma(self._roff, off)
+        if s.burst_ms is not None:
+            self._spread = _ewma(self._spread, min(max(s.burst_ms, 0.0) / iv, 1.0))
         if self._silent >= SILENT_EPOCHS:  # nobody is waiting for replies any more
-            self._reply = None
+            self._reply = self._spread = None
         inp = ModelInputs(pause_ms=self._pause, rtt_ms=self._rtt + 2 * self._var, bandwidth_bytes_per_s=self._bw,
-                          wire_bytes_per_ms=self._wire_rate, ref_interval_ms=iv, reply_ms=self._reply)
+                          wire_bytes_per_ms=self._wire_rate, ref_interval_ms=iv, reply_ms=self._reply,
+                          spread=self._spread,
+                          release_offset_ms=None if self._roff is None else self._roff + 2 * self._rdev,
+                          reply_at_least=grew)
         base = plan_interval(inp, p)
         was_idle = self.last is not None and self.last.reason == "idle"
         plan = idle_plan(base, p, self._silent)

@@ -160,8 +160,10 @@ def test_the_plan_is_monotone_in_the_rtt(inp, r1, r2):
     (the budget is the one term that shortens the interval as the RTT grows)."""
     pol = PacerPolicy(min_interval_ms=1, max_interval_ms=100_000, latency_budget_ms=1e9, max_pause_share=0.9)
     lo, hi = sorted((r1, r2))
-    a = plan_interval(ModelInputs(**{**inp.__dict__, "rtt_ms": lo}), pol)
-    b = plan_interval(ModelInputs(**{**inp.__dict__, "rtt_ms": hi}), pol)
+    # without a reply time: the alignment is all or nothing (a longer RTT can put it out of reach
+    # and the plan back at the optimum: test_an_alignment_out_of_reach_leaves_the_optimum)
+    a = plan_interval(ModelInputs(**{**inp.__dict__, "rtt_ms": lo, "reply_ms": None}), pol)
+    b = plan_interval(ModelInputs(**{**inp.__dict__, "rtt_ms": hi, "reply_ms": None}), pol)
     assert b.interval_ms >= a.interval_ms * (1 - 1e-9)
 
 
@@ -211,11 +213,13 @@ def test_aligned_interval_lets_the_replies_out_in_the_same_epoch(pause, rtt, rep
 
 def test_the_interval_follows_the_rtt_in_the_lab_case():
     """The lab's numbers (pause 25 ms, 1..50 ms RTT, 64 clients answered in ~30 ms, ~10 ms transfer):
-    the interval grows with the RTT until the 150 ms latency budget stops it at 50 ms RTT."""
+    the interval grows with the RTT until the alignment is out of reach at 50 ms RTT."""
     pol = PacerPolicy(min_interval_ms=20, max_interval_ms=500, latency_budget_ms=150, max_pause_share=0.4)
     inp = [ModelInputs(25, r, 12.5e6, 3e3, 50, 30) for r in (1, 10, 25, 50)]
     ivs = [plan_interval(m, pol) for m in inp]
-    assert [p.reason for p in ivs] == ["rtt-aligned"] * 3 + ["latency-budget"]
+    # at 50 ms RTT the alignment (111 ms) is out of reach (twice the optimum, and the budget): the
+    # optimum, not an interval short of the alignment
+    assert [p.reason for p in ivs] == ["rtt-aligned"] * 3 + ["rtt-optimum"]
     assert ivs[0].interval_ms < ivs[1].interval_ms < ivs[2].interval_ms
     assert ivs[2].interval_ms > ivs[0].interval_ms * 1.5
     assert all(p.interval_ms + 25 + m.rtt_ms + m.transfer_ms(p.interval_ms) <= 150 + 1e-9 for p, m in zip(ivs, inp))
@@ -252,19 +256,85 @@ def closed_loop(interval, pause, w, service):
 @given(st.floats(10, 30), st.floats(5, 60), st.floats(2, 40))
 def test_the_pacer_lengthens_the_interval_until_the_replies_make_the_epoch(pause, rtt, service):
     """Closed-loop clients whose replies spill past the epoch's end: the pacer grows the interval
-    until they fit (or to twice the RTT optimum), then holds it."""
+    until they fit, or, when that is past twice the RTT optimum, stays at the optimum."""
     pol = PacerPolicy(min_interval_ms=5, max_interval_ms=1000, latency_budget_ms=1e6, max_pause_share=0.9)
     p = Pacer(pol, 20)
     w = pause + rtt  # the release comes pause + RTT after the seal
     for _ in range(400):
         p.update(closed_loop(p.interval_ms, pause, w, service))
-    opt = rtt_optimum(ModelInputs(pause, rtt + 2))
-    assume(abs(rtt + service - ALIGN_MAX_FACTOR * opt) > 5)  # not on the cap's edge
-    if rtt + service < ALIGN_MAX_FACTOR * opt:
-        assert p.interval_ms >= rtt + service
-        assert p.last.reason in ("rtt-aligned", "rtt-optimum")
-    else:
-        assert math.isclose(p.interval_ms, ALIGN_MAX_FACTOR * opt, rel_tol=0.02)
+    opt = rtt_optimum(ModelInputs(pause, rtt + 2))  # the sample's RTT + 2 x its variance
+    need = rtt + 2 + service
+    aligned = need + max(3.0, 0.1 * need)
+    assume(abs(aligned - ALIGN_MAX_FACTOR * opt) > 5)  # not on the cap's edge
+    if aligned < ALIGN_MAX_FACTOR * opt:
+        # aligned: the replies make the epoch; or not, because a cycle of it would not clearly
+        # beat the cycles at the optimum (the detail says so)
+        if p.last.reason == "rtt-aligned":
+            assert p.interval_ms >= rtt + service
+        else:
+            assert p.last.reason == "rtt-optimum", p.last
+            assert "serves no better" in p.last.detail or p.interval_ms >= rtt + service  # or it fits anyway
+    else:  # not somewhere short of the alignment: two cycles of a longer epoch serve worst
+        assert p.last.reason == "rtt-optimum"
+        assert math.isclose(p.interval_ms, opt, rel_tol=0.05)
+
+
+def test_an_alignment_out_of_reach_leaves_the_optimum():
+    """The lab at 25 ms RTT with the COLO capture: a 6 ms pause, releases ~33 ms into the epoch. The
+    aligned interval (~37 ms) is past twice the optimum (~2 x 16 ms): lengthening toward it and stopping
+    short put the releases in the pause, two cycles of a longer epoch per request. The optimum it is."""
+    pol = PacerPolicy(min_interval_ms=5, max_interval_ms=500, latency_budget_ms=150, max_pause_share=0.4)
+    lab = ModelInputs(6, 27, 12.5e6, 1700, 30, reply_ms=8)  # ~4 ms transfer
+    plan = plan_interval(lab, pol)
+    assert plan.reason == "rtt-optimum" and "not aligned" in plan.detail, plan
+    assert plan.interval_ms == pytest.approx(rtt_optimum(lab))
+    # within reach (a 15 ms pause: the optimum is ~35 ms), it aligns
+    assert plan_interval(ModelInputs(15, 27, 12.5e6, 1700, 30, reply_ms=8), pol).reason == "rtt-aligned"
+
+
+def test_the_alignment_waits_for_the_releases_as_late_as_they_were_measured():
+    """The lab at 10 ms RTT, 16 connections: RTT + transfer said 21 ms was enough, but the releases
+    came ~20 ms into the next epoch (the standby's commit, jitter): the replies missed, two cycles
+    per request (306 ops/s at 21 ms against 413 at a fixed 25 ms). With the measured offset the plan
+    aligns past it, since one such cycle clearly beats two at the floor."""
+    pol = PacerPolicy(min_interval_ms=20, max_interval_ms=500, latency_budget_ms=150, max_pause_share=0.4)
+    guessed = plan_interval(ModelInputs(6, 12, reply_ms=2), pol)
+    assert guessed.reason == "min-interval" and guessed.interval_ms == 20
+    measured = plan_interval(ModelInputs(6, 12, reply_ms=2, release_offset_ms=20), pol)
+    assert measured.reason == "rtt-aligned" and measured.interval_ms >= 20 + 2
+    # and the pacer measures the offset from the gate's release delays (seal -> release, less the pause)
+    p = Pacer(pol, 20)
+    for _ in range(100):
+        d = p.update(EpochSample(p.interval_ms, 6, 10_000, 5_000, 12, 0, 12.5e9, 1, release_delay_ms=26,
+                                 quiet_ms=p.interval_ms - 21, burst_ms=0.5))
+    assert d.reason == "rtt-aligned" and d.interval_ms >= 22, d
+
+
+def test_one_aligned_cycle_must_clearly_beat_the_cycles_at_the_shorter_interval():
+    pol = PacerPolicy(min_interval_ms=20, max_interval_ms=500, latency_budget_ms=500, max_pause_share=0.4)
+    # releases 34 ms in, 1 ms replies, 4 ms pause: aligned ~38.5 ms (42.5 per request); at the 20 ms
+    # floor a request takes two cycles of 24 (48): not 15 % better
+    plan = plan_interval(ModelInputs(4, 27, reply_ms=1, release_offset_ms=34), pol)
+    assert plan.reason == "min-interval" and "serves no better than 2 cycles" in plan.detail, plan
+    # with a 12 ms pause the optimum is ~31 ms and two cycles of it cost 85 ms: the aligned 50 wins
+    assert plan_interval(ModelInputs(12, 27, reply_ms=1, release_offset_ms=34), pol).reason == "rtt-aligned"
+
+
+def test_output_all_through_the_epoch_is_not_aligned():
+    """Many connections the guest answers one after another: output from the epoch's start to its
+    end (spread), requests come at any time, and waiting for them to align only lengthens epochs."""
+    pol = PacerPolicy(min_interval_ms=5, max_interval_ms=500, latency_budget_ms=500, max_pause_share=0.9)
+    in_step = ModelInputs(15, 27, 12.5e6, 1700, 30, reply_ms=10, spread=0.1)
+    spread = ModelInputs(15, 27, 12.5e6, 1700, 30, reply_ms=10, spread=0.8)
+    assert plan_interval(in_step, pol).reason == "rtt-aligned"
+    plan = plan_interval(spread, pol)
+    assert plan.reason == "rtt-optimum" and "clients not in step" in plan.detail
+    # the pacer measures it from the gate's bursts (first to last held frame)
+    p = Pacer(pol, 50)
+    for _ in range(100):
+        d = p.update(EpochSample(p.interval_ms, 15, 10_000, 5_000, 27, 0, 12.5e6, 1, release_delay_ms=60,
+                                 quiet_ms=2.0, burst_ms=0.9 * p.interval_ms))
+    assert d.reason == "rtt-optimum" and "clients not in step" in d.detail
 
 
 def test_silence_forgets_the_reply_time():
@@ -386,8 +456,8 @@ def test_idle_epochs_lengthen_by_bounded_steps_up_to_the_bound_and_not_beyond(pa
     for _ in range(n + 40):
         d = p.update(quiet(p.interval_ms, False, pause))
         assert d.interval_ms <= prev * pol.max_step * (1 + 1e-9)
-        if d.reason == "idle":
-            assert min(prev, bound) - 1e-9 <= d.interval_ms <= bound + 1e-9
+        if d.reason == "idle":  # toward the bound: up by steps, or down by steps from an aligned interval above it
+            assert min(prev, bound) - 1e-9 <= d.interval_ms <= max(bound, prev) + 1e-9
         prev = d.interval_ms
     if bound > target * 1.01:
         assert d.reason == "idle" and d.interval_ms == pytest.approx(bound)
@@ -415,7 +485,7 @@ def test_the_first_idle_epochs_keep_the_target():
     target = p.interval_ms
     for _ in range(2):  # fewer than IDLE_EPOCHS in a row
         assert p.update(quiet(p.interval_ms, False)).reason != "idle"
-    assert p.interval_ms == pytest.approx(target, rel=0.01)
+    assert p.interval_ms == pytest.approx(target, rel=0.03)  # the transfer estimate moves a little
     assert p.update(quiet(p.interval_ms, False)).reason == "idle"
 
 

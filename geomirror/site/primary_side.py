@@ -176,7 +176,7 @@ class PrimarySide:
         before = self.pacer.last.reason if self.pacer.last else None
         d = self.pacer.update(pacer_sample(rec, link, primary.status.in_flight,
                                            release_delay_ms=gate.last_release_delay_ms or None,
-                                           quiet_ms=gate.last_quiet_ms))
+                                           quiet_ms=gate.last_quiet_ms, burst_ms=gate.last_burst_ms))
         now = time.monotonic()
         if d.reason != before and now - self._pacer_logged >= 10.0:
             # at most one line per 10 s: near a boundary the reason may flip every few epochs
