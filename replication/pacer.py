@@ -295,6 +295,7 @@ class EpochSample:
     release_delay_ms: float | None = None
     quiet_ms: float | None = None
     burst_ms: float | None = None  # the epoch's first held frame to its last (None: it held none)
+    released: bool = True  # release_delay_ms is of a release since the last sample (not a repeat)
 
 
 @dataclass(frozen=True)
@@ -360,7 +361,7 @@ class Pacer:
             grew = cut and r > (self._reply or 0.0)
             self._reply = max(self._reply or 0.0, r) if cut else _ewma(self._reply, r)
         self._silent = self._silent + 1 if s.quiet_ms is None else 0
-        if s.release_delay_ms is not None:
+        if s.release_delay_ms is not None and s.released:  # each release once (the gate repeats its last)
             off = max(s.release_delay_ms - self._pause, 0.0)
             self._rdev = _ewma(self._rdev, abs(off - self._roff) if self._roff is not None else 0.0)
             self._roff = _ewma(self._roff, off)

@@ -310,6 +310,27 @@ def test_the_alignment_waits_for_the_releases_as_late_as_they_were_measured():
     assert d.reason == "rtt-aligned" and d.interval_ms >= 22, d
 
 
+def test_a_release_seen_again_is_not_counted_again():
+    """The gate reports its last release delay until the next release: a sample that repeats it
+    (released=False) leaves the measured offset as if it had not come."""
+    pol = PacerPolicy(min_interval_ms=20, max_interval_ms=500, latency_budget_ms=150, max_pause_share=0.4)
+    once, repeated = Pacer(pol, 20), Pacer(pol, 20)
+
+    def sample(p, delay, released=True):
+        return EpochSample(p.interval_ms, 6, 10_000, 5_000, 12, 0, 12.5e9, 1, release_delay_ms=delay, quiet_ms=2,
+                           burst_ms=0.5, released=released)
+    for _ in range(20):  # a late release, then three on time; `repeated` sees the late one 3 more times
+        once.update(sample(once, 60))
+        repeated.update(sample(repeated, 60))
+        for _ in range(3):
+            repeated.update(sample(repeated, 60, released=False))
+        for _ in range(3):
+            once.update(sample(once, 26))
+            repeated.update(sample(repeated, 26))
+    assert repeated._roff == pytest.approx(once._roff, rel=1e-6)
+    assert repeated._rdev == pytest.approx(once._rdev, rel=1e-6)
+
+
 def test_one_aligned_cycle_must_clearly_beat_the_cycles_at_the_shorter_interval():
     pol = PacerPolicy(min_interval_ms=20, max_interval_ms=500, latency_budget_ms=500, max_pause_share=0.4)
     # releases 34 ms in, 1 ms replies, 4 ms pause: aligned ~38.5 ms (42.5 per request); at the 20 ms

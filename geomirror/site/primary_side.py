@@ -55,6 +55,7 @@ class PrimarySide:
         self.fixed_interval_ms = float(ck.interval_ms)
         self.alarms: list[str] = []
         self._pacer_logged = 0.0
+        self._released_seen = -1  # the gate's epochs_released at the last pacer sample
         self._task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
 
@@ -174,9 +175,12 @@ class PrimarySide:
             return self.pacer.interval_ms
         link, gate = primary.link, self.ctx.gate.stats
         before = self.pacer.last.reason if self.pacer.last else None
+        # the gate reports its last release until the next one: the pacer takes each once
+        released, self._released_seen = gate.epochs_released != self._released_seen, gate.epochs_released
         d = self.pacer.update(pacer_sample(rec, link, primary.status.in_flight,
                                            release_delay_ms=gate.last_release_delay_ms or None,
-                                           quiet_ms=gate.last_quiet_ms, burst_ms=gate.last_burst_ms))
+                                           quiet_ms=gate.last_quiet_ms, burst_ms=gate.last_burst_ms,
+                                           released=released))
         now = time.monotonic()
         if d.reason != before and now - self._pacer_logged >= 10.0:
             # at most one line per 10 s: near a boundary the reason may flip every few epochs
