@@ -209,7 +209,8 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
         detail += f"; output spread over {inp.spread:.0%} of the epoch: clients not in step, not aligned"
         aligned = None
     # the interval the plan has without alignment: the optimum, or a hard floor above it
-    short = max(best, max(hard_floors(inp, policy).values()))
+    floors = hard_floors(inp, policy)
+    short = max(best, max(floors.values()))
     if aligned is not None and aligned > ALIGN_MAX_FACTOR * short:
         # Out of reach (a bulk sender that never goes quiet must not drag the interval up either).
         # Not capped there: an interval lengthened toward the alignment but short of it is the worst
@@ -242,7 +243,6 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
     if target > cap:
         target, reason = cap, "latency-budget"
         detail += f"; budget {policy.latency_budget_ms:g} ms allows {cap:.1f} ms"
-    floors = hard_floors(inp, policy)
     floor_reason = max(floors, key=floors.get)
     if floors[floor_reason] > target:
         target, reason = floors[floor_reason], floor_reason

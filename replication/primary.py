@@ -606,15 +606,15 @@ class Primary:
             await self._send_checkpoint(ch, rec, frame)
             last = rec
 
-    async def _wait_interval(self, interval_ms: float, t0: float) -> float | None:
+    async def _wait_interval(self, interval_ms: float, t0: float) -> None:
         """Wait until the interval from `t0` (the epoch's start) is over, or less: with a `wake_fn`,
         the epoch ends when it says once the gate holds a frame of the open epoch (an interval
-        lengthened for an idle guest must not delay the first reply after it). Returns the ms since
-        `t0` when woken early, else None."""
+        lengthened for an idle guest must not delay the first reply after it; counted in
+        `epochs_woken`). The caller measures the epoch's length itself, from `t0`."""
         end = t0 + interval_ms / 1000
         if self._wake_fn is None:
             await asyncio.sleep(max(end - time.monotonic(), 0.0))
-            return None
+            return
         loop = asyncio.get_running_loop()
         if self.gate.first_held_at is None:  # else: held before the wait began (a checkpoint's send)
             held = asyncio.Event()
@@ -627,16 +627,14 @@ class Primary:
                 timer.cancel()
         first = self.gate.first_held_at
         if first is None or time.monotonic() >= end:
-            return None
+            return
         at = self._wake_fn(max(first - t0, 0.0) * 1000)
         if at is None:
             await asyncio.sleep(max(end - time.monotonic(), 0.0))
-            return None
+            return
         await asyncio.sleep(max(t0 + at / 1000 - time.monotonic(), 0.0))
-        if at >= interval_ms:
-            return None
-        self.status.epochs_woken += 1
-        return (time.monotonic() - t0) * 1000
+        if at < interval_ms:
+            self.status.epochs_woken += 1
 
     # ------------------------------------------------------------ planned switchover
     async def handover(self, timeout: float = 10.0) -> int:
