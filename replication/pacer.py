@@ -41,7 +41,6 @@ IDLE_EPOCHS = 3  # epochs in a row without output after which the interval may l
 WAKE_BATCH_MS = 3.0  # an idle epoch woken by output ends this long after its first held frame
 CUT_OFF_MS = 1.0  # output this close to the seal may have been cut off by it
 ALIGN_MARGIN = 0.15  # an aligned cycle must serve a request this much faster than the shorter interval's cycles
-SPREAD_MAX = 0.5  # output spread over more of the epoch than this: clients not in step, no alignment
 
 REASONS = ("min-interval", "pause-share", "bandwidth", "wan-ceiling", "rtt-optimum", "rtt-aligned",
            "latency-budget", "hard-max", "queued", "idle")
@@ -79,8 +78,6 @@ class ModelInputs:
     wire_bytes_per_ms: float = 0.0  # wire bytes per ms of interval, measured at ref_interval_ms
     ref_interval_ms: float = 100.0
     reply_ms: float | None = None  # how long the guest answers a release's worth of clients; None = none seen
-    # the share of the epoch between its first and last held frame (smoothed); None = not measured
-    spread: float | None = None
     # how far into the next epoch releases come (seal -> release, less the pause; smoothed mean +
     # twice its mean deviation): RTT + transfer + the standby's commit + jitter. None = not measured
     release_offset_ms: float | None = None
@@ -200,14 +197,6 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
     target, reason = best, "rtt-optimum"
     detail = f"pause {p:.1f} ms, RTT {rtt:.1f} ms, transfer {inp.transfer_ms(best):.1f} ms: optimum {best:.1f} ms"
     aligned = aligned_interval(inp)
-    if aligned is not None and inp.spread is not None and inp.spread > SPREAD_MAX:
-        # Output all through the epoch: clients are not in step with the releases (many
-        # connections the guest answers one after another), a request comes at any time and
-        # waits half an interval on average: the alignment buys nothing and its longer epochs
-        # cost (the lab at 25 ms RTT, COLO: aligned 36-41 ms served 170-604 ops/s at 16/64
-        # connections where the shortest interval served 259/835)
-        detail += f"; output spread over {inp.spread:.0%} of the epoch: clients not in step, not aligned"
-        aligned = None
     # the interval the plan has without alignment: the optimum, or a hard floor above it
     floors = hard_floors(inp, policy)
     short = max(best, max(floors.values()))
@@ -294,7 +283,6 @@ class EpochSample:
     # the quiet tail of this epoch (last held frame → seal; None: the guest sent nothing)
     release_delay_ms: float | None = None
     quiet_ms: float | None = None
-    burst_ms: float | None = None  # the epoch's first held frame to its last (None: it held none)
     released: bool = True  # release_delay_ms is of a release since the last sample (not a repeat)
 
 
@@ -332,7 +320,7 @@ class Pacer:
         self.policy = policy
         i = initial_interval_ms if initial_interval_ms is not None else policy.min_interval_ms * 2
         self.interval_ms = min(max(i, policy.min_interval_ms), policy.max_interval_ms)
-        self._pause = self._wire_rate = self._rtt = self._var = self._reply = self._spread = None
+        self._pause = self._wire_rate = self._rtt = self._var = self._reply = None
         self._roff = self._rdev = None  # the releases' offset into the next epoch, and its deviation
         self._silent = 0  # epochs in a row in which the guest sent nothing
         self.latency_target_ms = self.interval_ms  # the plan before ``idle`` lengthened it
@@ -365,13 +353,10 @@ class Pacer:
             off = max(s.release_delay_ms - self._pause, 0.0)
             self._rdev = _ewma(self._rdev, abs(off - self._roff) if self._roff is not None else 0.0)
             self._roff = _ewma(self._roff, off)
-        if s.burst_ms is not None:
-            self._spread = _ewma(self._spread, min(max(s.burst_ms, 0.0) / iv, 1.0))
         if self._silent >= SILENT_EPOCHS:  # nobody is waiting for replies any more
-            self._reply = self._spread = None
+            self._reply = None
         inp = ModelInputs(pause_ms=self._pause, rtt_ms=self._rtt + 2 * self._var, bandwidth_bytes_per_s=self._bw,
                           wire_bytes_per_ms=self._wire_rate, ref_interval_ms=iv, reply_ms=self._reply,
-                          spread=self._spread,
                           release_offset_ms=None if self._roff is None else self._roff + 2 * self._rdev,
                           reply_at_least=grew)
         base = plan_interval(inp, p)

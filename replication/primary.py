@@ -158,8 +158,7 @@ def epoch_latency(records: list[EpochRecord]) -> dict:
 
 
 def pacer_sample(rec: EpochRecord, link: LinkStats, in_flight: int, release_delay_ms: float | None = None,
-                 quiet_ms: float | None = None, burst_ms: float | None = None,
-                 released: bool = True) -> EpochSample:
+                 quiet_ms: float | None = None, released: bool = True) -> EpochSample:
     """What epoch `rec` tells the pacer. Its RTT is the path's (`LinkStats.pacer_rtt`: TCP's, which
     the channel's queue does not inflate), not the heartbeats' channel RTT: a heartbeat that waits
     behind checkpoint frames measures our own queue, and the pacer would pace for a WAN that is not
@@ -168,7 +167,7 @@ def pacer_sample(rec: EpochRecord, link: LinkStats, in_flight: int, release_dela
     return EpochSample(interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
                        wire_bytes=rec.wire_bytes, rtt_ms=rtt, rtt_var_ms=var,
                        bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=in_flight,
-                       release_delay_ms=release_delay_ms, quiet_ms=quiet_ms, burst_ms=burst_ms,
+                       release_delay_ms=release_delay_ms, quiet_ms=quiet_ms,
                        released=released)
 
 

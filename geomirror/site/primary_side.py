@@ -179,7 +179,7 @@ class PrimarySide:
         released, self._released_seen = gate.epochs_released != self._released_seen, gate.epochs_released
         d = self.pacer.update(pacer_sample(rec, link, primary.status.in_flight,
                                            release_delay_ms=gate.last_release_delay_ms or None,
-                                           quiet_ms=gate.last_quiet_ms, burst_ms=gate.last_burst_ms,
+                                           quiet_ms=gate.last_quiet_ms,
                                            released=released))
         now = time.monotonic()
         if d.reason != before and now - self._pacer_logged >= 10.0:
