@@ -17,6 +17,8 @@ The matrix can be run in pieces (the lab is shared): `--base FILE` stores the un
 guest's figures on the first run and reuses them on the next, `--out FILE` appends the rows
 as JSON lines. `--repeat-adaptive` measures adaptive again after the fixed intervals, so each
 RTT has two adaptive rows minutes apart: their spread is the noise the comparison is judged by.
+After setting each RTT the benchmark waits out the pacer's path-RTT window (`PATH_WINDOW_S`, 10 s:
+the floor of the window's samples), else the first rows would be paced for the previous RTT.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab import cli as labcli, world  # noqa: E402
+from replication.session import PATH_WINDOW_S  # noqa: E402
 
 DIRTY = "gm.dirty=16:1000"
 
@@ -150,6 +153,9 @@ def main() -> int:
             labcli.wait_protected()
             labcli.wait_reachable()
             labcli.wan(rtt=f"{rtt}ms", rate="100mbit")
+            # the pacer's path RTT is the floor of a window (replication/session.py): until the
+            # window holds only samples of the new WAN it paces for the old, shorter RTT
+            time.sleep(PATH_WINDOW_S + 1)
             for name, body in pacings:
                 labcli.site_call("site-a", "POST", "/v1/checkpoint", body)
                 time.sleep(2)
