@@ -62,7 +62,10 @@ class EchoResult:
 def echo(dst: str, count: int, rate: float, burst: int = 1, wait: float = 3.0,
          ns: str = world.CLIENT) -> EchoResult:
     """Send `count` echo requests to `dst` (IPv4) from namespace `ns`, `burst` at a time at `rate`
-    requests/s, and count the replies (up to `wait` seconds after the last request)."""
+    requests/s, and count the replies (up to `wait` seconds after the last request). At most
+    65536 requests: the sequence number is 16 bits."""
+    if not 0 < count <= 0x10000:
+        raise ValueError(f"echo: count {count} is not in 1..65536 (the ICMP sequence number is 16 bits)")
     with netns.inside(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     ident = os.getpid() & 0xFFFF
@@ -82,7 +85,7 @@ def echo(dst: str, count: int, rate: float, burst: int = 1, wait: float = 3.0,
         sent = 0
         while sent < count:
             for _ in range(min(burst, count - sent)):
-                s.sendto(echo_request(ident, sent & 0xFFFF), (dst, 0))
+                s.sendto(echo_request(ident, sent), (dst, 0))
                 sent += 1
             drain(t0 + sent / rate)
         drain(time.monotonic() + wait)

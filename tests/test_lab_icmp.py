@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from lab import icmp
 
 
@@ -34,3 +36,8 @@ def test_only_replies_to_our_identifier_are_counted():
     assert icmp.parse_reply(ipv4(request), 0x1234) is None  # our own request, looped back
     assert icmp.parse_reply(ipv4(reply)[:24], 0x1234) is None  # truncated
     assert icmp.parse_reply(b"\x45", 0x1234) is None
+
+
+def test_more_requests_than_sequence_numbers_are_refused():
+    with pytest.raises(ValueError, match="count 65537"):
+        icmp.echo("198.51.100.10", 0x10001, rate=1000)
