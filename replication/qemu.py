@@ -527,31 +527,41 @@ class Guest:
 
     async def _migration(self, command: str, feed: bytes | None, timeout: float) -> bytes:
         """Run `migrate` or `migrate-incoming` over a socketpair handed to QEMU with getfd;
-        read the stream (migrate) or write `feed` into it (migrate-incoming)."""
+        read the stream (migrate) or write `feed` into it (migrate-incoming).
+
+        The stream is read from before `migrate` is sent, not after its reply: QEMU's
+        migration thread writes the device state while holding the big QEMU lock, with
+        blocking writes, and QEMU's monitor needs that lock to send the reply. A stream
+        larger than the socket's buffer, with the thread ahead of the monitor (a busy main
+        loop: frames arriving at the stopped guest), left both waiting on us until our QMP
+        deadline cut the socket: the checkpoint failed and the session resynced, holding the
+        guest's output for seconds."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         started = completed = False
+        loop = asyncio.get_running_loop()
+        chunks: list[bytes] = []
+        pump: asyncio.Task | None = None
+
+        async def stream():
+            if feed is None:
+                while b := await loop.sock_recv(ours, 1 << 20):
+                    chunks.append(b)
+            else:
+                await loop.sock_sendall(ours, feed)
+                ours.shutdown(socket.SHUT_WR)
+
         try:
             self._drain_events()
             self._send_fd(theirs.fileno())
             await self._execute("getfd", {"fdname": "gmstate"})
             theirs.close()
+            ours.setblocking(False)
+            deadline = time.monotonic() + timeout
+            pump = loop.create_task(stream())
             started = True
             await self._execute(command, {"uri": "fd:gmstate"})
-            loop = asyncio.get_running_loop()
-            ours.setblocking(False)
-            chunks = []
-            deadline = time.monotonic() + timeout
-
-            async def stream():
-                if feed is None:
-                    while b := await loop.sock_recv(ours, 1 << 20):
-                        chunks.append(b)
-                else:
-                    await loop.sock_sendall(ours, feed)
-                    ours.shutdown(socket.SHUT_WR)
-
             try:
-                await asyncio.wait_for(stream(), timeout)
+                await asyncio.wait_for(asyncio.shield(pump), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise GuestError(f"the {command} stream of guest {self.spec.name} did not end within "
                                  f"{timeout:g}s ({sum(map(len, chunks))} bytes read)") from None
@@ -559,6 +569,11 @@ class Guest:
             completed = True
             return b"".join(chunks)
         finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+            elif pump is not None and not pump.cancelled():
+                pump.exception()  # retrieved: a failed stream is reported by the QMP side
             ours.close()
             if theirs.fileno() >= 0:
                 theirs.close()
