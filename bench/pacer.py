@@ -7,7 +7,8 @@ client ops/s as a ratio to the unprotected guest, client p50/p99 latency added
 over the unprotected guest, pause share, WAN bytes/s, checkpoints/s.
 
     .venv/bin/python bench/pacer.py [--seconds 8] [--clients 1,16,64] [--rtts 1,10,25,50]
-        [--capture scan|colo] [--repeat-adaptive] [--latency-budget MS] [--base FILE] [--out FILE]
+        [--capture scan|colo] [--repeat-adaptive] [--latency-budget MS] [--min-interval MS]
+        [--base FILE] [--out FILE]
 
 `--capture colo` runs both sites on the COLO QEMU with QEMU's dirty log as the capture
 (`world.up(capture="colo")`), the unprotected guest too, so both run on the same QEMU. The pause
@@ -116,6 +117,7 @@ def main() -> int:
                     help="the sites' capture (colo: the COLO QEMU, for the unprotected guest too)")
     ap.add_argument("--repeat-adaptive", action="store_true", help="measure adaptive again after the fixed ones")
     ap.add_argument("--latency-budget", type=float, help="the sites' checkpoint.latency_budget_ms (lab: 150)")
+    ap.add_argument("--min-interval", type=float, help="the sites' checkpoint.min_interval_ms (lab: 20)")
     ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each measured row")
     ap.add_argument("--base", type=Path, help="the unprotected figures: read if present, else measured and written")
     ap.add_argument("--out", type=Path, help="append each row here as a JSON line")
@@ -142,7 +144,10 @@ def main() -> int:
             world.down()
         if a.base:
             a.base.write_text(json.dumps(base))
-    edits = {"latency_budget_ms = 150": f"latency_budget_ms = {a.latency_budget:g}"} if a.latency_budget else None
+    edits = {"latency_budget_ms = 150": f"latency_budget_ms = {a.latency_budget:g}"} if a.latency_budget else {}
+    if a.min_interval:
+        edits["min_interval_ms = 20"] = f"min_interval_ms = {a.min_interval:g}"
+    edits = edits or None
     pacings = [("adaptive", {"adaptive": True}), ("fixed 25ms", {"adaptive": False, "interval_ms": 25}),
                ("fixed 100ms", {"adaptive": False, "interval_ms": 100})]
     if a.repeat_adaptive:
@@ -166,6 +171,7 @@ def main() -> int:
                     if a.out:
                         with a.out.open("a") as f:
                             f.write(json.dumps({"rtt": rtt, "pacing": name, "conn": n, "budget": a.latency_budget or 150,
+                                                "min_interval": a.min_interval or 20,
                                                 "capture_asked": a.capture, "base": base[n], **r}) + "\n")
         finally:
             world.down()

@@ -215,7 +215,11 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
         # cost about one aligned cycle: the lab at 25 ms RTT with COLO)
         p_ = max(inp.pause_ms, 0.0)
         ready = max(max(inp.rtt_ms, 0.0) + inp.transfer_ms(aligned), inp.release_offset_ms or 0.0) + inp.reply_ms
-        cycles = 1 + max(0, math.ceil((ready - short) / (short + p_)))
+        # the shorter interval is judged by the alignment's own standard: a request is served in a
+        # cycle only with the same slack the alignment leaves (else the band short - slack < ready <=
+        # short counted one cycle where part of the replies missed: two cycles each in the lab)
+        need = ready + max(ALIGN_MIN_SLACK_MS, ALIGN_SLACK * ready)
+        cycles = 1 + max(0, math.ceil((need - short) / (short + p_)))
         if not inp.reply_at_least and (aligned + p_) * (1 + ALIGN_MARGIN) > cycles * (short + p_):
             detail += (f"; replies take {inp.reply_ms:.1f} ms after a release: aligned {aligned:.1f} ms "
                        f"({aligned + p_:.0f} ms per request) serves no better than {cycles} cycles at {short:.1f} ms "
@@ -308,7 +312,13 @@ def reply_sample(s: EpochSample) -> float | None:
     if arrival > s.interval_ms:  # released during the pause: the requests start the next epoch
         arrival = 0.0
     last_out = max(s.interval_ms - s.quiet_ms, 0.0)
-    return max(last_out - arrival, 0.0)
+    if last_out < arrival:
+        # the output ended before the release let the next requests in: it tells nothing about how
+        # long they take (a zero here dragged the estimate down while the replies to them spilled
+        # past the seal into the next epoch's first ms: the lab at 10 ms RTT, 16 connections, held
+        # at 20 ms with "replies take 1-2 ms" and two cycles per request)
+        return None
+    return last_out - arrival
 
 
 def _ewma(old: float | None, new: float, a: float = 0.3) -> float:

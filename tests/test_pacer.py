@@ -237,6 +237,9 @@ def test_reply_sample_from_the_gate_timings():
     # released during the pause: the requests start the next epoch
     assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=95, quiet_ms=10)) == 50
     assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=70, quiet_ms=None)) is None
+    # the last frame came 30 ms in, before the release (50 ms in) let the requests in: it tells
+    # nothing about them (their replies may have spilled into the next epoch), not "0 ms"
+    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=70, quiet_ms=30)) is None
     assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=None, quiet_ms=3)) is None
 
 
@@ -339,6 +342,22 @@ def test_one_aligned_cycle_must_clearly_beat_the_cycles_at_the_shorter_interval(
     assert plan.reason == "min-interval" and "serves no better than 2 cycles" in plan.detail, plan
     # with a 12 ms pause the optimum is ~31 ms and two cycles of it cost 85 ms: the aligned 50 wins
     assert plan_interval(ModelInputs(12, 27, reply_ms=1, release_offset_ms=34), pol).reason == "rtt-aligned"
+
+
+def test_a_short_interval_is_judged_with_the_slack_the_alignment_leaves():
+    """The lab at 10 ms RTT, 16 connections, COLO: releases ~15.5 ms into the epoch (offset + 2
+    deviations), replies 2.5 ms, the 20 ms floor. Ready at ~18 ms is inside the floor, but not by
+    the 3 ms the alignment itself asks for: part of the replies missed and each request took two
+    cycles (372 ops/s, p50 48 ms, against 486 at a fixed 25 ms). Counted as two cycles, the
+    alignment clearly pays and is taken."""
+    pol = PacerPolicy(min_interval_ms=20, max_interval_ms=500, latency_budget_ms=150, max_pause_share=0.4)
+    lab = ModelInputs(4.5, 11.4, 12.5e6, 1700, 22, reply_ms=2.5, release_offset_ms=15.5)
+    plan = plan_interval(lab, pol)
+    assert plan.reason == "rtt-aligned" and plan.interval_ms > 20, plan
+    assert plan.interval_ms == pytest.approx(aligned_interval(lab))
+    # replies that leave the full slack inside the floor: one cycle there, no alignment
+    fits = ModelInputs(4.5, 11.4, 12.5e6, 1700, 22, reply_ms=0.5, release_offset_ms=13)
+    assert plan_interval(fits, pol).reason == "min-interval"
 
 
 def test_silence_forgets_the_reply_time():
