@@ -924,6 +924,7 @@ class Primary:
         for e in [e for e in self.records if e <= epoch]:
             rec = self.records.pop(e)
             rec.acked_at = now
+            log.debug("primary.acked", epoch=e, ack_ms=round((now - rec.sent_at) * 1000, 2))
             self.link.add_transfer(rec.wire_bytes, now - rec.sent_at)
             self.history.append(rec)
         del self.history[:-2000]

@@ -60,6 +60,9 @@ class StandbyStatus:
     peer_cert_serial: str | None = None
     last_apply_ms: float = 0.0  # the last checkpoint, from its read to applied
     last_journal_ms: float = 0.0  # ... from its read to durable in the journal (then the ACK goes)
+    max_journal_ms: float = 0.0  # the longest journal step (read to durable) since this standby began
+    max_apply_ms: float = 0.0  # the longest apply step (the ACK to applied: the next epoch waits on it)
+    slow_steps: int = 0  # journal or apply steps that took SLOW_STEP_MS or more (standby.slow_step)
     rejected_frames: int = 0
     sessions: int = 0
     problem: str | None = None  # why this site is not protecting the guest (one sentence), or None
@@ -72,6 +75,7 @@ class StandbyStatus:
 
 
 _NOT_PROTECTING = ("disk_full", "disk_failed")
+SLOW_STEP_MS = 100.0  # a checkpoint's journal or apply step this long is logged (standby.slow_step)
 
 
 class Standby:
@@ -91,6 +95,7 @@ class Standby:
         self.link = LinkStats()
         self.status = StandbyStatus(committed_epoch=replica.committed_epoch, valid=replica.valid)
         self._lock = asyncio.Lock()
+        self._slow_logged_at = float("-inf")  # when standby.slow_step was last logged
         self._current: Channel | None = None
         self._bar: Progress | None = None
         self._last_heard = time.monotonic()
@@ -372,13 +377,19 @@ class Standby:
         async with self._lock:
             epoch, diverged = await run_to_end(asyncio.ensure_future(
                 asyncio.to_thread(self._journal_checkpoint, codec, payload)))
-            self.status.last_journal_ms = (time.perf_counter() - t0) * 1000
+            self.status.last_journal_ms = journal_ms = (time.perf_counter() - t0) * 1000
+            self.status.max_journal_ms = max(self.status.max_journal_ms, journal_ms)
+            self._note_slow("journal", epoch, journal_ms)
             try:
                 if diverged is None:
                     await ch.send(MsgType.ACK, _U64.pack(epoch))
                     _crash_point("after-ack")
             finally:
+                t1 = time.perf_counter()
                 await run_to_end(asyncio.ensure_future(asyncio.to_thread(self.replica.apply_journalled)))
+                apply_ms = (time.perf_counter() - t1) * 1000
+                self.status.max_apply_ms = max(self.status.max_apply_ms, apply_ms)
+                self._note_slow("apply", epoch, apply_ms)
         self.status.last_apply_ms = (time.perf_counter() - t0) * 1000
         if diverged is not None:
             await self._on_diverged(ch, diverged)
@@ -393,6 +404,22 @@ class Standby:
             self.take_forwarded()
         if self.on_commit:
             self.on_commit(epoch)
+
+    def _note_slow(self, step: str, epoch: int, ms: float) -> None:
+        """Say when a step held the guest's output back for long (at most one line a second, the
+        rest counted in `slow_steps`): the primary releases epoch N's output only on ACK N, which
+        waits for N's journal (its fsync); and this standby reads epoch N+1 only once N is applied
+        (RAM write-back and three fsyncs), so a slow apply delays ACK N+1 by as much."""
+        if ms < SLOW_STEP_MS:
+            return
+        self.status.slow_steps += 1
+        now = time.monotonic()
+        if now - self._slow_logged_at >= 1.0:
+            self._slow_logged_at = now
+            log.warning("standby.slow_step", step=step, epoch=epoch, ms=round(ms, 1), slow_total=self.status.slow_steps,
+                        replica=str(self.replica.dir),
+                        holds=f"the ACK of epoch {epoch}" if step == "journal" else f"the ACK of epoch {epoch + 1}",
+                        hint="the replica's storage (fsync) is slow: the guest's output waited that long")
 
     def _journal_checkpoint(self, codec, payload: bytes) -> tuple[int, verify.Divergence | None]:
         """In a thread: decode, check and journal the epoch (durable, not applied yet); compare its

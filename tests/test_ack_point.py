@@ -115,3 +115,58 @@ async def test_a_takeover_right_after_the_last_ack_resumes_that_epoch_applied(tm
     finally:
         server.close()
         replica.close()
+
+
+class SlowSteps(FileOps):
+    """The journal's fsync of the 2nd checkpoint and the RAM write-back of the 3rd's apply take
+    long (a busy disk)."""
+
+    def __init__(self):
+        self.fsyncs = self.msyncs = 0
+
+    def fsync(self, step, fd):
+        if step == "journal-fsync":
+            self.fsyncs += 1
+            if self.fsyncs == 2:
+                time.sleep(0.15)
+        super().fsync(step, fd)
+
+    def msync(self, step, m):
+        self.msyncs += 1
+        if self.msyncs == 3:
+            time.sleep(0.15)
+        super().msync(step, m)
+
+
+async def test_slow_journal_and_apply_steps_are_counted_and_logged_with_what_they_held(tmp_path, monkeypatch):
+    """ACK N waits for N's journal fsync, and epoch N+1 is read only once N is applied: a slow
+    step holds the guest's output that long. The standby keeps the longest of each, counts those
+    over SLOW_STEP_MS and logs a line naming the step, the epoch, the time and the ACK it held."""
+    import structlog
+
+    from replication import standby as standby_mod
+    monkeypatch.setattr(standby_mod, "SLOW_STEP_MS", 100.0)
+    ops = SlowSteps()
+    replica = Replica(tmp_path / "replica", RAM, ops=ops)
+    replica.open()
+    sb = Standby(replica, COMPAT, "site-b", refuse_delay_s=0)
+    server = await serve("127.0.0.1", 0, sb.handle, max_frame=1 << 20)
+    try:
+        p = GoodPrimary(await connect("127.0.0.1", server.sockets[0].getsockname()[1]))
+        await p.hello()
+        await p.initial_sync()
+        with structlog.testing.capture_logs() as logs:
+            for e in (1, 2, 3, 4):
+                sb._slow_logged_at = float("-inf")  # one line a second: here each epoch's may come
+                assert await p.checkpoint(e) == e
+        p.ch.close()
+    finally:
+        server.close()
+        replica.close()
+    assert ops.fsyncs >= 3 and ops.msyncs >= 3
+    assert sb.status.slow_steps == 2
+    assert sb.status.max_journal_ms >= 150 and sb.status.max_apply_ms >= 150
+    slow = [(e["step"], e["epoch"], e["holds"]) for e in logs if e["event"] == "standby.slow_step"]
+    assert slow == [("journal", 2, "the ACK of epoch 2"), ("apply", 3, "the ACK of epoch 4")], slow
+    assert all(e["ms"] >= 150 and e["replica"] == str(tmp_path / "replica") for e in logs
+               if e["event"] == "standby.slow_step")

@@ -229,7 +229,10 @@ class StandbySide:
                 "replication": {"state": st.state, "problem": st.problem, "valid": st.valid, "peer": st.peer,
                                 "peer_cert_serial": st.peer_cert_serial, "rejected_frames": st.rejected_frames,
                                 "last_apply_ms": round(st.last_apply_ms, 2),
-                                "last_journal_ms": round(st.last_journal_ms, 2), "hot_standby": self.hot is not None,
+                                "last_journal_ms": round(st.last_journal_ms, 2),
+                                "max_journal_ms": round(st.max_journal_ms, 2),
+                                "max_apply_ms": round(st.max_apply_ms, 2), "slow_steps": st.slow_steps,
+                                "hot_standby": self.hot is not None,
                                 "verified": st.verified, "verified_bytes": st.verified_bytes,
                                 "diverged": st.diverged, "last_divergence": st.last_divergence,
                                 "frames_received": st.frames_received, "frames_dropped": st.frames_dropped}}
