@@ -12,6 +12,7 @@ tests/test_channel_bad_input.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -71,6 +72,24 @@ async def test_a_standby_killed_after_its_ack_comes_out_at_the_acknowledged_epoc
         r.close()
 
 
+@contextlib.asynccontextmanager
+async def standby_with(tmp_path, ops: FileOps):
+    """A real Standby over a replica with these file ops, and a primary synced to it."""
+    replica = Replica(tmp_path / "replica", RAM, ops=ops)
+    replica.open()
+    sb = Standby(replica, COMPAT, "site-b", refuse_delay_s=0)
+    server = await serve("127.0.0.1", 0, sb.handle, max_frame=1 << 20)
+    try:
+        p = GoodPrimary(await connect("127.0.0.1", server.sockets[0].getsockname()[1]))
+        await p.hello()
+        await p.initial_sync()
+        yield replica, sb, p
+        p.ch.close()
+    finally:
+        server.close()
+        replica.close()
+
+
 class SlowApply(FileOps):
     """The apply's RAM write-back takes long: a takeover that did not wait for it would see N-1."""
 
@@ -95,14 +114,7 @@ class ResumedGuest:
 
 
 async def test_a_takeover_right_after_the_last_ack_resumes_that_epoch_applied(tmp_path):
-    replica = Replica(tmp_path / "replica", RAM, ops=SlowApply())
-    replica.open()
-    sb = Standby(replica, COMPAT, "site-b", refuse_delay_s=0)
-    server = await serve("127.0.0.1", 0, sb.handle, max_frame=1 << 20)
-    try:
-        p = GoodPrimary(await connect("127.0.0.1", server.sockets[0].getsockname()[1]))
-        await p.hello()
-        await p.initial_sync()
+    async with standby_with(tmp_path, SlowApply()) as (replica, sb, p):
         assert [await p.checkpoint(e) for e in (1, 2)] == [1, 2]
         assert replica.durable_epoch == 2 and replica.pending  # acknowledged; its apply still runs
         await sb.stop_accepting()  # the takeover's first step
@@ -111,10 +123,6 @@ async def test_a_takeover_right_after_the_last_ack_resumes_that_epoch_applied(tm
         _, timings = await resume(replica, None, hot)
         assert timings["epoch"] == 2 and hot.device_state == b"dev2"
         assert np.array_equal(replica.ram, p.ram)
-        p.ch.close()
-    finally:
-        server.close()
-        replica.close()
 
 
 class SlowSteps(FileOps):
@@ -147,22 +155,11 @@ async def test_slow_journal_and_apply_steps_are_counted_and_logged_with_what_the
     from replication import standby as standby_mod
     monkeypatch.setattr(standby_mod, "SLOW_STEP_MS", 100.0)
     ops = SlowSteps()
-    replica = Replica(tmp_path / "replica", RAM, ops=ops)
-    replica.open()
-    sb = Standby(replica, COMPAT, "site-b", refuse_delay_s=0)
-    server = await serve("127.0.0.1", 0, sb.handle, max_frame=1 << 20)
-    try:
-        p = GoodPrimary(await connect("127.0.0.1", server.sockets[0].getsockname()[1]))
-        await p.hello()
-        await p.initial_sync()
+    async with standby_with(tmp_path, ops) as (replica, sb, p):
         with structlog.testing.capture_logs() as logs:
             for e in (1, 2, 3, 4):
                 sb._slow_logged_at = float("-inf")  # one line a second: here each epoch's may come
                 assert await p.checkpoint(e) == e
-        p.ch.close()
-    finally:
-        server.close()
-        replica.close()
     assert ops.fsyncs >= 3 and ops.msyncs >= 3
     assert sb.status.slow_steps == 2
     assert sb.status.max_journal_ms >= 150 and sb.status.max_apply_ms >= 150

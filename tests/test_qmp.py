@@ -16,6 +16,20 @@ from qemu.qmp import QMPClient
 from replication.qemu import Guest, GuestError, GuestSpec, LineBudget, QmpLine
 
 
+def split_json(buf: str) -> tuple[list[dict], str]:
+    """The whole JSON objects at the start of `buf` (QMP needs no newline between them) and
+    what is left of it."""
+    dec, msgs = json.JSONDecoder(), []
+    while buf.strip():
+        try:
+            msg, end = dec.raw_decode(buf.lstrip())
+        except ValueError:
+            break
+        buf = buf.lstrip()[end:]
+        msgs.append(msg)
+    return msgs, buf
+
+
 class FakeQmp:
     """Enough of QEMU's monitor: greeting, qmp_capabilities, `query-status`, and `slow`,
     whose reply waits until the test sets `release`. Commands are answered in order, one
@@ -33,15 +47,10 @@ class FakeQmp:
     @staticmethod
     async def _messages(reader):
         """JSON objects as they arrive (QMP needs no newline between them)."""
-        dec, buf = json.JSONDecoder(), ""
+        buf = ""
         while chunk := await reader.read(4096):
-            buf += chunk.decode()
-            while buf.strip():
-                try:
-                    msg, end = dec.raw_decode(buf.lstrip())
-                except ValueError:
-                    break
-                buf = buf.lstrip()[end:]
+            msgs, buf = split_json(buf + chunk.decode())
+            for msg in msgs:
                 yield msg
 
     async def _client(self, reader, writer) -> None:

@@ -17,6 +17,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from replication.qemu import Guest, GuestError, GuestSpec, QmpLine
+from tests.test_qmp import split_json
 
 STREAM = bytes(range(256)) * (16 << 10)  # 4 MiB: far more than a socketpair's buffer
 
@@ -40,7 +41,7 @@ class FakeMigratingQemu(threading.Thread):
         with conn:
             conn.sendall(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, '
                          b'"capabilities": []}}\r\n')
-            dec, buf, fds = json.JSONDecoder(), "", []
+            buf, fds = "", []
             while True:
                 data, anc, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
                 if not data:
@@ -48,13 +49,8 @@ class FakeMigratingQemu(threading.Thread):
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
-                buf += data.decode()
-                while buf.strip():
-                    try:
-                        msg, end = dec.raw_decode(buf.lstrip())
-                    except ValueError:
-                        break
-                    buf = buf.lstrip()[end:]
+                msgs, buf = split_json(buf + data.decode())
+                for msg in msgs:
                     for out in self._answer(msg, fds):
                         conn.sendall(json.dumps(out).encode() + b"\r\n")
 
