@@ -419,7 +419,7 @@ class Standby:
             log.warning("standby.slow_step", step=step, epoch=epoch, ms=round(ms, 1), slow_total=self.status.slow_steps,
                         replica=str(self.replica.dir),
                         holds=f"the ACK of epoch {epoch}" if step == "journal" else f"the ACK of epoch {epoch + 1}",
-                        hint="the replica's storage (fsync) is slow: the guest's output waited that long")
+                        hint="the replica's storage (fsync) or this host's load: the guest's output waited that long")
 
     def _journal_checkpoint(self, codec, payload: bytes) -> tuple[int, verify.Divergence | None]:
         """In a thread: decode, check and journal the epoch (durable, not applied yet); compare its
