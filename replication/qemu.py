@@ -569,11 +569,9 @@ class Guest:
             completed = True
             return b"".join(chunks)
         finally:
-            if pump is not None and not pump.done():
+            if pump is not None:  # stopped if still running; a failure of it is the QMP side's to report
                 pump.cancel()
                 await asyncio.gather(pump, return_exceptions=True)
-            elif pump is not None and not pump.cancelled():
-                pump.exception()  # retrieved: a failed stream is reported by the QMP side
             ours.close()
             if theirs.fileno() >= 0:
                 theirs.close()

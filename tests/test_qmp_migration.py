@@ -80,7 +80,7 @@ class FakeMigratingQemu(threading.Thread):
         return [reply, *events]
 
 
-async def _guest_on(fake: FakeMigratingQemu, tmp_path) -> Guest:
+async def _guest_on(tmp_path) -> Guest:
     spec = GuestSpec(name="g", memory_mb=16, kernel=tmp_path / "k", initrd=tmp_path / "i", append="",
                      ram_path=tmp_path / "ram", qmp_path=tmp_path / "qmp.sock", serial_path=tmp_path / "s",
                      net_socket=tmp_path / "n")
@@ -100,7 +100,7 @@ async def _close(g: Guest) -> None:
 async def test_a_device_state_larger_than_the_socket_buffer_is_read_before_migrate_answers(tmp_path):
     fake = FakeMigratingQemu(tmp_path / "qmp.sock", STREAM)
     fake.start()
-    g = await _guest_on(fake, tmp_path)
+    g = await _guest_on(tmp_path)
     try:
         state = await g.save_device_state(timeout=5.0)
     finally:
@@ -113,7 +113,7 @@ async def test_a_device_state_larger_than_the_socket_buffer_is_read_before_migra
 async def test_a_refused_migrate_stops_the_reader_and_settles_the_migration(tmp_path):
     fake = FakeMigratingQemu(tmp_path / "qmp.sock", STREAM, refuse_migrate=True)
     fake.start()
-    g = await _guest_on(fake, tmp_path)
+    g = await _guest_on(tmp_path)
     try:
         with pytest.raises(GuestError, match="refused migrate: no migration today"):
             await g.save_device_state(timeout=5.0)
