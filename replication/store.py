@@ -26,7 +26,7 @@ What "committed" means on disk, in the order of the writes:
    twice is zeroing it once: idempotent). The
    standby acknowledges N here (docs/replication.md, "What the ACK means").
 2. disk ranges zeroed (kept allocated: `zeroing.zero`), disk blocks written (``pwrite``), RAM
-   apply and msync, the disk fsynced, ``device.state``
+   apply and its write-back (fdatasync), the disk fsynced, ``device.state``
    replaced, ``replica.json`` replaced with N (`apply_journalled`): epoch N (RAM and disk) is
    *applied*, `committed_epoch` says N. Nothing reads the replica between 1 and 2 (the
    standby holds its lock across both; `journal` and `settle` apply a pending transaction first).
@@ -145,8 +145,13 @@ class FileOps:
     def ftruncate(self, step: str, fd: int, length: int) -> None:
         os.ftruncate(fd, length)
 
-    def msync(self, step: str, m: mmap.mmap) -> None:
-        m.flush()
+    def msync(self, step: str, fd: int) -> None:
+        # ram.img's dirty pages (written through the shared mapping) by an fsync of its fd: Linux
+        # writes back a shared mapping's dirty pages on fsync as on msync, and os.fsync releases
+        # the GIL, where mmap.flush() holds it through the msync (CPython 3.11), which froze every
+        # thread of the standby (its event loop, its heartbeats) for the whole write-back. Data
+        # only, as msync: ram.img is preallocated, its size never changes.
+        os.fdatasync(fd)
 
     def replace(self, step: str, path: Path, data: bytes, fsync: bool) -> None:
         atomic_write(path, data, fsync=fsync)
@@ -216,6 +221,7 @@ class Replica:
         self._staged_list: list[tuple[np.ndarray, np.ndarray]] = []
         self._journal_fd: int | None = None
         self._map: mmap.mmap | None = None
+        self._ram_fd: int | None = None
         self.ram: np.ndarray | None = None
         self.syncing_initial = False
         # A seeded replica holds the RAM of a former run of this guest (a site rejoining after
@@ -345,8 +351,10 @@ class Replica:
                     f"({e.strerror or e}); free space there or move the state directory",
                     step="ram-alloc", path=path, errno=e.errno, free_bytes=free) from e
             self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._ram_fd = fd  # kept: ram.img is written back by fsync (FileOps.msync)
         self.ram = np.frombuffer(self._map, dtype=np.uint8).reshape(self.n_pages, self.page_size)
 
     def _open_disk(self) -> None:
@@ -385,11 +393,14 @@ class Replica:
         self.ram = None
         if self._map is not None:
             try:
-                self._map.flush()
+                os.fdatasync(self._ram_fd)
                 self._map.close()
             except (BufferError, OSError):
                 pass
             self._map = None
+        if self._ram_fd is not None:
+            os.close(self._ram_fd)
+            self._ram_fd = None
 
     def _read_meta(self) -> dict:
         path = self.meta_path
@@ -461,7 +472,7 @@ class Replica:
                 if progress:
                     progress(done)
         if self.fsync:
-            self._io("ram-flush", self.ram_path, self._ops.msync, self._map)
+            self._io("ram-flush", self.ram_path, self._ops.msync, self._ram_fd)
         self._write_meta(compat=compat, run_id=run_id, seeded=True, problem=None)
         log.info("replica.seeded", source=str(ram_file), bytes=done, run_id=run_id)
         return done
@@ -922,7 +933,7 @@ class Replica:
                 self.ram[pages[half:].astype(np.intp)] = data[half:]
             if kind == REC_COMMIT:
                 if self.fsync:
-                    self._io("ram-flush", self.ram_path, self._ops.msync, self._map)
+                    self._io("ram-flush", self.ram_path, self._ops.msync, self._ram_fd)
                 _crash_point("after-ram")
                 if self._disk_fd is not None and self.fsync:
                     self._io("disk-fsync", self.disk_path, self._ops.fsync, self._disk_fd)
