@@ -223,6 +223,10 @@ class CheckpointSection:
     # with capture = colo: every Nth epoch also compares all of RAM (0: never); a page found
     # there is sent anyway and counted (colo_missed_pages)
     colo_verify_every: int = 0
+    # the standby's group commit: each epoch is applied in memory once its journal record is
+    # durable (then acknowledged), and the files are written back in a thread at most this often,
+    # off the path of the next epoch (0: every epoch, before the next one is read)
+    standby_writeback_ms: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -658,7 +662,7 @@ def load_site(path) -> SiteConfig:
                     "latency_budget_ms": (1, 600_000), "max_wan_mbit": (0, 1e6), "max_in_flight": (1, 64),
                     "idle_interval_ms": (0, 60_000), "compression_level": (1, 19), "unprotected_grace_ms": (0, 3_600_000),
                     "verify_bytes_per_epoch": (0, 64 << 20), "disk_unsent_cap_mb": (1, 65536),
-                    "colo_verify_every": (0, 1_000_000)})
+                    "colo_verify_every": (0, 1_000_000), "standby_writeback_ms": (0, 60_000)})
     if ck.capture == "colo" and guest.qemu == "system":
         raise L.err("checkpoint.capture", "colo needs a COLO-capable QEMU: set guest.qemu = \"colo\" "
                     "(scripts/qemu10.sh --colo-fix installs it; Debian's QEMU 7.2 deadlocks in COLO under TCG)")

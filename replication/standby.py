@@ -504,7 +504,16 @@ async def resume(replica: Replica, spec: GuestSpec, hot: Guest | None = None) ->
         await guest.start()
         timings["qemu_start_ms"] = round((time.perf_counter() - t0) * 1000, 1)
     t1 = time.perf_counter()
-    await guest.load_device_state(await asyncio.to_thread(replica.device_state))
+    # the files say the epoch too (group commit: a write-back under way, the epochs since), beside
+    # the device-state load; QEMU maps ram.img, whose page cache already holds the epoch
+    flushing = asyncio.ensure_future(asyncio.to_thread(replica.flush))
+    try:
+        await guest.load_device_state(await asyncio.to_thread(replica.device_state))
+    finally:
+        try:
+            await run_to_end(flushing)
+        except ReplicaStorageError as e:  # the journal still holds them: a later open replays them
+            log.warning("standby.resume_write_back_failed", error=str(e))
     timings["device_state_ms"] = round((time.perf_counter() - t1) * 1000, 1)
     t2 = time.perf_counter()
     await guest.cont()

@@ -66,6 +66,8 @@ import mmap
 import os
 import stat as stat_mod
 import struct
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,13 +171,16 @@ class FileOps:
         return path.read_bytes()
 
 
-# Test hook: GEOMIRROR_CRASH_AT=<point> makes the process SIGKILL itself there.
-_CRASH_AT = os.environ.get("GEOMIRROR_CRASH_AT", "")
+# Test hook: GEOMIRROR_CRASH_AT=<point>[#N] makes the process SIGKILL itself there (the Nth time).
+_CRASH_AT, _, _CRASH_NTH = os.environ.get("GEOMIRROR_CRASH_AT", "").partition("#")
+_crash_hits = [0]
 
 
 def _crash_point(name: str) -> None:
     if _CRASH_AT == name:
-        os.kill(os.getpid(), 9)
+        _crash_hits[0] += 1
+        if _crash_hits[0] >= int(_CRASH_NTH or 1):
+            os.kill(os.getpid(), 9)
 
 
 @dataclass(frozen=True)
@@ -201,8 +206,13 @@ def _meta_problem(meta) -> str | None:
 
 class Replica:
     def __init__(self, directory: Path, size: int, *, fsync: bool = True, page_size: int = PAGE_SIZE,
-                 ops: FileOps | None = None, disk: Path | None = None):
+                 ops: FileOps | None = None, disk: Path | None = None, writeback_ms: float = 0.0):
         self.dir = Path(directory)
+        # Group commit (0: off): an epoch is applied in memory after its journal fsync, and the
+        # write-back that makes the files say so (ram.img, the disk, device.state, replica.json)
+        # runs in a thread at most every `writeback_ms`, off the path of the next epoch; the
+        # journal keeps every transaction since the last write-back (module docstring).
+        self.writeback_ms = writeback_ms
         # The replica of the guest's disk (None: the guest has no disk); its size is the file's.
         self.disk_path = Path(disk) if disk is not None else None
         self.disk_size = 0
@@ -219,7 +229,20 @@ class Replica:
         self.run_id: str = ""
         self._staged: dict[int, np.ndarray] = {}  # page number -> row in _staged_rows
         self._staged_list: list[tuple[np.ndarray, np.ndarray]] = []
-        self._journal_fd: int | None = None
+        # Two journal files: new transactions go to the active one; a write-back switches to the
+        # other (empty) one, so it can empty the old one when done without touching newer records.
+        self._jfds: list[int | None] = [None, None]
+        self._jidx = 0  # the active journal file
+        self._jlen = [0, 0]  # bytes of durable transactions in each file not yet written back
+        self._jclean = [True, True]  # each file's length is known to be its _jlen
+        self._meta_epoch = 0  # the epoch replica.json says (committed_epoch may be ahead: group commit)
+        self._meta_valid = False
+        self._wb: dict | None = None  # the write-back under way in its thread
+        self._wb_thread: threading.Thread | None = None
+        self._wb_last = float("-inf")  # when the last write-back began (time.monotonic)
+        self.writebacks = 0  # write-backs done
+        self.last_writeback_ms = 0.0
+        self.max_writeback_ms = 0.0
         self._map: mmap.mmap | None = None
         self._ram_fd: int | None = None
         self.ram: np.ndarray | None = None
@@ -236,8 +259,8 @@ class Replica:
         self._txn: list | None = None  # that transaction's records (journal → apply_journalled)
         self._txn_needed = 0  # free bytes it needs (for the report of a failed apply)
         self._txn_epoch = 0  # its epoch
-        self._journal_clean = True  # the journal is known to be empty
         self._txn_bytes = 0  # journal bytes of the open transaction
+        self._txn_defer = False  # the open transaction is applied in memory, written back later
         self._needed = 0  # free bytes the failed work needs (space check before the next session)
 
     @property
@@ -254,7 +277,35 @@ class Replica:
 
     @property
     def journal_path(self) -> Path:
-        return self.dir / "journal"
+        """The active journal file (new transactions go there)."""
+        return self._journal_paths[self._jidx]
+
+    @property
+    def _journal_paths(self) -> list[Path]:
+        return [self.dir / "journal", self.dir / "journal.1"]
+
+    @property
+    def _journal_fd(self) -> int | None:
+        return self._jfds[self._jidx]
+
+    @property
+    def _journal_clean(self) -> bool:
+        """The active journal file holds exactly its transactions not yet written back."""
+        return self._jclean[self._jidx]
+
+    @_journal_clean.setter
+    def _journal_clean(self, value: bool) -> None:
+        self._jclean[self._jidx] = value
+
+    @property
+    def written_epoch(self) -> int:
+        """The epoch the files (replica.json) say; the journal holds those after it."""
+        return self._meta_epoch
+
+    @property
+    def unwritten(self) -> bool:
+        """Epochs applied in memory (durable in the journal) that the files do not say yet."""
+        return self.committed_epoch > self._meta_epoch or any(self._jlen)
 
     # ----------------------------------------------------------- errors
     def _io(self, step: str, path: Path, fn, *args):
@@ -310,11 +361,13 @@ class Replica:
         self.run_id = meta.get("run_id", "")
         self.seeded = bool(meta.get("seeded", False))
         self.problem = meta.get("problem")
-        try:
-            self._journal_fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        except OSError as e:
-            raise self._storage_error("journal-reset", self.journal_path, e) from e
-        self._journal_clean = False
+        self._meta_epoch, self._meta_valid = self.committed_epoch, self.valid
+        for i, path in enumerate(self._journal_paths):
+            try:
+                self._jfds[i] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError as e:
+                raise self._storage_error("journal-reset", path, e) from e
+        self._jidx, self._jlen, self._jclean = 0, [0, 0], [False, False]
         try:
             recovered = self._recover(replay=bool(meta))
         except ReplicaStorageError as e:
@@ -384,12 +437,19 @@ class Replica:
         self.disk_size = st.st_size
 
     def close(self) -> None:
+        self._join_writeback()
+        if self._map is not None and self._pending is False and self.unwritten:
+            try:
+                self._write_back_now()
+            except ReplicaStorageError as e:  # the journal still has it: the next open replays it
+                log.warning("replica.write_back_at_close_failed", dir=str(self.dir), error=str(e))
         if self._disk_fd is not None:
             os.close(self._disk_fd)
             self._disk_fd = None
-        if self._journal_fd is not None:
-            os.close(self._journal_fd)
-            self._journal_fd = None
+        for i, fd in enumerate(self._jfds):
+            if fd is not None:
+                os.close(fd)
+                self._jfds[i] = None
         self.ram = None
         if self._map is not None:
             try:
@@ -428,10 +488,12 @@ class Replica:
         self._io("meta", self.meta_path, self._ops.replace, self.meta_path, json.dumps(meta).encode(), self.fsync)
         for k, v in changes.items():
             setattr(self, k, v)
+        self._meta_epoch, self._meta_valid = meta["committed_epoch"], meta["valid"]
 
     def bind(self, compat: dict, run_id: str) -> None:
         """The replica is of one guest run. Another run (a freshly booted guest) or another
         guest configuration invalidates it: it is not that guest."""
+        self._join_writeback()
         if compat != self.compat or run_id != self.run_id:
             if self.valid:
                 log.warning("replica.discarded", reason="the primary runs another guest",
@@ -456,6 +518,7 @@ class Replica:
         if os.path.getsize(ram_file) != self.size:
             raise ReplicaError(f"cannot seed from {ram_file}: {os.path.getsize(ram_file)} bytes, the guest has "
                                f"{self.size}")
+        self._join_writeback()
         self._write_meta(valid=False, committed_epoch=0, seeded=False)  # not a base while the copy is under way
         self._void_journal()
         chunk = 8 << 20
@@ -492,8 +555,14 @@ class Replica:
         """Append one record, every byte of it (short writes are continued). A transaction starts
         on an empty journal; a failed append aborts the transaction (RAM was not touched)."""
         if self._txn_bytes == 0:
+            self._reap()
             if self._pending:
                 self.settle()  # a journalled transaction first: emptying the journal would lose it
+            # group commit only onto files that say a valid epoch (never onto an initial sync's
+            # RAM, which only its first epoch's write-back makes durable)
+            self._txn_defer = self.writeback_ms > 0 and self._meta_valid and not self.syncing_initial
+            if not self._txn_defer and self.unwritten:
+                self.flush()
             if not self._journal_clean:
                 self._reset_journal()
         views = [memoryview(p).cast("B") for p in parts if len(p)]
@@ -519,18 +588,23 @@ class Replica:
             self._report(e, needed)
             raise
 
-    def _reset_journal(self, step: str = "journal-reset", sync: bool = True) -> None:
-        """Empty the journal, durably unless `sync` is False (raises ReplicaStorageError if it cannot)."""
-        self._journal_clean = False
-        self._io(step, self.journal_path, self._ops.ftruncate, self._journal_fd, 0)
+    def _reset_journal(self, step: str = "journal-reset", sync: bool = True, idx: int | None = None) -> None:
+        """Cut a journal file (the active one unless `idx`) back to its transactions not yet written
+        back (empty when there are none), durably unless `sync` is False (raises
+        ReplicaStorageError if it cannot)."""
+        i = self._jidx if idx is None else idx
+        path, fd = self._journal_paths[i], self._jfds[i]
+        self._jclean[i] = False
+        self._io(step, path, self._ops.ftruncate, fd, self._jlen[i])
         if self.fsync and sync:
-            self._io(step, self.journal_path, self._ops.fsync, self._journal_fd)
-        self._journal_clean = True
-        self._txn_bytes = 0
+            self._io(step, path, self._ops.fsync, fd)
+        self._jclean[i] = True
+        if i == self._jidx:
+            self._txn_bytes = 0
 
     def _abort_txn(self) -> None:
         """Drop the open transaction: nothing of it reached ram.img. If the journal cannot be
-        emptied now, the next transaction tries again before its first record."""
+        cut back now, the next transaction tries again before its first record."""
         self._staged.clear()
         self._staged_list.clear()
         self._staged_disk.clear()
@@ -543,27 +617,31 @@ class Replica:
     def _void_journal(self) -> None:
         """Before ram.img is written outside the journal: no old transaction may replay onto it.
         First `valid: false` (a crash now replays onto RAM not yet touched, which is right), then
-        an empty journal."""
+        empty journal files."""
+        self._join_writeback()
         self._staged.clear()
         self._staged_list.clear()
         self._staged_disk.clear()
-        if self._journal_clean and not self._pending:
+        if all(self._jclean) and not self._pending and not self.unwritten:
             return
-        if self._pending:  # RAM may be a mix; the disk may still say valid (`_give_up` may not have got through)
+        if self._pending or self.unwritten:  # RAM may be a mix; the disk may still say valid
             self._write_meta(valid=False)
         _crash_point("void-after-meta")
-        self._reset_journal()
+        self._jlen = [0, 0]
+        for i in (0, 1):
+            self._reset_journal(idx=i)
         self._pending = False
 
-    def _read_journal(self) -> tuple[list[tuple[int, int, np.ndarray, np.ndarray, bytes]], bool]:
-        """Parse the journal: (complete records up to the last commit, whether a torn tail was dropped)."""
+    def _read_journal(self, path: Path) -> tuple[list[list[tuple[int, int, np.ndarray, np.ndarray, bytes]]], bool]:
+        """Parse a journal file: (its complete transactions, each a list of records ending with the
+        commit, whether a torn tail was dropped)."""
         try:
-            buf = self._io("journal-read", self.journal_path, self._ops.read, self.journal_path)
+            buf = self._io("journal-read", path, self._ops.read, path)
         except ReplicaStorageError as e:
             if e.errno == errno_mod.ENOENT:
                 return [], False
             raise
-        recs, txn, off = [], [], 0
+        txns, txn, off = [], [], 0
         while off + _REC.size <= len(buf):
             magic, kind, epoch, n, dev_len, body_len = _REC.unpack_from(buf, off)
             end = off + _REC.size + body_len + _SUM
@@ -582,26 +660,27 @@ class Replica:
             else:
                 txn.append((kind, epoch, pages, data.reshape(n, unit), dev))
             if kind == REC_COMMIT:
-                recs.extend(txn)
+                txns.append(txn)
                 txn = []
             off = end
-        return recs, bool(txn) or off != len(buf)
+        return txns, bool(txn) or off != len(buf)
 
     def _recover(self, replay: bool = True) -> str:
-        """Replay every complete transaction after the committed epoch, then empty the journal.
-        Raises ReplicaStorageError if the replay fails (the journal is kept)."""
-        recs, torn = self._read_journal() if replay else ([], False)
+        """Replay every complete transaction after the epoch replica.json says, from both journal
+        files in epoch order, then empty them. Raises ReplicaStorageError if the replay fails (the
+        journal is kept)."""
+        txns, torn = [], False
+        for path in self._journal_paths if replay else []:
+            t, tn = self._read_journal(path)
+            txns += t
+            torn |= tn
+        txns.sort(key=lambda t: t[-1][1])
+        self.committed_epoch = self._meta_epoch  # what the files say; the journal holds the rest
         replayed = None
-        commit_epochs = [r[1] for r in recs if r[0] == REC_COMMIT]
-        if commit_epochs and max(commit_epochs) > self.committed_epoch:
-            pending = []
-            for rec in recs:
-                pending.append(rec)
-                if rec[0] == REC_COMMIT:
-                    if rec[1] > self.committed_epoch:
-                        self._apply(pending)
-                        replayed = rec[1]
-                    pending = []
+        for txn in txns:
+            if txn[-1][1] > self.committed_epoch:
+                self._apply(txn)
+                replayed = txn[-1][1]
         self._pending = False
         self._txn = None
         if replayed is not None:
@@ -614,16 +693,18 @@ class Replica:
         return "clean"
 
     def _truncate_after_commit(self) -> None:
-        """The committed epoch is recorded: empty the journal. A failure is logged, not raised (a
-        transaction at or below the committed epoch never replays; the next one resets first).
-        Not fsynced: a crash that loses the truncation leaves a transaction at or below the
-        committed epoch, which is never replayed, and the next transaction's fsync makes the file's
+        """The committed epoch is recorded: empty the journal files. A failure is logged, not raised
+        (a transaction at or below the committed epoch never replays; the next one cuts back first).
+        Not fsynced: a crash that loses the truncation leaves transactions at or below the
+        committed epoch, which are never replayed, and the next transaction's fsync makes the file's
         new length durable with its records."""
-        try:
-            self._reset_journal("journal-truncate", sync=False)
-        except ReplicaStorageError as e:
-            log.warning("replica.journal_truncate_failed", path=str(self.journal_path), error=str(e),
-                        committed_epoch=self.committed_epoch)
+        self._jlen = [0, 0]
+        for i in (0, 1):
+            try:
+                self._reset_journal("journal-truncate", sync=False, idx=i)
+            except ReplicaStorageError as e:
+                log.warning("replica.journal_truncate_failed", path=str(self._journal_paths[i]), error=str(e),
+                            committed_epoch=self.committed_epoch)
 
     def _give_up(self, err: ReplicaStorageError, why: str) -> None:
         """The journalled transaction could not be applied: RAM may be part N-1, part N. Not
@@ -640,20 +721,141 @@ class Replica:
             pass  # the journal on disk still replays at the next open
 
     def settle(self) -> None:
-        """Finish what a failed write left: replay a journalled transaction, empty the journal.
-        Raises ReplicaStorageError if it still cannot (the replica then stays as it was)."""
+        """Finish what a failed write left, and a group commit's write-back: replay a journalled
+        transaction, empty the journal. Raises ReplicaStorageError if it still cannot (the replica
+        then stays as it was)."""
+        self._join_writeback()
+        if not self._pending and self.unwritten:
+            try:
+                self._write_back_now()
+            except ReplicaStorageError:
+                pass  # now pending: replayed from the journal below
         if self._pending:
             try:
                 self._recover()
             except ReplicaStorageError as e:
                 self._give_up(e, f"replaying the journal failed: {e}")
                 raise
-        if not self._journal_clean:
+        for i in (0, 1):
+            if not self._jclean[i]:
+                try:
+                    self._reset_journal(idx=i)
+                except ReplicaStorageError as e:
+                    self._report(e, _SLACK)
+                    raise
+
+    # ----------------------------------------------------------- group commit
+    def flush(self) -> None:
+        """Make the files say the committed epoch: wait for a write-back under way, write back the
+        rest (a pending transaction is replayed). Raises ReplicaStorageError if it cannot."""
+        self._join_writeback()
+        if self._pending:
+            self.settle()
+            return
+        self._write_back_now()
+
+    def _meta_now(self, epoch: int) -> dict:
+        return {"committed_epoch": epoch, "valid": True, "compat": self.compat, "run_id": self.run_id,
+                "seeded": self.seeded, "problem": None}
+
+    def _write_files(self, epoch: int, dev: bytes, meta: dict) -> None:
+        """The write-back of epoch `epoch` (applied in memory, durable in the journal): ram.img and
+        the replica disk to disk, device.state, then replica.json says it."""
+        if self.fsync:
+            self._io("ram-flush", self.ram_path, self._ops.msync, self._ram_fd)
+        _crash_point("wb-after-ram")
+        if self._disk_fd is not None and self.fsync:
+            self._io("disk-fsync", self.disk_path, self._ops.fsync, self._disk_fd)
+        self._io("device-state", self.device_state_path, self._ops.replace, self.device_state_path, dev, self.fsync)
+        _crash_point("wb-after-device-state")
+        self._io("meta", self.meta_path, self._ops.replace, self.meta_path, json.dumps(meta).encode(), self.fsync)
+        _crash_point("wb-after-meta")
+
+    def _write_back_now(self) -> None:
+        """Write back every epoch applied in memory, here and now (no write-back thread runs)."""
+        if self._pending or not self.unwritten:
+            return
+        epoch = self.committed_epoch
+        try:
+            self._write_files(epoch, self.device_state(), self._meta_now(epoch))
+        except ReplicaStorageError as e:
+            self._report(e, _SLACK)
+            self._pending, self._txn = True, None  # `settle` replays the journal from replica.json's epoch
+            raise
+        self._meta_epoch, self._meta_valid = epoch, True
+        self._truncate_after_commit()
+
+    def _maybe_write_back(self) -> None:
+        """After an epoch applied in memory: begin a write-back in a thread when the last one began
+        `writeback_ms` ago and is done. New transactions go to the other journal file from here,
+        so the write-back can empty this one when replica.json says its epoch."""
+        self._reap()
+        if self._wb_thread is not None or not self.unwritten:
+            return
+        now = time.monotonic()
+        if now - self._wb_last < self.writeback_ms / 1000:
+            return
+        other = 1 - self._jidx
+        if self._jlen[other]:
+            return  # cannot happen (a failed write-back leaves the replica pending); never lose them
+        if not self._jclean[other]:
             try:
-                self._reset_journal()
+                self._reset_journal(idx=other)
             except ReplicaStorageError as e:
-                self._report(e, _SLACK)
-                raise
+                log.warning("replica.journal_reset_failed", path=str(self._journal_paths[other]), error=str(e))
+                return
+        epoch = self.committed_epoch
+        self._wb_last = now
+        self._wb = {"epoch": epoch, "old": self._jidx, "error": None, "truncated": False, "ms": 0.0}
+        dev, meta = self.device_state(), self._meta_now(epoch)
+        self._jidx = other
+        self._wb_thread = threading.Thread(target=self._write_back, args=(self._wb, dev, meta),
+                                           name="replica-write-back", daemon=True)
+        self._wb_thread.start()
+
+    def _write_back(self, job: dict, dev: bytes, meta: dict) -> None:
+        """In the write-back thread: touches the files and the old journal file only (the other
+        thread goes on appending to the active one and writing RAM and the disk)."""
+        t0 = time.perf_counter()
+        try:
+            self._write_files(job["epoch"], dev, meta)
+            old = job["old"]
+            try:
+                self._io("journal-truncate", self._journal_paths[old], self._ops.ftruncate, self._jfds[old], 0)
+                job["truncated"] = True
+            except ReplicaStorageError as e:  # harmless: nothing at or below replica.json's epoch replays
+                log.warning("replica.journal_truncate_failed", path=str(e.path), error=str(e))
+        except Exception as e:  # noqa: BLE001 - reported by the owning thread (_reap)
+            job["error"] = e
+        job["ms"] = (time.perf_counter() - t0) * 1000
+
+    def _reap(self) -> None:
+        """Take up a finished write-back: replica.json now says its epoch, its journal file is
+        empty; or it failed: the replica is pending, and `settle` replays the journal files."""
+        t = self._wb_thread
+        if t is None or t.is_alive():
+            return
+        t.join()
+        job, self._wb_thread, self._wb = self._wb, None, None
+        self.last_writeback_ms = job["ms"]
+        self.max_writeback_ms = max(self.max_writeback_ms, job["ms"])
+        e = job["error"]
+        if e is not None:
+            if not isinstance(e, ReplicaStorageError):
+                raise e
+            self._report(e, _SLACK)
+            self._pending, self._txn = True, None
+            return
+        self.writebacks += 1
+        self._meta_epoch, self._meta_valid = job["epoch"], True
+        self._jlen[job["old"]] = 0
+        self._jclean[job["old"]] = job["truncated"]
+
+    def _join_writeback(self) -> None:
+        """Wait for a write-back under way and take it up (any other writer of the files first)."""
+        if self._wb_thread is not None:
+            self._wb_thread.join()
+            self._reap()
 
     def ready(self) -> None:
         """Before a session: `settle`, and if the last failure was a full disk, check that the
@@ -678,6 +880,7 @@ class Replica:
     # ----------------------------------------------------------- apply
     def begin_initial_sync(self) -> None:
         """The standby has nothing usable: blocks go straight into ram.img."""
+        self._join_writeback()
         self._write_meta(valid=False, committed_epoch=0)
         self._void_journal()
         self.syncing_initial = True
@@ -846,6 +1049,7 @@ class Replica:
         self._staged.clear()
         self._staged_list.clear()
         self._staged_disk.clear()
+        self._jlen[self._jidx] += self._txn_bytes
         self._txn_bytes = 0
         self.syncing_initial = False
 
@@ -893,7 +1097,7 @@ class Replica:
             return
         needed = self._txn_needed
         try:
-            self._apply(txn)
+            self._apply(txn, in_memory=self._txn_defer)
         except ReplicaStorageError as e:
             self._device_state = None
             self._report(e, needed)
@@ -906,10 +1110,14 @@ class Replica:
             return
         self._pending = False
         self._recovered()
-        self._truncate_after_commit()
+        if self._txn_defer:
+            self._maybe_write_back()
+        else:
+            self._truncate_after_commit()
 
-    def _apply(self, txn) -> None:
-        """Redo a complete transaction (idempotent)."""
+    def _apply(self, txn, in_memory: bool = False) -> None:
+        """Redo a complete transaction (idempotent). `in_memory`: RAM and the replica disk written
+        (the page cache), the device state kept in memory, the files left for a write-back."""
         for kind, epoch, pages, data, dev in txn:
             if kind in (REC_DISK, REC_ZERO) and self._disk_fd is None:
                 raise ReplicaError(f"the journal {self.journal_path} holds disk blocks of epoch {epoch}, but no "
@@ -931,7 +1139,11 @@ class Replica:
                 self.ram[pages[:half].astype(np.intp)] = data[:half]
                 _crash_point("mid-ram")
                 self.ram[pages[half:].astype(np.intp)] = data[half:]
-            if kind == REC_COMMIT:
+            if kind == REC_COMMIT and in_memory:
+                self._device_state = bytes(dev)
+                self.committed_epoch, self.valid, self.problem = epoch, True, None
+                _crash_point("after-apply-in-memory")
+            elif kind == REC_COMMIT:
                 if self.fsync:
                     self._io("ram-flush", self.ram_path, self._ops.msync, self._ram_fd)
                 _crash_point("after-ram")
@@ -948,8 +1160,12 @@ class Replica:
     def mark_diverged(self, why: str) -> None:
         """The committed epoch was found to differ from the primary's RAM (a replica check):
         not resumable any more, but a resync base (its block hashes say what ram.img holds, so
-        the resync sends the blocks that differ). Recorded on disk: a restart keeps it."""
+        the resync sends the blocks that differ). Recorded on disk: a restart keeps it. The
+        journal is emptied: nothing replays onto a replica that is only a resync base."""
+        self._join_writeback()
         self._write_meta(valid=False, seeded=True, problem=f"the replica in {self.dir} is not usable: {why}")
+        self._pending, self._txn = False, None
+        self._truncate_after_commit()
         log.warning("replica.untrusted", dir=str(self.dir), committed_epoch=self.committed_epoch, problem=why)
 
     def device_state(self) -> bytes:

@@ -38,10 +38,10 @@ def expected(upto: int, resync_at: int | None = None):
     return ram, dev
 
 
-def main(d: str, upto: int, resync_at: int) -> None:
+def main(d: str, upto: int, resync_at: int, writeback_ms: float = 0.0) -> None:
     from replication.store import Replica
 
-    r = Replica(Path(d), PAGES * PS)
+    r = Replica(Path(d), PAGES * PS, writeback_ms=writeback_ms)
     r.open()
     start = r.committed_epoch + 1
     if start == 1:
@@ -53,8 +53,9 @@ def main(d: str, upto: int, resync_at: int) -> None:
             r.write_block(first, block)
         pages, data, dev = epoch_content(e)
         r.commit(e, pages, data, dev)
+        print(f"durable {e}", flush=True)  # the epoch a crash from here on must not lose
     r.close()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)

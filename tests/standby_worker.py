@@ -14,8 +14,8 @@ from replication.transport import serve
 from tests.test_channel_bad_input import COMPAT, RAM
 
 
-async def main(d: str, port_file: str) -> None:
-    replica = Replica(Path(d), RAM)  # fsync on: what is durable is what a crash keeps
+async def main(d: str, port_file: str, writeback_ms: float = 0.0) -> None:
+    replica = Replica(Path(d), RAM, writeback_ms=writeback_ms)  # fsync on: what is durable is what a crash keeps
     replica.open()
     sb = Standby(replica, COMPAT, "site-b", refuse_delay_s=0)
     server = await serve("127.0.0.1", 0, sb.handle, max_frame=1 << 20)
@@ -24,4 +24,4 @@ async def main(d: str, port_file: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0))

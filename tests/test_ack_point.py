@@ -25,7 +25,7 @@ import pytest
 
 from replication.standby import Standby, resume
 from replication.store import FileOps, Replica
-from replication.transport import connect, serve
+from replication.transport import ChannelError, connect, serve
 from tests.test_channel_bad_input import COMPAT, RAM, GoodPrimary
 
 ROOT = Path(__file__).parent.parent
@@ -33,10 +33,10 @@ ROOT = Path(__file__).parent.parent
 AFTER_ACK = ["after-ack", "mid-ram", "after-ram", "after-device-state", "after-meta"]
 
 
-async def start_worker(d: Path, crash_at: str) -> tuple[subprocess.Popen, int]:
+async def start_worker(d: Path, crash_at: str, writeback_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
     port_file = d.parent / f"{d.name}.port"
     env = dict(os.environ, GEOMIRROR_CRASH_AT=crash_at, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.standby_worker", str(d), str(port_file)],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.standby_worker", str(d), str(port_file), str(writeback_ms)],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(1000):
         if port_file.exists() and port_file.read_text():
@@ -72,10 +72,44 @@ async def test_a_standby_killed_after_its_ack_comes_out_at_the_acknowledged_epoc
         r.close()
 
 
+@pytest.mark.parametrize("point", ["after-ack#4", "after-apply-in-memory#3", "wb-after-ram#2",
+                                   "wb-after-device-state#2", "wb-after-meta#3"])
+async def test_a_group_committing_standby_killed_anywhere_keeps_every_acknowledged_epoch(tmp_path, point):
+    """Group commit: epochs applied in memory after their ACK, written back in a thread (here
+    after every epoch) while the next are journalled. Killed at any of those steps, the standby
+    comes out at the last epoch it acknowledged or the one after, whole."""
+    d = tmp_path / "replica"
+    proc, port = await start_worker(d, point, writeback_ms=0.001)
+    acked = 0
+    try:
+        p = GoodPrimary(await connect("127.0.0.1", port))
+        await p.hello()
+        await p.initial_sync()
+        for e in range(1, 9):
+            try:
+                acked = await p.checkpoint(e)
+            except (ChannelError, OSError, asyncio.TimeoutError):  # the worker died
+                break
+        p.ch.close()
+        assert await asyncio.to_thread(proc.wait, 30) == -signal.SIGKILL, f"the worker was meant to die at {point}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert acked >= 1
+    r = Replica(d, RAM)
+    try:
+        rep = r.open()
+        assert rep.valid and rep.committed_epoch in (acked, acked + 1), (point, rep, acked)
+        c = rep.committed_epoch
+        assert np.all(r.ram[[1, 5, 9]] == c) and r.device_state() == b"dev%d" % c, (point, rep)
+    finally:
+        r.close()
+
+
 @contextlib.asynccontextmanager
-async def standby_with(tmp_path, ops: FileOps):
+async def standby_with(tmp_path, ops: FileOps, writeback_ms: float = 0.0):
     """A real Standby over a replica with these file ops, and a primary synced to it."""
-    replica = Replica(tmp_path / "replica", RAM, ops=ops)
+    replica = Replica(tmp_path / "replica", RAM, ops=ops, writeback_ms=writeback_ms)
     replica.open()
     sb = Standby(replica, COMPAT, "site-b", refuse_delay_s=0)
     server = await serve("127.0.0.1", 0, sb.handle, max_frame=1 << 20)
@@ -123,6 +157,21 @@ async def test_a_takeover_right_after_the_last_ack_resumes_that_epoch_applied(tm
         _, timings = await resume(replica, None, hot)
         assert timings["epoch"] == 2 and hot.device_state == b"dev2"
         assert np.array_equal(replica.ram, p.ram)
+
+
+async def test_a_takeover_with_group_commit_resumes_the_last_ack_and_the_files_say_it(tmp_path):
+    """Group commit: the last epochs live in memory and the journal only; a takeover resumes the
+    last acknowledged epoch, and the files say it once `resume` is done (its write-back)."""
+    async with standby_with(tmp_path, SlowApply(), writeback_ms=60_000) as (replica, sb, p):
+        assert [await p.checkpoint(e) for e in (1, 2, 3, 4)] == [1, 2, 3, 4]
+        await sb.stop_accepting()
+        assert replica.committed_epoch == 4 and replica.written_epoch < 4  # 4 in memory and the journal
+        hot = ResumedGuest()
+        _, timings = await resume(replica, None, hot)
+        assert timings["epoch"] == 4 and hot.device_state == b"dev4"
+        assert np.array_equal(replica.ram, p.ram)
+        assert replica.written_epoch == 4 and replica.device_state_path.read_bytes() == b"dev4"
+        assert not (replica.dir / "journal").stat().st_size and not (replica.dir / "journal.1").stat().st_size
 
 
 class SlowSteps(FileOps):

@@ -324,3 +324,30 @@ def test_another_run_never_inherits_a_mixed_ram_as_valid(tmp_path):
     rep = r.open()
     assert not rep.valid, f"RAM of epoch 4 with the device state of epoch 3 claimed valid ({rep})"
     r.close()
+
+
+@pytest.mark.parametrize("step", AFTER_DURABLE + ["journal-truncate"])
+def test_a_failed_group_commit_write_back_replays_from_both_journal_files(tmp_path, step):
+    """A write-back (in its thread) fails: the epochs it was writing and those journalled since
+    are replayed from both journal files before the next epoch, which then goes on; the files end
+    up saying the last epoch, whole."""
+    ops = Faults()
+    r = Replica(tmp_path, SIZE, ops=ops, writeback_ms=0.001)
+    r.open()
+    r.begin_initial_sync()
+    epoch(r, 1)  # written back at once (after the initial sync)
+    ops.fail(step, times=1)
+    epoch(r, 2)  # applied in memory; its write-back fails in the thread
+    r._join_writeback()
+    assert ops.failed == [step]
+    assert r.committed_epoch == 2 and r.durable_epoch == 2  # still what a takeover would resume
+    epoch(r, 3)
+    epoch(r, 4)
+    r.flush()
+    assert_whole(r, (4,))
+    assert json.loads(r.meta_path.read_text())["committed_epoch"] == 4
+    r.close()
+    r2 = Replica(tmp_path, SIZE)
+    assert r2.open().committed_epoch == 4
+    assert_whole(r2, (4,))
+    r2.close()

@@ -73,7 +73,8 @@ class StandbySide:
             ctx.mark("disk.replication_disabled", image=str(disk),
                      hint="GEOMIRROR_UNSAFE_NO_DISK_REPLICATION=1: a takeover resumes on this site's stale disk")
             disk = None
-        self.replica = Replica(ctx.state_dir / "replica", cfg.guest.memory_mb << 20, disk=disk)
+        self.replica = Replica(ctx.state_dir / "replica", cfg.guest.memory_mb << 20, disk=disk,
+                               writeback_ms=cfg.checkpoint.standby_writeback_ms)
         report = await asyncio.to_thread(self.replica.open)
         ctx.mark("replica.open", committed_epoch=report.committed_epoch, valid=report.valid,
                  recovered=report.recovered)
@@ -232,6 +233,9 @@ class StandbySide:
                                 "last_journal_ms": round(st.last_journal_ms, 2),
                                 "max_journal_ms": round(st.max_journal_ms, 2),
                                 "max_apply_ms": round(st.max_apply_ms, 2), "slow_steps": st.slow_steps,
+                                "written_epoch": self.replica.written_epoch, "writebacks": self.replica.writebacks,
+                                "last_writeback_ms": round(self.replica.last_writeback_ms, 2),
+                                "max_writeback_ms": round(self.replica.max_writeback_ms, 2),
                                 "hot_standby": self.hot is not None,
                                 "verified": st.verified, "verified_bytes": st.verified_bytes,
                                 "diverged": st.diverged, "last_divergence": st.last_divergence,
