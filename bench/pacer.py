@@ -118,6 +118,8 @@ def main() -> int:
     ap.add_argument("--repeat-adaptive", action="store_true", help="measure adaptive again after the fixed ones")
     ap.add_argument("--latency-budget", type=float, help="the sites' checkpoint.latency_budget_ms (lab: 150)")
     ap.add_argument("--min-interval", type=float, help="the sites' checkpoint.min_interval_ms (lab: 20)")
+    ap.add_argument("--standby-writeback", type=float,
+                    help="the sites' checkpoint.standby_writeback_ms (default 100; 0: write back every epoch)")
     ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each measured row")
     ap.add_argument("--base", type=Path, help="the unprotected figures: read if present, else measured and written")
     ap.add_argument("--out", type=Path, help="append each row here as a JSON line")
@@ -145,8 +147,9 @@ def main() -> int:
         if a.base:
             a.base.write_text(json.dumps(base))
     edits = {"latency_budget_ms = 150": f"latency_budget_ms = {a.latency_budget:g}"} if a.latency_budget else {}
-    if a.min_interval:
-        edits["min_interval_ms = 20"] = f"min_interval_ms = {a.min_interval:g}"
+    if a.min_interval or a.standby_writeback is not None:
+        edits["min_interval_ms = 20"] = f"min_interval_ms = {a.min_interval or 20:g}" + (
+            f"\nstandby_writeback_ms = {a.standby_writeback:g}" if a.standby_writeback is not None else "")
     edits = edits or None
     pacings = [("adaptive", {"adaptive": True}), ("fixed 25ms", {"adaptive": False, "interval_ms": 25}),
                ("fixed 100ms", {"adaptive": False, "interval_ms": 100})]

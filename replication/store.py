@@ -7,7 +7,8 @@ Files in the replica directory (all 0600):
                     preallocated, so writing it through the shared mapping never needs space
 - ``device.state``  the QEMU device state of the committed epoch
 - ``replica.json``  {committed_epoch, valid, compat, run_id, seeded, problem}
-- ``journal``       redo log of the open transaction
+- ``journal``, ``journal.1``  redo log: the open transaction, and with group commit every
+                    transaction since the epoch replica.json says (two files, see below)
 
 and, when the guest has a disk, the replica disk: a raw file given by the caller (`disk`),
 of the guest disk's size, written only through the journal (or by an initial sync).
@@ -51,6 +52,18 @@ Failure rules (a full disk, an I/O error, a crash):
 
 So after a crash or a failed write at any point the replica is exactly N-1 or exactly
 N (or says it is invalid and why), and `open` says which (`OpenReport.recovered`).
+
+Group commit (``writeback_ms`` > 0, only once replica.json says a valid epoch): step 2 is done
+in memory (RAM through the mapping, disk blocks into the page cache, the device state kept) and
+step 3 is skipped; `committed_epoch` says N while replica.json says an older M, and the journal
+files hold every transaction after M. A write-back (a thread, at most every ``writeback_ms``)
+switches new transactions to the other journal file, writes ram.img and the disk back, replaces
+device.state and replica.json with its epoch, then empties the old file: a file is emptied only
+when all it holds is at or below what replica.json says. ram.img may hold pages of any durable
+epoch (never of a later one), so replaying every transaction after M from both files in epoch
+order gives the newest durable epoch after a crash at any point. Anything else that writes the
+files (`settle`, `bind`, `seed`, `mark_diverged`, an initial sync, `close`, `flush`) first waits
+for the write-back; a failed write-back leaves the transaction pending (replayed by `settle`).
 
 Initial sync is different: there is no valid replica yet, so blocks go straight into
 ``ram.img`` (and disk chunks into the replica disk) and the replica becomes valid at the
