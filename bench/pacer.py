@@ -8,6 +8,7 @@ over the unprotected guest, pause share, WAN bytes/s, checkpoints/s.
 
     .venv/bin/python bench/pacer.py [--seconds 8] [--clients 1,16,64] [--rtts 1,10,25,50]
         [--capture scan|colo] [--repeat-adaptive] [--latency-budget MS] [--min-interval MS]
+        [--standby-writeback MS]
         [--base FILE] [--out FILE]
 
 `--capture colo` runs both sites on the COLO QEMU with QEMU's dirty log as the capture
