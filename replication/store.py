@@ -451,7 +451,7 @@ class Replica:
 
     def close(self) -> None:
         self._join_writeback()
-        if self._map is not None and self._pending is False and self.unwritten:
+        if self._map is not None and not self._pending and self.unwritten:
             try:
                 self._write_back_now()
             except ReplicaStorageError as e:  # the journal still has it: the next open replays it
@@ -771,18 +771,21 @@ class Replica:
         return {"committed_epoch": epoch, "valid": True, "compat": self.compat, "run_id": self.run_id,
                 "seeded": self.seeded, "problem": None}
 
-    def _write_files(self, epoch: int, dev: bytes, meta: dict) -> None:
-        """The write-back of epoch `epoch` (applied in memory, durable in the journal): ram.img and
-        the replica disk to disk, device.state, then replica.json says it."""
+    def _write_files(self, epoch: int, dev: bytes, meta: dict, at: str = "wb-") -> None:
+        """The write-back of epoch `epoch` (applied to RAM and the disk, durable in the journal):
+        ram.img and the replica disk to disk, device.state, then replica.json says it. The one
+        order of these writes, for an apply and a group commit's write-back alike (`at` prefixes
+        the crash points of the latter)."""
         if self.fsync:
             self._io("ram-flush", self.ram_path, self._ops.msync, self._ram_fd)
-        _crash_point("wb-after-ram")
+        _crash_point(at + "after-ram")
         if self._disk_fd is not None and self.fsync:
             self._io("disk-fsync", self.disk_path, self._ops.fsync, self._disk_fd)
+        _crash_point(at + "after-disk")
         self._io("device-state", self.device_state_path, self._ops.replace, self.device_state_path, dev, self.fsync)
-        _crash_point("wb-after-device-state")
+        _crash_point(at + "after-device-state")
         self._io("meta", self.meta_path, self._ops.replace, self.meta_path, json.dumps(meta).encode(), self.fsync)
-        _crash_point("wb-after-meta")
+        _crash_point(at + "after-meta")
 
     def _write_back_now(self) -> None:
         """Write back every epoch applied in memory, here and now (no write-back thread runs)."""
@@ -1157,18 +1160,10 @@ class Replica:
                 self.committed_epoch, self.valid, self.problem = epoch, True, None
                 _crash_point("after-apply-in-memory")
             elif kind == REC_COMMIT:
-                if self.fsync:
-                    self._io("ram-flush", self.ram_path, self._ops.msync, self._ram_fd)
-                _crash_point("after-ram")
-                if self._disk_fd is not None and self.fsync:
-                    self._io("disk-fsync", self.disk_path, self._ops.fsync, self._disk_fd)
-                _crash_point("after-disk")
-                self._io("device-state", self.device_state_path, self._ops.replace, self.device_state_path,
-                         bytes(dev), self.fsync)
+                self._write_files(epoch, bytes(dev), self._meta_now(epoch), at="")
                 self._device_state = bytes(dev)
-                _crash_point("after-device-state")
-                self._write_meta(committed_epoch=epoch, valid=True, problem=None)
-                _crash_point("after-meta")
+                self.committed_epoch, self.valid, self.problem = epoch, True, None
+                self._meta_epoch, self._meta_valid = epoch, True
 
     def mark_diverged(self, why: str) -> None:
         """The committed epoch was found to differ from the primary's RAM (a replica check):
