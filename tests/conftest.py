@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -65,7 +66,20 @@ def _keep_lab_files(nodeid: str) -> Path | None:
             shutil.copy2(src, out)
         except OSError:  # a file a daemon removes while we copy: the rest is still worth having
             continue
+    _keep_site_status(dest)
     return dest
+
+
+def _keep_site_status(dest: Path) -> None:
+    """Each running site's /v1/status beside the logs (the pacer, the epochs' step latencies,
+    the standby's slow steps): what the logs do not say about the moment of the failure."""
+    from lab import cli as labcli
+
+    for site in ("site-a", "site-b"):
+        st = labcli.site_status(site, timeout=3.0)
+        if st is not None:
+            dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (dest / f"status-{site}.json").write_text(json.dumps(st, indent=1, default=str))
 
 
 def _print_lab_logs(lines: int = 40) -> None:
