@@ -61,6 +61,11 @@ from replication.transport import (HELLO_DISK_KEY, HELLO_FRAMES_KEY, PROTOCOL_VE
 
 log = structlog.get_logger(__name__)
 _U64 = struct.Struct(">Q")
+# An epoch whose first output could have waited this long for its release is logged
+# (primary.slow_epoch) and counted: well above the lab's ~100 ms (interval + pause + ACK), below
+# the 500 ms after which a SIP client over UDP retransmits (T1) and a TCP peer's retransmission
+# timer (200 ms minimum) has fired more than once.
+SLOW_HOLD_MS = 300.0
 
 
 @dataclass
@@ -101,6 +106,11 @@ class EpochRecord:
     encode_ms: float = 0.0  # from `cont` to its frame encoded (the codec thread)
     send_ms: float = 0.0  # writing the frame to the channel (to the kernel: its last byte queued)
 
+    def held_ms(self, acked_at: float) -> float:
+        """How long output the guest sent at this epoch's start waited for its release: the epoch's
+        run, its pause, the encoding, and from the send to the ACK (acked_at: monotonic s)."""
+        return self.interval_ms + self.pause_ms + self.encode_ms + (acked_at - self.sent_at) * 1000
+
 
 @dataclass
 class PrimaryStatus:
@@ -138,6 +148,8 @@ class PrimaryStatus:
     disk_write_delays: int = 0  # guest writes whose reply the cap held
     disk_write_delay_ms: float = 0.0  # the time they were held, summed
     epochs_woken: int = 0  # epochs ended early because the gate held output (the pacer's ``idle``)
+    slow_epochs: int = 0  # epochs whose output could have been held SLOW_HOLD_MS or more (primary.slow_epoch)
+    max_held_ms: float = 0.0  # the longest such hold: from an epoch's start to its ACK
     capture: str = "scan"  # how epochs find their pages: scan (all RAM vs the shadow) | colo (QEMU's dirty log)
     colo_error: str | None = None  # why the colo capture is not in use (it was asked for)
     colo_start_s: float = 0.0  # the last COLO start (its initial stream of all RAM)
@@ -201,6 +213,7 @@ class Primary:
         self.history: list[EpochRecord] = []
         self._acked = asyncio.Event()
         self._last_heard = time.monotonic()
+        self._slow_logged_at = float("-inf")  # primary.slow_epoch: one line a second
         self._pause_lock = asyncio.Lock()  # one checkpoint at a time (also vs. operator actions)
         self.on_commit: Callable[[int], None] | None = None
         # (peer generation, the link, the peer's upstream-up ms or None)
@@ -927,6 +940,10 @@ class Primary:
             log.debug("primary.acked", epoch=e, ack_ms=round((now - rec.sent_at) * 1000, 2))
             self.link.add_transfer(rec.wire_bytes, now - rec.sent_at)
             self.history.append(rec)
+            held = rec.held_ms(now)
+            self.status.max_held_ms = max(self.status.max_held_ms, round(held, 1))
+            if held >= SLOW_HOLD_MS:
+                self._note_slow_epoch(rec, held, now)
         del self.history[:-2000]
         if epoch > self.status.committed_epoch:
             self.status.committed_epoch = epoch
@@ -935,6 +952,21 @@ class Primary:
         self._acked.set()
         if self.on_commit:
             self.on_commit(epoch)
+
+    def _note_slow_epoch(self, rec: EpochRecord, held_ms: float, now: float) -> None:
+        """Say where an epoch's output waited long (at most one line a second; all counted in
+        `slow_epochs`): a long run (the epoch waited for earlier ACKs: `max_in_flight`), a long
+        pause, or a late ACK (the link, or the standby's journal: its `standby.slow_step`)."""
+        self.status.slow_epochs += 1
+        if now - self._slow_logged_at < 1.0:
+            return
+        self._slow_logged_at = now
+        log.warning("primary.slow_epoch", epoch=rec.epoch, held_ms=round(held_ms, 1), ran_ms=round(rec.interval_ms, 1),
+                    pause_ms=round(rec.pause_ms, 1), encode_ms=round(rec.encode_ms, 1),
+                    send_ms=round(rec.send_ms, 1), ack_ms=round((now - rec.sent_at) * 1000, 1),
+                    in_flight=len(self.records), slow_total=self.status.slow_epochs,
+                    hint="the guest's output waited that long for its release; ack_ms is the link and the "
+                         "standby (see its standby.slow_step), ran_ms over the interval an earlier late ACK")
 
     def _on_diverged(self, ch: Channel, payload: bytes) -> None:
         """The standby's replica is not this RAM: the epoch it names is not acknowledged (its output

@@ -174,3 +174,38 @@ def test_epoch_latency_gives_p50_and_p99_per_step_of_acknowledged_epochs():
     assert lat["pause"] == [51.0, 99.0] and lat["encode"] == [2.0, 2.0] and lat["send"] == [0.5, 0.5]
     assert lat["ack"][0] == pytest.approx(51.0) and lat["ack"][1] == pytest.approx(99.0)
     assert epoch_latency([]) == {"pause": None, "encode": None, "send": None, "ack": None}
+
+
+async def test_a_late_ack_is_logged_with_where_the_epochs_output_waited(tmp_path, monkeypatch):
+    """Real Primary, gate and Standby over loopback: the standby's journal step of one epoch takes
+    300 ms (a busy disk). The primary counts the epoch whose output waited past SLOW_HOLD_MS, keeps
+    the longest hold, and logs a line whose parts (run, pause, encode, ACK) add up to it, the ACK
+    named as the long part; quick epochs are neither counted nor logged."""
+    import structlog
+
+    from replication import primary as primary_mod
+    from tests.test_handover_frames import Pair
+    from tests.test_replica_verify import until
+
+    monkeypatch.setattr(primary_mod, "SLOW_HOLD_MS", 200.0)
+    async with Pair(tmp_path) as p:
+        journal, calls = p.standby._journal_checkpoint, []
+
+        def slow_journal(codec, payload):
+            calls.append(1)
+            if len(calls) == 3:
+                time.sleep(0.3)
+            return journal(codec, payload)
+
+        p.standby._journal_checkpoint = slow_journal
+        with structlog.testing.capture_logs() as logs:
+            await until(lambda: len(calls) >= 12, what="a dozen epochs")
+        st = p.primary.status
+    slow = [e for e in logs if e["event"] == "primary.slow_epoch"]
+    assert 1 <= st.slow_epochs <= p.primary.cfg.max_in_flight + 1, st.slow_epochs
+    assert len(slow) == 1 and st.max_held_ms >= 300
+    e = slow[0]
+    assert e["ack_ms"] >= 290 and e["held_ms"] >= e["ack_ms"]
+    assert e["held_ms"] == pytest.approx(e["ran_ms"] + e["pause_ms"] + e["encode_ms"] + e["ack_ms"], abs=0.5)
+    quick = [r for r in p.primary.history if r.acked_at is not None and r.held_ms(r.acked_at) < 200]
+    assert len(quick) >= 6  # the other epochs: under the threshold, not counted

@@ -119,6 +119,12 @@ class StatusCollector:
             if s.ha.get(key) is not None:
                 g.add_metric([], float(bool(s.ha[key])))
             yield g
+        c = CounterMetricFamily("geomirror_slow_epochs", "epochs whose output waited 300 ms or more for its release "
+                                "(primary.slow_epoch)")
+        slow = (s.replication or {}).get("slow_epochs")
+        if slow is not None:
+            c.add_metric([], float(slow))
+        yield c
         g = GaugeMetricFamily("geomirror_loop_lag_ms", "event loop lateness (worst of the last minute)")
         g.add_metric([], float(s.loop_lag_ms.get("max_1m", 0.0)))
         yield g
