@@ -15,6 +15,8 @@ import re
 import subprocess
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -125,29 +127,35 @@ def _header(msg: str, name: str) -> str:
     return m.group(1) if m else ""
 
 
+def _status(first_line: str) -> int | None:
+    """The status code of an answer ("SIP/2.0 200 OK" -> 200); None for a request."""
+    return int(first_line.split()[1]) if first_line.startswith("SIP/2.0") else None
+
+
+def _logged(message_log: str) -> Iterator[tuple[str, str, tuple[str, str], int | None]]:
+    """Each message in sipp's -trace_msg log as (timestamp, "sent" or "received", (Call-ID,
+    CSeq), status code or None for a request); a message without Call-ID or CSeq is left out."""
+    for m in _BLOCK.finditer(message_log):
+        kind, _, msg = m.group(2).partition("\n")
+        msg = msg.lstrip("\n")
+        callid, cseq = _header(msg, "Call-ID"), _header(msg, "CSeq")
+        if callid and cseq:
+            yield m.group(1), "sent" if " sent" in kind else "received", (callid, cseq), _status(msg.split("\n", 1)[0])
+
+
 def response_gaps(message_log: str) -> list[tuple[float, str]]:
     """(seconds, "METHOD Call-ID") from the first send of each request to its final response,
     read from sipp's -trace_msg log; a request with no final response is left out (sipp's
     counters report it as a failed call)."""
     sent: dict[tuple[str, str], tuple[datetime, str]] = {}
     gaps: list[tuple[float, str]] = []
-    for m in _BLOCK.finditer(message_log):
-        when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f")
-        body = m.group(2)
-        kind, _, msg = body.partition("\n")
-        msg = msg.lstrip("\n")
-        callid, cseq = _header(msg, "Call-ID"), _header(msg, "CSeq")
-        if not callid or not cseq:
-            continue
-        key = (callid, cseq)
-        first = msg.split("\n", 1)[0]
-        if " sent" in kind and not first.startswith("SIP/2.0"):
-            sent.setdefault(key, (when, f"{cseq.split()[-1]} {callid}"))
-        elif " received" in kind and first.startswith("SIP/2.0"):
-            code = int(first.split()[1])
-            if code >= 200 and key in sent:
-                t0, what = sent.pop(key)
-                gaps.append(((when - t0).total_seconds(), what))
+    for ts, way, key, code in _logged(message_log):
+        when = datetime.strptime(ts, "%Y-%m-%d %H:%M:%S.%f")
+        if way == "sent" and code is None:
+            sent.setdefault(key, (when, f"{key[1].split()[-1]} {key[0]}"))
+        elif way == "received" and code is not None and code >= 200 and key in sent:
+            t0, what = sent.pop(key)
+            gaps.append(((when - t0).total_seconds(), what))
     return gaps
 
 
@@ -156,27 +164,18 @@ _DEAD = re.compile(r"Dead call (\S+) \([^)]*\), received '(.*?)'\s*(?=\d{4}-\d\d
 
 def duplicate_answers(message_log: str, error_log: str) -> int:
     """How many of sipp's dead-call events (its -trace_err log) are a final answer to a request
-    the message log shows sent more than once and already answered before: the UAS's answer to
+    the message log shows sent more than once and answered more than once: the UAS's answer to
     sipp's own retransmission. Anything else there (a request, a provisional answer, an answer
     to a request sent once) is not counted, so it stays a problem."""
-    sends: dict[tuple[str, str], int] = {}
-    finals: dict[tuple[str, str], int] = {}
-    for m in _BLOCK.finditer(message_log):
-        kind, _, msg = m.group(2).partition("\n")
-        msg = msg.lstrip("\n")
-        key = (_header(msg, "Call-ID"), _header(msg, "CSeq"))
-        first = msg.split("\n", 1)[0]
-        if " sent" in kind and not first.startswith("SIP/2.0"):
-            sends[key] = sends.get(key, 0) + 1
-        elif " received" in kind and first.startswith("SIP/2.0") and int(first.split()[1]) >= 200:
-            finals[key] = finals.get(key, 0) + 1
+    logged = list(_logged(message_log))
+    sends = Counter(key for _, way, key, code in logged if way == "sent" and code is None)
+    finals = Counter(key for _, way, key, code in logged if way == "received" and code is not None and code >= 200)
     n = 0
     for m in _DEAD.finditer(error_log):
         msg = m.group(2)
-        first = msg.split("\n", 1)[0]
-        key = (m.group(1), _header(msg, "CSeq"))
-        if (first.startswith("SIP/2.0") and int(first.split()[1]) >= 200 and _header(msg, "Call-ID") == key[0]
-                and sends.get(key, 0) >= 2 and finals.get(key, 0) >= 2):
+        code, key = _status(msg.split("\n", 1)[0]), (m.group(1), _header(msg, "CSeq"))
+        if (code is not None and code >= 200 and _header(msg, "Call-ID") == key[0]
+                and sends[key] >= 2 and finals[key] >= 2):
             n += 1
     return n
 
