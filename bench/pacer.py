@@ -7,8 +7,8 @@ client ops/s as a ratio to the unprotected guest, client p50/p99 latency added
 over the unprotected guest, pause share, WAN bytes/s, checkpoints/s.
 
     .venv/bin/python bench/pacer.py [--seconds 8] [--clients 1,16,64] [--rtts 1,10,25,50]
-        [--capture scan|colo] [--repeat-adaptive] [--latency-budget MS] [--min-interval MS]
-        [--standby-writeback MS]
+        [--capture scan|colo] [--pacings adaptive,25,100] [--rounds N] [--repeat-adaptive]
+        [--latency-budget MS] [--min-interval MS] [--standby-writeback MS]
         [--base FILE] [--out FILE]
 
 `--capture colo` runs both sites on the COLO QEMU with QEMU's dirty log as the capture
@@ -19,6 +19,13 @@ The matrix can be run in pieces (the lab is shared): `--base FILE` stores the un
 guest's figures on the first run and reuses them on the next, `--out FILE` appends the rows
 as JSON lines. `--repeat-adaptive` measures adaptive again after the fixed intervals, so each
 RTT has two adaptive rows minutes apart: their spread is the noise the comparison is judged by.
+
+`--rounds N` measures the pacings (`--pacings`: `adaptive` and fixed intervals in ms) N times
+over at each RTT, in turn, each round in the reverse order of the one before (A B, B A, A B...),
+so that a drift of the shared machine's speed during a cell falls on both sides. The summary
+then gives, per RTT and connection count, adaptive over the best fixed interval round by round
+(the rows of one round are next to each other in time: a paired ratio), their median, and the
+spread of each pacing's own rows across the rounds: the noise that ratio is judged against.
 After setting each RTT the benchmark waits out the pacer's path-RTT window (`PATH_WINDOW_S`, 10 s:
 the floor of the window's samples), else the first rows would be paced for the previous RTT.
 """
@@ -109,6 +116,61 @@ def measure(seconds: float, clients: int) -> dict:
     return r
 
 
+def parse_pacings(text: str) -> list[tuple[str, dict]]:
+    """`adaptive,25,100` -> the rows' names and the /v1/checkpoint bodies that set them."""
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if item == "adaptive":
+            out.append(("adaptive", {"adaptive": True}))
+            continue
+        try:
+            ms = float(item.removesuffix("ms"))
+        except ValueError:
+            raise SystemExit(f"--pacings: {item!r} is neither 'adaptive' nor an interval in ms") from None
+        if ms <= 0:
+            raise SystemExit(f"--pacings: interval {item!r} must be above 0 ms")
+        out.append((f"fixed {ms:g}ms", {"adaptive": False, "interval_ms": ms}))
+    if not out:
+        raise SystemExit("--pacings: nothing to measure")
+    return out
+
+
+def round_order(pacings: list, rounds: int) -> list[tuple[int, list]]:
+    """Each round the pacings in the reverse order of the round before: a drift falls on both sides."""
+    return [(r, pacings if r % 2 == 0 else pacings[::-1]) for r in range(rounds)]
+
+
+def compare(rows: list[tuple], rtt: float, conns: int) -> dict | None:
+    """Adaptive over the best fixed interval in one cell, round by round.
+
+    `rows` are (rtt, name, conns, figures, round). The best fixed interval is the one with the
+    most ops/s over all rounds; each round's ratio is that round's adaptive (the mean of its
+    adaptive rows) over that round's row of the best fixed interval. `spread` is each pacing's
+    max/min ops/s across the rounds, less one: the noise of the same row measured again (None
+    for a pacing measured once).
+    """
+    cell = [(name, r["ops_s"], rnd) for t, name, n, r, rnd in rows if t == rtt and n == conns]
+    by_pacing: dict[str, dict[int, list[float]]] = {}
+    for name, ops, rnd in cell:
+        key = "adaptive" if name.startswith("adaptive") else name
+        by_pacing.setdefault(key, {}).setdefault(rnd, []).append(ops)
+    ad = by_pacing.pop("adaptive", None)
+    if not ad or not by_pacing:
+        return None
+    best = max(by_pacing, key=lambda k: statistics.fmean(v for vs in by_pacing[k].values() for v in vs))
+    ratios = [statistics.fmean(ad[rnd]) / statistics.fmean(by_pacing[best][rnd])
+              for rnd in sorted(ad) if rnd in by_pacing[best] and statistics.fmean(by_pacing[best][rnd]) > 0]
+
+    def spread(per_round: dict[int, list[float]]) -> float | None:
+        vals = [v for vs in per_round.values() for v in vs]
+        if len(vals) < 2:
+            return None  # measured once: no noise figure
+        return max(vals) / min(vals) - 1 if min(vals) > 0 else float("inf")
+
+    return {"best": best, "ratios": ratios, "median": statistics.median(ratios) if ratios else float("nan"),
+            "spread": {"adaptive": spread(ad), **{k: spread(v) for k, v in by_pacing.items()}}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8)
@@ -116,6 +178,10 @@ def main() -> int:
     ap.add_argument("--rtts", default="1,10,25,50")
     ap.add_argument("--capture", default="scan", choices=["scan", "colo"],
                     help="the sites' capture (colo: the COLO QEMU, for the unprotected guest too)")
+    ap.add_argument("--pacings", default="adaptive,25,100",
+                    help="what to measure at each RTT: 'adaptive' and fixed intervals in ms, comma-separated")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure the pacings this many times at each RTT, each round in reverse order")
     ap.add_argument("--repeat-adaptive", action="store_true", help="measure adaptive again after the fixed ones")
     ap.add_argument("--latency-budget", type=float, help="the sites' checkpoint.latency_budget_ms (lab: 150)")
     ap.add_argument("--min-interval", type=float, help="the sites' checkpoint.min_interval_ms (lab: 20)")
@@ -152,8 +218,9 @@ def main() -> int:
         edits["min_interval_ms = 20"] = f"min_interval_ms = {a.min_interval or 20:g}" + (
             f"\nstandby_writeback_ms = {a.standby_writeback:g}" if a.standby_writeback is not None else "")
     edits = edits or None
-    pacings = [("adaptive", {"adaptive": True}), ("fixed 25ms", {"adaptive": False, "interval_ms": 25}),
-               ("fixed 100ms", {"adaptive": False, "interval_ms": 100})]
+    if a.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    pacings = parse_pacings(a.pacings)
     if a.repeat_adaptive:
         pacings.append(("adaptive #2", {"adaptive": True}))
     for rtt in [float(x) for x in a.rtts.split(",")]:
@@ -165,31 +232,33 @@ def main() -> int:
             # the pacer's path RTT is the floor of a window (replication/session.py): until the
             # window holds only samples of the new WAN it paces for the old, shorter RTT
             time.sleep(PATH_WINDOW_S + 1)
-            for name, body in pacings:
-                labcli.site_call("site-a", "POST", "/v1/checkpoint", body)
-                time.sleep(2)
-                for n in conns:
-                    load(a.warmup, n)  # the pacer sees this load before the row is measured
-                    r = measure(a.seconds, n)
-                    rows.append((rtt, name, n, r))
-                    if a.out:
-                        with a.out.open("a") as f:
-                            f.write(json.dumps({"rtt": rtt, "pacing": name, "conn": n, "budget": a.latency_budget or 150,
-                                                "min_interval": a.min_interval or 20,
-                                                "capture_asked": a.capture, "base": base[n], **r}) + "\n")
+            for rnd, order in round_order(pacings, a.rounds):
+                for name, body in order:
+                    labcli.site_call("site-a", "POST", "/v1/checkpoint", body)
+                    time.sleep(2)
+                    for n in conns:
+                        load(a.warmup, n)  # the pacer sees this load before the row is measured
+                        r = measure(a.seconds, n)
+                        rows.append((rtt, name, n, r, rnd))
+                        if a.out:
+                            with a.out.open("a") as f:
+                                f.write(json.dumps({"rtt": rtt, "pacing": name, "conn": n, "round": rnd,
+                                                    "budget": a.latency_budget or 150,
+                                                    "min_interval": a.min_interval or 20,
+                                                    "capture_asked": a.capture, "base": base[n], **r}) + "\n")
         finally:
             world.down()
     print(f"\npacer benchmark: capture {a.capture}, memcached clients (incr) for {a.seconds:g}s each, "
           f"guest workload {DIRTY}, "
           "WAN 100 Mbit/s; unprotected guest: "
           + ", ".join(f"{n} conn {base[n]['ops_s']:.0f} ops/s p50 {base[n]['p50']:.1f} ms" for n in conns))
-    print(f"{'RTT':>5} {'pacing':12} {'conn':>4} {'interval':>9} {'reason':15} {'ops/s':>7} {'vs unprot':>9} "
+    print(f"{'RTT':>5} {'rnd':>3} {'pacing':12} {'conn':>4} {'interval':>9} {'reason':15} {'ops/s':>7} {'vs unprot':>9} "
           f"{'+p50 ms':>8} {'+p99 ms':>8} {'floor':>6} {'1.2xfl':>6} {'pause':>6} {'pause ms':>8} {'p50 ms':>6} "
           f"{'WAN Mbit/s':>10} {'ckpt/s':>7} {'capture':7}")
-    for rtt, name, n, r in rows:
+    for rtt, name, n, r, rnd in rows:
         b0 = base[n]
         floor = rtt + r["pause_ms"] + r["interval"] / 2  # the added latency output commit cannot avoid
-        print(f"{rtt:>4g}ms {name:12} {n:>4} {r['interval']:>7.1f}ms {r['reason']:15} {r['ops_s']:>7.0f} "
+        print(f"{rtt:>4g}ms {rnd:>3} {name:12} {n:>4} {r['interval']:>7.1f}ms {r['reason']:15} {r['ops_s']:>7.0f} "
               f"{r['ops_s'] / b0['ops_s']:>9.2f} {r['p50'] - b0['p50']:>8.1f} {r['p99'] - b0['p99']:>8.1f} "
               f"{floor:>6.1f} {1.2 * floor:>6.1f} {r['pause_share']:>6.1%} {r['pause_ms']:>8.1f} {r['pause_p50']:>6.1f} "
               f"{r['wan_mbit']:>10.1f} {r['ckpt_s']:>7.1f} {r['capture']:7}"
@@ -198,13 +267,12 @@ def main() -> int:
     # adaptive against the best fixed interval, per RTT and connection count
     for rtt in sorted({r[0] for r in rows}):
         for n in conns:
-            got = {name: r["ops_s"] for t, name, c, r in rows if t == rtt and c == n}
-            ad = [v for k, v in got.items() if k.startswith("adaptive")]
-            fx = {k: v for k, v in got.items() if k.startswith("fixed")}
-            if ad and fx:
-                best = max(fx, key=fx.get)
-                print(f"{rtt:>4g}ms {n:>3} conn: adaptive {'/'.join(f'{v:.0f}' for v in ad)} vs {best} "
-                      f"{fx[best]:.0f} ops/s: ratio {min(ad) / fx[best]:.2f}..{max(ad) / fx[best]:.2f}")
+            c = compare(rows, rtt, n)
+            if c:
+                print(f"{rtt:>4g}ms {n:>3} conn: adaptive / {c['best']} by round "
+                      f"{' '.join(f'{x:.2f}' for x in c['ratios'])}, median {c['median']:.2f}; "
+                      "the same row again moves " + ", ".join(
+                          f"{k} {'(once)' if v is None else f'{v:.0%}'}" for k, v in c["spread"].items()))
     return 0
 
 

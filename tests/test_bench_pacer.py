@@ -1,0 +1,58 @@
+"""bench/pacer.py's pure parts: the pacings asked for, the order of the rounds, and the paired
+comparison of adaptive against the best fixed interval that its summary prints."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.pacer import compare, parse_pacings, round_order
+
+
+def test_pacings_are_adaptive_or_a_fixed_interval_in_ms():
+    assert parse_pacings("adaptive,25,100ms") == [
+        ("adaptive", {"adaptive": True}),
+        ("fixed 25ms", {"adaptive": False, "interval_ms": 25.0}),
+        ("fixed 100ms", {"adaptive": False, "interval_ms": 100.0}),
+    ]
+    for bad in ("adaptve", "0", "-5", ","):
+        with pytest.raises(SystemExit, match="--pacings"):
+            parse_pacings(bad)
+
+
+def test_each_round_runs_the_pacings_in_the_reverse_order_of_the_one_before():
+    assert [order for _, order in round_order(["a", "b", "c"], 3)] == [
+        ["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+
+
+def _row(rtt, name, n, ops, rnd):
+    return (rtt, name, n, {"ops_s": ops}, rnd)
+
+
+def test_the_ratio_is_taken_round_by_round_against_the_best_fixed_interval():
+    # the machine slows down by half in round 1: unpaired, adaptive's 50 against fixed's 100 would
+    # read 0.5; round by round it is level, then ahead
+    rows = [
+        _row(10, "adaptive", 16, 100, 0), _row(10, "fixed 25ms", 16, 100, 0), _row(10, "fixed 100ms", 16, 60, 0),
+        _row(10, "fixed 100ms", 16, 30, 1), _row(10, "fixed 25ms", 16, 50, 1), _row(10, "adaptive", 16, 55, 1),
+        _row(10, "adaptive", 64, 1, 0),  # another cell: not counted
+        _row(1, "fixed 25ms", 16, 1000, 0),  # another RTT: not counted
+    ]
+    c = compare(rows, 10, 16)
+    assert c["best"] == "fixed 25ms"
+    assert c["ratios"] == pytest.approx([1.0, 1.1])
+    assert c["median"] == pytest.approx(1.05)
+    assert c["spread"]["adaptive"] == pytest.approx(100 / 55 - 1)
+    assert c["spread"]["fixed 25ms"] == pytest.approx(1.0)
+
+
+def test_two_adaptive_rows_in_a_round_count_as_their_mean_and_a_single_row_has_no_spread():
+    rows = [_row(50, "adaptive", 1, 10, 0), _row(50, "fixed 25ms", 1, 10, 0), _row(50, "adaptive #2", 1, 14, 0)]
+    c = compare(rows, 50, 1)
+    assert c["ratios"] == pytest.approx([1.2])
+    assert c["spread"]["fixed 25ms"] is None
+    assert c["spread"]["adaptive"] == pytest.approx(0.4)
+
+
+def test_a_cell_without_adaptive_or_without_a_fixed_interval_has_no_comparison():
+    assert compare([_row(1, "adaptive", 1, 5, 0)], 1, 1) is None
+    assert compare([_row(1, "fixed 25ms", 1, 5, 0)], 1, 1) is None
