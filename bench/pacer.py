@@ -26,6 +26,11 @@ so that a drift of the shared machine's speed during a cell falls on both sides.
 then gives, per RTT and connection count, adaptive over the best fixed interval round by round
 (the rows of one round are next to each other in time: a paired ratio), their median, and the
 spread of each pacing's own rows across the rounds: the noise that ratio is judged against.
+
+Each row also says where the CPU went (`CpuUse`, from /proc): the cores site A's QEMU, both
+daemons and the WAN emulator used over the row, and QEMU's busiest thread's share (under load the
+vCPU: how much of the time the guest ran), so a row can be told apart as guest-bound, host-bound or
+waiting on output commit.
 After setting each RTT the benchmark waits out the pacer's path-RTT window (`PATH_WINDOW_S`, 10 s:
 the floor of the window's samples), else the first rows would be paced for the previous RTT.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -87,12 +93,67 @@ def sample_pauses(until: threading.Event, out: list) -> None:
             out.append(rep["last_pause_ms"])
 
 
+def thread_ticks(pid: int) -> dict[int, int]:
+    """CPU clock ticks (user + system) of each thread of `pid`; {} for a process that is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    out = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended
+        fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+        out[int(tid)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def lab_processes() -> dict[str, int]:
+    """The lab's processes whose CPU a row reports: both daemons, the WAN emulator, site A's QEMU."""
+    procs = {k: v for k, v in world.load_state().get("pids", {}).items()
+             if k in ("site-a", "site-b", "wan") and isinstance(v, int)}
+    for pid in world.pids_in_netns("gm-site-a"):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("qemu-system"):
+                    procs["qemu"] = pid
+        except OSError:
+            continue
+    return procs
+
+
+class CpuUse:
+    """The cores each process used from construction to `stop()`, and for `qemu` its busiest
+    thread's share of one core (`vcpu`: under load, the guest's vCPU)."""
+
+    def __init__(self, procs: dict[str, int]):
+        self.procs = procs
+        self.before = {name: thread_ticks(pid) for name, pid in procs.items()}
+        self.t0 = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        dt = max(time.monotonic() - self.t0, 1e-6)
+        hz = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, pid in self.procs.items():
+            before = self.before[name]
+            per = {tid: (t - before.get(tid, 0)) / hz / dt for tid, t in thread_ticks(pid).items()}
+            out[name] = round(sum(per.values()), 3)
+            if name == "qemu" and per:
+                out["vcpu"] = round(max(per.values()), 3)
+        return out
+
+
 def measure(seconds: float, clients: int) -> dict:
     a0 = labcli.site_status("site-a")
     w0 = labcli.wan()["stats"]["a->b"]["bytes"]
     done, seen = threading.Event(), []
     sampler = threading.Thread(target=sample_pauses, args=(done, seen))
     sampler.start()
+    cpu = CpuUse(lab_processes())
     t0 = time.monotonic()
     try:
         r = load(seconds, clients)
@@ -100,6 +161,7 @@ def measure(seconds: float, clients: int) -> dict:
         done.set()
         sampler.join()
     dt = time.monotonic() - t0
+    used = cpu.stop()
     a1 = labcli.site_status("site-a")
     w1 = labcli.wan()["stats"]["a->b"]["bytes"]
     p0, p1 = a0["replication"], a1["replication"]
@@ -111,7 +173,7 @@ def measure(seconds: float, clients: int) -> dict:
              interval=cycle * (1 - pause_share), pause_ms=cycle * pause_share,
              reason=(a1.get("pacer") or {}).get("reason", "?"),
              pause_p50=statistics.median(seen) if seen else float("nan"), pause_samples=len(seen),
-             capture=p1.get("capture", "scan"), colo_error=p1.get("colo_error"),
+             cpu=used, capture=p1.get("capture", "scan"), colo_error=p1.get("colo_error"),
              colo_missed=p1.get("colo_missed_pages", 0))
     return r
 
@@ -254,14 +316,15 @@ def main() -> int:
           + ", ".join(f"{n} conn {base[n]['ops_s']:.0f} ops/s p50 {base[n]['p50']:.1f} ms" for n in conns))
     print(f"{'RTT':>5} {'rnd':>3} {'pacing':12} {'conn':>4} {'interval':>9} {'reason':15} {'ops/s':>7} {'vs unprot':>9} "
           f"{'+p50 ms':>8} {'+p99 ms':>8} {'floor':>6} {'1.2xfl':>6} {'pause':>6} {'pause ms':>8} {'p50 ms':>6} "
-          f"{'WAN Mbit/s':>10} {'ckpt/s':>7} {'capture':7}")
+          f"{'WAN Mbit/s':>10} {'ckpt/s':>7} {'vCPU':>5} {'cores':>5} {'capture':7}")
     for rtt, name, n, r, rnd in rows:
         b0 = base[n]
         floor = rtt + r["pause_ms"] + r["interval"] / 2  # the added latency output commit cannot avoid
         print(f"{rtt:>4g}ms {rnd:>3} {name:12} {n:>4} {r['interval']:>7.1f}ms {r['reason']:15} {r['ops_s']:>7.0f} "
               f"{r['ops_s'] / b0['ops_s']:>9.2f} {r['p50'] - b0['p50']:>8.1f} {r['p99'] - b0['p99']:>8.1f} "
               f"{floor:>6.1f} {1.2 * floor:>6.1f} {r['pause_share']:>6.1%} {r['pause_ms']:>8.1f} {r['pause_p50']:>6.1f} "
-              f"{r['wan_mbit']:>10.1f} {r['ckpt_s']:>7.1f} {r['capture']:7}"
+              f"{r['wan_mbit']:>10.1f} {r['ckpt_s']:>7.1f} {r['cpu'].get('vcpu', float('nan')):>5.0%} "
+              f"{sum(v for k, v in r['cpu'].items() if k != 'vcpu'):>5.2f} {r['capture']:7}"
               + (f" colo error: {r['colo_error']}" if r.get("colo_error") else "")
               + (f" missed pages {r['colo_missed']}" if r.get("colo_missed") else ""))
     # adaptive against the best fixed interval, per RTT and connection count

@@ -1,11 +1,16 @@
-"""bench/pacer.py's pure parts: the pacings asked for, the order of the rounds, and the paired
-comparison of adaptive against the best fixed interval that its summary prints."""
+"""bench/pacer.py's parts that run without the lab: the pacings asked for, the order of the
+rounds, the paired comparison of adaptive against the best fixed interval that its summary prints,
+and the CPU accounting of a row (on real processes)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 
-from bench.pacer import compare, parse_pacings, round_order
+from bench.pacer import CpuUse, compare, parse_pacings, round_order, thread_ticks
 
 
 def test_pacings_are_adaptive_or_a_fixed_interval_in_ms():
@@ -56,3 +61,28 @@ def test_two_adaptive_rows_in_a_round_count_as_their_mean_and_a_single_row_has_n
 def test_a_cell_without_adaptive_or_without_a_fixed_interval_has_no_comparison():
     assert compare([_row(1, "adaptive", 1, 5, 0)], 1, 1) is None
     assert compare([_row(1, "fixed 25ms", 1, 5, 0)], 1, 1) is None
+
+
+def test_a_rows_cpu_is_each_processs_and_its_busiest_threads_share():
+    """Two real processes over the same window: one spins in two threads (sharing Python's GIL,
+    so each gets about half of what the process gets), one sleeps. The spinner's cores are well
+    above the sleeper's, and `vcpu` (reported for `qemu` only) is its busiest thread, not its sum;
+    a process that is gone counts nothing."""
+    spin = subprocess.Popen([sys.executable, "-c",
+                             "import threading, time\n"
+                             "def f():\n    while True: pass\n"
+                             "for _ in range(2): threading.Thread(target=f, daemon=True).start()\ntime.sleep(60)"])
+    sleep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.3)  # both started
+        use = CpuUse({"qemu": spin.pid, "site-b": sleep.pid})
+        time.sleep(1.0)
+        got = use.stop()
+    finally:
+        for p in (spin, sleep):
+            p.kill()
+            p.wait()
+    assert got["qemu"] > 10 * got["site-b"] and got["qemu"] > 0, got
+    assert 0.2 * got["qemu"] < got["vcpu"] < 0.8 * got["qemu"], got
+    assert set(got) == {"qemu", "vcpu", "site-b"}
+    assert thread_ticks(spin.pid) == {}  # gone
