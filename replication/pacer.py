@@ -12,7 +12,8 @@ the interval and the term that decided it (`Plan.reason`, one short word):
   are out before the epoch ends; one that misses waits a whole extra epoch. All or nothing: not
   when it is out of reach (past twice the interval without it, or past the latency budget), when
   one aligned cycle would not serve a request 15 % faster than the cycles at the shorter
-  interval;
+  interval, nor 5 % faster than a request at a random moment of its epochs (many connections
+  fall out of step with the releases);
 - ``latency-budget``: shortened to keep interval + pause + transfer + RTT in the budget;
 - ``min-interval``, ``pause-share``, ``bandwidth``, ``wan-ceiling``: raised to a hard limit;
 - ``hard-max``: capped at the longest interval allowed;
