@@ -214,20 +214,21 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
     if aligned is not None and aligned > best:
         # Worth it only if one cycle of the aligned interval clearly beats the cycles a request
         # takes at the shorter one (with a pause of a few ms, two cycles of a short interval
-        # cost about one aligned cycle: the lab at 25 ms RTT with COLO)
-        p_ = max(inp.pause_ms, 0.0)
-        ready = max(max(inp.rtt_ms, 0.0) + inp.transfer_ms(aligned), inp.release_offset_ms or 0.0) + inp.reply_ms
+        # cost about one aligned cycle: the lab at 25 ms RTT with COLO). `start`: when the released
+        # clients' next requests come (RTT + transfer, or as late as the releases were measured to come)
+        start = max(rtt + inp.transfer_ms(aligned), inp.release_offset_ms or 0.0)
+        ready = start + inp.reply_ms
         # the shorter interval is judged by the alignment's own standard: a request is served in a
         # cycle only with the same slack the alignment leaves (else the band short - slack < ready <=
         # short counted one cycle where part of the replies missed: two cycles each in the lab)
         need = ready + max(ALIGN_MIN_SLACK_MS, ALIGN_SLACK * ready)
-        cycles = 1 + max(0, math.ceil((need - short) / (short + p_)))
-        if not inp.reply_at_least and (aligned + p_) * (1 + ALIGN_MARGIN) > cycles * (short + p_):
+        cycles = 1 + max(0, math.ceil((need - short) / (short + p)))
+        if not inp.reply_at_least and (aligned + p) * (1 + ALIGN_MARGIN) > cycles * (short + p):
             detail += (f"; replies take {inp.reply_ms:.1f} ms after a release: aligned {aligned:.1f} ms "
-                       f"({aligned + p_:.0f} ms per request) serves no better than {cycles} cycles at {short:.1f} ms "
-                       f"({cycles * (short + p_):.0f} ms): not aligned")
+                       f"({aligned + p:.0f} ms per request) serves no better than {cycles} cycles at {short:.1f} ms "
+                       f"({cycles * (short + p):.0f} ms): not aligned")
             aligned = None
-    if aligned is not None and aligned > best:
+    if aligned is not None and aligned > best:  # (the block above set `start`)
         # Nor if the clients need not be in step: a request that comes at any moment of the shorter
         # interval's epochs waits half an interval on average, not whole cycles. Many connections the
         # guest answers one after another fall out of step at the shorter interval (their replies
@@ -235,16 +236,14 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
         # request once the whole batch has been answered. Few connections gain from the alignment
         # (one connection at 25 ms RTT, COLO: aligned 36 ms served 1.07 x fixed 25 ms); many lose
         # (64 connections at 10 ms RTT: aligned 35-45 ms 0.89 x fixed 25 ms, fixed 20 ms best)
-        p_ = max(inp.pause_ms, 0.0)
-        start = max(max(inp.rtt_ms, 0.0) + inp.transfer_ms(aligned), inp.release_offset_ms or 0.0)
-        spread = start + short / 2 + p_
+        spread = start + short / 2 + p
         # (a reply time known only as a lower bound decides this too: a longer one aligns later, and
         # the random moment does not move. Bypassed, it would align for an epoch each time a cut-off
         # reply raised the estimate: with the bypass, one run at 1 ms RTT / 64 connections had 26 ms
         # mean epochs under a 20 ms plan, 0.85 x fixed 20 ms)
-        if (aligned + p_) * (1 + SPREAD_MARGIN) > spread:
+        if (aligned + p) * (1 + SPREAD_MARGIN) > spread:
             detail += (f"; replies take {inp.reply_ms:.1f} ms after a release: aligned {aligned:.1f} ms "
-                       f"({aligned + p_:.0f} ms per request) serves no better than a request at any moment of "
+                       f"({aligned + p:.0f} ms per request) serves no better than a request at any moment of "
                        f"{short:.1f} ms epochs ({spread:.0f} ms): not aligned")
             aligned = None
     if aligned is not None and aligned > best:
