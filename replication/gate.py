@@ -151,9 +151,17 @@ class GateStats:
     dropped_inbound_hold: int = 0  # inbound: held, and this site stopped running the guest
     last_release_delay_ms: float = 0.0
     max_release_delay_ms: float = 0.0
-    # The sealed epoch's quiet tail: from its last held frame to the seal (None: it held none).
-    # With the release delay it tells the pacer whether replies to released output made the epoch.
+    # The last release, counted from the guest's resume after its epoch's pause: when in the
+    # next epoch the clients whose replies it let out can send again (None: not known yet).
+    last_release_offset_ms: float | None = None
+    # The sealed epoch's quiet tail: from its last held frame to the moment its pause began
+    # (`stopping`; the seal if no pause was announced); 0 when frames came after that moment (the
+    # stop cut the output off). None: it held none.
     last_quiet_ms: float | None = None
+    # How long the guest ran, in the sealed epoch and the one before it, from the last release
+    # that let frames out (the clients' next requests) to its last held frame (`reply_time`);
+    # None: it held none, or no such release came in those two epochs.
+    last_reply_ms: float | None = None
     # ... and its burst: from its first held frame to its last (None: it held none). Short against
     # the interval: the guest answered what a release let in, then waited (clients in step with
     # the releases); long: output all through the epoch (many clients, or a sender that never stops).
@@ -161,6 +169,29 @@ class GateStats:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def reply_time(last_held: float, let_in, resumed: float | None, prev_stop: float | None,
+               prev_resumed: float | None) -> float | None:
+    """How long (ms) the guest ran from the release that let its clients' requests in to its last
+    held frame of the epoch that began at `resumed` (all times monotonic seconds): the release is
+    the latest of `let_in` (releases that let frames out) at or before that frame. A release in
+    the epoch before (from `prev_resumed` to `prev_stop`) counts the guest's run in both epochs,
+    not the pause between them; one during that pause, the run from `resumed`. None when no such
+    release came since `prev_resumed` (the frames answer older requests, or none: a timer, an
+    ARP) or the epochs' edges are not known yet."""
+    if resumed is None:
+        return None
+    at = max((t for t in let_in if t <= last_held), default=None)
+    if at is None:
+        return None
+    if at >= resumed:
+        run = last_held - at
+    elif prev_stop is not None and prev_resumed is not None and at >= prev_resumed and prev_stop <= resumed:
+        run = max(prev_stop - at, 0.0) + (last_held - resumed)
+    else:
+        return None
+    return max(run, 0.0) * 1000
 
 
 def open_tap(name: str) -> int:
@@ -217,6 +248,13 @@ class Gate:
     def seal(self, epoch: int) -> None:
         """With the vCPUs stopped for `epoch`: every frame read so far belongs to `epoch` or earlier."""
         raise NotImplementedError
+
+    def stopping(self) -> None:
+        """The pause of the open epoch begins now (the guest is being stopped): its quiet tail and
+        reply time count to here, not to the seal (which in COLO comes after the RAM's transfer)."""
+
+    def resumed(self) -> None:
+        """The guest runs again after the pause of the epoch last sealed: the next epoch begins."""
 
     def release(self, epoch: int) -> None:
         """The standby committed `epoch`: frames of epochs <= `epoch` may leave (if allowed, before `until`)."""
@@ -295,6 +333,14 @@ class UserspaceGate(Gate):
         self._sealed_at: dict[int, float] = {}
         self._last_held_at: float | None = None  # the current epoch's latest held frame (monotonic)
         self._first_held_at: float | None = None  # ... and its first
+        # The pauses' edges (monotonic): this epoch's and the one before it (`reply_time`), the
+        # resume after each sealed epoch (a release's offset), and the releases that let frames out.
+        self._stop_at: float | None = None
+        self._prev_stop_at: float | None = None
+        self._resumed_at: float | None = None
+        self._prev_resumed_at: float | None = None
+        self._resumed_after: dict[int, float] = {}
+        self._let_in: deque[float] = deque(maxlen=8)
         self._target: Path | None = None  # the guest NIC's socket this gate connects to
         self._connector: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -488,10 +534,23 @@ class UserspaceGate(Gate):
         """Called with the vCPUs stopped for epoch `epoch`: frames read so far are <= epoch."""
         now = self._sealed_at[epoch] = time.monotonic()
         t = self._last_held_at
-        self.stats.last_quiet_ms = None if t is None else (now - t) * 1000
+        stop = self._stop_at if self._stop_at is not None and (self._resumed_at or 0.0) <= self._stop_at else now
+        self.stats.last_quiet_ms = None if t is None else max(stop - t, 0.0) * 1000
         self.stats.last_burst_ms = None if t is None else (t - self._first_held_at) * 1000
+        self.stats.last_reply_ms = None if t is None else reply_time(
+            t, self._let_in, self._resumed_at, self._prev_stop_at, self._prev_resumed_at)
         self._last_held_at = self._first_held_at = None
         self._epoch = epoch + 1
+
+    def stopping(self) -> None:
+        self._prev_stop_at, self._stop_at = self._stop_at, time.monotonic()
+
+    def resumed(self) -> None:
+        now = time.monotonic()
+        self._prev_resumed_at, self._resumed_at = self._resumed_at, now
+        self._resumed_after[self._epoch - 1] = now
+        for e in [e for e in self._resumed_after if e < self._epoch - 16]:
+            del self._resumed_after[e]
 
     def allow(self, allowed: bool, until: float | None = None) -> None:
         """Release permission from the HA layer, up to the lease deadline `until` (CLOCK_BOOTTIME
@@ -513,6 +572,9 @@ class UserspaceGate(Gate):
         if not self._may_send():
             return
         held = self._held
+        now = time.monotonic()
+        if held and held[0][0] <= epoch:
+            self._let_in.append(now)  # replies leave: the clients' next requests come after this
         while held and held[0][0] <= epoch:
             _, frame = held.popleft()
             self.stats.frames_held -= 1
@@ -522,9 +584,12 @@ class UserspaceGate(Gate):
         for e in [e for e in self._sealed_at if e < epoch]:
             del self._sealed_at[e]
         if t is not None:
-            ms = (time.monotonic() - t) * 1000
+            ms = (now - t) * 1000
             self.stats.last_release_delay_ms = ms
             self.stats.max_release_delay_ms = max(self.stats.max_release_delay_ms, ms)
+            r = self._resumed_after.pop(epoch, None)
+            if r is not None:
+                self.stats.last_release_offset_ms = max(now - r, 0.0) * 1000
         if epoch > self._released_upto:  # a permission renewed re-releases: count each epoch once
             self.stats.epochs_released += 1
             self._released_upto = epoch

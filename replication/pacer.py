@@ -22,8 +22,8 @@ the interval and the term that decided it (`Plan.reason`, one short word):
   epoch loop ends such a long epoch early once the gate holds output (`wake_at`), and the
   first output drops the interval back to the latency-driven target at once.
 
-`Pacer` is the stateful edge: it smooths what each epoch measured, turns the gate's
-timings into the reply time, adds the back-off for real backlogs (``queued``), moves toward
+`Pacer` is the stateful edge: it smooths what each epoch measured (the reply time and the
+releases' offset come from the gate, measured on its own clock), adds the back-off for real backlogs (``queued``), moves toward
 the plan by bounded steps, and reports an infeasible latency budget once, with numbers.
 """
 
@@ -40,7 +40,7 @@ ALIGN_MAX_FACTOR = 2.0  # an alignment past this multiple of the interval withou
 SILENT_EPOCHS = 10  # epochs without output after which the measured reply time is forgotten
 IDLE_EPOCHS = 3  # epochs in a row without output after which the interval may lengthen (``idle``)
 WAKE_BATCH_MS = 3.0  # an idle epoch woken by output ends this long after its first held frame
-CUT_OFF_MS = 1.0  # output this close to the seal may have been cut off by it
+CUT_OFF_MS = 1.0  # output this close to the pause may have been cut off by it
 ALIGN_MARGIN = 0.15  # an aligned cycle must serve a request this much faster than the shorter interval's cycles
 SPREAD_MARGIN = 0.05  # ... and this much faster than a request at a random moment of the shorter interval's epochs
 
@@ -80,10 +80,11 @@ class ModelInputs:
     wire_bytes_per_ms: float = 0.0  # wire bytes per ms of interval, measured at ref_interval_ms
     ref_interval_ms: float = 100.0
     reply_ms: float | None = None  # how long the guest answers a release's worth of clients; None = none seen
-    # how far into the next epoch releases come (seal -> release, less the pause; smoothed mean +
-    # twice its mean deviation): RTT + transfer + the standby's commit + jitter. None = not measured
+    # how far into the next epoch releases come (the guest's resume after the released epoch's
+    # pause -> release; smoothed mean + twice its mean deviation): encode + RTT + transfer + the
+    # standby's commit + jitter. None = not measured
     release_offset_ms: float | None = None
-    # reply_ms is only a lower bound, just raised by replies the seal cut off: align without the
+    # reply_ms is only a lower bound, just raised by replies the pause cut off: align without the
     # margin, where the whole reply is seen (the next plan judges with it)
     reply_at_least: bool = False
 
@@ -304,11 +305,14 @@ class EpochSample:
     rtt_var_ms: float = 0.0
     bandwidth_bytes_per_s: float | None = None  # achieved on recent checkpoints; None = unknown yet
     in_flight: int = 0
-    # the gate's timings: seal → release of the last released epoch (pause + transfer + RTT), and
-    # the quiet tail of this epoch (last held frame → seal; None: the guest sent nothing)
-    release_delay_ms: float | None = None
+    # the gate's timings (replication/gate.py, all measured there on one clock): the last release,
+    # counted from the resume after its epoch's pause; this epoch's quiet tail (last held frame →
+    # its pause began; None: the guest sent nothing); and the guest's run from the release that
+    # let its clients' requests in to that last frame (`gate.reply_time`; None: none to measure)
+    release_offset_ms: float | None = None
     quiet_ms: float | None = None
-    released: bool = True  # release_delay_ms is of a release since the last sample (not a repeat)
+    reply_ms: float | None = None
+    released: bool = True  # release_offset_ms is of a release since the last sample (not a repeat)
 
 
 @dataclass(frozen=True)
@@ -319,27 +323,6 @@ class PacerDecision:
     infeasible: str | None = None  # a sentence with numbers, only when newly infeasible
     expected_latency_ms: float = 0.0
     detail: str = ""
-
-
-def reply_sample(s: EpochSample) -> float | None:
-    """How long after a release reached the guest it was still sending, in this epoch: the last
-    held frame came interval − quiet into the epoch, and the release (delay − pause after the epoch
-    began, folded into the epoch cycle when the RTT is longer than an interval) let the clients'
-    next requests in. None when the guest sent nothing or the release delay is not known yet."""
-    if s.quiet_ms is None or s.release_delay_ms is None:
-        return None
-    cycle = max(s.interval_ms, 1e-3) + max(s.pause_ms, 0.0)
-    arrival = max(s.release_delay_ms - s.pause_ms, 0.0) % cycle
-    if arrival > s.interval_ms:  # released during the pause: the requests start the next epoch
-        arrival = 0.0
-    last_out = max(s.interval_ms - s.quiet_ms, 0.0)
-    if last_out < arrival:
-        # the output ended before the release let the next requests in: it tells nothing about how
-        # long they take (a zero here dragged the estimate down while the replies to them spilled
-        # past the seal into the next epoch's first ms: the lab at 10 ms RTT, 16 connections, held
-        # at 20 ms with "replies take 1-2 ms" and two cycles per request)
-        return None
-    return last_out - arrival
 
 
 def _ewma(old: float | None, new: float, a: float = 0.3) -> float:
@@ -369,10 +352,10 @@ class Pacer:
         self._wire_rate = _ewma(self._wire_rate, s.wire_bytes / iv)  # bytes per ms at this interval
         if s.bandwidth_bytes_per_s:
             self._bw = _ewma(self._bw, s.bandwidth_bytes_per_s)
-        r = reply_sample(s)
+        r = s.reply_ms
         grew = False  # a cut-off reply raised the estimate: replies may be longer still
         if r is not None:
-            # output up to the seal may have been cut off by it: its reply time is a lower bound,
+            # output up to the pause may have been cut off by it: its reply time is a lower bound,
             # which raises the estimate but never lowers it (epochs the guest went quiet in do);
             # else an alignment out of reach would come back each time the shorter interval cut
             # the replies off, and go again when they were seen whole
@@ -380,8 +363,8 @@ class Pacer:
             grew = cut and r > (self._reply or 0.0)
             self._reply = max(self._reply or 0.0, r) if cut else _ewma(self._reply, r)
         self._silent = self._silent + 1 if s.quiet_ms is None else 0
-        if s.release_delay_ms is not None and s.released:  # each release once (the gate repeats its last)
-            off = max(s.release_delay_ms - self._pause, 0.0)
+        if s.release_offset_ms is not None and s.released:  # each release once (the gate repeats its last)
+            off = max(s.release_offset_ms, 0.0)
             self._rdev = _ewma(self._rdev, abs(off - self._roff) if self._roff is not None else 0.0)
             self._roff = _ewma(self._roff, off)
         if self._silent >= SILENT_EPOCHS:  # nobody is waiting for replies any more

@@ -169,8 +169,9 @@ def epoch_latency(records: list[EpochRecord]) -> dict:
             for name, xs in steps.items()}
 
 
-def pacer_sample(rec: EpochRecord, link: LinkStats, in_flight: int, release_delay_ms: float | None = None,
-                 quiet_ms: float | None = None, released: bool = True) -> EpochSample:
+def pacer_sample(rec: EpochRecord, link: LinkStats, in_flight: int, release_offset_ms: float | None = None,
+                 quiet_ms: float | None = None, reply_ms: float | None = None,
+                 released: bool = True) -> EpochSample:
     """What epoch `rec` tells the pacer. Its RTT is the path's (`LinkStats.pacer_rtt`: TCP's, which
     the channel's queue does not inflate), not the heartbeats' channel RTT: a heartbeat that waits
     behind checkpoint frames measures our own queue, and the pacer would pace for a WAN that is not
@@ -179,7 +180,7 @@ def pacer_sample(rec: EpochRecord, link: LinkStats, in_flight: int, release_dela
     return EpochSample(interval_ms=rec.interval_ms, pause_ms=rec.pause_ms, dirty_bytes=rec.dirty_bytes,
                        wire_bytes=rec.wire_bytes, rtt_ms=rtt, rtt_var_ms=var,
                        bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=in_flight,
-                       release_delay_ms=release_delay_ms, quiet_ms=quiet_ms,
+                       release_offset_ms=release_offset_ms, quiet_ms=quiet_ms, reply_ms=reply_ms,
                        released=released)
 
 
@@ -765,11 +766,14 @@ class Primary:
                     raise ChannelError(f"the COLO capture failed: {e}") from None
             n = self.status.epoch + 1
             t0 = time.perf_counter()
+            self.gate.stopping()  # the epoch's output ends here for the pacer, not at the seal
             # One unit, in its own task: cancelling this caller (session teardown) waits for
             # the `cont` instead of cutting the pause short and leaving the guest stopped.
             (dirty, check), dev, sealed = await run_to_end(asyncio.ensure_future(self._pause(n, final)))
             pause_ms = (time.perf_counter() - t0) * 1000
             self._resumed_at = time.monotonic()  # the next epoch's interval counts from here
+            if not final:
+                self.gate.resumed()
         self.status.epoch = n
         self.status.last_pause_ms = pause_ms
         self.status.pause_total_ms += pause_ms

@@ -12,7 +12,7 @@ import pytest
 import structlog.testing
 
 from geomirror import netns
-from replication.gate import GateMode, UserspaceGate, open_tap
+from replication.gate import GateMode, UserspaceGate, open_tap, reply_time
 
 ETH_P_ALL = 0x0003
 
@@ -222,8 +222,8 @@ async def from_guest(w, *ids):
 async def test_interface_names_everything_the_site_calls():
     from replication.gate import Gate
 
-    for name in ("allow", "attach_guest", "detach_guest", "seal", "release", "set_mode", "held_epochs", "start", "close",
-                 "hold_inbound", "forward_inbound", "inject_inbound", "end_inbound_hold"):
+    for name in ("allow", "attach_guest", "detach_guest", "seal", "stopping", "resumed", "release", "set_mode",
+                 "held_epochs", "start", "close", "hold_inbound", "forward_inbound", "inject_inbound", "end_inbound_hold"):
         assert getattr(UserspaceGate, name) is not getattr(Gate, name), name
     assert isinstance(UserspaceGate.current_epoch, property) and UserspaceGate.current_epoch is not Gate.current_epoch
     assert {"mode", "allowed", "until", "stats"} <= set(Gate.__annotations__)
@@ -411,3 +411,56 @@ async def test_seal_reports_the_epochs_quiet_tail(fake_tap_gate):
     await from_guest(w, 3)
     gate.seal(3)
     assert gate.stats.last_quiet_ms is not None
+
+
+def test_the_reply_time_counts_the_guests_run_from_the_release_that_let_the_requests_in():
+    """All on one clock (seconds): the previous epoch ran 0.900-0.960, its pause 0.960-1.000,
+    this one from 1.000 (`resumed`). The old pacer derived this from the seal-to-release delay
+    less the pause and the interval less the quiet tail, which under COLO (the seal comes after
+    the RAM's transfer, most of the pause) put the replies 1.6-2.1 ms after the release where
+    the held frames showed 5-13 ms."""
+    edges = dict(resumed=1.000, prev_stop=0.960, prev_resumed=0.900)
+    assert reply_time(1.055, [1.050], **edges) == pytest.approx(5)  # released in this epoch
+    assert reply_time(1.045, [1.010, 1.040], **edges) == pytest.approx(5)  # the latest release before the frame
+    # released 20 ms before the previous epoch's pause, answered 10 ms into this one: the guest
+    # ran 30 ms for it (the 40 ms pause between is not reply time)
+    assert reply_time(1.010, [0.940], **edges) == pytest.approx(30)
+    assert reply_time(1.050, [0.980], **edges) == pytest.approx(50)  # released in the pause: from the resume
+    # the only release came after the last frame, or before the previous epoch: nothing to measure
+    assert reply_time(1.030, [1.050], **edges) is None
+    assert reply_time(1.030, [0.500, 1.050], **edges) is None
+    assert reply_time(1.030, [], **edges) is None
+    assert reply_time(1.030, [1.010], resumed=None, prev_stop=None, prev_resumed=None) is None
+
+
+async def test_the_gate_measures_release_offsets_reply_times_and_cut_off_output(fake_tap_gate):
+    """The pacer's inputs as the gate takes them on its own clock: a release's offset from the
+    resume after its epoch's pause, the reply from that release to the next held frame, and output
+    that came after the pause began (cut off: quiet 0)."""
+    import time
+    gate, net, r, w = await fake_tap_gate(GateMode.HOLD)
+    gate.resumed()
+    await from_guest(w, 1)
+    gate.stopping()
+    gate.seal(1)
+    assert gate.stats.last_reply_ms is None  # no release has let anything out yet
+    assert gate.stats.last_quiet_ms is not None and gate.stats.last_quiet_ms >= 0
+    t_resume = time.monotonic()
+    gate.resumed()
+    assert gate.stats.last_release_offset_ms is None
+    gate.release(1)  # lets frame 1 out: the client's next request comes after this
+    t_release = time.monotonic()
+    offset = gate.stats.last_release_offset_ms
+    assert offset is not None and 0 <= offset <= (t_release - t_resume) * 1000
+    await from_guest(w, 2)
+    gate.stopping()
+    t_stop = time.monotonic()
+    gate.seal(2)
+    assert gate.stats.last_reply_ms is not None and 0 <= gate.stats.last_reply_ms <= (t_stop - t_release + 1e-3) * 1000
+    gate.resumed()
+    gate.stopping()
+    await from_guest(w, 3)  # held after the pause began (before the guest actually stopped)
+    gate.seal(3)
+    assert gate.stats.last_quiet_ms == 0
+    gate.release(3)
+    assert gate.stats.last_release_offset_ms is not None

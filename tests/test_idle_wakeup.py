@@ -39,8 +39,8 @@ class Paced(Pair):
         st = self.gate.stats
         self.sampled.append((rec.interval_ms, st.last_quiet_ms is not None))
         d = self.pacer.update(pacer_sample(rec, primary.link, primary.status.in_flight,
-                                           release_delay_ms=st.last_release_delay_ms or None,
-                                           quiet_ms=st.last_quiet_ms))
+                                           release_offset_ms=st.last_release_offset_ms,
+                                           quiet_ms=st.last_quiet_ms, reply_ms=st.last_reply_ms))
         self.planned.append((d.interval_ms, d.reason))
         return d.interval_ms
 

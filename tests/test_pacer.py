@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from replication.pacer import (ALIGN_MAX_FACTOR, ALPHA, REASONS, EpochSample, ModelInputs, Pacer, PacerPolicy,
-                               WAKE_BATCH_MS, aligned_interval, hard_floors, modelled_rate, plan_interval, reply_sample,
+                               WAKE_BATCH_MS, aligned_interval, hard_floors, modelled_rate, plan_interval,
                                rtt_optimum, wake_at)
 from replication.primary import EpochRecord, pacer_sample
 from replication.session import LinkStats
@@ -256,21 +256,6 @@ def test_many_clients_answered_one_after_another_are_not_aligned():
 # ---------------------------------------------------------------------------- measured reply time
 
 
-def test_reply_sample_from_the_gate_timings():
-    # 60 ms interval, 20 ms pause, release 70 ms after the seal (arrives 50 ms into the next epoch),
-    # last frame 5 ms before the seal: the guest answered for 5 ms
-    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=70, quiet_ms=5)) == 5
-    # release later than one cycle (80 ms): it landed 20 ms into the epoch after next
-    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=120, quiet_ms=10)) == 30
-    # released during the pause: the requests start the next epoch
-    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=95, quiet_ms=10)) == 50
-    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=70, quiet_ms=None)) is None
-    # the last frame came 30 ms in, before the release (50 ms in) let the requests in: it tells
-    # nothing about them (their replies may have spilled into the next epoch), not "0 ms"
-    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=70, quiet_ms=30)) is None
-    assert reply_sample(EpochSample(60, 20, 0, 0, 50, release_delay_ms=None, quiet_ms=3)) is None
-
-
 def closed_loop(interval, pause, w, service):
     """What the gate measures when clients send their next request the moment a release lets their
     reply out: the requests arrive `w` into the epoch and take `service` ms to answer; an epoch
@@ -280,7 +265,7 @@ def closed_loop(interval, pause, w, service):
     arrival = 0.0 if arrival > interval else arrival
     last = min(arrival + service, interval)
     return EpochSample(interval, pause, 10_000, 5_000, w - pause, 1.0, 1e9, 1,
-                       release_delay_ms=w + 0.0, quiet_ms=interval - last)
+                       release_offset_ms=w - pause, quiet_ms=interval - last, reply_ms=last - arrival)
 
 
 @settings(max_examples=60)
@@ -333,23 +318,23 @@ def test_the_alignment_waits_for_the_releases_as_late_as_they_were_measured():
     assert guessed.reason == "min-interval" and guessed.interval_ms == 20
     measured = plan_interval(ModelInputs(6, 12, reply_ms=2, release_offset_ms=20), pol)
     assert measured.reason == "rtt-aligned" and measured.interval_ms >= 20 + 2
-    # and the pacer measures the offset from the gate's release delays (seal -> release, less the pause)
+    # and the pacer takes the offset the gate measures (resume -> release)
     p = Pacer(pol, 20)
     for _ in range(100):
-        d = p.update(EpochSample(p.interval_ms, 6, 10_000, 5_000, 12, 0, 12.5e9, 1, release_delay_ms=26,
-                                 quiet_ms=p.interval_ms - 21))
+        d = p.update(EpochSample(p.interval_ms, 6, 10_000, 5_000, 12, 0, 12.5e9, 1, release_offset_ms=20,
+                                 quiet_ms=p.interval_ms - 21, reply_ms=1))
     assert d.reason == "rtt-aligned" and d.interval_ms >= 22, d
 
 
 def test_a_release_seen_again_is_not_counted_again():
-    """The gate reports its last release delay until the next release: a sample that repeats it
+    """The gate reports its last release's offset until the next release: a sample that repeats it
     (released=False) leaves the measured offset as if it had not come."""
     pol = PacerPolicy(min_interval_ms=20, max_interval_ms=500, latency_budget_ms=150, max_pause_share=0.4)
     once, repeated = Pacer(pol, 20), Pacer(pol, 20)
 
     def sample(p, delay, released=True):
-        return EpochSample(p.interval_ms, 6, 10_000, 5_000, 12, 0, 12.5e9, 1, release_delay_ms=delay, quiet_ms=2,
-                           released=released)
+        return EpochSample(p.interval_ms, 6, 10_000, 5_000, 12, 0, 12.5e9, 1, release_offset_ms=delay - 6,
+                           quiet_ms=2, released=released)
     for _ in range(20):  # a late release, then three on time; `repeated` sees the late one 3 more times
         once.update(sample(once, 60))
         repeated.update(sample(repeated, 60))
@@ -395,7 +380,7 @@ def test_silence_forgets_the_reply_time():
         p.update(closed_loop(p.interval_ms, 20, 70, 5))
     assert p.last.reason == "rtt-aligned"
     for _ in range(200):
-        p.update(EpochSample(p.interval_ms, 20, 0, 0, 50, 0, 1e9, 1, release_delay_ms=70, quiet_ms=None))
+        p.update(EpochSample(p.interval_ms, 20, 0, 0, 50, 0, 1e9, 1, release_offset_ms=50, quiet_ms=None))
     assert p.last.reason == "rtt-optimum"
 
 
@@ -485,8 +470,8 @@ def quiet(interval, output: bool, pause=10.0, rtt=1.0):
     """A steady epoch at `interval`; `output`: the gate held a frame in it (a quiet tail)."""
     s = steady(interval, pause, 2e5, rtt)
     return EpochSample(s.interval_ms, s.pause_ms, s.dirty_bytes, s.wire_bytes, s.rtt_ms, s.rtt_var_ms,
-                       s.bandwidth_bytes_per_s, s.in_flight, release_delay_ms=20.0 if output else None,
-                       quiet_ms=1.0 if output else None)
+                       s.bandwidth_bytes_per_s, s.in_flight, release_offset_ms=10.0 if output else None,
+                       quiet_ms=1.0 if output else None, reply_ms=max(interval - 11.0, 0.0) if output else None)
 
 
 IDLE_POL = PacerPolicy(min_interval_ms=10, max_interval_ms=1000, latency_budget_ms=500, max_pause_share=0.3,
@@ -547,7 +532,8 @@ def test_disabled_idle_lengthening_keeps_todays_behaviour_exactly(policy, seq):
     off = Pacer(policy)
     low = Pacer(replace(policy, idle_interval_ms=policy.min_interval_ms))  # never above the plan
     for s, out in seq:
-        s = replace(s, quiet_ms=1.0 if out else None, release_delay_ms=5.0 if out else None)
+        s = replace(s, quiet_ms=1.0 if out else None, release_offset_ms=5.0 if out else None,
+                    reply_ms=1.0 if out else None)
         a, b = off.update(s), low.update(s)
         assert a == b and a.reason != "idle"
         assert off.wake_at(0.0) is None

@@ -178,8 +178,8 @@ class PrimarySide:
         # the gate reports its last release until the next one: the pacer takes each once
         released, self._released_seen = gate.epochs_released != self._released_seen, gate.epochs_released
         d = self.pacer.update(pacer_sample(rec, link, primary.status.in_flight,
-                                           release_delay_ms=gate.last_release_delay_ms or None,
-                                           quiet_ms=gate.last_quiet_ms,
+                                           release_offset_ms=gate.last_release_offset_ms,
+                                           quiet_ms=gate.last_quiet_ms, reply_ms=gate.last_reply_ms,
                                            released=released))
         now = time.monotonic()
         if d.reason != before and now - self._pacer_logged >= 10.0:
