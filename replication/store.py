@@ -17,7 +17,10 @@ A transaction is what moves the replica from epoch N-1 to N: the resync blocks t
 arrived since N-1 (if any: RAM blocks, disk blocks), epoch N's zeroed disk ranges (first block,
 number of blocks), epoch N's disk blocks (whole 4 KiB contents; after the ranges: a block the
 guest wrote after a zeroing is among them) and epoch N's pages (already decoded to full contents) and device state, closed
-by a commit record. Each record carries a blake2b checksum.
+by a commit record. Each record carries a CRC-32 of its header and body (`GMJ2`; records of
+the earlier `GMJR` format, with a blake2b-256, are still read: a journal left by an older
+version replays). The checksum only has to catch a torn or half-written tail, as a database's
+WAL CRC does; blake2b-256 cost ~2 ms per MB of pages here on the path to the ACK, CRC-32 ~0.3.
 
 What "committed" means on disk, in the order of the writes:
 
@@ -81,6 +84,7 @@ import stat as stat_mod
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +99,13 @@ log = structlog.get_logger(__name__)
 
 PAGE_SIZE = 4096
 _REC = struct.Struct(">4sBQIIQ")  # magic, kind, epoch, n_pages, dev_len, body_len
-_MAGIC = b"GMJR"
+_MAGIC = b"GMJ2"  # records checksummed with CRC-32 (zlib), 4 bytes big-endian
+_MAGIC_B2 = b"GMJR"  # the earlier records, checksummed with blake2b-256: read, never written
 REC_BLOCK, REC_COMMIT, REC_DISK, REC_ZERO = 1, 2, 3, 4  # REC_DISK: disk blocks (numbers + 4 KiB contents)
 _ZERO_UNIT = 8  # REC_ZERO: first blocks, then a u64 block count per range
 DISK_BLOCK = 4096
-_SUM = 32
+_SUM = 4
+_SUM_B2 = 32
 _SLACK = 3 * PAGE_SIZE  # a device.state and a replica.json temporary beside the old ones
 
 _STEP_WHAT = {
@@ -559,10 +565,10 @@ class Replica:
         p = np.ascontiguousarray(pages, dtype=">u8").tobytes()
         d = np.ascontiguousarray(data).tobytes()
         hdr = _REC.pack(_MAGIC, kind, epoch, len(pages), len(dev), len(p) + len(d) + len(dev))
-        h = hashlib.blake2b(digest_size=_SUM)
+        crc = 0
         for part in (hdr, p, d, dev):
-            h.update(part)
-        return [hdr, p, d, dev, h.digest()]
+            crc = zlib.crc32(part, crc)
+        return [hdr, p, d, dev, crc.to_bytes(_SUM, "big")]
 
     def _append(self, step: str, parts: list[bytes]) -> None:
         """Append one record, every byte of it (short writes are continued). A transaction starts
@@ -657,11 +663,15 @@ class Replica:
         txns, txn, off = [], [], 0
         while off + _REC.size <= len(buf):
             magic, kind, epoch, n, dev_len, body_len = _REC.unpack_from(buf, off)
-            end = off + _REC.size + body_len + _SUM
+            sl = _SUM if magic == _MAGIC else _SUM_B2 if magic == _MAGIC_B2 else 0
+            end = off + _REC.size + body_len + sl
             unit = DISK_BLOCK if kind == REC_DISK else _ZERO_UNIT if kind == REC_ZERO else self.page_size
-            if magic != _MAGIC or end > len(buf) or body_len != n * 8 + n * unit + dev_len:
+            if not sl or end > len(buf) or body_len != n * 8 + n * unit + dev_len:
                 break
-            if hashlib.blake2b(buf[off:end - _SUM], digest_size=_SUM).digest() != buf[end - _SUM:end]:
+            body, want = memoryview(buf)[off:end - sl], bytes(buf[end - sl:end])
+            got = (zlib.crc32(body).to_bytes(_SUM, "big") if magic == _MAGIC
+                   else hashlib.blake2b(body, digest_size=_SUM_B2).digest())
+            if got != want:
                 break
             b = off + _REC.size
             pages = np.frombuffer(buf, dtype=">u8", count=n, offset=b).astype(np.int64)

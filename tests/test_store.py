@@ -55,6 +55,51 @@ def test_killed_mid_apply_replica_is_whole_at_n_minus_1_or_n(tmp_path, point, re
         r.close()
 
 
+def _as_blake2b_records(buf: bytes) -> bytes:
+    """The same records in the earlier journal format (`GMJR`, blake2b-256), as an older version wrote them."""
+    import hashlib
+    import struct
+    rec = struct.Struct(">4sBQIIQ")
+    out, off = [], 0
+    while off < len(buf):
+        magic, kind, epoch, n, dev_len, body_len = rec.unpack_from(buf, off)
+        assert magic == b"GMJ2"
+        end = off + rec.size + body_len
+        body = rec.pack(b"GMJR", kind, epoch, n, dev_len, body_len) + buf[off + rec.size:end]
+        out.append(body + hashlib.blake2b(body, digest_size=32).digest())
+        off = end + 4
+    return b"".join(out)
+
+
+def test_a_journal_an_older_version_wrote_replays(tmp_path):
+    """A standby upgraded with an epoch still in its journal (blake2b-checksummed records) comes
+    out at that epoch; a record torn in that format is dropped as before."""
+    assert run_worker(tmp_path, 2) == 0
+    assert run_worker(tmp_path, 3, crash_at="after-journal") == -signal.SIGKILL
+    j = tmp_path / "journal"
+    old = _as_blake2b_records(j.read_bytes())
+    j.write_bytes(old)
+    r, rep = open_replica(tmp_path)
+    try:
+        assert rep.committed_epoch == 3 and rep.recovered == "replayed epoch 3"
+        ram, dev = W.expected(3)
+        assert np.array_equal(r.ram, ram) and r.device_state() == dev
+    finally:
+        r.close()
+    tmp2 = tmp_path / "torn"
+    tmp2.mkdir()
+    assert run_worker(tmp2, 2) == 0
+    assert run_worker(tmp2, 3, crash_at="after-journal") == -signal.SIGKILL
+    j = tmp2 / "journal"
+    old = _as_blake2b_records(j.read_bytes())
+    j.write_bytes(old[:-1] + bytes([old[-1] ^ 1]))  # one bit of the checksum: the record is not whole
+    r, rep = open_replica(tmp2)
+    try:
+        assert rep.committed_epoch == 2 and rep.recovered == "discarded torn epoch 3"
+    finally:
+        r.close()
+
+
 def test_torn_journal_tail_is_discarded(tmp_path):
     assert run_worker(tmp_path, 2) == 0
     rc = run_worker(tmp_path, 3, crash_at="before-journal-sync")
