@@ -23,8 +23,9 @@ the interval and the term that decided it (`Plan.reason`, one short word):
   first output drops the interval back to the latency-driven target at once.
 
 `Pacer` is the stateful edge: it smooths what each epoch measured (the reply time and the
-releases' offset come from the gate, measured on its own clock), adds the back-off for real backlogs (``queued``), moves toward
-the plan by bounded steps, and reports an infeasible latency budget once, with numbers.
+releases' offset come from the gate, measured on its own clock), adds the back-off for real
+backlogs (``queued``), moves toward the plan by bounded steps, and reports an infeasible latency
+budget once, with numbers.
 """
 
 from __future__ import annotations

@@ -223,7 +223,8 @@ async def test_interface_names_everything_the_site_calls():
     from replication.gate import Gate
 
     for name in ("allow", "attach_guest", "detach_guest", "seal", "stopping", "resumed", "release", "set_mode",
-                 "held_epochs", "start", "close", "hold_inbound", "forward_inbound", "inject_inbound", "end_inbound_hold"):
+                 "held_epochs", "start", "close", "hold_inbound", "forward_inbound", "inject_inbound",
+                 "end_inbound_hold"):
         assert getattr(UserspaceGate, name) is not getattr(Gate, name), name
     assert isinstance(UserspaceGate.current_epoch, property) and UserspaceGate.current_epoch is not Gate.current_epoch
     assert {"mode", "allowed", "until", "stats"} <= set(Gate.__annotations__)
