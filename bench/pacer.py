@@ -33,6 +33,10 @@ vCPU: how much of the time the guest ran), so a row can be told apart as guest-b
 waiting on output commit.
 After setting each RTT the benchmark waits out the pacer's path-RTT window (`PATH_WINDOW_S`, 10 s:
 the floor of the window's samples), else the first rows would be paced for the previous RTT.
+
+A row (or its warm-up) that gets no reply at all is a stall of output, not noise: it is reported
+as 0 ops/s and the lab's daemon logs are copied to /var/tmp/geomirror-bench/stall-<time>/ before
+the next `lab up` removes them (one such warm-up was seen in a whole run, with no logs left).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -52,6 +57,20 @@ from lab import cli as labcli, world  # noqa: E402
 from replication.session import PATH_WINDOW_S  # noqa: E402
 
 DIRTY = "gm.dirty=16:1000"
+STALL_LOGS = Path("/var/tmp/geomirror-bench")  # where a row without replies leaves the lab's logs
+
+
+def keep_logs(why: str, root: Path = STALL_LOGS) -> Path:
+    """Copy the lab's daemon logs aside (the next `lab up` removes them) when a row got no reply at
+    all, so the stall can be read afterwards; readable by root only, like the lab's own directory."""
+    dest = root / time.strftime("stall-%Y%m%dT%H%M%S")
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for f in sorted(world.LAB_DIR.glob("*.log")):
+        shutil.copy2(f, dest / f.name)
+        os.chmod(dest / f.name, 0o600)
+    (dest / "why.txt").write_text(why + "\n")
+    print(f"no reply at all in {why}: the lab's logs are kept in {dest}", file=sys.stderr)
+    return dest
 
 
 def load(seconds: float, clients: int) -> dict:
@@ -301,8 +320,12 @@ def main() -> int:
                     labcli.site_call("site-a", "POST", "/v1/checkpoint", body)
                     time.sleep(2)
                     for n in conns:
-                        load(a.warmup, n)  # the pacer sees this load before the row is measured
+                        # the pacer sees this load before the row is measured
+                        if load(a.warmup, n)["ops_s"] == 0:
+                            keep_logs(f"the warm-up of {name}, {n} conn, {rtt:g} ms RTT")
                         r = measure(a.seconds, n)
+                        if r["ops_s"] == 0:
+                            keep_logs(f"the row {name}, {n} conn, {rtt:g} ms RTT")
                         rows.append((rtt, name, n, r, rnd))
                         if a.out:
                             with a.out.open("a") as f:

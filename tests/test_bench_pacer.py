@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bench.pacer import CpuUse, compare, parse_pacings, round_order, thread_ticks
+from bench.pacer import CpuUse, compare, keep_logs, parse_pacings, round_order, thread_ticks
 
 
 def test_pacings_are_adaptive_or_a_fixed_interval_in_ms():
@@ -86,3 +86,19 @@ def test_a_rows_cpu_is_each_processs_and_its_busiest_threads_share():
     assert 0.2 * got["qemu"] < got["vcpu"] < 0.8 * got["qemu"], got
     assert set(got) == {"qemu", "vcpu", "site-b"}
     assert thread_ticks(spin.pid) == {}  # gone
+
+
+def test_a_row_without_replies_keeps_the_labs_logs(tmp_path, monkeypatch):
+    """A stall of output must be readable afterwards: the next `lab up` removes the lab's directory."""
+    from bench import pacer
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    (lab / "site-a.log").write_text('{"event": "primary.colo_failed"}\n')
+    (lab / "site-b.log").write_text("{}\n")
+    (lab / "disk.raw").write_bytes(b"not a log")
+    monkeypatch.setattr(pacer.world, "LAB_DIR", lab)
+    dest = keep_logs("the warm-up of fixed 20ms, 1 conn, 1 ms RTT", root=tmp_path / "kept")
+    assert sorted(p.name for p in dest.iterdir()) == ["site-a.log", "site-b.log", "why.txt"]
+    assert "colo_failed" in (dest / "site-a.log").read_text()
+    assert "fixed 20ms" in (dest / "why.txt").read_text()
+    assert dest.stat().st_mode & 0o777 == 0o700 and (dest / "site-a.log").stat().st_mode & 0o777 == 0o600
