@@ -58,8 +58,8 @@ def test_killed_mid_apply_replica_is_whole_at_n_minus_1_or_n(tmp_path, point, re
 def _as_blake2b_records(buf: bytes) -> bytes:
     """The same records in the earlier journal format (`GMJR`, blake2b-256), as an older version wrote them."""
     import hashlib
-    import struct
-    rec = struct.Struct(">4sBQIIQ")
+
+    from replication.store import _REC as rec
     out, off = [], 0
     while off < len(buf):
         magic, kind, epoch, n, dev_len, body_len = rec.unpack_from(buf, off)
