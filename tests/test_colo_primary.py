@@ -7,6 +7,8 @@ anyway and is counted."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -41,13 +43,13 @@ class Pair:
     async def __aenter__(self):
         self.server = await transport.serve("127.0.0.1", 0, self.standby.handle, max_frame=64 << 20)
         self.port = self.server.sockets[0].getsockname()[1]
-        self.task = __import__("asyncio").create_task(self.primary.run())
+        self.task = asyncio.create_task(self.primary.run())
         return self
 
     async def __aexit__(self, *exc):
         self.primary.stop()
         self.task.cancel()
-        await __import__("asyncio").gather(self.task, return_exceptions=True)
+        await asyncio.gather(self.task, return_exceptions=True)
         await self.primary.end_colo()
         self.server.close()
         self.capture.close()
@@ -68,8 +70,18 @@ class Pair:
             assert bad.size == 0, f"replica differs from the guest in {bad.size} pages, e.g. {bad[:5]}"
         finally:
             await self.primary.abort_handover()
-        assert await self.guest.status() == "running"
+        await status_becomes(self.guest, "running")
         return epoch
+
+
+async def status_becomes(guest, want: str, timeout: float = 15.0) -> None:
+    """QEMU's COLO thread starts the guest after our `loaded` message, in its own time (seconds
+    on a loaded machine): poll `query-status` until it reports `want`."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while (state := await guest.status()) != want:
+        assert loop.time() < end, f"the guest stayed {state!r} for {timeout} s, not {want!r}"
+        await asyncio.sleep(0.02)
 
 
 async def test_colo_epochs_keep_the_replica_equal_to_the_guest(colo_guest, tmp_path):
