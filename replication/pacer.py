@@ -45,8 +45,21 @@ CUT_OFF_MS = 1.0  # output this close to the pause may have been cut off by it
 ALIGN_MARGIN = 0.15  # an aligned cycle must serve a request this much faster than the shorter interval's cycles
 SPREAD_MARGIN = 0.05  # ... and this much faster than a request at a random moment of the shorter interval's epochs
 
+# the outcome trial (`OutcomeTrial`): the model's plan against its neighbours, judged by what the
+# clients got (frames through the gate per second) in segments taken in turn
+TRIAL_FACTORS = (1 / 1.25, 1.0, 1.25)  # the neighbours, as factors of the interval in force
+TRIAL_SEGMENT_S = 0.6  # each candidate runs this long per round ...
+TRIAL_SETTLE_S = 0.15  # ... of which the start is not counted (the interval steps there, the clients fall in)
+TRIAL_ROUNDS = 4  # rounds, each candidate once per round, in rotated order
+TRIAL_HOLD_S = 15.0  # a choice stands this long before the next trial
+TRIAL_MIN_GAIN = 0.05  # a neighbour must pass this share more frames than the centre, and beyond the count's noise
+TRIAL_GAP_S = 1.0  # samples further apart (fixed pacing in between, a stall): the trial starts over
+TRIAL_FACTOR_RANGE = (0.5, 2.0)  # how far the measured factor may take the interval from the model's plan
+TRIAL_REPLAN = 1.5  # the model's plan moved by this factor since the choice: try again at once
+TRIAL_REASONS = ("min-interval", "pause-share", "rtt-optimum", "rtt-aligned", "latency-budget")
+
 REASONS = ("min-interval", "pause-share", "bandwidth", "wan-ceiling", "rtt-optimum", "rtt-aligned",
-           "latency-budget", "hard-max", "queued", "idle")
+           "latency-budget", "hard-max", "queued", "idle", "trying", "measured")
 
 
 @dataclass(frozen=True)
@@ -293,6 +306,103 @@ def wake_at(first_held_ms: float, interval_ms: float, latency_target_ms: float, 
     return min(interval_ms, max(first_held_ms + max(batch_ms, 0.0), floor_ms))
 
 
+class OutcomeTrial:
+    """The model's plan checked against what the clients get. Every `TRIAL_HOLD_S` (at once after a
+    gap in the samples, or when the plan moved by `TRIAL_REPLAN`), the interval in force (the plan
+    times the factor the last trial chose) and its two neighbours (`TRIAL_FACTORS`) run
+    `TRIAL_SEGMENT_S` each (fixed at the trial's start: the plan moves with the interval it is
+    fed), in rotated order for `TRIAL_ROUNDS` rounds; each segment counts the
+    frames that passed the gate (in and out) after its first `TRIAL_SETTLE_S`. A neighbour that
+    passed `TRIAL_MIN_GAIN` more frames per second than the centre, and by more than twice the
+    counts' noise, becomes the interval in force; else the centre stays. Taken in turn, the
+    segments share the machine's and the load's drift, which a comparison of rows does not.
+
+    Pure: the time and the frame counter come in with each step. `lo`/`hi`: the range the hard
+    limits and the latency budget allow (a candidate is clamped to it; with fewer than two distinct
+    candidates there is nothing to try)."""
+
+    def __init__(self):
+        self.factor = 1.0
+        self.summary = ""  # the last trial's figures, for the detail
+        self._chosen_at: float | None = None
+        self._plan_at_choice: float | None = None
+        self._last: tuple[float, int] | None = None
+        self._order: list[int] | None = None  # the running trial's segments (candidate indices)
+        self._seg = 0
+        self._seg_t0 = 0.0
+        self._from: tuple[float, int] | None = None
+        self._frames = [0] * len(TRIAL_FACTORS)
+        self._secs = [0.0] * len(TRIAL_FACTORS)
+        self._cands: list[float] = []
+        self._plan0 = 0.0
+
+    @property
+    def trying(self) -> bool:
+        return self._order is not None
+
+    def abort(self) -> None:
+        self._order = None
+
+    def _candidates(self, plan_ms: float, lo: float, hi: float) -> list[float]:
+        return [min(max(plan_ms * self.factor * f, lo), hi) for f in TRIAL_FACTORS]
+
+    def step(self, now: float, frames: int, plan_ms: float, lo: float, hi: float) -> float:
+        """The interval for the next epoch: a candidate while a trial runs, else the plan times the
+        chosen factor (clamped to lo..hi)."""
+        hi = max(hi, lo)
+        gap = self._last is None or now - self._last[0] > TRIAL_GAP_S or frames < self._last[1]
+        self._last = (now, frames)
+        if gap:  # the counts before it say nothing about now
+            self._order, self._chosen_at = None, None
+        cands = self._candidates(plan_ms, lo, hi)
+        if max(cands) < min(cands) * 1.02:  # the limits leave nothing to try
+            self._order = None
+            return cands[1]
+        if self._order is None:
+            moved = (self._plan_at_choice is not None
+                     and max(plan_ms / self._plan_at_choice, self._plan_at_choice / plan_ms) > TRIAL_REPLAN)
+            if self._chosen_at is None or now - self._chosen_at >= TRIAL_HOLD_S or moved:
+                n = len(TRIAL_FACTORS)
+                self._order = [(r + k) % n for r in range(TRIAL_ROUNDS) for k in range(n)]
+                self._seg, self._seg_t0, self._from = 0, now, None
+                self._frames, self._secs = [0] * n, [0.0] * n
+                self._cands, self._plan0 = cands, plan_ms  # fixed for the trial: the plan may move while it runs
+            else:
+                return cands[1]
+        k = self._order[self._seg]
+        if self._from is None and now - self._seg_t0 >= TRIAL_SETTLE_S:
+            self._from = (now, frames)
+        if now - self._seg_t0 >= TRIAL_SEGMENT_S:
+            if self._from is not None and now > self._from[0]:
+                self._frames[k] += frames - self._from[1]
+                self._secs[k] += now - self._from[0]
+            self._seg, self._seg_t0, self._from = self._seg + 1, now, None
+            if self._seg == len(self._order):
+                self._decide(now, plan_ms, self._cands)
+                return self._candidates(plan_ms, lo, hi)[1]
+            k = self._order[self._seg]
+        return min(max(self._cands[k], lo), hi)
+
+    def _decide(self, now: float, plan_ms: float, cands: list[float]) -> None:
+        self._order = None
+        self._chosen_at, self._plan_at_choice = now, plan_ms
+        rates = [f / s if s > 0 else 0.0 for f, s in zip(self._frames, self._secs)]
+        c = len(TRIAL_FACTORS) // 2
+        best = max(range(len(rates)), key=lambda j: rates[j])
+        figures = ", ".join(f"{cands[j]:.1f} ms {rates[j]:.0f}/s" for j in range(len(rates)))
+        noise = 0.0
+        if best != c and self._secs[best] > 0 and self._secs[c] > 0:
+            noise = 2 * math.sqrt(self._frames[best] / self._secs[best] ** 2 + self._frames[c] / self._secs[c] ** 2)
+        if best != c and rates[best] >= rates[c] * (1 + TRIAL_MIN_GAIN) and rates[best] - rates[c] > noise:
+            lo_f, hi_f = TRIAL_FACTOR_RANGE
+            # the interval that ran (a clamped one included: a factor past a limit would hide the
+            # neighbours on that side from the next trial), as a factor of the plan it came from
+            self.factor = min(max(cands[best] / self._plan0, lo_f), hi_f)
+            self.summary = f"tried {figures}: {cands[best]:.1f} ms"
+        else:
+            self.summary = f"tried {figures}: kept {cands[c]:.1f} ms"
+
+
 # ---------------------------------------------------------------------------- the stateful edge
 
 
@@ -314,6 +424,10 @@ class EpochSample:
     quiet_ms: float | None = None
     reply_ms: float | None = None
     released: bool = True  # release_offset_ms is of a release since the last sample (not a repeat)
+    # for the outcome trial: when the sample was taken (monotonic seconds) and the frames that have
+    # passed the gate in both directions so far (a counter); None: no trial
+    now_s: float | None = None
+    frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -343,6 +457,7 @@ class Pacer:
         self._bw: float | None = None
         self._reported: str | None = None
         self.last: PacerDecision | None = None
+        self.trial = OutcomeTrial()
 
     def update(self, s: EpochSample) -> PacerDecision:
         p = self.policy
@@ -393,6 +508,20 @@ class Pacer:
 
         def latency(i: float) -> float:
             return i + inp.pause_ms + inp.transfer_ms(i) + inp.rtt_ms
+
+        if s.now_s is not None and s.frames is not None and reason in TRIAL_REASONS:
+            # the plan's interval, checked against its neighbours by what the clients got
+            hi = min(p.max_interval_ms, p.latency_budget_ms - inp.pause_ms - inp.rtt_ms - inp.transfer_ms(target))
+            tried = self.trial.step(s.now_s, s.frames, target, self.floor_ms, hi)
+            if self.trial.trying:
+                target, reason = tried, "trying"
+                detail += f"; trying {tried:.1f} ms against its neighbours"
+            elif abs(tried - target) > 1e-9 * target:
+                target, reason = tried, "measured"
+            if self.trial.summary:
+                detail += f"; {self.trial.summary}"
+        else:
+            self.trial.abort()
 
         infeasible = None
         # idle: nobody waits on output, and the first that comes wakes the epoch up (`wake_at`):

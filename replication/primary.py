@@ -171,7 +171,7 @@ def epoch_latency(records: list[EpochRecord]) -> dict:
 
 def pacer_sample(rec: EpochRecord, link: LinkStats, in_flight: int, release_offset_ms: float | None = None,
                  quiet_ms: float | None = None, reply_ms: float | None = None,
-                 released: bool = True) -> EpochSample:
+                 released: bool = True, now_s: float | None = None, frames: int | None = None) -> EpochSample:
     """What epoch `rec` tells the pacer. Its RTT is the path's (`LinkStats.pacer_rtt`: TCP's, which
     the channel's queue does not inflate), not the heartbeats' channel RTT: a heartbeat that waits
     behind checkpoint frames measures our own queue, and the pacer would pace for a WAN that is not
@@ -181,7 +181,7 @@ def pacer_sample(rec: EpochRecord, link: LinkStats, in_flight: int, release_offs
                        wire_bytes=rec.wire_bytes, rtt_ms=rtt, rtt_var_ms=var,
                        bandwidth_bytes_per_s=link.bandwidth_bps, in_flight=in_flight,
                        release_offset_ms=release_offset_ms, quiet_ms=quiet_ms, reply_ms=reply_ms,
-                       released=released)
+                       released=released, now_s=now_s, frames=frames)
 
 
 class Primary:

@@ -180,7 +180,8 @@ class PrimarySide:
         d = self.pacer.update(pacer_sample(rec, link, primary.status.in_flight,
                                            release_offset_ms=gate.last_release_offset_ms,
                                            quiet_ms=gate.last_quiet_ms, reply_ms=gate.last_reply_ms,
-                                           released=released))
+                                           released=released, now_s=time.monotonic(),
+                                           frames=gate.frames_in + gate.frames_out))
         now = time.monotonic()
         if d.reason != before and now - self._pacer_logged >= 10.0:
             # at most one line per 10 s: near a boundary the reason may flip every few epochs
