@@ -52,7 +52,7 @@ TRIAL_SEGMENT_S = 0.6  # each candidate runs this long per round ...
 TRIAL_SETTLE_S = 0.15  # ... of which the start is not counted (the interval steps there, the clients fall in)
 TRIAL_ROUNDS = 4  # rounds, each candidate once per round, in rotated order
 TRIAL_HOLD_S = 15.0  # a choice stands this long before the next trial
-TRIAL_MIN_GAIN = 0.05  # a neighbour must pass this share more frames than the centre, and beyond the count's noise
+TRIAL_MIN_GAIN = 0.05  # a neighbour must pass this share more frames than the centre, beyond the rounds' noise
 TRIAL_GAP_S = 1.0  # samples further apart (fixed pacing in between, a stall): the trial starts over
 TRIAL_FACTOR_RANGE = (0.5, 2.0)  # how far the measured factor may take the interval from the model's plan
 TRIAL_REPLAN = 1.5  # the model's plan moved by this factor since the choice: try again at once
@@ -314,7 +314,7 @@ class OutcomeTrial:
     fed), in rotated order for `TRIAL_ROUNDS` rounds; each segment counts the
     frames that passed the gate (in and out) after its first `TRIAL_SETTLE_S`. A neighbour that
     passed `TRIAL_MIN_GAIN` more frames per second than the centre, and by more than twice the
-    counts' noise, becomes the interval in force; else the centre stays. Taken in turn, the
+    standard error of the rounds' differences, becomes the interval in force; else the centre stays. Taken in turn, the
     segments share the machine's and the load's drift, which a comparison of rows does not.
 
     Pure: the time and the frame counter come in with each step. `lo`/`hi`: the range the hard
@@ -333,6 +333,7 @@ class OutcomeTrial:
         self._from: tuple[float, int] | None = None
         self._frames = [0] * len(TRIAL_FACTORS)
         self._secs = [0.0] * len(TRIAL_FACTORS)
+        self._rounds: list[list[float]] = [[] for _ in TRIAL_FACTORS]  # each segment's rate, per candidate
         self._cands: list[float] = []
         self._plan0 = 0.0
 
@@ -365,7 +366,7 @@ class OutcomeTrial:
                 n = len(TRIAL_FACTORS)
                 self._order = [(r + k) % n for r in range(TRIAL_ROUNDS) for k in range(n)]
                 self._seg, self._seg_t0, self._from = 0, now, None
-                self._frames, self._secs = [0] * n, [0.0] * n
+                self._frames, self._secs, self._rounds = [0] * n, [0.0] * n, [[] for _ in range(n)]
                 self._cands, self._plan0 = cands, plan_ms  # fixed for the trial: the plan may move while it runs
             else:
                 return cands[1]
@@ -376,6 +377,7 @@ class OutcomeTrial:
             if self._from is not None and now > self._from[0]:
                 self._frames[k] += frames - self._from[1]
                 self._secs[k] += now - self._from[0]
+                self._rounds[k].append((frames - self._from[1]) / (now - self._from[0]))
             self._seg, self._seg_t0, self._from = self._seg + 1, now, None
             if self._seg == len(self._order):
                 self._decide(now, plan_ms, self._cands)
@@ -390,9 +392,14 @@ class OutcomeTrial:
         c = len(TRIAL_FACTORS) // 2
         best = max(range(len(rates)), key=lambda j: rates[j])
         figures = ", ".join(f"{cands[j]:.1f} ms {rates[j]:.0f}/s" for j in range(len(rates)))
-        noise = 0.0
-        if best != c and self._secs[best] > 0 and self._secs[c] > 0:
-            noise = 2 * math.sqrt(self._frames[best] / self._secs[best] ** 2 + self._frames[c] / self._secs[c] ** 2)
+        # the noise: the spread of the round-by-round differences (each round's segments ran within
+        # ~2 s of each other), so a slow drift of the machine or the load cancels out
+        diffs = [b - m for b, m in zip(self._rounds[best], self._rounds[c])]
+        noise = math.inf
+        if best != c and len(diffs) >= 2:
+            mean = sum(diffs) / len(diffs)
+            sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+            noise = 2 * sd / math.sqrt(len(diffs))
         if best != c and rates[best] >= rates[c] * (1 + TRIAL_MIN_GAIN) and rates[best] - rates[c] > noise:
             lo_f, hi_f = TRIAL_FACTOR_RANGE
             # the interval that ran (a clamped one included: a factor past a limit would hide the
