@@ -202,6 +202,9 @@ class CheckpointSection:
     # the pacer's longest interval while the guest sends nothing (``idle``; 0: off, never above
     # max_interval_ms); the first output ends the epoch early and drops the interval back
     idle_interval_ms: float = 0.0  # off by default: with it on, SIP calls across a switchover saw dead-call messages
+    # the pacer checks its interval against 0.8x / 1.25x of it by the frames the gate passes
+    # (``trying``, ``measured``: docs/pacer.md); off: the model alone decides
+    outcome_trial: bool = True
     compression_level: int = 1
     unreachable_policy: str = "stall"
     unprotected_grace_ms: int = 5000

@@ -74,6 +74,8 @@ class PacerPolicy:
     # the longest interval while the guest sends nothing (``idle``); 0, or not above the
     # latency-driven target, = off. Never above max_interval_ms.
     idle_interval_ms: float = 0.0
+    # check the plan's interval against its neighbours by the frames the gate passes (`OutcomeTrial`)
+    outcome_trial: bool = True
 
     def __post_init__(self):
         if not 0 < self.min_interval_ms <= self.max_interval_ms:
@@ -516,7 +518,7 @@ class Pacer:
         def latency(i: float) -> float:
             return i + inp.pause_ms + inp.transfer_ms(i) + inp.rtt_ms
 
-        if s.now_s is not None and s.frames is not None and reason in TRIAL_REASONS:
+        if p.outcome_trial and s.now_s is not None and s.frames is not None and reason in TRIAL_REASONS:
             # the plan's interval, checked against its neighbours by what the clients got
             hi = min(p.max_interval_ms, p.latency_budget_ms - inp.pause_ms - inp.rtt_ms - inp.transfer_ms(target))
             tried = self.trial.step(s.now_s, s.frames, target, self.floor_ms, hi)

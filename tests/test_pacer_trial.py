@@ -92,3 +92,16 @@ def test_a_choice_at_a_limit_leaves_the_other_side_to_try():
     assert abs(t.factor - 20 / 22) < 1e-9, t.summary  # 17.6 ms clamped to 20: what ran
     iv, seen = run(t, lambda i: 1000 + 50 * i, plan=22.0, lo=20.0, seconds=TRIAL + 0.5, t0=50.0)
     assert abs(max(seen) - 25.0) < 1e-9 and abs(iv - 25.0) < 1e-9, t.summary
+
+
+def test_off_in_the_policy_the_model_alone_decides():
+    pol = PacerPolicy(min_interval_ms=10, latency_budget_ms=1000, outcome_trial=False)
+    p = Pacer(pol, 40.0)
+    now, frames = 0.0, 0
+    for _ in range(400):
+        d = p.update(EpochSample(interval_ms=p.interval_ms, pause_ms=8.0, dirty_bytes=1 << 20, wire_bytes=1 << 18,
+                                 rtt_ms=10.0, bandwidth_bytes_per_s=1e8, now_s=now, frames=frames))
+        assert d.reason not in ("trying", "measured")
+        dt = (p.interval_ms + 8) / 1000
+        frames += int((1000 + 20 * p.interval_ms) * dt)
+        now += dt

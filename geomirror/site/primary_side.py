@@ -49,7 +49,7 @@ class PrimarySide:
             min_interval_ms=ck.min_interval_ms, max_interval_ms=ck.max_interval_ms,
             latency_budget_ms=ck.latency_budget_ms, max_pause_share=ck.max_pause_share,
             max_wan_bytes_per_s=ck.max_wan_mbit * 1e6 / 8, max_in_flight=ck.max_in_flight,
-            idle_interval_ms=ck.idle_interval_ms)
+            idle_interval_ms=ck.idle_interval_ms, outcome_trial=ck.outcome_trial)
         self.pacer = Pacer(self.pacer_policy, ck.interval_ms)
         self.adaptive = ck.adaptive
         self.fixed_interval_ms = float(ck.interval_ms)
@@ -282,7 +282,7 @@ class PrimarySide:
                       "target_ms": round(d.target_ms, 1) if d and self.adaptive else None,
                       "expected_latency_ms": round(d.expected_latency_ms, 1) if d else None,
                       "budgets": {"latency_ms": pol.latency_budget_ms, "max_pause_share": pol.max_pause_share,
-                                  "idle_interval_ms": pol.idle_interval_ms,
+                                  "idle_interval_ms": pol.idle_interval_ms, "outcome_trial": pol.outcome_trial,
                                   "max_wan_mbit": pol.max_wan_bytes_per_s * 8 / 1e6,
                                   "interval_ms": [pol.min_interval_ms, pol.max_interval_ms]}},
         }
