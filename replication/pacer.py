@@ -56,6 +56,8 @@ TRIAL_MIN_GAIN = 0.05  # a neighbour must pass this share more frames than the c
 TRIAL_GAP_S = 1.0  # samples further apart (fixed pacing in between, a stall): the trial starts over
 TRIAL_FACTOR_RANGE = (0.5, 2.0)  # how far the measured factor may take the interval from the model's plan
 TRIAL_REPLAN = 1.5  # the model's plan moved by this factor since the choice: try again at once
+TRIAL_MIN_RATE = 200.0  # frames per second through the gate below which there is no trial (and no factor)
+TRIAL_RATE_WINDOW_S = 1.0  # ... measured over windows this long
 TRIAL_REASONS = ("min-interval", "pause-share", "rtt-optimum", "rtt-aligned", "latency-budget")
 
 REASONS = ("min-interval", "pause-share", "bandwidth", "wan-ceiling", "rtt-optimum", "rtt-aligned",
@@ -310,7 +312,7 @@ def wake_at(first_held_ms: float, interval_ms: float, latency_target_ms: float, 
 
 class OutcomeTrial:
     """The model's plan checked against what the clients get. Every `TRIAL_HOLD_S` (at once after a
-    gap in the samples, or when the plan moved by `TRIAL_REPLAN`), the interval in force (the plan
+    gap in the samples, which also forgets the last choice, or when the plan moved by `TRIAL_REPLAN`), the interval in force (the plan
     times the factor the last trial chose) and its two neighbours (`TRIAL_FACTORS`) run
     `TRIAL_SEGMENT_S` each (fixed at the trial's start: the plan moves with the interval it is
     fed), in rotated order for `TRIAL_ROUNDS` rounds; each segment counts the
@@ -318,6 +320,9 @@ class OutcomeTrial:
     passed `TRIAL_MIN_GAIN` more frames per second than the centre, and by more than twice the
     standard error of the rounds' differences, becomes the interval in force; else the centre stays. Taken in turn, the
     segments share the machine's and the load's drift, which a comparison of rows does not.
+
+    Only while at least `TRIAL_MIN_RATE` frames per second pass (over `TRIAL_RATE_WINDOW_S`
+    windows): below it the factor goes back to 1 and the model alone decides.
 
     Pure: the time and the frame counter come in with each step. `lo`/`hi`: the range the hard
     limits and the latency budget allow (a candidate is clamped to it; with fewer than two distinct
@@ -336,6 +341,8 @@ class OutcomeTrial:
         self._frames = [0] * len(TRIAL_FACTORS)
         self._secs = [0.0] * len(TRIAL_FACTORS)
         self._rounds: list[list[float]] = [[] for _ in TRIAL_FACTORS]  # each segment's rate, per candidate
+        self._window = (0.0, 0)  # the frame rate's window: its start and the counter there
+        self.rate: float | None = None  # frames per second in the last whole window (None: none yet)
         self._cands: list[float] = []
         self._plan0 = 0.0
 
@@ -355,8 +362,19 @@ class OutcomeTrial:
         hi = max(hi, lo)
         gap = self._last is None or now - self._last[0] > TRIAL_GAP_S or frames < self._last[1]
         self._last = (now, frames)
-        if gap:  # the counts before it say nothing about now
-            self._order, self._chosen_at = None, None
+        if gap:  # the counts before it say nothing about now, nor does the factor they chose
+            self._order, self._chosen_at, self._window, self.rate = None, None, (now, frames), None
+            self.factor = 1.0
+        elif now - self._window[0] >= TRIAL_RATE_WINDOW_S:
+            self.rate = (frames - self._window[1]) / (now - self._window[0])
+            self._window = (now, frames)
+        if self.rate is not None and self.rate < TRIAL_MIN_RATE:
+            # Too few frames to tell the candidates apart in a trial's length (one connection at
+            # 25 ms RTT: ~30 frames/s, and its rounds' differences were within their noise); what a
+            # trial chose for another load does not hold either: the model alone
+            self._order, self._chosen_at, self.factor = None, None, 1.0
+        if self.rate is None or self.rate < TRIAL_MIN_RATE:
+            return min(max(plan_ms * self.factor, lo), hi)
         cands = self._candidates(plan_ms, lo, hi)
         if max(cands) < min(cands) * 1.02:  # the limits leave nothing to try
             self._order = None

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import random
 
-from replication.pacer import (TRIAL_FACTORS, TRIAL_HOLD_S, TRIAL_ROUNDS, TRIAL_SEGMENT_S, EpochSample, OutcomeTrial,
-                               Pacer, PacerPolicy)
+from replication.pacer import (TRIAL_FACTORS, TRIAL_HOLD_S, TRIAL_MIN_RATE, TRIAL_RATE_WINDOW_S, TRIAL_ROUNDS,
+                               TRIAL_SEGMENT_S, EpochSample, OutcomeTrial, Pacer, PacerPolicy)
 
-TRIAL = TRIAL_ROUNDS * len(TRIAL_FACTORS) * TRIAL_SEGMENT_S  # one whole trial, seconds
+# one whole trial after the first window of the frame rate, seconds
+TRIAL = TRIAL_RATE_WINDOW_S + TRIAL_ROUNDS * len(TRIAL_FACTORS) * TRIAL_SEGMENT_S
 
 
-def run(trial: OutcomeTrial, rate, plan=30.0, lo=20.0, hi=200.0, seconds=10.0, t0=0.0, noise=0.0, seed=1):
-    """Steps the trial epoch by epoch for `seconds`; `rate(interval)` frames per second come in."""
+def run(trial: OutcomeTrial, rate, plan=30.0, lo=20.0, hi=200.0, seconds=10.0, t0=None, noise=0.0, seed=1):
+    """Steps the trial epoch by epoch for `seconds`; `rate(interval)` frames per second come in.
+    Without `t0`, the run goes on from the trial's last step (the same counter, no gap)."""
     rnd = random.Random(seed)
-    now, frames, iv, seen = t0, 0, plan, []
+    if t0 is not None or trial._last is None:
+        now, frames = t0 or 0.0, 0
+    else:
+        now, frames = trial._last[0] + 0.05, trial._last[1]
+    t0, iv, seen = now, plan, []
     while now < t0 + seconds:
         iv = trial.step(now, int(frames), plan, lo, hi)
         seen.append(iv)
@@ -31,7 +37,7 @@ def test_a_better_neighbour_becomes_the_interval_and_the_next_trial_goes_on_from
     iv, seen = run(t, lambda i: 1000 - 20 * abs(i - best), seconds=TRIAL + 1)
     assert t.factor == 1.25 and abs(iv - 37.5) < 1e-9, t.summary
     assert {round(x, 1) for x in seen} >= {24.0, 30.0, 37.5}  # all three ran
-    iv, _ = run(t, lambda i: 1000 - 20 * abs(i - best), seconds=TRIAL_HOLD_S + 2 * TRIAL + 1, t0=100.0)  # after a gap
+    iv, _ = run(t, lambda i: 1000 - 20 * abs(i - best), seconds=2 * TRIAL_HOLD_S + 2 * TRIAL)
     assert abs(iv - 46.875) < 1e-6 and "kept 46.9 ms" in t.summary, t.summary  # climbed, then stayed
 
 
@@ -90,7 +96,7 @@ def test_a_choice_at_a_limit_leaves_the_other_side_to_try():
     t = OutcomeTrial()
     run(t, lambda i: 3000 - 50 * i, plan=22.0, lo=20.0, seconds=TRIAL + 0.5)
     assert abs(t.factor - 20 / 22) < 1e-9, t.summary  # 17.6 ms clamped to 20: what ran
-    iv, seen = run(t, lambda i: 1000 + 50 * i, plan=22.0, lo=20.0, seconds=TRIAL + 0.5, t0=50.0)
+    iv, seen = run(t, lambda i: 1000 + 50 * i, plan=22.0, lo=20.0, seconds=TRIAL_HOLD_S + TRIAL)
     assert abs(max(seen) - 25.0) < 1e-9 and abs(iv - 25.0) < 1e-9, t.summary
 
 
@@ -105,3 +111,21 @@ def test_off_in_the_policy_the_model_alone_decides():
         dt = (p.interval_ms + 8) / 1000
         frames += int((1000 + 20 * p.interval_ms) * dt)
         now += dt
+
+
+def test_too_few_frames_leave_the_model_alone_and_drop_the_factor():
+    """One slow client passes too few frames for a trial: none runs, and a factor chosen under a
+    heavier load goes back to 1. A gap in the samples forgets it as well."""
+    t = OutcomeTrial()
+    run(t, lambda i: 1000 + 20 * i, seconds=TRIAL + 0.5)
+    assert t.factor == 1.25
+    now, frames = t._last
+    seen = []
+    for _ in range(100):  # the same load's counter goes on, at 100 frames/s: no gap
+        now += 0.05
+        frames += 5
+        seen.append(t.step(now, frames, 30.0, 20.0, 200.0))
+    assert seen[0] == 37.5 and set(seen[-60:]) == {30.0} and t.factor == 1.0 and t.rate < TRIAL_MIN_RATE
+    t = OutcomeTrial()
+    run(t, lambda i: 1000 + 20 * i, seconds=TRIAL + 0.5)
+    assert t.factor == 1.25 and t.step(t._last[0] + 5, t._last[1] + 10, 30.0, 20.0, 200.0) == 30.0
