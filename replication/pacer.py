@@ -22,6 +22,10 @@ the interval and the term that decided it (`Plan.reason`, one short word):
   epoch loop ends such a long epoch early once the gate holds output (`wake_at`), and the
   first output drops the interval back to the latency-driven target at once.
 
+- ``trying``, ``measured``: an outcome trial runs, or its choice (a factor on the plan) is in
+  force: `OutcomeTrial` checks the plan's interval against 0.8x and 1.25x of it by the frames
+  per second the gate passes, in segments taken in turn (only at 200 frames/s or more).
+
 `Pacer` is the stateful edge: it smooths what each epoch measured (the reply time and the
 releases' offset come from the gate, measured on its own clock), adds the back-off for real
 backlogs (``queued``), moves toward the plan by bounded steps, and reports an infeasible latency
