@@ -315,15 +315,16 @@ def wake_at(first_held_ms: float, interval_ms: float, latency_target_ms: float, 
 
 
 class OutcomeTrial:
-    """The model's plan checked against what the clients get. Every `TRIAL_HOLD_S` (at once after a
-    gap in the samples, which also forgets the last choice, or when the plan moved by `TRIAL_REPLAN`), the interval in force (the plan
-    times the factor the last trial chose) and its two neighbours (`TRIAL_FACTORS`) run
-    `TRIAL_SEGMENT_S` each (fixed at the trial's start: the plan moves with the interval it is
-    fed), in rotated order for `TRIAL_ROUNDS` rounds; each segment counts the
-    frames that passed the gate (in and out) after its first `TRIAL_SETTLE_S`. A neighbour that
-    passed `TRIAL_MIN_GAIN` more frames per second than the centre, and by more than twice the
-    standard error of the rounds' differences, becomes the interval in force; else the centre stays. Taken in turn, the
-    segments share the machine's and the load's drift, which a comparison of rows does not.
+    """The model's plan checked against what the clients get. Every `TRIAL_HOLD_S` (at once after
+    a gap in the samples, which also forgets the last choice, or when the plan moved by
+    `TRIAL_REPLAN`), the interval in force (the plan times the factor the last trial chose) and its
+    two neighbours (`TRIAL_FACTORS`) run `TRIAL_SEGMENT_S` each (fixed at the trial's start: the
+    plan moves with the interval it is fed), in rotated order for `TRIAL_ROUNDS` rounds; each
+    segment counts the frames that passed the gate (in and out) after its first `TRIAL_SETTLE_S`.
+    A neighbour that passed `TRIAL_MIN_GAIN` more frames per second than the centre, and by more
+    than twice the standard error of the rounds' differences, becomes the interval in force; else
+    the centre stays. Taken in turn, the segments share the machine's and the load's drift, which a
+    comparison of rows does not.
 
     Only while at least `TRIAL_MIN_RATE` frames per second pass (over `TRIAL_RATE_WINDOW_S`
     windows): below it the factor goes back to 1 and the model alone decides.
