@@ -57,7 +57,11 @@ def test_certificate_rotation_never_stops_protection(lab_up):
     assert a["replication"]["sessions"] == sessions, "the replication session was not dropped"
     assert a["committed_epoch"] > epoch and a["protected"] and a["protection_changes"] == a0["protection_changes"]
     assert a["lease_generation"] == a0["lease_generation"]
-    assert res.ops > 50
+    # the client counted on throughout: every reply in order, none missing, no long stall (a
+    # count of operations depends on the machine's load: 48 in ~4 s on a loaded CI run, where the
+    # scan's pause put the interval at 50 ms)
+    assert res.error is None and not res.violations and res.ops > 0, (res.error, res.violations)
+    assert res.longest_stall_s < 2.0, res.longest_stall_s
     # New sessions present the new certificates: cut the WAN so both sides reconnect.
     world.partition(False)
     time.sleep(2.0)
