@@ -216,6 +216,10 @@ class Primary:
         self._last_heard = time.monotonic()
         self._slow_logged_at = float("-inf")  # primary.slow_epoch: one line a second
         self._pause_lock = asyncio.Lock()  # one checkpoint at a time (also vs. operator actions)
+        # One checkpoint from its pause to the end of its send: the pause lock ends with the pause,
+        # and an epoch's encoding (in a thread) could let a handover's final epoch, taken meanwhile,
+        # reach the standby first; the standby then committed N+1 without N and refused N.
+        self._ship_lock = asyncio.Lock()
         self.on_commit: Callable[[int], None] | None = None
         # (peer generation, the link, the peer's upstream-up ms or None)
         self.on_heartbeat: Callable[[int, LinkStats, int | None], None] | None = None
@@ -612,11 +616,12 @@ class Primary:
                 reader.result()
                 raise ChannelError("reader stopped")
             # the epoch's real length (woken early, or held by a backlog): the pacer's rates are per ms of it
-            taken = await self.checkpoint(codec, (time.monotonic() - start) * 1000)
-            if taken is None:  # a handover froze the guest meanwhile
-                continue
-            rec, frame = taken
-            await self._send_checkpoint(ch, rec, frame)
+            async with self._ship_lock:
+                taken = await self.checkpoint(codec, (time.monotonic() - start) * 1000)
+                if taken is None:  # a handover froze the guest meanwhile
+                    continue
+                rec, frame = taken
+                await self._send_checkpoint(ch, rec, frame)
             last = rec
 
     async def _wait_interval(self, interval_ms: float, t0: float) -> None:
@@ -664,9 +669,12 @@ class Primary:
             self._holding_inbound = True
             self.gate.hold_inbound()
         try:
-            taken = await self.checkpoint(codec, self.status.interval_ms, final=True)
-            rec, frame = taken
-            await self._send_checkpoint(ch, rec, frame)
+            async with self._ship_lock:  # after the epoch being sent, if one is
+                taken = await self.checkpoint(codec, self.status.interval_ms, final=True)
+                if taken is None:
+                    raise ChannelError("the guest was frozen by another handover")
+                rec, frame = taken
+                await self._send_checkpoint(ch, rec, frame)
             deadline = time.monotonic() + timeout
             while self.status.committed_epoch < rec.epoch:
                 if time.monotonic() > deadline or self._ch is not ch:
