@@ -51,15 +51,16 @@ SPREAD_MARGIN = 0.05  # ... and this much faster than a request at a random mome
 
 # the outcome trial (`OutcomeTrial`): the model's plan against its neighbours, judged by what the
 # clients got (frames through the gate per second) in segments taken in turn
-TRIAL_FACTORS = (1 / 1.25, 1.0, 1.25)  # the neighbours, as factors of the interval in force
+TRIAL_FACTORS = (1 / 1.25, 1.0, 1.25)  # the neighbours, as factors of the centre
 TRIAL_SEGMENT_S = 0.6  # each candidate runs this long per round ...
 TRIAL_SETTLE_S = 0.15  # ... of which the start is not counted (the interval steps there, the clients fall in)
 TRIAL_ROUNDS = 4  # rounds, each candidate once per round, in rotated order
-TRIAL_HOLD_S = 15.0  # a choice stands this long before the next trial
+TRIAL_HOLD_S = 15.0  # a centre that held its own stands this long before the next trial (a move: at once)
 TRIAL_MIN_GAIN = 0.05  # a neighbour must pass this share more frames than the centre, beyond the rounds' noise
 TRIAL_GAP_S = 1.0  # samples further apart (fixed pacing in between, a stall): the trial starts over
-TRIAL_FACTOR_RANGE = (0.5, 2.0)  # how far the measured factor may take the interval from the model's plan
-TRIAL_REPLAN = 1.5  # the model's plan moved by this factor since the choice: try again at once
+TRIAL_FACTOR_RANGE = (0.5, 2.0)  # how far the choice may take the interval from the model's (smoothed) plan
+TRIAL_PLAN_TAU_S = 3.0  # the plan is smoothed over this long (it flips epoch by epoch at many connections)
+TRIAL_REPLAN = 1.5  # the smoothed plan moved by this factor since the choice: climb again from the plan
 TRIAL_MIN_RATE = 200.0  # frames per second through the gate below which there is no trial (and no factor)
 TRIAL_RATE_WINDOW_S = 1.0  # ... measured over windows this long
 TRIAL_REASONS = ("min-interval", "pause-share", "rtt-optimum", "rtt-aligned", "latency-budget")
@@ -315,41 +316,47 @@ def wake_at(first_held_ms: float, interval_ms: float, latency_target_ms: float, 
 
 
 class OutcomeTrial:
-    """The model's plan checked against what the clients get. Every `TRIAL_HOLD_S` (at once after
-    a gap in the samples, which also forgets the last choice, or when the plan moved by
-    `TRIAL_REPLAN`), the interval in force (the plan times the factor the last trial chose) and its
-    two neighbours (`TRIAL_FACTORS`) run `TRIAL_SEGMENT_S` each (fixed at the trial's start: the
-    plan moves with the interval it is fed), in rotated order for `TRIAL_ROUNDS` rounds; each
-    segment counts the frames that passed the gate (in and out) after its first `TRIAL_SETTLE_S`.
-    A neighbour that passed `TRIAL_MIN_GAIN` more frames per second than the centre, and by more
-    than twice the standard error of the rounds' differences, becomes the interval in force; else
-    the centre stays. Taken in turn, the segments share the machine's and the load's drift, which a
-    comparison of rows does not.
+    """The model's plan checked against what the clients get: a hill climb on the interval that the
+    model starts and restarts. A trial runs the centre and its neighbours (`TRIAL_FACTORS`), each
+    `TRIAL_SEGMENT_S` at a time in rotated order for `TRIAL_ROUNDS` rounds, and counts the frames
+    that passed the gate (in and out) in each segment after its first `TRIAL_SETTLE_S`. A neighbour
+    that passed `TRIAL_MIN_GAIN` more frames per second than the centre, and by more than twice the
+    standard error of the rounds' differences, becomes the interval in force (`choice`) and the next
+    trial follows at once, the centre against the next step the same way; a centre that held its
+    own stays `TRIAL_HOLD_S` before the next trial tries both sides again. Taken in turn, the
+    segments share the machine's and the load's drift, which a comparison of rows does not.
+
+    The first centre is the model's plan; after that the choice itself, so a plan that flips from
+    epoch to epoch (it does, between the floor and an alignment, at many connections) does not
+    move the trials. The plan comes in smoothed over `TRIAL_PLAN_TAU_S`: when the smoothed plan
+    moved by `TRIAL_REPLAN` since the choice (the RTT or the pause changed), or after a gap in the
+    samples, the choice is forgotten and the climb starts again from the plan. The choice stays
+    within `TRIAL_FACTOR_RANGE` of the smoothed plan.
 
     Only while at least `TRIAL_MIN_RATE` frames per second pass (over `TRIAL_RATE_WINDOW_S`
-    windows): below it the factor goes back to 1 and the model alone decides.
+    windows): below it the choice is forgotten and the model alone decides.
 
     Pure: the time and the frame counter come in with each step. `lo`/`hi`: the range the hard
-    limits and the latency budget allow (a candidate is clamped to it; with fewer than two distinct
-    candidates there is nothing to try)."""
+    limits and the latency budget allow (candidates are clamped to it, and those the clamp makes
+    equal run once: with fewer than two there is nothing to try)."""
 
     def __init__(self):
-        self.factor = 1.0
+        self.choice: float | None = None  # the interval the last trial chose or kept, ms (None: the plan's)
         self.summary = ""  # the last trial's figures, for the detail
-        self._chosen_at: float | None = None
-        self._plan_at_choice: float | None = None
+        self._next_at: float | None = None  # when the next trial may start (None: at once)
+        self._direction = 0  # the last move (-1 shorter, +1 longer): the next trial goes on that way
+        self._splan: float | None = None  # the plan, smoothed over TRIAL_PLAN_TAU_S
+        self._splan_at_choice = 0.0
         self._last: tuple[float, int] | None = None
         self._order: list[int] | None = None  # the running trial's segments (candidate indices)
         self._seg = 0
         self._seg_t0 = 0.0
         self._from: tuple[float, int] | None = None
-        self._frames = [0] * len(TRIAL_FACTORS)
-        self._secs = [0.0] * len(TRIAL_FACTORS)
-        self._rounds: list[list[float]] = [[] for _ in TRIAL_FACTORS]  # each segment's rate, per candidate
+        self._rounds: list[list[tuple[int, float]]] = []  # per candidate: (frames, seconds) of each segment
         self._window = (0.0, 0)  # the frame rate's window: its start and the counter there
         self.rate: float | None = None  # frames per second in the last whole window (None: none yet)
         self._cands: list[float] = []
-        self._plan0 = 0.0
+        self._centre = 0
 
     @property
     def trying(self) -> bool:
@@ -358,80 +365,83 @@ class OutcomeTrial:
     def abort(self) -> None:
         self._order = None
 
-    def _candidates(self, plan_ms: float, lo: float, hi: float) -> list[float]:
-        return [min(max(plan_ms * self.factor * f, lo), hi) for f in TRIAL_FACTORS]
+    def _forget(self) -> None:
+        self._order, self.choice, self._next_at, self._direction = None, None, None, 0
+
+    def _clamp(self, ms: float, lo: float, hi: float) -> float:
+        lo_f, hi_f = TRIAL_FACTOR_RANGE
+        return min(max(min(max(ms, self._splan * lo_f), self._splan * hi_f), lo), hi)
 
     def step(self, now: float, frames: int, plan_ms: float, lo: float, hi: float) -> float:
-        """The interval for the next epoch: a candidate while a trial runs, else the plan times the
-        chosen factor (clamped to lo..hi)."""
+        """The interval for the next epoch: a candidate while a trial runs, else the choice (the
+        plan before there is one), clamped to lo..hi."""
         hi = max(hi, lo)
         gap = self._last is None or now - self._last[0] > TRIAL_GAP_S or frames < self._last[1]
+        if gap:  # the counts before it say nothing about now, nor does the choice they made
+            self._forget()
+            self._window, self.rate, self._splan = (now, frames), None, plan_ms
+        else:
+            a = 1 - math.exp(-(now - self._last[0]) / TRIAL_PLAN_TAU_S)
+            self._splan += a * (plan_ms - self._splan)
+            if now - self._window[0] >= TRIAL_RATE_WINDOW_S:
+                self.rate = (frames - self._window[1]) / (now - self._window[0])
+                self._window = (now, frames)
         self._last = (now, frames)
-        if gap:  # the counts before it say nothing about now, nor does the factor they chose
-            self._order, self._chosen_at, self._window, self.rate = None, None, (now, frames), None
-            self.factor = 1.0
-        elif now - self._window[0] >= TRIAL_RATE_WINDOW_S:
-            self.rate = (frames - self._window[1]) / (now - self._window[0])
-            self._window = (now, frames)
         if self.rate is not None and self.rate < TRIAL_MIN_RATE:
             # Too few frames to tell the candidates apart in a trial's length (one connection at
             # 25 ms RTT: ~30 frames/s, and its rounds' differences were within their noise); what a
             # trial chose for another load does not hold either: the model alone
-            self._order, self._chosen_at, self.factor = None, None, 1.0
+            self._forget()
         if self.rate is None or self.rate < TRIAL_MIN_RATE:
-            return min(max(plan_ms * self.factor, lo), hi)
-        cands = self._candidates(plan_ms, lo, hi)
-        if max(cands) < min(cands) * 1.02:  # the limits leave nothing to try
-            self._order = None
-            return cands[1]
+            return min(max(plan_ms, lo), hi)
+        if self.choice is not None and self._order is None and max(
+                self._splan / self._splan_at_choice, self._splan_at_choice / self._splan) > TRIAL_REPLAN:
+            self._forget()  # the conditions moved: climb again from the plan
         if self._order is None:
-            moved = (self._plan_at_choice is not None
-                     and max(plan_ms / self._plan_at_choice, self._plan_at_choice / plan_ms) > TRIAL_REPLAN)
-            if self._chosen_at is None or now - self._chosen_at >= TRIAL_HOLD_S or moved:
-                n = len(TRIAL_FACTORS)
-                self._order = [(r + k) % n for r in range(TRIAL_ROUNDS) for k in range(n)]
-                self._seg, self._seg_t0, self._from = 0, now, None
-                self._frames, self._secs, self._rounds = [0] * n, [0.0] * n, [[] for _ in range(n)]
-                self._cands, self._plan0 = cands, plan_ms  # fixed for the trial: the plan may move while it runs
-            else:
-                return cands[1]
-        k = self._order[self._seg]
+            centre = self._clamp(plan_ms if self.choice is None else self.choice, lo, hi)
+            if self._next_at is not None and now < self._next_at:
+                return centre
+            factors = {-1: TRIAL_FACTORS[:2], 1: TRIAL_FACTORS[1:]}.get(self._direction, TRIAL_FACTORS)
+            cands = sorted({round(self._clamp(centre * f, lo, hi), 6) for f in factors})
+            if len(cands) < 2:  # the limits leave nothing to try (this way): the centre holds
+                self.choice, self._splan_at_choice = centre, self._splan
+                self._direction, self._next_at = 0, now + TRIAL_HOLD_S
+                return centre
+            n = len(cands)
+            self._cands, self._centre = cands, cands.index(round(centre, 6))
+            self._order = [(r + k) % n for r in range(TRIAL_ROUNDS) for k in range(n)]
+            self._seg, self._seg_t0, self._from, self._rounds = 0, now, None, [[] for _ in range(n)]
         if self._from is None and now - self._seg_t0 >= TRIAL_SETTLE_S:
             self._from = (now, frames)
         if now - self._seg_t0 >= TRIAL_SEGMENT_S:
             if self._from is not None and now > self._from[0]:
-                self._frames[k] += frames - self._from[1]
-                self._secs[k] += now - self._from[0]
-                self._rounds[k].append((frames - self._from[1]) / (now - self._from[0]))
+                self._rounds[self._order[self._seg]].append((frames - self._from[1], now - self._from[0]))
             self._seg, self._seg_t0, self._from = self._seg + 1, now, None
             if self._seg == len(self._order):
-                self._decide(now, plan_ms, self._cands)
-                return self._candidates(plan_ms, lo, hi)[1]
-            k = self._order[self._seg]
-        return min(max(self._cands[k], lo), hi)
+                self._decide(now)
+                return self._clamp(self.choice, lo, hi)
+        return min(max(self._cands[self._order[self._seg]], lo), hi)
 
-    def _decide(self, now: float, plan_ms: float, cands: list[float]) -> None:
+    def _decide(self, now: float) -> None:
         self._order = None
-        self._chosen_at, self._plan_at_choice = now, plan_ms
-        rates = [f / s if s > 0 else 0.0 for f, s in zip(self._frames, self._secs)]
-        c = len(TRIAL_FACTORS) // 2
+        cands, c = self._cands, self._centre
+        rates = [sum(f for f, _ in r) / max(sum(s for _, s in r), 1e-9) for r in self._rounds]
         best = max(range(len(rates)), key=lambda j: rates[j])
         figures = ", ".join(f"{cands[j]:.1f} ms {rates[j]:.0f}/s" for j in range(len(rates)))
         # the noise: the spread of the round-by-round differences (each round's segments ran within
         # ~2 s of each other), so a slow drift of the machine or the load cancels out
-        diffs = [b - m for b, m in zip(self._rounds[best], self._rounds[c])]
+        diffs = [fb / sb - fc / sc for (fb, sb), (fc, sc) in zip(self._rounds[best], self._rounds[c])]
         noise = math.inf
         if best != c and len(diffs) >= 2:
             mean = sum(diffs) / len(diffs)
             sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
             noise = 2 * sd / math.sqrt(len(diffs))
+        self._splan_at_choice = self._splan
         if best != c and rates[best] >= rates[c] * (1 + TRIAL_MIN_GAIN) and rates[best] - rates[c] > noise:
-            lo_f, hi_f = TRIAL_FACTOR_RANGE
-            # the interval that ran (a clamped one included: a factor past a limit would hide the
-            # neighbours on that side from the next trial), as a factor of the plan it came from
-            self.factor = min(max(cands[best] / self._plan0, lo_f), hi_f)
+            self.choice, self._direction, self._next_at = cands[best], (1 if best > c else -1), None
             self.summary = f"tried {figures}: {cands[best]:.1f} ms"
         else:
+            self.choice, self._direction, self._next_at = cands[c], 0, now + TRIAL_HOLD_S
             self.summary = f"tried {figures}: kept {cands[c]:.1f} ms"
 
 
