@@ -57,11 +57,12 @@ TRIAL_SETTLE_S = 0.15  # ... of which the start is not counted (the interval ste
 TRIAL_ROUNDS = 4  # rounds, each candidate once per round, in rotated order
 TRIAL_HOLD_S = 15.0  # a centre that held its own stands this long before the next trial (a move: at once)
 TRIAL_MIN_GAIN = 0.05  # a neighbour must pass this share more frames than the centre, beyond the rounds' noise
-TRIAL_GAP_S = 1.0  # samples further apart (fixed pacing in between, a stall): the trial starts over
-TRIAL_FACTOR_RANGE = (0.5, 2.0)  # how far the choice may take the interval from the model's (smoothed) plan
+TRIAL_GAP_S = 1.0  # samples further apart (fixed pacing in between, a stall): the climb starts over ...
+TRIAL_FIRST_S = 3.0  # ... with a first trial this long after the gap (the pause and the plan settle)
+TRIAL_FACTOR_RANGE = (0.5, 2.0)  # how far the trials may take the interval from the model's (smoothed) plan
 TRIAL_PLAN_TAU_S = 3.0  # the plan is smoothed over this long (it flips epoch by epoch at many connections)
-TRIAL_REPLAN = 1.5  # the smoothed plan moved by this factor since the choice: climb again from the plan
-TRIAL_MIN_RATE = 200.0  # frames per second through the gate below which there is no trial (and no factor)
+TRIAL_REPLAN = 1.5  # the smoothed plan moved by this factor since the choice: the climb starts over
+TRIAL_MIN_RATE = 200.0  # frames per second coming in through the gate below which there is no trial (nor factor)
 TRIAL_RATE_WINDOW_S = 1.0  # ... measured over windows this long
 TRIAL_REASONS = ("min-interval", "pause-share", "rtt-optimum", "rtt-aligned", "latency-budget")
 
@@ -316,37 +317,38 @@ def wake_at(first_held_ms: float, interval_ms: float, latency_target_ms: float, 
 
 
 class OutcomeTrial:
-    """The model's plan checked against what the clients get: a hill climb on the interval that the
-    model starts and restarts. A trial runs the centre and its neighbours (`TRIAL_FACTORS`), each
+    """The model's plan checked against what the clients get: a hill climb on a factor over the
+    model's plan, smoothed over `TRIAL_PLAN_TAU_S` (at many connections the plan flips epoch by
+    epoch between the floor and an alignment: the trials must not follow each flip). A trial runs
+    the centre (the smoothed plan times the factor) and its neighbours (`TRIAL_FACTORS`), each
     `TRIAL_SEGMENT_S` at a time in rotated order for `TRIAL_ROUNDS` rounds, and counts the frames
-    that passed the gate (in and out) in each segment after its first `TRIAL_SETTLE_S`. A neighbour
-    that passed `TRIAL_MIN_GAIN` more frames per second than the centre, and by more than twice the
-    standard error of the rounds' differences, becomes the interval in force (`choice`) and the next
-    trial follows at once, the centre against the next step the same way; a centre that held its
-    own stays `TRIAL_HOLD_S` before the next trial tries both sides again. Taken in turn, the
-    segments share the machine's and the load's drift, which a comparison of rows does not.
+    that came in through the gate in each segment after its first `TRIAL_SETTLE_S`. A neighbour
+    through which `TRIAL_MIN_GAIN` more frames per second came than through the centre, and by more
+    than twice the standard error of the rounds' differences, sets the factor, and the next trial
+    follows at once, the new centre against the next step the same way; a centre that held its own
+    stands `TRIAL_HOLD_S` before the next trial tries both sides again. Taken in turn, the segments
+    share the machine's and the load's drift, which a comparison of rows does not.
 
-    The first centre is the model's plan; after that the choice itself, so a plan that flips from
-    epoch to epoch (it does, between the floor and an alignment, at many connections) does not
-    move the trials. The plan comes in smoothed over `TRIAL_PLAN_TAU_S`: when the smoothed plan
-    moved by `TRIAL_REPLAN` since the choice (the RTT or the pause changed), or after a gap in the
-    samples, the choice is forgotten and the climb starts again from the plan. The choice stays
-    within `TRIAL_FACTOR_RANGE` of the smoothed plan.
+    After a gap in the samples (adaptive pacing switched on again, a stall), or when the smoothed
+    plan moved by `TRIAL_REPLAN` since the last choice (the RTT or the pause changed), the factor
+    goes back to 1 and the climb starts again; after a gap only once `TRIAL_FIRST_S` have passed
+    (the pause and the plan settle after the load or the pacing changed). The factor stays within
+    `TRIAL_FACTOR_RANGE`.
 
-    Only while at least `TRIAL_MIN_RATE` frames per second pass (over `TRIAL_RATE_WINDOW_S`
-    windows): below it the choice is forgotten and the model alone decides.
+    Only while at least `TRIAL_MIN_RATE` frames per second come in (over `TRIAL_RATE_WINDOW_S`
+    windows): below it the factor goes back to 1 and the model alone decides (its plan as it is).
 
     Pure: the time and the frame counter come in with each step. `lo`/`hi`: the range the hard
     limits and the latency budget allow (candidates are clamped to it, and those the clamp makes
     equal run once: with fewer than two there is nothing to try)."""
 
     def __init__(self):
-        self.choice: float | None = None  # the interval the last trial chose or kept, ms (None: the plan's)
+        self.factor = 1.0  # on the smoothed plan: what the trials chose
         self.summary = ""  # the last trial's figures, for the detail
         self._next_at: float | None = None  # when the next trial may start (None: at once)
         self._direction = 0  # the last move (-1 shorter, +1 longer): the next trial goes on that way
-        self._splan: float | None = None  # the plan, smoothed over TRIAL_PLAN_TAU_S
-        self._splan_at_choice = 0.0
+        self._splan = 0.0  # the plan, smoothed over TRIAL_PLAN_TAU_S
+        self._splan_at_choice: float | None = None
         self._last: tuple[float, int] | None = None
         self._order: list[int] | None = None  # the running trial's segments (candidate indices)
         self._seg = 0
@@ -362,50 +364,54 @@ class OutcomeTrial:
     def trying(self) -> bool:
         return self._order is not None
 
+    @property
+    def choice(self) -> float | None:
+        """The interval the trials chose or kept, ms, at today's smoothed plan (None: none yet)."""
+        return None if self._splan_at_choice is None else self._splan * self.factor
+
     def abort(self) -> None:
         self._order = None
 
-    def _forget(self) -> None:
-        self._order, self.choice, self._next_at, self._direction = None, None, None, 0
+    def _forget(self, next_at: float | None) -> None:
+        self._order, self.factor, self._splan_at_choice = None, 1.0, None
+        self._next_at, self._direction = next_at, 0
 
     def _clamp(self, ms: float, lo: float, hi: float) -> float:
-        lo_f, hi_f = TRIAL_FACTOR_RANGE
-        return min(max(min(max(ms, self._splan * lo_f), self._splan * hi_f), lo), hi)
+        return min(max(ms, lo), hi)
 
     def step(self, now: float, frames: int, plan_ms: float, lo: float, hi: float) -> float:
-        """The interval for the next epoch: a candidate while a trial runs, else the choice (the
-        plan before there is one), clamped to lo..hi."""
+        """The interval for the next epoch: a candidate while a trial runs, else the smoothed plan
+        times the factor (the plan itself when no trial can run), clamped to lo..hi."""
         hi = max(hi, lo)
         gap = self._last is None or now - self._last[0] > TRIAL_GAP_S or frames < self._last[1]
-        if gap:  # the counts before it say nothing about now, nor does the choice they made
-            self._forget()
+        if gap:  # the counts before it say nothing about now, nor does the factor they chose
+            self._forget(now + TRIAL_FIRST_S)
             self._window, self.rate, self._splan = (now, frames), None, plan_ms
         else:
-            a = 1 - math.exp(-(now - self._last[0]) / TRIAL_PLAN_TAU_S)
-            self._splan += a * (plan_ms - self._splan)
+            self._splan += (1 - math.exp(-(now - self._last[0]) / TRIAL_PLAN_TAU_S)) * (plan_ms - self._splan)
             if now - self._window[0] >= TRIAL_RATE_WINDOW_S:
                 self.rate = (frames - self._window[1]) / (now - self._window[0])
                 self._window = (now, frames)
         self._last = (now, frames)
-        if self.rate is not None and self.rate < TRIAL_MIN_RATE:
+        if self.rate is not None and self.rate < TRIAL_MIN_RATE and self._splan_at_choice is not None:
             # Too few frames to tell the candidates apart in a trial's length (one connection at
             # 25 ms RTT: ~30 frames/s, and its rounds' differences were within their noise); what a
             # trial chose for another load does not hold either: the model alone
-            self._forget()
+            self._forget(None)
         if self.rate is None or self.rate < TRIAL_MIN_RATE:
-            return min(max(plan_ms, lo), hi)
-        if self.choice is not None and self._order is None and max(
+            self._order = None
+            return self._clamp(plan_ms, lo, hi)
+        if self._order is None and self._splan_at_choice is not None and max(
                 self._splan / self._splan_at_choice, self._splan_at_choice / self._splan) > TRIAL_REPLAN:
-            self._forget()  # the conditions moved: climb again from the plan
+            self._forget(None)  # the conditions moved: climb again from the plan
         if self._order is None:
-            centre = self._clamp(plan_ms if self.choice is None else self.choice, lo, hi)
+            centre = self._clamp(self._splan * self.factor, lo, hi)
             if self._next_at is not None and now < self._next_at:
                 return centre
             factors = {-1: TRIAL_FACTORS[:2], 1: TRIAL_FACTORS[1:]}.get(self._direction, TRIAL_FACTORS)
             cands = sorted({round(self._clamp(centre * f, lo, hi), 6) for f in factors})
             if len(cands) < 2:  # the limits leave nothing to try (this way): the centre holds
-                self.choice, self._splan_at_choice = centre, self._splan
-                self._direction, self._next_at = 0, now + TRIAL_HOLD_S
+                self._choose(centre, 0, now + TRIAL_HOLD_S)
                 return centre
             n = len(cands)
             self._cands, self._centre = cands, cands.index(round(centre, 6))
@@ -419,8 +425,15 @@ class OutcomeTrial:
             self._seg, self._seg_t0, self._from = self._seg + 1, now, None
             if self._seg == len(self._order):
                 self._decide(now)
-                return self._clamp(self.choice, lo, hi)
-        return min(max(self._cands[self._order[self._seg]], lo), hi)
+                return self._clamp(self._splan * self.factor, lo, hi)
+        return self._clamp(self._cands[self._order[self._seg]], lo, hi)
+
+    def _choose(self, ms: float, direction: int, next_at: float | None) -> None:
+        """The interval that ran (a clamped one included: a factor past a limit would hide the
+        neighbours on that side from the next trial), as a factor of the smoothed plan."""
+        lo_f, hi_f = TRIAL_FACTOR_RANGE
+        self.factor = min(max(ms / max(self._splan, 1e-9), lo_f), hi_f)
+        self._splan_at_choice, self._direction, self._next_at = self._splan, direction, next_at
 
     def _decide(self, now: float) -> None:
         self._order = None
@@ -436,12 +449,11 @@ class OutcomeTrial:
             mean = sum(diffs) / len(diffs)
             sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
             noise = 2 * sd / math.sqrt(len(diffs))
-        self._splan_at_choice = self._splan
         if best != c and rates[best] >= rates[c] * (1 + TRIAL_MIN_GAIN) and rates[best] - rates[c] > noise:
-            self.choice, self._direction, self._next_at = cands[best], (1 if best > c else -1), None
+            self._choose(cands[best], 1 if best > c else -1, None)
             self.summary = f"tried {figures}: {cands[best]:.1f} ms"
         else:
-            self.choice, self._direction, self._next_at = cands[c], 0, now + TRIAL_HOLD_S
+            self._choose(cands[c], 0, now + TRIAL_HOLD_S)
             self.summary = f"tried {figures}: kept {cands[c]:.1f} ms"
 
 
@@ -467,7 +479,7 @@ class EpochSample:
     reply_ms: float | None = None
     released: bool = True  # release_offset_ms is of a release since the last sample (not a repeat)
     # for the outcome trial: when the sample was taken (monotonic seconds) and the frames that have
-    # passed the gate in both directions so far (a counter); None: no trial
+    # come in through the gate so far (a counter); None: no trial
     now_s: float | None = None
     frames: int | None = None
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import random
 
-from replication.pacer import (TRIAL_FACTORS, TRIAL_HOLD_S, TRIAL_MIN_RATE, TRIAL_RATE_WINDOW_S, TRIAL_ROUNDS,
-                               TRIAL_SEGMENT_S, EpochSample, OutcomeTrial, Pacer, PacerPolicy)
+from replication.pacer import (TRIAL_FACTORS, TRIAL_FIRST_S, TRIAL_HOLD_S, TRIAL_MIN_RATE, TRIAL_RATE_WINDOW_S,
+                               TRIAL_ROUNDS, TRIAL_SEGMENT_S, EpochSample, OutcomeTrial, Pacer, PacerPolicy)
 
-# one whole trial (both neighbours) after the first window of the frame rate, seconds; and a trial
-# that goes on the way the last one moved (the centre and one neighbour)
-TRIAL = TRIAL_RATE_WINDOW_S + TRIAL_ROUNDS * len(TRIAL_FACTORS) * TRIAL_SEGMENT_S
+# the first whole trial (both neighbours) after a start, seconds; and a trial that goes on the way
+# the last one moved (the centre and one neighbour)
+TRIAL = max(TRIAL_RATE_WINDOW_S, TRIAL_FIRST_S) + TRIAL_ROUNDS * len(TRIAL_FACTORS) * TRIAL_SEGMENT_S
 ONWARD = TRIAL_ROUNDS * 2 * TRIAL_SEGMENT_S
+
+
+def near(a, b) -> bool:
+    return a is not None and abs(a - b) < 1e-6
 
 
 def run(trial: OutcomeTrial, rate, plan=30.0, lo=20.0, hi=200.0, seconds=10.0, t0=None, noise=0.0, seed=1):
@@ -38,23 +42,23 @@ def test_a_better_neighbour_becomes_the_interval_and_the_climb_goes_on_that_way(
     t = OutcomeTrial()
     best = 45.0
     iv, seen = run(t, lambda i: 1000 - 20 * abs(i - best), seconds=TRIAL + 0.5)
-    assert t.choice == 37.5, t.summary
+    assert near(t.choice, 37.5), t.summary
     assert {round(x, 1) for x in seen} >= {24.0, 30.0, 37.5}  # all three ran
     iv, seen = run(t, lambda i: 1000 - 20 * abs(i - best), seconds=2 * ONWARD + 0.5)
     # on at once, the centre against the next step up only: 46.9 won, 58.6 did not
     assert abs(iv - 46.875) < 1e-6 and "kept 46.9 ms" in t.summary, t.summary
-    assert min(seen) == 37.5 and round(max(seen), 1) == 58.6
+    assert near(min(seen), 37.5) and round(max(seen), 1) == 58.6
     iv, seen = run(t, lambda i: 1000 - 20 * abs(i - best), seconds=TRIAL_HOLD_S - 1)
-    assert set(seen) == {46.875}  # a centre that held its own stands
+    assert all(near(x, 46.875) for x in seen)  # a centre that held its own stands
 
 
 def test_a_flat_or_noisy_outcome_keeps_the_plan():
     t = OutcomeTrial()
     iv, _ = run(t, lambda i: 1000.0, seconds=TRIAL + 0.5)
-    assert t.choice == 30.0 and iv == 30.0 and "kept 30.0 ms" in t.summary
+    assert near(t.choice, 30.0) and iv == 30.0 and "kept 30.0 ms" in t.summary
     t = OutcomeTrial()  # 2 % apart: under the gain asked for
     iv, _ = run(t, lambda i: 1000.0 + (20 if i > 30 else 0), seconds=TRIAL + 0.5, noise=0.01)
-    assert t.choice == 30.0 and iv == 30.0, t.summary
+    assert near(t.choice, 30.0) and iv == 30.0, t.summary
 
 
 def test_noise_rarely_moves_the_interval_and_a_real_gain_does():
@@ -65,7 +69,7 @@ def test_noise_rarely_moves_the_interval_and_a_real_gain_does():
         for seed in range(100):
             t = OutcomeTrial()
             run(t, rate, seconds=TRIAL + 0.5, noise=noise, seed=seed)
-            n += t.choice == want
+            n += near(t.choice, want)
         return n / 100
     assert moved(lambda i: 1000.0, 0.6, 30.0) >= 0.85
     assert moved(lambda i: 1000.0 * (1.1 if i > 30 else 1.0), 0.3, 37.5) >= 0.6
@@ -103,18 +107,19 @@ def test_a_choice_at_a_limit_leaves_the_other_side_to_try():
     trial still tries longer, and climbs that way when longer wins."""
     t = OutcomeTrial()
     run(t, lambda i: 3000 - 50 * i, plan=22.0, lo=20.0, seconds=TRIAL + 0.5)
-    assert t.choice == 20.0, t.summary  # 17.6 ms clamped to 20: what ran
+    assert near(t.choice, 20.0), t.summary  # 17.6 ms clamped to 20: what ran
     iv, seen = run(t, lambda i: 1000 + 50 * i, plan=22.0, lo=20.0, seconds=TRIAL_HOLD_S + TRIAL)
-    assert t.choice == 25.0 and min(seen) == 20.0 and max(seen) >= 25.0, t.summary
+    assert t.choice >= 25.0 - 1e-6 and min(seen) == 20.0, t.summary  # and on up
 
 
 def test_a_plan_that_flips_epoch_by_epoch_does_not_move_the_climb():
     """At many connections the model's plan flips between the floor and an alignment; the trials
-    centre on the choice, so the climb still reaches the floor when shorter wins."""
+    centre on the smoothed plan times the factor, so the climb still reaches the floor when shorter
+    wins."""
     t = OutcomeTrial()
     iv, seen = run(t, lambda i: 3000 - 50 * i, plan=lambda n: 31.0 if n % 6 < 3 else 20.0, lo=20.0,
                    seconds=TRIAL + 2 * ONWARD + 1)
-    assert t.choice == 20.0 and iv == 20.0, t.summary
+    assert iv <= 21.5 and t.choice <= 21.5, t.summary
 
 
 def test_a_plan_that_moved_for_good_starts_the_climb_again():
@@ -122,9 +127,9 @@ def test_a_plan_that_moved_for_good_starts_the_climb_again():
     the next trial centres on the new plan."""
     t = OutcomeTrial()
     run(t, lambda i: 1000.0, plan=30.0, seconds=TRIAL + 0.5)
-    assert t.choice == 30.0
+    assert near(t.choice, 30.0)
     iv, seen = run(t, lambda i: 1000.0, plan=60.0, seconds=4.0)
-    assert 30.0 in seen[:5] and 48.0 in seen and t.trying
+    assert seen[0] < 31 and max(seen) > 50 and t.trying and t.factor == 1.0
 
 
 def test_off_in_the_policy_the_model_alone_decides():
@@ -145,7 +150,7 @@ def test_too_few_frames_leave_the_model_alone_and_forget_the_choice():
     heavier load is forgotten. A gap in the samples forgets it as well."""
     t = OutcomeTrial()
     run(t, lambda i: 1000 + 20 * i, seconds=TRIAL + 0.5)
-    assert t.choice == 37.5
+    assert near(t.choice, 37.5)
     now, frames = t._last
     seen = []
     for _ in range(100):  # the same load's counter goes on, at 100 frames/s: no gap
@@ -155,5 +160,5 @@ def test_too_few_frames_leave_the_model_alone_and_forget_the_choice():
     assert seen[0] != 30.0 and set(seen[-60:]) == {30.0} and t.choice is None and t.rate < TRIAL_MIN_RATE
     t = OutcomeTrial()
     run(t, lambda i: 1000 + 20 * i, seconds=TRIAL + 0.5)
-    assert t.choice == 37.5 and t.step(t._last[0] + 5, t._last[1] + 10, 30.0, 20.0, 200.0) == 30.0
+    assert near(t.choice, 37.5) and t.step(t._last[0] + 5, t._last[1] + 10, 30.0, 20.0, 200.0) == 30.0
     assert t.choice is None
