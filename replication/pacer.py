@@ -336,7 +336,8 @@ class OutcomeTrial:
     `TRIAL_FACTOR_RANGE`.
 
     Only while at least `TRIAL_MIN_RATE` frames per second come in (over `TRIAL_RATE_WINDOW_S`
-    windows): below it the factor goes back to 1 and the model alone decides (its plan as it is).
+    windows): below it the factor goes back to 1 and the model alone decides (its plan as it is);
+    above it again, the first trial waits `TRIAL_FIRST_S` as after a gap.
 
     Pure: the time and the frame counter come in with each step. `lo`/`hi`: the range the hard
     limits and the latency budget allow (candidates are clamped to it, and those the clamp makes
@@ -393,13 +394,13 @@ class OutcomeTrial:
                 self.rate = (frames - self._window[1]) / (now - self._window[0])
                 self._window = (now, frames)
         self._last = (now, frames)
-        if self.rate is not None and self.rate < TRIAL_MIN_RATE and self._splan_at_choice is not None:
+        if self.rate is not None and self.rate < TRIAL_MIN_RATE:
             # Too few frames to tell the candidates apart in a trial's length (one connection at
             # 25 ms RTT: ~30 frames/s, and its rounds' differences were within their noise); what a
-            # trial chose for another load does not hold either: the model alone
-            self._forget(None)
+            # trial chose for another load does not hold either: the model alone, and when the
+            # load grows, a first trial only once the pause and the plan have settled to it
+            self._forget(now + TRIAL_FIRST_S)
         if self.rate is None or self.rate < TRIAL_MIN_RATE:
-            self._order = None
             return self._clamp(plan_ms, lo, hi)
         if self._order is None and self._splan_at_choice is not None and max(
                 self._splan / self._splan_at_choice, self._splan_at_choice / self._splan) > TRIAL_REPLAN:

@@ -158,6 +158,10 @@ def test_too_few_frames_leave_the_model_alone_and_forget_the_choice():
         frames += 5
         seen.append(t.step(now, frames, 30.0, 20.0, 200.0))
     assert seen[0] != 30.0 and set(seen[-60:]) == {30.0} and t.choice is None and t.rate < TRIAL_MIN_RATE
+    iv, seen = run(t, lambda i: 1000.0, seconds=TRIAL_FIRST_S - 0.1)
+    assert set(seen) == {30.0} and not t.trying  # the load grew: the first trial waits as after a gap
+    run(t, lambda i: 1000.0, seconds=TRIAL_RATE_WINDOW_S + 0.3)
+    assert t.trying
     t = OutcomeTrial()
     run(t, lambda i: 1000 + 20 * i, seconds=TRIAL + 0.5)
     assert near(t.choice, 37.5) and t.step(t._last[0] + 5, t._last[1] + 10, 30.0, 20.0, 200.0) == 30.0
