@@ -378,7 +378,9 @@ class OutcomeTrial:
         self._next_at, self._direction = next_at, 0
 
     def _clamp(self, ms: float, lo: float, hi: float) -> float:
-        return min(max(ms, lo), hi)
+        """Within the factor's range of the smoothed plan, then within the limits (which win)."""
+        lo_f, hi_f = TRIAL_FACTOR_RANGE
+        return min(max(min(max(ms, self._splan * lo_f), self._splan * hi_f), lo), hi)
 
     def step(self, now: float, frames: int, plan_ms: float, lo: float, hi: float) -> float:
         """The interval for the next epoch: a candidate while a trial runs, else the smoothed plan
@@ -401,7 +403,7 @@ class OutcomeTrial:
             # load grows, a first trial only once the pause and the plan have settled to it
             self._forget(now + TRIAL_FIRST_S)
         if self.rate is None or self.rate < TRIAL_MIN_RATE:
-            return self._clamp(plan_ms, lo, hi)
+            return min(max(plan_ms, lo), hi)
         if self._order is None and self._splan_at_choice is not None and max(
                 self._splan / self._splan_at_choice, self._splan_at_choice / self._splan) > TRIAL_REPLAN:
             self._forget(None)  # the conditions moved: climb again from the plan

@@ -112,6 +112,17 @@ def test_a_choice_at_a_limit_leaves_the_other_side_to_try():
     assert t.choice >= 25.0 - 1e-6 and min(seen) == 20.0, t.summary  # and on up
 
 
+def test_the_climb_stops_at_the_edge_of_the_factor_range():
+    """Longer keeps winning: the climb goes up to twice the plan, tries nothing past it, and holds."""
+    t = OutcomeTrial()
+    iv, seen = run(t, lambda i: 1000 + 30 * i, plan=30.0, seconds=TRIAL + 4 * ONWARD + 1)
+    assert max(seen) <= 60.0 + 1e-9 and t.choice > 58 and not t.trying, t.summary  # the last step: under 5 %
+    held, left = t.choice, t._next_at - t._last[0]
+    assert left > 5
+    iv, seen = run(t, lambda i: 1000 + 30 * i, plan=30.0, seconds=left - 0.5)
+    assert all(near(x, held) for x in seen)  # the kept interval stands until the hold is over
+
+
 def test_a_plan_that_flips_epoch_by_epoch_does_not_move_the_climb():
     """At many connections the model's plan flips between the floor and an alignment; the trials
     centre on the smoothed plan times the factor, so the climb still reaches the floor when shorter
