@@ -111,6 +111,9 @@ class ModelInputs:
     # reply_ms is only a lower bound, just raised by replies the pause cut off: align without the
     # margin, where the whole reply is seen (the next plan judges with it)
     reply_at_least: bool = False
+    # few requests come in (under TRIAL_MIN_RATE frames/s, measured by the outcome trial): the
+    # guest's running share does not bound what its clients get, only their wait does
+    light: bool = False
 
     def wire_bytes(self, interval_ms: float) -> float:
         r = max(self.ref_interval_ms, 1e-3)
@@ -131,9 +134,10 @@ class Plan:
 def modelled_rate(interval_ms: float, inp: ModelInputs) -> float:
     """Requests per ms one client waiting on output commit gets at this interval (up to a constant):
     it waits on average interval/2 + pause + transfer + RTT per request, and the guest runs
-    interval/(interval + pause) of the time."""
+    interval/(interval + pause) of the time (which does not bound a light load: `light`)."""
     i, p = interval_ms, max(inp.pause_ms, 0.0)
-    return i / ((i + p) * (i / 2 + p + inp.transfer_ms(i) + max(inp.rtt_ms, 0.0)))
+    share = 1.0 if inp.light else i / (i + p)
+    return share / (i / 2 + p + inp.transfer_ms(i) + max(inp.rtt_ms, 0.0))
 
 
 def rtt_optimum(inp: ModelInputs) -> float:
@@ -143,6 +147,11 @@ def rtt_optimum(inp: ModelInputs) -> float:
     p, rtt = max(inp.pause_ms, 0.0), max(inp.rtt_ms, 0.0)
     if p == 0:
         return 0.0  # no pause: every interval costs nothing, the shortest is best
+    if inp.light:
+        # A light load waits, it does not queue for the guest's running time: the latency term
+        # alone, which the shortest interval minimises (one connection, COLO, 4 rounds each: the
+        # optimum's 27-41 ms served 0.90-0.94 x fixed 20 ms at 1, 10 and 25 ms RTT)
+        return 0.0
 
     def slope(i: float) -> float:
         t = inp.transfer_ms(i)
@@ -223,6 +232,8 @@ def plan_interval(inp: ModelInputs, policy: PacerPolicy) -> Plan:
     best = rtt_optimum(inp)
     target, reason = best, "rtt-optimum"
     detail = f"pause {p:.1f} ms, RTT {rtt:.1f} ms, transfer {inp.transfer_ms(best):.1f} ms: optimum {best:.1f} ms"
+    if inp.light:
+        detail += " (a light load: the shortest)"
     aligned = aligned_interval(inp)
     # the interval the plan has without alignment: the optimum, or a hard floor above it
     floors = hard_floors(inp, policy)
@@ -373,6 +384,12 @@ class OutcomeTrial:
     def abort(self) -> None:
         self._order = None
 
+    def light(self, now: float | None) -> bool:
+        """Fewer than TRIAL_MIN_RATE frames per second came in over the last window, and that
+        window is current (no gap since)."""
+        return (now is not None and self.rate is not None and self.rate < TRIAL_MIN_RATE
+                and self._last is not None and now - self._last[0] <= TRIAL_GAP_S)
+
     def _forget(self, next_at: float | None) -> None:
         self._order, self.factor, self._splan_at_choice = None, 1.0, None
         self._next_at, self._direction = next_at, 0
@@ -410,7 +427,9 @@ class OutcomeTrial:
         if self._order is None:
             centre = self._clamp(self._splan * self.factor, lo, hi)
             if self._next_at is not None and now < self._next_at:
-                return centre
+                # before a first choice the plan as it is (the model's reason stands), after it
+                # the factor on the smoothed plan
+                return centre if self._splan_at_choice is not None else min(max(plan_ms, lo), hi)
             factors = {-1: TRIAL_FACTORS[:2], 1: TRIAL_FACTORS[1:]}.get(self._direction, TRIAL_FACTORS)
             cands = sorted({round(self._clamp(centre * f, lo, hi), 6) for f in factors})
             if len(cands) < 2:  # the limits leave nothing to try (this way): the centre holds
@@ -545,7 +564,7 @@ class Pacer:
         inp = ModelInputs(pause_ms=self._pause, rtt_ms=self._rtt + 2 * self._var, bandwidth_bytes_per_s=self._bw,
                           wire_bytes_per_ms=self._wire_rate, ref_interval_ms=iv, reply_ms=self._reply,
                           release_offset_ms=None if self._roff is None else self._roff + 2 * self._rdev,
-                          reply_at_least=grew)
+                          reply_at_least=grew, light=p.outcome_trial and self.trial.light(s.now_s))
         base = plan_interval(inp, p)
         was_idle = self.last is not None and self.last.reason == "idle"
         plan = idle_plan(base, p, self._silent)

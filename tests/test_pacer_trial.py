@@ -7,7 +7,8 @@ from __future__ import annotations
 import random
 
 from replication.pacer import (TRIAL_FACTORS, TRIAL_FIRST_S, TRIAL_HOLD_S, TRIAL_MIN_RATE, TRIAL_RATE_WINDOW_S,
-                               TRIAL_ROUNDS, TRIAL_SEGMENT_S, EpochSample, OutcomeTrial, Pacer, PacerPolicy)
+                               TRIAL_ROUNDS, TRIAL_SEGMENT_S, EpochSample, ModelInputs, OutcomeTrial, Pacer,
+                               PacerPolicy, rtt_optimum)
 
 # the first whole trial (both neighbours) after a start, seconds; and a trial that goes on the way
 # the last one moved (the centre and one neighbour)
@@ -177,3 +178,26 @@ def test_too_few_frames_leave_the_model_alone_and_forget_the_choice():
     run(t, lambda i: 1000 + 20 * i, seconds=TRIAL + 0.5)
     assert near(t.choice, 37.5) and t.step(t._last[0] + 5, t._last[1] + 10, 30.0, 20.0, 200.0) == 30.0
     assert t.choice is None
+
+
+def test_a_light_load_is_paced_for_its_wait_alone():
+    """Under TRIAL_MIN_RATE frames/s coming in, the guest's running share does not bound what the
+    clients get: the model asks for the shortest interval the hard limits allow, not the optimum
+    that trades the pause's share against the wait; a heavier load gets the optimum back."""
+    pol = PacerPolicy(min_interval_ms=10, latency_budget_ms=1000, max_pause_share=0.4)
+    s = dict(pause_ms=8.0, dirty_bytes=1 << 20, wire_bytes=1 << 16, rtt_ms=25.0, bandwidth_bytes_per_s=1e8)
+
+    def paced(per_s: float, seconds: float = 5.0):
+        p, now, frames = Pacer(pol, 30.0), 0.0, 0
+        while now < seconds:
+            d = p.update(EpochSample(interval_ms=p.interval_ms, now_s=now, frames=int(frames), **s))
+            dt = (p.interval_ms + 8) / 1000
+            frames += per_s * dt
+            now += dt
+        return d
+    light = paced(30.0)
+    assert light.reason == "pause-share" and abs(light.interval_ms - 12.0) < 0.5, light  # 8 ms x 0.6/0.4
+    assert "a light load" in light.detail
+    heavy = paced(1000.0, seconds=2.5)  # before the first trial (3 s): the model's own plan
+    assert heavy.reason == "rtt-optimum" and heavy.interval_ms > 20, heavy
+    assert abs(rtt_optimum(ModelInputs(pause_ms=8.0, rtt_ms=25.0, light=True))) == 0.0
