@@ -6,7 +6,8 @@ output commit, how long the guest takes to answer what a release let through, it
 the interval and the term that decided it (`Plan.reason`, one short word):
 
 - ``rtt-optimum``: the interval that delivers the most requests per second to clients
-  waiting on output commit (`rtt_optimum`: it grows with the pause and the RTT);
+  waiting on output commit (`rtt_optimum`: it grows with the pause and the RTT; for a light
+  load, under 200 frames/s coming in, the shortest: the guest's share does not bound it);
 - ``rtt-aligned``: longer, so that the replies to what a release let through (they start
   coming an RTT + transfer after the epoch began, or as late as releases were measured to come)
   are out before the epoch ends; one that misses waits a whole extra epoch. All or nothing: not
@@ -22,9 +23,10 @@ the interval and the term that decided it (`Plan.reason`, one short word):
   epoch loop ends such a long epoch early once the gate holds output (`wake_at`), and the
   first output drops the interval back to the latency-driven target at once.
 
-- ``trying``, ``measured``: an outcome trial runs, or its choice (a factor on the plan) is in
-  force: `OutcomeTrial` checks the plan's interval against 0.8x and 1.25x of it by the frames
-  per second the gate passes, in segments taken in turn (only at 200 frames/s or more).
+- ``trying``, ``measured``: an outcome trial runs, or its choice (a factor on the smoothed
+  plan) is in force: `OutcomeTrial` climbs from the plan's interval by 0.8x / 1.25x steps,
+  judged by the frames per second coming in through the gate in segments taken in turn (only
+  at 200 frames/s or more).
 
 `Pacer` is the stateful edge: it smooths what each epoch measured (the reply time and the
 releases' offset come from the gate, measured on its own clock), adds the back-off for real
