@@ -84,7 +84,7 @@ class PacerPolicy:
     # the longest interval while the guest sends nothing (``idle``); 0, or not above the
     # latency-driven target, = off. Never above max_interval_ms.
     idle_interval_ms: float = 0.0
-    # check the plan's interval against its neighbours by the frames the gate passes (`OutcomeTrial`)
+    # climb from the plan's interval by the frames coming in through the gate (`OutcomeTrial`)
     outcome_trial: bool = True
 
     def __post_init__(self):
