@@ -98,7 +98,7 @@ class Standby:
         self._slow_logged_at = float("-inf")  # when standby.slow_step was last logged
         self._current: Channel | None = None
         self._bar: Progress | None = None
-        self._next_epoch: int | None = None  # the epoch the session's next checkpoint must carry (None: any newer)
+        self._chained = False  # a checkpoint of this session was committed since its sync: the next follows it
         self._last_heard = time.monotonic()
         self.accepting = True
         self.on_commit = None
@@ -203,7 +203,7 @@ class Standby:
         log.info("standby.session", peer=ch.peer, committed_epoch=self.replica.committed_epoch, valid=valid)
         beater = asyncio.create_task(self._heartbeats(ch))
         self._last_heard = time.monotonic()
-        self._next_epoch = None
+        self._chained = False
         try:
             await self._watch(ch, asyncio.create_task(self._loop(ch, codec)))
         except ReplicaStorageError as e:
@@ -282,7 +282,7 @@ class Standby:
                     info = json.loads(payload)
                 except ValueError:
                     raise ChannelError("primary sent a malformed SYNC_BEGIN") from None
-                self._next_epoch = None  # the sync's epoch is the primary's: the next checkpoint follows it
+                self._chained = False  # the sync's epoch is the primary's: the next checkpoint follows it
                 async with self._lock:
                     if info.get("mode") == "initial":
                         await asyncio.to_thread(self.replica.begin_initial_sync)
@@ -397,7 +397,7 @@ class Standby:
         if diverged is not None:
             await self._on_diverged(ch, diverged)
         self.status.committed_epoch = epoch
-        self._next_epoch = epoch + 1
+        self._chained = True
         self.status.valid = True
         self.status.state = "replicating"
         if self.status.problem is not None:
@@ -432,10 +432,10 @@ class Standby:
         if hdr.epoch <= self.replica.committed_epoch:
             raise ReplicaError(f"checkpoint for epoch {hdr.epoch} rejected: epoch {self.replica.committed_epoch} "
                                "is already committed (a replayed or stale frame)")
-        if self._next_epoch is not None and hdr.epoch != self._next_epoch:
+        if self._chained and hdr.epoch != self.replica.committed_epoch + 1:
             # a delta on top of a missing one would leave the replica neither epoch's RAM
-            raise ReplicaError(f"checkpoint for epoch {hdr.epoch} rejected: epoch {self._next_epoch} should come "
-                               f"first (lost or out of order); the replica stays at epoch "
+            raise ReplicaError(f"checkpoint for epoch {hdr.epoch} rejected: epoch {self.replica.committed_epoch + 1} "
+                               f"should come first (lost or out of order); the replica stays at epoch "
                                f"{self.replica.committed_epoch}")
         d = codec.decode(payload)
         if d.kind != codec_mod.KIND_DELTA:
